@@ -1,0 +1,506 @@
+"""The typed configuration tree: YAML load, dotted overrides, validation, DeepSpeed dict.
+
+One tree is the source of truth. YAML files mirror it (and only list what differs from the
+defaults), unknown keys are errors, derived values are properties, and the DeepSpeed config is
+derived from it. A user's DeepSpeed JSON may add ZeRO/offload knobs; a value that conflicts with
+one we derive (batch sizes, clipping, precision, optimizer, scheduler) is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+ARCHITECTURES = ("gpt2", "llama")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECAY_STYLES = ("cosine", "linear", "constant")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+PARTITION_METHODS = ("parameters", "uniform", "type:TransformerBlock")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the setting and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "gpt2"
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    num_query_groups: int | None = None  # llama GQA; None = num_attention_heads (MHA)
+    ffn_hidden_size: int | None = None  # None = 4h (gpt2) or 8h/3 rounded up to 64 (llama)
+    seq_length: int = 1024
+    max_position_embeddings: int | None = None  # None = seq_length
+    vocab_size: int | None = None  # None = taken from the tokenizer
+    make_vocab_size_divisible_by: int = 128
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    tie_embeddings: bool | None = None  # None = True for gpt2, False for llama
+    activation_checkpointing: bool = False
+    sequence_parallel: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.architecture == "llama":
+            return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        return 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def tied(self) -> bool:
+        if self.tie_embeddings is None:
+            return self.architecture == "gpt2"
+        return self.tie_embeddings
+
+    @property
+    def is_llama(self) -> bool:
+        return self.architecture == "llama"
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is unknown: set it or set data.tokenizer")
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = 1000
+    micro_batch_size: int = 4
+    global_batch_size: int = 32
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    lr_warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None = train_iters
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    exit_interval: int | None = None
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.train_iters
+
+
+@dataclass
+class DataConfig:
+    train_data_path: str | list[Any] | None = None
+    valid_data_path: str | list[Any] | None = None
+    test_data_path: str | list[Any] | None = None
+    split: str = "969,30,1"
+    tokenizer: str | None = None
+    index_cache_dir: str | None = None  # None = <prefix dir>/index-cache
+    num_workers: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    pipeline_partition_method: str = "parameters"
+
+
+@dataclass
+class EvalConfig:
+    eval_interval: int = 1000
+    eval_iters: int = 10
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    dir: str = "runs/default"
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_mode: str = "auto"  # auto = online when logged in, else offline
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None = <logging.dir>/checkpoints
+    save_interval: int | None = None
+    resume: str = "auto"  # auto | none | a checkpoint directory
+    keep_last: int | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed_config: str | None = None
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(Path(self.logging.dir) / "checkpoints")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (
+            self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        )
+
+    def grad_accumulation_steps(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting the harmless cases (int->float, '3e-4')."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not one of {' | '.join(_type_name(o) for o in options)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; known keys here: {', '.join(sorted(known))}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key(full, names)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings -> a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML config (or the defaults when `path` is None) and applies dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file '{path}' does not exist; pass --config with a YAML file from configs/"
+            )
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    raw = _merge(raw, parse_overrides(overrides or []))
+    cfg: Config = _build(Config, raw, "")
+    if cfg.deepspeed_config is not None and path is not None and not Path(cfg.deepspeed_config).exists():
+        # Relative DeepSpeed paths are looked up from the working directory, then beside the YAML.
+        beside = Path(path).parent / cfg.deepspeed_config
+        if beside.exists():
+            cfg.deepspeed_config = str(beside)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def _check_positive(cfg: Config) -> None:
+    for key, value in [
+        ("model.num_layers", cfg.model.num_layers),
+        ("model.hidden_size", cfg.model.hidden_size),
+        ("model.num_attention_heads", cfg.model.num_attention_heads),
+        ("model.seq_length", cfg.model.seq_length),
+        ("train.train_iters", cfg.train.train_iters),
+        ("train.micro_batch_size", cfg.train.micro_batch_size),
+        ("train.global_batch_size", cfg.train.global_batch_size),
+        ("parallel.tensor_model_parallel_size", cfg.parallel.tensor_model_parallel_size),
+        ("parallel.pipeline_model_parallel_size", cfg.parallel.pipeline_model_parallel_size),
+        ("eval.eval_interval", cfg.eval.eval_interval),
+        ("logging.log_interval", cfg.logging.log_interval),
+    ]:
+        if value <= 0:
+            raise ConfigError(f"{key} = {value} must be positive")
+    if cfg.train.lr < 0 or cfg.train.min_lr < 0 or cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) must lie in [0, train.lr ({cfg.train.lr})]")
+    if not 0.0 <= cfg.model.dropout < 1.0 or not 0.0 <= cfg.model.attention_dropout < 1.0:
+        raise ConfigError("model.dropout and model.attention_dropout must lie in [0, 1)")
+
+
+def _check_model(m: ModelConfig) -> None:
+    _check_choice(m.architecture, ARCHITECTURES, "model.architecture")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
+            f"({m.num_attention_heads})"
+        )
+    if m.num_query_groups is not None:
+        if m.architecture != "llama" and m.num_query_groups != m.num_attention_heads:
+            raise ConfigError(
+                "model.num_query_groups (grouped-query attention) needs model.architecture: llama"
+            )
+        if m.num_query_groups <= 0 or m.num_attention_heads % m.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
+                f"model.num_query_groups ({m.num_query_groups})"
+            )
+    if m.architecture == "gpt2" and m.max_positions < m.seq_length:
+        raise ConfigError("model.max_position_embeddings must be at least model.seq_length")
+    if m.architecture == "llama" and m.head_dim % 2:
+        raise ConfigError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
+
+
+def _check_parallel(cfg: Config) -> None:
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    _check_choice(
+        cfg.parallel.pipeline_partition_method, PARTITION_METHODS, "parallel.pipeline_partition_method"
+    )
+    if cfg.model.sequence_parallel and tp == 1:
+        raise ConfigError("model.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    if tp > 1 or pp > 1:
+        raise ConfigError(
+            f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}: this version trains with "
+            "data parallelism only (ZeRO 0-3); set both to 1"
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Checks everything that can be checked without knowing the world size."""
+    _check_positive(cfg)
+    _check_model(cfg.model)
+    _check_choice(cfg.train.precision, PRECISIONS, "train.precision")
+    _check_choice(cfg.train.lr_decay_style, DECAY_STYLES, "train.lr_decay_style")
+    _check_choice(cfg.logging.wandb_mode, WANDB_MODES, "logging.wandb_mode")
+    _check_parallel(cfg)
+    if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
+        raise ConfigError("train.lr_warmup_iters must not exceed train.lr_decay_iters (or train.train_iters)")
+    if cfg.train.exit_interval is not None and cfg.train.exit_interval <= 0:
+        raise ConfigError("train.exit_interval must be positive when set")
+    if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
+        raise ConfigError(
+            f"deepspeed_config '{cfg.deepspeed_config}' does not exist; use one of configs/deepspeed/*.json"
+        )
+
+
+def validate_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of processes."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    dp = cfg.data_parallel_size(world_size)
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x data-parallel size ({cfg.train.micro_batch_size} x {dp} = {per_step})"
+        )
+
+
+# ------------------------------------------------------------------------------ DeepSpeed config
+
+
+def resolve_precision(precision: str, *, cuda: bool) -> str:
+    if precision == "auto":
+        return "bf16" if cuda else "fp32"
+    return precision
+
+
+def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str, Any]:
+    precision = resolve_precision(cfg.train.precision, cuda=cuda)
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accumulation_steps(world_size),
+        "gradient_clipping": t.clip_grad,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.adam_beta1, t.adam_beta2],
+                "eps": t.adam_eps,
+                "weight_decay": t.weight_decay,
+                "torch_adam": not cuda,
+            },
+        },
+    }
+
+
+_OWNED_KEYS = ("optimizer", "scheduler")
+
+
+def _conflicts(user: Any, derived: Any, path: str) -> list[str]:
+    if isinstance(user, dict) and isinstance(derived, dict):
+        out: list[str] = []
+        for key, value in user.items():
+            if key in derived:
+                out += _conflicts(value, derived[key], f"{path}.{key}" if path else key)
+        return out
+    if user == "auto" or user == derived:
+        return []
+    return [f"{path} = {user!r} (ours: {derived!r})"]
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed dict: the user's JSON (ZeRO/offload knobs) merged with the values we derive."""
+    validate_world(cfg, world_size)
+    user: dict[str, Any] = {}
+    if cfg.deepspeed_config is not None:
+        try:
+            user = json.loads(Path(cfg.deepspeed_config).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed_config '{cfg.deepspeed_config}' is not valid JSON: {e}") from None
+    for key in _OWNED_KEYS:
+        if key in user:
+            raise ConfigError(
+                f"deepspeed_config '{cfg.deepspeed_config}' sets '{key}'; the optimizer and LR schedule come "
+                "from the train.* settings: remove it from the JSON"
+            )
+    derived = _derived_deepspeed(cfg, world_size, cuda=cuda)
+    problems = _conflicts(user, derived, "")
+    if problems:
+        raise ConfigError(
+            f"deepspeed_config '{cfg.deepspeed_config}' conflicts with values derived from our config: "
+            + "; ".join(problems)
+            + ". Remove them from the JSON and set train.* instead"
+        )
+    ds = _merge(user, derived)
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    stage = ds["zero_optimization"].get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            f"zero_optimization.stage = {stage!r} in '{cfg.deepspeed_config}'; use 0, 1, 2 or 3"
+        )
+    return ds

@@ -1,0 +1,196 @@
+"""The one mapping between our parameters and Hugging Face transformers' GPT-2 and Llama.
+
+`to_hf(state, cfg)` gives a transformers config and state dict; `from_hf(hf_state, hf_config)`
+gives ours back. Export, import and the parity tests all go through these two functions.
+Only the real vocabulary is exported: padded rows are dropped so that no padded id can take
+probability mass in transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llm.config import ModelConfig
+
+
+def _qkv_to_parts(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our grouped [q.. k v] rows -> (q rows, k rows, v rows) in head order."""
+    g, d = cfg.kv_groups, cfg.head_dim
+    per = cfg.num_attention_heads // g
+    blocks = w.reshape(g, per + 2, d, *w.shape[1:])
+    q = blocks[:, :per].reshape(g * per * d, *w.shape[1:])
+    k = blocks[:, per].reshape(g * d, *w.shape[1:])
+    v = blocks[:, per + 1].reshape(g * d, *w.shape[1:])
+    return q, k, v
+
+
+def _parts_to_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    g, d = cfg.kv_groups, cfg.head_dim
+    per = cfg.num_attention_heads // g
+    rest = q.shape[1:]
+    blocks = torch.cat(
+        [q.reshape(g, per, d, *rest), k.reshape(g, 1, d, *rest), v.reshape(g, 1, d, *rest)], dim=1
+    )  # (g, per + 2, d, ...)
+    return blocks.reshape(-1, *rest)
+
+
+def hf_config(cfg: ModelConfig) -> Any:
+    from transformers import GPT2Config, LlamaConfig
+
+    vocab = int(cfg.vocab_size or 0)
+    if cfg.is_llama:
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.ffn_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.kv_groups,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_positions,
+            rms_norm_eps=cfg.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            tie_word_embeddings=cfg.tied,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+        )
+    return GPT2Config(
+        vocab_size=vocab,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_attention_heads,
+        n_inner=cfg.ffn_size,
+        n_positions=cfg.max_positions,
+        layer_norm_epsilon=cfg.norm_eps,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=cfg.tied,
+    )
+
+
+def _gpt2_layer_to_hf(s: dict[str, torch.Tensor], i: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    src, dst = f"layers.{i}.", f"transformer.h.{i}."
+    q, k, v = _qkv_to_parts(s[src + "attention.qkv.weight"], cfg)
+    qb, kb, vb = _qkv_to_parts(s[src + "attention.qkv.bias"], cfg)
+    return {
+        dst + "ln_1.weight": s[src + "input_norm.weight"],
+        dst + "ln_1.bias": s[src + "input_norm.bias"],
+        dst + "attn.c_attn.weight": torch.cat([q, k, v]).t(),
+        dst + "attn.c_attn.bias": torch.cat([qb, kb, vb]),
+        dst + "attn.c_proj.weight": s[src + "attention.proj.weight"].t(),
+        dst + "attn.c_proj.bias": s[src + "attention.proj.bias"],
+        dst + "ln_2.weight": s[src + "post_attention_norm.weight"],
+        dst + "ln_2.bias": s[src + "post_attention_norm.bias"],
+        dst + "mlp.c_fc.weight": s[src + "mlp.fc.weight"].t(),
+        dst + "mlp.c_fc.bias": s[src + "mlp.fc.bias"],
+        dst + "mlp.c_proj.weight": s[src + "mlp.proj.weight"].t(),
+        dst + "mlp.c_proj.bias": s[src + "mlp.proj.bias"],
+    }
+
+
+def _llama_layer_to_hf(s: dict[str, torch.Tensor], i: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    src, dst = f"layers.{i}.", f"model.layers.{i}."
+    q, k, v = _qkv_to_parts(s[src + "attention.qkv.weight"], cfg)
+    gate, up = s[src + "mlp.fc.weight"].chunk(2, dim=0)
+    return {
+        dst + "input_layernorm.weight": s[src + "input_norm.weight"],
+        dst + "self_attn.q_proj.weight": q,
+        dst + "self_attn.k_proj.weight": k,
+        dst + "self_attn.v_proj.weight": v,
+        dst + "self_attn.o_proj.weight": s[src + "attention.proj.weight"],
+        dst + "post_attention_layernorm.weight": s[src + "post_attention_norm.weight"],
+        dst + "mlp.gate_proj.weight": gate,
+        dst + "mlp.up_proj.weight": up,
+        dst + "mlp.down_proj.weight": s[src + "mlp.proj.weight"],
+    }
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our full state dict -> transformers' (GPT2LMHeadModel or LlamaForCausalLM) names and layouts."""
+    vocab = int(cfg.vocab_size or 0)
+    embed = state["embed.weight"][:vocab]
+    out: dict[str, torch.Tensor] = {}
+    if cfg.is_llama:
+        out["model.embed_tokens.weight"] = embed
+        for i in range(cfg.num_layers):
+            out.update(_llama_layer_to_hf(state, i, cfg))
+        out["model.norm.weight"] = state["final_norm.weight"]
+        out["lm_head.weight"] = embed if cfg.tied else state["lm_head.weight"][:vocab]
+    else:
+        out["transformer.wte.weight"] = embed
+        out["transformer.wpe.weight"] = state["pos_embed.weight"]
+        for i in range(cfg.num_layers):
+            out.update(_gpt2_layer_to_hf(state, i, cfg))
+        out["transformer.ln_f.weight"] = state["final_norm.weight"]
+        out["transformer.ln_f.bias"] = state["final_norm.bias"]
+        out["lm_head.weight"] = embed if cfg.tied else state["lm_head.weight"][:vocab]
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    if w.shape[0] >= rows:
+        return w
+    return torch.cat([w, torch.zeros(rows - w.shape[0], *w.shape[1:], dtype=w.dtype)])
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' state dict -> ours (padded vocabulary rows are zero)."""
+    padded = cfg.padded_vocab_size()
+    out: dict[str, torch.Tensor] = {}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        if cfg.is_llama:
+            h = f"model.layers.{i}."
+            out[p + "input_norm.weight"] = hf[h + "input_layernorm.weight"]
+            out[p + "attention.qkv.weight"] = _parts_to_qkv(
+                hf[h + "self_attn.q_proj.weight"],
+                hf[h + "self_attn.k_proj.weight"],
+                hf[h + "self_attn.v_proj.weight"],
+                cfg,
+            )
+            out[p + "attention.proj.weight"] = hf[h + "self_attn.o_proj.weight"]
+            out[p + "post_attention_norm.weight"] = hf[h + "post_attention_layernorm.weight"]
+            out[p + "mlp.fc.weight"] = torch.cat(
+                [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]
+            )
+            out[p + "mlp.proj.weight"] = hf[h + "mlp.down_proj.weight"]
+        else:
+            h = f"transformer.h.{i}."
+            n = cfg.hidden_size
+            w, b = hf[h + "attn.c_attn.weight"].t(), hf[h + "attn.c_attn.bias"]
+            out[p + "attention.qkv.weight"] = _parts_to_qkv(w[:n], w[n : 2 * n], w[2 * n :], cfg)
+            out[p + "attention.qkv.bias"] = _parts_to_qkv(b[:n], b[n : 2 * n], b[2 * n :], cfg)
+            out[p + "input_norm.weight"], out[p + "input_norm.bias"] = (
+                hf[h + "ln_1.weight"],
+                hf[h + "ln_1.bias"],
+            )
+            out[p + "attention.proj.weight"] = hf[h + "attn.c_proj.weight"].t()
+            out[p + "attention.proj.bias"] = hf[h + "attn.c_proj.bias"]
+            out[p + "post_attention_norm.weight"] = hf[h + "ln_2.weight"]
+            out[p + "post_attention_norm.bias"] = hf[h + "ln_2.bias"]
+            out[p + "mlp.fc.weight"], out[p + "mlp.fc.bias"] = (
+                hf[h + "mlp.c_fc.weight"].t(),
+                hf[h + "mlp.c_fc.bias"],
+            )
+            out[p + "mlp.proj.weight"], out[p + "mlp.proj.bias"] = (
+                hf[h + "mlp.c_proj.weight"].t(),
+                hf[h + "mlp.c_proj.bias"],
+            )
+    if cfg.is_llama:
+        out["embed.weight"] = _pad_rows(hf["model.embed_tokens.weight"], padded)
+        out["final_norm.weight"] = hf["model.norm.weight"]
+    else:
+        out["embed.weight"] = _pad_rows(hf["transformer.wte.weight"], padded)
+        out["pos_embed.weight"] = hf["transformer.wpe.weight"]
+        out["final_norm.weight"], out["final_norm.bias"] = (
+            hf["transformer.ln_f.weight"],
+            hf["transformer.ln_f.bias"],
+        )
+    if not cfg.tied:
+        out["lm_head.weight"] = _pad_rows(hf["lm_head.weight"], padded)
+    return {k: v.contiguous().clone() for k, v in out.items()}

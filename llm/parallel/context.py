@@ -1,0 +1,185 @@
+"""ParallelContext: the rank grid and its process groups, built once and passed explicitly.
+
+The grid follows DeepSpeed's `PipeModelDataParallelTopology`: axes (pipe, data, model) with the
+tensor-parallel ("model") rank varying fastest, so
+
+    global rank = pp_rank x (dp x tp) + dp_rank x tp + tp_rank
+
+and tensor-parallel groups are runs of consecutive ranks (the same node on a cluster). The
+object doubles as the `mpu` that `deepspeed.initialize` takes, so ZeRO shards over the
+data-parallel group only and gradient clipping counts tensor-sharded parameters once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(*, backend: str | None = None) -> tuple[int, int, int]:
+    """Initializes torch.distributed from the launcher's environment; returns (rank, world, local rank).
+
+    Works under `deepspeed`, `torchrun` and as plain `python` (one process: a private loopback
+    rendezvous is set up).
+    """
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if chosen == "nccl":
+            torch.cuda.set_device(local_rank)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False)
+    return rank, world, local_rank
+
+
+@dataclass
+class ParallelContext:
+    world_size: int
+    rank: int
+    tp: int = 1
+    pp: int = 1
+    groups: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    def coord_to_rank(self, *, pp: int, dp: int, tp: int) -> int:
+        return pp * self.dp * self.tp + dp * self.tp + tp
+
+    @classmethod
+    def build(cls, *, tp: int = 1, pp: int = 1) -> ParallelContext:
+        """Creates every group; all ranks must call this in the same order."""
+        ctx = cls(world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp)
+        if ctx.world_size % (tp * pp):
+            raise ValueError(f"world size {ctx.world_size} is not divisible by TP x PP = {tp} x {pp}")
+        grids = {
+            "tp": [
+                [ctx.coord_to_rank(pp=p, dp=d, tp=t) for t in range(tp)]
+                for p in range(pp)
+                for d in range(ctx.dp)
+            ],
+            "dp": [
+                [ctx.coord_to_rank(pp=p, dp=d, tp=t) for d in range(ctx.dp)]
+                for p in range(pp)
+                for t in range(tp)
+            ],
+            "pp": [
+                [ctx.coord_to_rank(pp=p, dp=d, tp=t) for p in range(pp)]
+                for d in range(ctx.dp)
+                for t in range(tp)
+            ],
+            "mp": [
+                [ctx.coord_to_rank(pp=p, dp=d, tp=t) for p in range(pp) for t in range(tp)]
+                for d in range(ctx.dp)
+            ],
+        }
+        for name, lists in grids.items():
+            for ranks in lists:
+                group = dist.new_group(ranks) if len(ranks) < ctx.world_size else dist.group.WORLD
+                if ctx.rank in ranks:
+                    ctx.groups[name] = group
+                    ctx.groups[name + "_ranks"] = ranks
+        return ctx
+
+    def describe(self) -> str:
+        return f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}"
+
+    # ---- the DeepSpeed mpu interface -------------------------------------------------------
+    def get_model_parallel_rank(self) -> int:
+        return self.pp_rank * self.tp + self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp * self.pp
+
+    def get_model_parallel_group(self) -> Any:
+        return self.groups["mp"]
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_data_parallel_group(self) -> Any:
+        return self.groups["dp"]
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_tensor_model_parallel_group(self) -> Any:
+        return self.groups["tp"]
+
+    def get_pipe_parallel_rank(self) -> int:
+        return self.pp_rank
+
+    def get_pipe_parallel_world_size(self) -> int:
+        return self.pp
+
+    def get_pipe_parallel_group(self) -> Any:
+        return self.groups["pp"]
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.pp
+
+    def get_pipeline_model_parallel_group(self) -> Any:
+        return self.groups["pp"]
+
+    # ---- collectives the trainer needs (collectives live in llm/parallel only) ----------------
+    def mean_over_dp(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.dp > 1:
+            t = t.to(_comm_device())
+            dist.all_reduce(t, group=self.groups["dp"])
+            t = t.cpu() / self.dp
+        return [float(x) for x in t]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _comm_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )

@@ -1,0 +1,30 @@
+"""Gradient norms that count every parameter once across the model-parallel group."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from llm.parallel.context import ParallelContext, _comm_device
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext) -> float:
+    """L2 norm of all gradients of the full model.
+
+    Parameters marked `tensor_model_parallel = True` are shards: their squares are summed over the
+    tensor-parallel group. Others are replicated across it and counted on TP rank 0 only. Pipeline
+    stages hold disjoint parameters and are summed over the pipeline group.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        if getattr(p, "tensor_model_parallel", False) or ctx.tp_rank == 0:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if ctx.tp * ctx.pp > 1:
+        t = total.to(_comm_device())
+        dist.all_reduce(t, group=ctx.groups["mp"])
+        total = t.cpu()
+    return float(total.sqrt())

@@ -1,0 +1,123 @@
+"""Checkpoints through DeepSpeed, plus a small `llm_meta.json` that tools read without torch.load.
+
+Layout of `checkpoint.dir`:
+
+    latest                      tag of the newest complete checkpoint (written last, by DeepSpeed)
+    iter_0000100/
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files
+        llm_meta.json           iteration, consumed samples, our effective config, ZeRO stage, ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.config import Config, _build
+
+logger = logging.getLogger("llm")
+META = "llm_meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or cannot be read; the message names the file."""
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_tag(directory: str | Path) -> str | None:
+    f = Path(directory) / "latest"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint root (with `latest`) or one tag directory -> the tag directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint '{p}' does not exist")
+    if (p / META).is_file():
+        return p
+    tag = latest_tag(p)
+    if tag is None:
+        raise CheckpointError(
+            f"'{p}' holds no checkpoint (no 'latest' file and no {META}); pass a checkpoint directory"
+        )
+    if not (p / tag / META).is_file():
+        raise CheckpointError(
+            f"checkpoint '{p / tag}' named by '{p / 'latest'}' is missing or incomplete ({META} absent)"
+        )
+    return p / tag
+
+
+def read_meta(tag_dir: str | Path) -> dict[str, Any]:
+    path = Path(tag_dir) / META
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read '{path}': {e}") from None
+
+
+def config_from_meta(meta: dict[str, Any]) -> Config:
+    cfg: Config = _build(Config, meta["config"], "")
+    return cfg
+
+
+def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, rank: int) -> Path:
+    """Saves through DeepSpeed (every rank) and writes llm_meta.json (rank 0)."""
+    directory = Path(cfg.checkpoint_dir)
+    tag = tag_for(int(state["iteration"]))
+    meta = dict(state, config=cfg.to_dict(), zero_stage=int(engine.zero_optimization_stage()))
+    # DeepSpeed writes `latest` after all ranks saved; write meta first so `latest` never names a
+    # checkpoint without it.
+    if rank == 0:
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+        (directory / tag / META).write_text(json.dumps(meta, indent=1))
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"llm": meta})
+    if rank == 0 and cfg.checkpoint.keep_last:
+        _prune(directory, cfg.checkpoint.keep_last, keep=tag)
+    return directory / tag
+
+
+def _prune(directory: Path, keep_last: int, *, keep: str) -> None:
+    tags = sorted(p for p in directory.glob("iter_*") if p.is_dir())
+    for old in tags[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
+    """Loads model, optimizer and scheduler state; returns our saved state (iteration, ...)."""
+    tag_dir = resolve_checkpoint(path)
+    loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint '{tag_dir}'")
+    return dict(client["llm"]) if client and "llm" in client else read_meta(tag_dir)
+
+
+def load_model_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:
+    """Full (unsharded) model weights of a checkpoint, without DeepSpeed's engine: (config, state, meta)."""
+    tag_dir = resolve_checkpoint(path)
+    meta = read_meta(tag_dir)
+    cfg = config_from_meta(meta)
+    if int(meta.get("zero_stage", 0)) == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        file = tag_dir / "mp_rank_00_model_states.pt"
+        if not file.is_file():
+            raise CheckpointError(f"model file '{file}' is missing: the checkpoint is incomplete")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=False)["module"]
+        except (RuntimeError, EOFError, KeyError, OSError) as e:
+            raise CheckpointError(
+                f"model file '{file}' is damaged ({e}); use an earlier checkpoint"
+            ) from None
+    return cfg, {k: v.float() for k, v in state.items()}, meta

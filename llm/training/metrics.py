@@ -1,0 +1,138 @@
+"""Metrics: one record per log interval to metrics.jsonl, the console and wandb (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from llm.config import Config
+
+logger = logging.getLogger("llm")
+
+# Dense bf16 peak of common accelerators, TFLOP/s, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def model_flops_per_token(cfg: Config, num_params: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention scores (12 L h S, causal counted fully)."""
+    m = cfg.model
+    return 6.0 * num_params + 12.0 * m.num_layers * m.hidden_size * m.seq_length
+
+
+def gpu_peak_tflops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def _wandb_mode(cfg: Config) -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    mode = cfg.logging.wandb_mode
+    if mode != "auto":
+        return mode
+    if cfg.logging.wandb_project is None:
+        return "disabled"
+    netrc = Path.home() / ".netrc"
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+    )
+    return "online" if logged_in else "offline"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Writes records on rank 0 only; other ranks hold a no-op instance."""
+
+    def __init__(self, cfg: Config, *, enabled: bool, run_id: str | None = None) -> None:
+        self.enabled = enabled
+        self.cfg = cfg
+        self.wandb_run: Any = None
+        self.start = time.time()
+        if not enabled:
+            return
+        directory = Path(cfg.logging.dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "metrics.jsonl"
+        mode = _wandb_mode(cfg)
+        if mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.logging.wandb_project or "llm",
+                entity=cfg.logging.wandb_entity,
+                name=cfg.logging.wandb_name,
+                dir=str(directory),
+                mode=mode,  # type: ignore[arg-type]
+                config=cfg.to_dict(),
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return None if self.wandb_run is None else str(self.wandb_run.id)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.wandb_run is not None:
+            step = int(record["iteration"])
+            self.wandb_run.log(
+                {k: v for k, v in record.items() if k != "iteration" and v is not None}, step=step
+            )
+
+    def console(self, record: dict[str, Any], total_iters: int) -> None:
+        if not self.enabled:
+            return
+        it = int(record["iteration"])
+        if "val_loss" in record:
+            logger.info(
+                "eval   %6d/%d | val_loss %.4f | val_ppl %.2f",
+                it,
+                total_iters,
+                record["val_loss"],
+                record["val_ppl"],
+            )
+            return
+        eta = (total_iters - it) * record.get("step_time", 0.0)
+        extra = ""
+        if record.get("mfu") is not None:
+            extra = f" | {record['tflops_per_gpu']:.1f} TFLOP/s/gpu | mfu {100 * record['mfu']:.1f}%"
+        logger.info(
+            "iter   %6d/%d (%3.0f%%) | loss %.4f | lr %.3e | grad_norm %.3f | %s tok/s | %.3f s/it%s | eta %s",
+            it,
+            total_iters,
+            100.0 * it / total_iters,
+            record["loss"],
+            record["lr"],
+            record.get("grad_norm") or 0.0,
+            f"{record['tokens_per_sec']:,.0f}",
+            record["step_time"],
+            extra,
+            format_duration(eta),
+        )
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

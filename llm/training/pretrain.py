@@ -1,0 +1,141 @@
+"""Pretraining, wired: distributed setup, tokenizer, model, DeepSpeed engine, data, resume, loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from llm.config import Config, ConfigError, build_deepspeed_config
+from llm.data.gpt_dataset import GPTDataset
+from llm.data.loader import SplitSizes, build_datasets
+from llm.data.tokenizer import load_tokenizer
+from llm.model.gpt import build_model, count_parameters, parameter_groups
+from llm.parallel.context import ParallelContext, init_distributed
+from llm.training.checkpoint import latest_tag, load_checkpoint
+from llm.training.lr_schedule import make_scheduler
+from llm.training.metrics import MetricsLogger
+from llm.training.trainer import Trainer, TrainState
+
+logger = logging.getLogger("llm")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_vocab(cfg: Config) -> None:
+    """Fills model.vocab_size from the tokenizer; a model vocabulary smaller than it is an error."""
+    if cfg.data.tokenizer is None:
+        if cfg.model.vocab_size is None:
+            raise ConfigError("set data.tokenizer (or model.vocab_size) so the vocabulary size is known")
+        return
+    size = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = size
+    elif cfg.model.vocab_size < size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({size})"
+        )
+
+
+def _check_token_range(data: Any, vocab_size: int) -> None:
+    """Catches data made with another tokenizer (ids beyond the vocabulary) before the first step."""
+    first = data.datasets[0] if hasattr(data, "datasets") else data
+    if isinstance(first, GPTDataset):
+        head = np.asarray(first.data.tokens[: 1 << 20])
+        if head.size and int(head.max()) >= vocab_size:
+            raise ConfigError(
+                f"'{first.data.prefix}' holds token id {int(head.max())} >= vocabulary size {vocab_size}: "
+                "it was made with another tokenizer; preprocess it with data.tokenizer"
+            )
+
+
+def write_effective_config(cfg: Config, ds_config: dict[str, Any]) -> None:
+    directory = Path(cfg.logging.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (directory / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+
+
+def _resume_path(cfg: Config) -> str | None:
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return cfg.checkpoint_dir if latest_tag(cfg.checkpoint_dir) else None
+    if not Path(mode).exists():
+        raise ConfigError(
+            f"checkpoint.resume = '{mode}' does not exist; use auto, none or a checkpoint directory"
+        )
+    return mode
+
+
+def run_pretraining(cfg: Config) -> TrainState:
+    import deepspeed
+
+    rank, world, _ = init_distributed()
+    setup_logging(rank)
+    ctx = ParallelContext.build(
+        tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size
+    )
+    resolve_vocab(cfg)
+    ds_config = build_deepspeed_config(cfg, world, cuda=torch.cuda.is_available())
+    if rank == 0:
+        write_effective_config(cfg, ds_config)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    num_params = count_parameters(model)
+    logger.info("model: %s, %.2fM parameters; %s", cfg.model.architecture, num_params / 1e6, ctx.describe())
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model, cfg.train.weight_decay),  # type: ignore[arg-type]
+        config=ds_config,
+        lr_scheduler=make_scheduler(cfg.train),
+        mpu=ctx,
+    )
+    state = TrainState()
+    resume = _resume_path(cfg)
+    if resume is not None:
+        saved = load_checkpoint(engine, resume)
+        state = TrainState(
+            iteration=int(saved["iteration"]),
+            consumed_samples=int(saved["consumed_samples"]),
+            wandb_run_id=saved.get("wandb_run_id"),
+        )
+        logger.info("resumed from %s at iteration %d", resume, state.iteration)
+    gbs = cfg.train.global_batch_size
+    sizes = SplitSizes(cfg.train.train_iters * gbs, cfg.eval.eval_iters * gbs, cfg.eval.eval_iters * gbs)
+    train, valid, test = build_datasets(
+        cfg.data, seq_length=cfg.model.seq_length, sizes=sizes, seed=cfg.train.seed
+    )
+    _check_token_range(train, int(cfg.model.vocab_size or 0))
+    metrics = MetricsLogger(cfg, enabled=rank == 0, run_id=state.wandb_run_id)
+    trainer = Trainer(
+        cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test,
+        metrics=metrics, state=state, num_params=num_params,
+    )  # fmt: skip
+    try:
+        return trainer.train()
+    finally:
+        metrics.finish()
+
+
+def local_rank_env() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,0 +1,199 @@
+"""The training loop over a DeepSpeed engine: steps, evaluation, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from llm.config import Config, resolve_precision
+from llm.data.loader import GlobalBatchSampler, make_loader
+from llm.parallel.context import ParallelContext
+from llm.parallel.grads import global_grad_norm
+from llm.training.checkpoint import save_checkpoint
+from llm.training.metrics import MetricsLogger, gpu_peak_tflops, model_flops_per_token
+
+logger = logging.getLogger("llm")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a non-finite loss); the message says where and why."""
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    wandb_run_id: str | None = None
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        ctx: ParallelContext,
+        engine: Any,
+        *,
+        train_data: Any,
+        valid_data: Any | None,
+        test_data: Any | None,
+        metrics: MetricsLogger,
+        state: TrainState,
+        num_params: int,
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.engine = engine
+        self.train_data = train_data
+        self.valid_data = valid_data
+        self.test_data = test_data
+        self.metrics = metrics
+        self.state = state
+        self.device = engine.device
+        self.accum = cfg.grad_accumulation_steps(ctx.world_size)
+        self.flops_per_token = model_flops_per_token(cfg, num_params)
+        self.peak = gpu_peak_tflops()
+        self.fp16 = resolve_precision(cfg.train.precision, cuda=torch.cuda.is_available()) == "fp16"
+        self._bad_steps = 0
+        precision = resolve_precision(cfg.train.precision, cuda=torch.cuda.is_available())
+        self._own_grad_norm = engine.zero_optimization_stage() == 0 and precision == "fp32"
+        self._grad_norm: float | None = None
+        self._lr = 0.0
+
+    # ----------------------------------------------------------------------------- batches
+    def _batches(self, data: Any, consumed: int, total: int) -> Iterator[torch.Tensor]:
+        sampler = GlobalBatchSampler(
+            total_samples=total,
+            consumed_samples=consumed,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            global_batch_size=self.cfg.train.global_batch_size,
+            dp_rank=self.ctx.dp_rank,
+            dp_size=self.ctx.dp,
+        )
+        for batch in make_loader(data, sampler, num_workers=self.cfg.data.num_workers):
+            yield batch.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------------------- steps
+    def _train_step(self, batches: Iterator[torch.Tensor]) -> float:
+        """One optimizer step over `accum` micro-batches; returns the loss averaged over the global batch."""
+        losses = []
+        self._lr = float(self.engine.get_lr()[0])
+        for micro in range(self.accum):
+            tokens = next(batches)  # (B, S + 1)
+            loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            self.engine.backward(loss)
+            if micro == self.accum - 1 and self._own_grad_norm:
+                # DeepSpeed reports no norm for ZeRO 0 in fp32; gradients are reduced by now.
+                self._grad_norm = global_grad_norm(self.engine.module.parameters(), self.ctx)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+        if not self._own_grad_norm:
+            self._grad_norm = _as_float(self.engine.get_global_grad_norm())
+        return self.ctx.mean_over_dp([sum(losses) / len(losses)])[0]
+
+    def _check_finite(self, loss: float, iteration: int) -> None:
+        if math.isfinite(loss):
+            self._bad_steps = 0
+            return
+        self._bad_steps += 1
+        if self.fp16 and self._bad_steps <= 20:
+            return  # DeepSpeed's dynamic loss scaling skips the step and lowers the scale
+        raise TrainingError(
+            f"loss is {loss} at iteration {iteration}: training diverged. Lower train.lr, raise "
+            "train.lr_warmup_iters or use train.precision: bf16/fp32, then resume from the last checkpoint"
+        )
+
+    @torch.no_grad()
+    def evaluate(self, data: Any) -> float:
+        self.engine.eval()
+        total = self.cfg.eval.eval_iters * self.cfg.train.global_batch_size
+        losses = [float(self.engine(t[:, :-1], t[:, 1:])) for t in self._batches(data, 0, total)]
+        self.engine.train()
+        return self.ctx.mean_over_dp([sum(losses) / max(1, len(losses))])[0]
+
+    def _eval_record(self, data: Any, prefix: str) -> dict[str, Any]:
+        loss = self.evaluate(data)
+        return {
+            "iteration": self.state.iteration,
+            f"{prefix}_loss": loss,
+            f"{prefix}_ppl": math.exp(min(loss, 50.0)),
+        }
+
+    def _log_eval(self, data: Any | None, prefix: str = "val") -> None:
+        if data is None:
+            return
+        record = self._eval_record(data, prefix)
+        self.metrics.log(record)
+        if prefix == "val":
+            self.metrics.console(record, self.cfg.train.train_iters)
+        else:
+            logger.info("test   | test_loss %.4f | test_ppl %.2f", record["test_loss"], record["test_ppl"])
+
+    def _step_record(self, losses: list[float], times: list[float]) -> dict[str, Any]:
+        step_time = sum(times) / len(times)
+        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        record: dict[str, Any] = {
+            "iteration": self.state.iteration,
+            "loss": sum(losses) / len(losses),
+            "lr": self._lr,
+            "grad_norm": self._grad_norm,
+            "tokens_per_sec": tokens / step_time,
+            "step_time": step_time,
+            "consumed_samples": self.state.consumed_samples,
+        }
+        if torch.cuda.is_available():
+            tflops = self.flops_per_token * tokens / step_time / self.ctx.world_size / 1e12
+            record["tflops_per_gpu"] = tflops
+            record["mfu"] = tflops / self.peak if self.peak else None
+            record["memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return record
+
+    def _save(self) -> None:
+        self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
+        path = save_checkpoint(self.engine, self.cfg, asdict(self.state), rank=self.ctx.rank)
+        logger.info("saved checkpoint %s", path)
+
+    # -------------------------------------------------------------------------------- loop
+    def train(self) -> TrainState:
+        cfg = self.cfg
+        total = cfg.train.train_iters * cfg.train.global_batch_size
+        batches = self._batches(self.train_data, self.state.consumed_samples, total)
+        stop_at = min(cfg.train.train_iters, cfg.train.exit_interval or cfg.train.train_iters)
+        losses: list[float] = []
+        times: list[float] = []
+        saved_at = -1
+        while self.state.iteration < stop_at:
+            start = time.perf_counter()
+            loss = self._train_step(batches)
+            times.append(time.perf_counter() - start)
+            self.state.iteration += 1
+            self.state.consumed_samples += cfg.train.global_batch_size
+            self._check_finite(loss, self.state.iteration)
+            losses.append(loss)
+            it = self.state.iteration
+            if it % cfg.logging.log_interval == 0 or it == stop_at:
+                record = self._step_record(losses, times)
+                self.metrics.log(record)
+                self.metrics.console(record, cfg.train.train_iters)
+                losses, times = [], []
+            if it % cfg.eval.eval_interval == 0 or it == cfg.train.train_iters:
+                self._log_eval(self.valid_data)
+            if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
+                self._save()
+                saved_at = it
+        if saved_at != self.state.iteration:
+            self._save()
+        if self.state.iteration == cfg.train.train_iters:
+            self._log_eval(self.test_data, "test")
+        return self.state
+
+
+def _as_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if isinstance(x, torch.Tensor) else x)

@@ -1,0 +1,48 @@
+"""Pretrain a GPT.
+
+deepspeed scripts/pretrain.py --config configs/tiny_cpu.yaml [section.key=value ...]
+torchrun --nproc_per_node 2 scripts/pretrain.py --config ... ;  python scripts/pretrain.py --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llm.config import ConfigError, load_config
+from llm.data.gpt_dataset import DatasetTooSmallError
+from llm.data.indexed_dataset import IndexedDatasetError
+from llm.data.loader import DataConfigError
+from llm.data.tokenizer import TokenizerError
+from llm.training.checkpoint import CheckpointError
+from llm.training.trainer import TrainingError
+
+USER_ERRORS = (
+    ConfigError, DataConfigError, DatasetTooSmallError, IndexedDatasetError, TokenizerError, CheckpointError, TrainingError,
+)  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults apply when omitted")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from llm.training.pretrain import run_pretraining
+
+        state = run_pretraining(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"done: iteration {state.iteration}, {state.consumed_samples} samples; run directory {cfg.logging.dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
