@@ -38,7 +38,7 @@ class ModelConfig:
     hidden_size: int = 768
     num_attention_heads: int = 12
     num_query_groups: int | None = None  # llama GQA; None = num_attention_heads (MHA)
-    ffn_hidden_size: int | None = None  # None = 4h (gpt2) or 8h/3 rounded up to 64 (llama)
+    ffn_hidden_size: int | None = None  # None = 4h (gpt2) or 8h/3 rounded up to 256 (llama)
     seq_length: int = 1024
     max_position_embeddings: int | None = None  # None = seq_length
     vocab_size: int | None = None  # None = taken from the tokenizer
@@ -65,7 +65,7 @@ class ModelConfig:
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
         if self.architecture == "llama":
-            return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+            return 256 * math.ceil(8 * self.hidden_size / 3 / 256)
         return 4 * self.hidden_size
 
     @property

@@ -166,7 +166,7 @@ class Trainer:
         stop_at = min(cfg.train.train_iters, cfg.train.exit_interval or cfg.train.train_iters)
         losses: list[float] = []
         times: list[float] = []
-        saved_at = -1
+        saved_at = self.state.iteration  # nothing new to save if no step runs
         while self.state.iteration < stop_at:
             start = time.perf_counter()
             loss = self._train_step(batches)

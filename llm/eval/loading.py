@@ -1,0 +1,39 @@
+"""Loading a trained model (any ZeRO stage) and its tokenizer for evaluation and generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.config import Config, ConfigError
+from llm.data.tokenizer import REPO_ROOT, load_tokenizer
+from llm.model.gpt import GPT
+from llm.training.checkpoint import CheckpointError, load_model_state
+
+
+def load_trained_model(checkpoint: str | Path, *, device: str = "cpu") -> tuple[Config, GPT]:
+    cfg, state, _ = load_model_state(checkpoint)
+    model = GPT(cfg.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' does not match its model config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): it was written by another version or is damaged"
+        )
+    return cfg, model.to(device).eval()
+
+
+def tokenizer_for(cfg: Config, override: str | None = None) -> Any:
+    """The run's tokenizer; a relative path is tried from the working directory, then the repo root."""
+    spec = override or cfg.data.tokenizer
+    if spec is None:
+        raise ConfigError("the checkpoint's config names no tokenizer: pass --tokenizer")
+    if not Path(spec).exists() and (REPO_ROOT / spec).exists():
+        spec = str(REPO_ROOT / spec)
+    return load_tokenizer(spec)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

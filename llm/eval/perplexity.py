@@ -1,0 +1,80 @@
+"""Perplexity of a model on a token stream, by one fixed scheme.
+
+The stream: documents tokenized, each followed by EOS, concatenated in order (a `.bin/.idx`
+prefix already is such a stream). Window k is t[k*S : k*S + S + 1] (S = seq_length): windows
+overlap by one token, so every token but the first is predicted exactly once, with the context
+of its own window. The last window may be shorter. Perplexity = exp(total NLL / predicted tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llm.data.sources import Record, parse_record
+from llm.model.gpt import GPT
+
+
+@dataclass
+class PerplexityResult:
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens}
+
+
+def token_stream(records: Iterable[Record], tokenizer, *, json_key: str = "text") -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Documents -> one int64 stream, EOS after each; malformed records are skipped."""
+    parts = []
+    for record in records:
+        text, _ = parse_record(record, json_key)
+        if text is not None:
+            parts.append(np.asarray([*tokenizer.encode(text), tokenizer.eos_id], dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def windows(stream: np.ndarray, seq_length: int) -> Iterator[np.ndarray]:
+    """Window k = stream[k*S : k*S + S + 1]; the last may be shorter (at least 2 tokens)."""
+    for start in range(0, max(0, len(stream) - 1), seq_length):
+        yield stream[start : start + seq_length + 1]
+
+
+@torch.no_grad()
+def evaluate_stream(model: GPT, stream: np.ndarray, *, seq_length: int, batch_size: int = 8) -> PerplexityResult:
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    count = 0
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal total_nll, count
+        if not batch:
+            return
+        tokens = torch.from_numpy(np.stack(batch)).to(device)  # (B, L + 1)
+        logits = model(tokens[:, :-1]).float()  # (B, L, V)
+        nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+        total_nll += float(nll)
+        count += tokens[:, 1:].numel()
+        batch.clear()
+
+    for w in windows(stream, seq_length):
+        if len(w) != seq_length + 1:
+            flush()
+        batch.append(np.asarray(w, dtype=np.int64))
+        if len(batch) == batch_size or len(w) != seq_length + 1:
+            flush()
+    flush()
+    if count == 0:
+        raise ValueError("the input holds fewer than 2 tokens: nothing to evaluate")
+    return PerplexityResult(loss=total_nll / count, tokens=count)

@@ -1,0 +1,67 @@
+"""Perplexity of a checkpoint on a token file or on text documents.
+
+  python scripts/evaluate.py --checkpoint runs/x/checkpoints --data data/corpus [--split valid] [--json]
+  python scripts/evaluate.py --checkpoint runs/x/checkpoints --input held_out.jsonl [--json]
+
+Scheme (see llm/eval/perplexity.py): documents + EOS concatenated; windows of seq_length + 1
+tokens overlapping by one, so every token but the first is predicted exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from llm.config import ConfigError
+from llm.data.gpt_dataset import split_ranges
+from llm.data.indexed_dataset import IndexedDataset, IndexedDatasetError
+from llm.data.sources import InputError, expand_inputs, iter_file_records
+from llm.data.tokenizer import TokenizerError
+from llm.eval.loading import default_device, load_trained_model, tokenizer_for
+from llm.eval.perplexity import evaluate_stream, token_stream
+from llm.training.checkpoint import CheckpointError
+
+
+def _stream(args: argparse.Namespace, cfg) -> np.ndarray:  # type: ignore[no-untyped-def]
+    if args.data:
+        data = IndexedDataset(args.data)
+        lo, hi = (0, len(data)) if args.split == "all" else split_ranges(len(data), cfg.data.split)[
+            ("train", "valid", "test").index(args.split)
+        ]
+        return np.asarray(data.tokens[data.offsets[lo] : data.offsets[hi]], dtype=np.int64)
+    tok = tokenizer_for(cfg, args.tokenizer)
+    records = (r for p in expand_inputs(args.input) for r in iter_file_records(p, json_key=args.json_key))
+    return token_stream(records, tok, json_key=args.json_key)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint dir (with 'latest') or one iter_* dir")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a PREFIX of .bin/.idx token files")
+    src.add_argument("--input", nargs="+", help=".jsonl / .txt / .parquet files")
+    parser.add_argument("--split", choices=["all", "train", "valid", "test"], default="all",
+                        help="with --data: the part of the file under the run's data.split")  # fmt: skip
+    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--tokenizer", help="override the run's tokenizer (for --input)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print a JSON line last")
+    args = parser.parse_args()
+    try:
+        cfg, model = load_trained_model(args.checkpoint, device=default_device())
+        stream = _stream(args, cfg)
+        result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size)
+    except (CheckpointError, ConfigError, IndexedDatasetError, InputError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"perplexity: {result.perplexity:.4f} (loss {result.loss:.4f} over {result.tokens} tokens)")
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

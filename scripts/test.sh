@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs llm with the test tools into .venv, then runs lint, type checks and the test suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+export PATH="$PWD/.venv/bin:$PATH"
+ruff check llm scripts tests benchmarks
+mypy
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+# pytest exits 5 when a filter selects no test: that is a failure of the filter, say so.
+if [ "$rc" -eq 5 ]; then echo "no tests were selected" >&2; exit 1; fi
+exit "$rc"
