@@ -28,9 +28,11 @@ from llm.training.checkpoint import CheckpointError
 def _stream(args: argparse.Namespace, cfg) -> np.ndarray:  # type: ignore[no-untyped-def]
     if args.data:
         data = IndexedDataset(args.data)
-        lo, hi = (0, len(data)) if args.split == "all" else split_ranges(len(data), cfg.data.split)[
-            ("train", "valid", "test").index(args.split)
-        ]
+        lo, hi = (
+            (0, len(data))
+            if args.split == "all"
+            else split_ranges(len(data), cfg.data.split)[("train", "valid", "test").index(args.split)]
+        )
         return np.asarray(data.tokens[data.offsets[lo] : data.offsets[hi]], dtype=np.int64)
     tok = tokenizer_for(cfg, args.tokenizer)
     records = (r for p in expand_inputs(args.input) for r in iter_file_records(p, json_key=args.json_key))
@@ -38,8 +40,12 @@ def _stream(args: argparse.Namespace, cfg) -> np.ndarray:  # type: ignore[no-unt
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir (with 'latest') or one iter_* dir")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir (with 'latest') or one iter_* dir"
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a PREFIX of .bin/.idx token files")
     src.add_argument("--input", nargs="+", help=".jsonl / .txt / .parquet files")

@@ -1,6 +1,6 @@
 """Sample text from a checkpoint (KV cache; temperature, top-k, top-p; seeded).
 
-  python scripts/generate.py --checkpoint runs/tiny_cpu/checkpoints --prompt "The list type" --max-new-tokens 80
+python scripts/generate.py --checkpoint runs/tiny_cpu/checkpoints --prompt "The list type" --max-new-tokens 80
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from llm.training.checkpoint import CheckpointError
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)

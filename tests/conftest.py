@@ -39,7 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(cmd: list[str], *, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], *, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     full_env["PATH"] = f"{BIN}:{full_env.get('PATH', '')}"
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -50,7 +52,15 @@ def script(name: str) -> str:
 
 
 def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), script("pretrain.py"), *args]
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        script("pretrain.py"),
+        *args,
+    ]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

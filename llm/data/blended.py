@@ -37,7 +37,9 @@ def samples_per_dataset(weights: Sequence[float], num_samples: int) -> list[int]
     return [int(math.ceil(x * num_samples)) + 1 for x in w]
 
 
-def build_blend_index(weights: Sequence[float] | np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+def build_blend_index(
+    weights: Sequence[float] | np.ndarray, num_samples: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(dataset_index, dataset_sample_index), each of length num_samples."""
     w = normalize_weights(weights)
     counts = np.zeros(len(w), dtype=np.int64)
@@ -91,7 +93,9 @@ class BlendedDataset:
         self.weights = normalize_weights(weights)
         self.num_samples = num_samples
         labels = names or [str(i) for i in range(len(datasets))]
-        self.dataset_index, self.sample_index = _cached_blend_index(self.weights, num_samples, labels, cache_dir)
+        self.dataset_index, self.sample_index = _cached_blend_index(
+            self.weights, num_samples, labels, cache_dir
+        )
         for j, ds in enumerate(self.datasets):
             need = int(np.sum(self.dataset_index == j))
             if need > len(ds):

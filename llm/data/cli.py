@@ -10,8 +10,12 @@ from llm.data.sources import Record, expand_inputs, iter_file_records, iter_hf_r
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("input (one of --input, --hf-dataset, --builtin-corpus)")
-    src.add_argument("--input", nargs="+", metavar="PATH", help=".txt/.jsonl/.jsonl.gz/.parquet files, dirs or globs")
-    src.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset: save_to_disk dir, or hub name")
+    src.add_argument(
+        "--input", nargs="+", metavar="PATH", help=".txt/.jsonl/.jsonl.gz/.parquet files, dirs or globs"
+    )
+    src.add_argument(
+        "--hf-dataset", metavar="NAME", help="a Hugging Face dataset: save_to_disk dir, or hub name"
+    )
     src.add_argument("--hf-config", default=None, help="dataset configuration name (hub datasets)")
     src.add_argument("--split", default="train", help="dataset split (default: train)")
     src.add_argument("--builtin-corpus", action="store_true", help="the built-in corpus (Python's own docs)")

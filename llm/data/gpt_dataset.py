@@ -134,7 +134,9 @@ def cached_sample_index(
             return SampleIndex(*(np.load(p, mmap_mode="r") for p in paths))
         except (ValueError, OSError):
             logger.warning("index cache %s is unreadable; rebuilding it", directory)
-    index = build_sample_index(data.doc_lengths, documents, seq_length=seq_length, num_samples=num_samples, seed=seed)
+    index = build_sample_index(
+        data.doc_lengths, documents, seq_length=seq_length, num_samples=num_samples, seed=seed
+    )
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{Path(data.prefix).name}.{key}.json").write_text(json.dumps(desc, indent=1))

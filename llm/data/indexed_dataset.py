@@ -123,11 +123,15 @@ class IndexedDatasetBuilder:
 def _read_header(path: Path) -> tuple[int, int, int, int]:
     size = path.stat().st_size
     if size < HEADER.size:
-        raise IndexedDatasetError(f"'{path}' is truncated ({size} bytes, header needs {HEADER.size}); rebuild it")
+        raise IndexedDatasetError(
+            f"'{path}' is truncated ({size} bytes, header needs {HEADER.size}); rebuild it"
+        )
     with open(path, "rb") as f:
         magic, version, code, n_docs, n_tokens = HEADER.unpack(f.read(HEADER.size))
     if magic != MAGIC:
-        raise IndexedDatasetError(f"'{path}' is not an llm token index (bad magic); rebuild it with preprocess_data")
+        raise IndexedDatasetError(
+            f"'{path}' is not an llm token index (bad magic); rebuild it with preprocess_data"
+        )
     if version != VERSION:
         raise IndexedDatasetError(f"'{path}' has format version {version}; this llm reads version {VERSION}")
     if code not in DTYPES:
@@ -154,8 +158,14 @@ class IndexedDataset:
                 )
         code, n_docs, n_tokens, _ = _read_header(ipath)
         self.dtype = np.dtype(DTYPES[code])
-        self.offsets: np.ndarray = np.memmap(ipath, dtype=np.int64, mode="r", offset=HEADER.size, shape=(n_docs + 1,))
-        if self.offsets[0] != 0 or self.offsets[-1] != n_tokens or np.any(self.offsets[1:] < self.offsets[:-1]):
+        self.offsets: np.ndarray = np.memmap(
+            ipath, dtype=np.int64, mode="r", offset=HEADER.size, shape=(n_docs + 1,)
+        )
+        if (
+            self.offsets[0] != 0
+            or self.offsets[-1] != n_tokens
+            or np.any(self.offsets[1:] < self.offsets[:-1])
+        ):
             raise IndexedDatasetError(f"'{ipath}' has inconsistent document offsets: corrupt; rebuild it")
         expected = n_tokens * self.dtype.itemsize
         actual = bpath.stat().st_size

@@ -41,7 +41,9 @@ def parse_data_path(value: str | list[Any] | None, key: str) -> list[tuple[float
         try:
             pairs.append((float(w), p))
         except ValueError:
-            raise DataConfigError(f"{key}: '{w}' is not a weight (expected weight, prefix, weight, prefix, ...)") from None
+            raise DataConfigError(
+                f"{key}: '{w}' is not a weight (expected weight, prefix, weight, prefix, ...)"
+            ) from None
     return pairs
 
 
@@ -52,7 +54,9 @@ class SplitSizes:
     test: int
 
 
-def _one_dataset(prefix: str, split: int | None, cfg: DataConfig, *, seq_length: int, n: int, seed: int) -> GPTDataset:
+def _one_dataset(
+    prefix: str, split: int | None, cfg: DataConfig, *, seq_length: int, n: int, seed: int
+) -> GPTDataset:
     data = IndexedDataset(prefix)
     names = ("train", "valid", "test")
     doc_range = (0, len(data)) if split is None else split_ranges(len(data), cfg.split)[split]
@@ -87,13 +91,21 @@ def build_datasets(
     """(train, valid, test); valid/test are None when they get no data or no samples are asked."""
     train_pairs = parse_data_path(cfg.train_data_path, "data.train_data_path")
     if not train_pairs:
-        raise DataConfigError("data.train_data_path is not set: point it at a PREFIX made by preprocess_data.py")
+        raise DataConfigError(
+            "data.train_data_path is not set: point it at a PREFIX made by preprocess_data.py"
+        )
     separate = cfg.valid_data_path is not None or cfg.test_data_path is not None
     kw = {"seq_length": seq_length, "seed": seed}
     train = _mixture(train_pairs, None if separate else 0, cfg, n=sizes.train, **kw)
     out: list[Any | None] = []
-    for split, (path, n) in enumerate([(cfg.valid_data_path, sizes.valid), (cfg.test_data_path, sizes.test)], 1):
-        pairs = parse_data_path(path, f"data.{('valid', 'test')[split - 1]}_data_path") if separate else train_pairs
+    for split, (path, n) in enumerate(
+        [(cfg.valid_data_path, sizes.valid), (cfg.test_data_path, sizes.test)], 1
+    ):
+        pairs = (
+            parse_data_path(path, f"data.{('valid', 'test')[split - 1]}_data_path")
+            if separate
+            else train_pairs
+        )
         if n == 0 or not pairs:
             out.append(None)
             continue
@@ -145,7 +157,9 @@ def collate(samples: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(samples).astype(np.int64))  # (B, S + 1)
 
 
-def make_loader(dataset: Any, sampler: GlobalBatchSampler, *, num_workers: int = 0) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: Any, sampler: GlobalBatchSampler, *, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=False
     )

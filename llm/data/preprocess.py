@@ -94,7 +94,9 @@ def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
         yield batch
 
 
-def _map_ordered(batches: Iterator[list[Record]], workers: int, init_args: tuple[str, str]) -> Iterator[list[Result]]:
+def _map_ordered(
+    batches: Iterator[list[Record]], workers: int, init_args: tuple[str, str]
+) -> Iterator[list[Result]]:
     if workers <= 1:
         _init_worker(*init_args)
         for b in batches:

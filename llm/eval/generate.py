@@ -26,9 +26,9 @@ def _filter(logits: torch.Tensor, *, top_k: int | None, top_p: float | None) -> 
 def _empty_caches(model: GPT, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
     cfg = model.cfg
     shape = (batch, cfg.kv_groups, 0, cfg.head_dim)
-    return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))] * len(
-        model.layers
-    )
+    return [
+        (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+    ] * len(model.layers)
 
 
 @torch.no_grad()

@@ -50,7 +50,9 @@ def windows(stream: np.ndarray, seq_length: int) -> Iterator[np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate_stream(model: GPT, stream: np.ndarray, *, seq_length: int, batch_size: int = 8) -> PerplexityResult:
+def evaluate_stream(
+    model: GPT, stream: np.ndarray, *, seq_length: int, batch_size: int = 8
+) -> PerplexityResult:
     model.eval()
     device = next(model.parameters()).device
     total_nll = 0.0

@@ -68,7 +68,9 @@ def test_too_small_and_empty_splits_are_clear(tmp_path: Path) -> None:
     with pytest.raises(DatasetTooSmallError, match="fewer than one sample"):
         GPTDataset(data, doc_range=(0, 2), seq_length=8, num_samples=1, seed=0, cache_dir=tmp_path)
     with pytest.raises(DatasetTooSmallError, match="no documents"):
-        GPTDataset(data, doc_range=(1, 1), seq_length=2, num_samples=1, seed=0, cache_dir=tmp_path, name="valid")
+        GPTDataset(
+            data, doc_range=(1, 1), seq_length=2, num_samples=1, seed=0, cache_dir=tmp_path, name="valid"
+        )
 
 
 def test_split_ranges() -> None:
@@ -93,7 +95,9 @@ def test_cache_is_reused_and_keyed_by_parameters(tmp_path: Path) -> None:
 
 def _build_in_process(args: tuple[str, str]) -> list[int]:
     prefix, cache = args
-    ds = GPTDataset(IndexedDataset(prefix), doc_range=(0, 200), seq_length=32, num_samples=5000, seed=7, cache_dir=cache)
+    ds = GPTDataset(
+        IndexedDataset(prefix), doc_range=(0, 200), seq_length=32, num_samples=5000, seed=7, cache_dir=cache
+    )
     return [int(x) for x in ds[123]]
 
 

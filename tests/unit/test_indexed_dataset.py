@@ -5,7 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError, dtype_for_vocab
+from llm.data.indexed_dataset import (
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    IndexedDatasetError,
+    dtype_for_vocab,
+)
 
 
 def _write(prefix: Path, docs: list[list[int]], dtype=np.uint16) -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm.data.loader import GlobalBatchSampler, parse_data_path, DataConfigError
+from llm.data.loader import DataConfigError, GlobalBatchSampler, parse_data_path
 
 
 def _global_order(*, total: int, gbs: int, micro: int, dp: int, consumed: int = 0) -> list[list[int]]:

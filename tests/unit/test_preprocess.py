@@ -13,7 +13,12 @@ from llm.data.indexed_dataset import IndexedDataset
 from llm.data.tokenizer import load_tokenizer
 from tests.conftest import TOKENIZER, run, script
 
-DOCS = ["First document about lists.", "Zweites Dokument: Größe ✓", "def f():\n    return 1\n", "日本語の文書"]
+DOCS = [
+    "First document about lists.",
+    "Zweites Dokument: Größe ✓",
+    "def f():\n    return 1\n",
+    "日本語の文書",
+]
 
 
 def _preprocess(*args: str) -> tuple[int, str, str]:
@@ -45,10 +50,14 @@ def test_all_input_kinds_dirs_and_globs(tmp_path: Path) -> None:
         f.write(json.dumps({"content": DOCS[1]}) + "\n")
     pq.write_table(pa.table({"content": [DOCS[2], DOCS[3]]}), d / "sub" / "c.parquet")
     (d / "ignored.csv").write_text("x")
-    rc, out, err = _preprocess("--input", str(d), "--json-key", "content", "--output-prefix", str(tmp_path / "o1"))
+    rc, out, err = _preprocess(
+        "--input", str(d), "--json-key", "content", "--output-prefix", str(tmp_path / "o1")
+    )
     assert rc == 0, err
     ds = IndexedDataset(tmp_path / "o1")
-    assert [ds[i].tolist() for i in range(len(ds))] == _expected(DOCS)  # sorted: a.txt, b.jsonl.gz, sub/c.parquet
+    assert [ds[i].tolist() for i in range(len(ds))] == _expected(
+        DOCS
+    )  # sorted: a.txt, b.jsonl.gz, sub/c.parquet
     rc, _, err = _preprocess("--input", str(d / "*.txt"), "--output-prefix", str(tmp_path / "o2"))
     assert rc == 0, err
     assert len(IndexedDataset(tmp_path / "o2")) == 1
@@ -72,13 +81,18 @@ def test_malformed_records_are_skipped_and_counted(tmp_path: Path) -> None:
     rc, out, err = _preprocess("--input", str(tmp_path / "m.jsonl"), "--output-prefix", str(tmp_path / "o"))
     assert rc == 0, err
     assert "documents: 2" in out
-    assert "skipped: 5 (empty_text: 1, invalid_json: 1, invalid_utf8: 1, missing_field: 1, not_a_string: 1)" in out
+    assert (
+        "skipped: 5 (empty_text: 1, invalid_json: 1, invalid_utf8: 1, missing_field: 1, not_a_string: 1)"
+        in out
+    )
     assert len(IndexedDataset(tmp_path / "o")) == 2
 
 
 def test_strict_fails_on_first_bad_record_with_file_and_line(tmp_path: Path) -> None:
     _malformed_file(tmp_path / "m.jsonl")
-    rc, out, err = _preprocess("--input", str(tmp_path / "m.jsonl"), "--output-prefix", str(tmp_path / "o"), "--strict")
+    rc, out, err = _preprocess(
+        "--input", str(tmp_path / "m.jsonl"), "--output-prefix", str(tmp_path / "o"), "--strict"
+    )
     assert rc == 1
     assert f"{tmp_path / 'm.jsonl'}:2: malformed record (invalid_json)" in err
     assert "Traceback" not in err
@@ -94,7 +108,9 @@ def test_workers_give_byte_identical_output(builtin_prefix: Path, tmp_path: Path
     outputs = []
     for workers in (1, 4):
         prefix = tmp_path / f"w{workers}"
-        rc, _, err = _preprocess("--input", str(src), "--output-prefix", str(prefix), "--workers", str(workers))
+        rc, _, err = _preprocess(
+            "--input", str(src), "--output-prefix", str(prefix), "--workers", str(workers)
+        )
         assert rc == 0, err
         outputs.append((prefix.with_suffix(".bin").read_bytes(), prefix.with_suffix(".idx").read_bytes()))
     assert outputs[0] == outputs[1]
@@ -105,14 +121,21 @@ def test_hf_dataset_from_local_save_to_disk(tmp_path: Path) -> None:
     import datasets
 
     dd = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"text": DOCS}), "validation": datasets.Dataset.from_dict({"text": DOCS[:1]})}
+        {
+            "train": datasets.Dataset.from_dict({"text": DOCS}),
+            "validation": datasets.Dataset.from_dict({"text": DOCS[:1]}),
+        }
     )
     dd.save_to_disk(str(tmp_path / "ds"))
-    rc, out, err = _preprocess("--hf-dataset", str(tmp_path / "ds"), "--split", "train", "--output-prefix", str(tmp_path / "o"))
+    rc, out, err = _preprocess(
+        "--hf-dataset", str(tmp_path / "ds"), "--split", "train", "--output-prefix", str(tmp_path / "o")
+    )
     assert rc == 0, err
     ds = IndexedDataset(tmp_path / "o")
     assert [ds[i].tolist() for i in range(len(ds))] == _expected(DOCS)
-    rc, _, err = _preprocess("--hf-dataset", str(tmp_path / "ds"), "--split", "nope", "--output-prefix", str(tmp_path / "x"))
+    rc, _, err = _preprocess(
+        "--hf-dataset", str(tmp_path / "ds"), "--split", "nope", "--output-prefix", str(tmp_path / "x")
+    )
     assert rc == 1 and "no split 'nope'" in err
 
 

@@ -1,0 +1,174 @@
+"""pretrain.py through the real launchers (deepspeed, torchrun, python) on CPU with gloo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    BIN,
+    TINY_OVERRIDES,
+    deepspeed_cmd,
+    free_port,
+    read_metrics,
+    run,
+    script,
+    train_losses,
+)
+
+pytestmark = pytest.mark.integration
+ITERS = 8
+
+
+def _args(prefix: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "configs/tiny_cpu.yaml", *TINY_OVERRIDES,
+        f"data.train_data_path={prefix}", f"logging.dir={run_dir}", f"train.train_iters={ITERS}", *extra,
+    ]  # fmt: skip
+
+
+def _check(p) -> None:
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """The reference: one plain `python` process, global batch 8 as 4 micro-batches of 2."""
+    run_dir = tmp_path_factory.mktemp("ref")
+    _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, run_dir)]))
+    losses = train_losses(run_dir)
+    assert len(losses) == ITERS
+    return losses
+
+
+def _assert_same_curve(got: list[float], ref: list[float], tol: float) -> None:
+    assert len(got) == len(ref)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
+    assert worst < tol, f"relative difference {worst:.2e}: {got} vs {ref}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_two_processes_match_one_at_every_zero_stage(
+    stage: int, builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    args = _args(builtin_prefix, tmp_path, f"deepspeed_config=configs/deepspeed/zero{stage}.json")
+    _check(run(deepspeed_cmd(2, *args)))
+    _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
+    config = json.loads((tmp_path / "deepspeed_config.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage and config["gradient_accumulation_steps"] == 2
+
+
+@pytest.mark.distributed
+def test_torchrun_matches_one_process(
+    builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        script("pretrain.py"),
+    ]
+    _check(run(cmd + _args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero1.json")))
+    _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
+
+
+def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
+    args = _args(
+        builtin_prefix, tmp_path, "train.train_iters=30", "checkpoint.save_interval=20",
+        "logging.wandb_mode=offline", "eval.eval_interval=10",
+    )  # fmt: skip
+    _check(run(deepspeed_cmd(1, *args), env={"WANDB_SILENT": "true"}))
+    records = read_metrics(tmp_path)
+    steps = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in steps] == list(range(1, 31))
+    assert set(steps[0]) >= {
+        "iteration",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "step_time",
+        "consumed_samples",
+    }
+    assert steps[-1]["consumed_samples"] == 30 * 8 and steps[0]["grad_norm"] > 0
+    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iteration"] for r in evals] == [10, 20, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "iter_0000030"
+    assert (ckpt / "iter_0000020" / "llm_meta.json").is_file()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "deepspeed_config.json").is_file()
+
+    # resume: auto picks up iteration 30 and continues to 36
+    _check(run(deepspeed_cmd(1, *args, "train.train_iters=36", "train.lr_warmup_iters=2")))
+    resumed = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["iteration"] for r in resumed][30:] == list(range(31, 37))
+    assert resumed[-1]["consumed_samples"] == 36 * 8
+
+    p = run(["python", script("evaluate.py"), "--checkpoint", str(ckpt), "--data", str(builtin_prefix),
+             "--split", "valid", "--json"])  # fmt: skip
+    _check(p)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["tokens"] > 1000 and 1 < result["perplexity"] < 8192
+    p = run(
+        [
+            "python",
+            script("generate.py"),
+            "--checkpoint",
+            str(ckpt),
+            "--prompt",
+            "The list",
+            "--max-new-tokens",
+            "10",
+        ]
+    )
+    _check(p)
+    assert p.stdout.startswith("The list") and len(p.stdout) > len("The list")
+
+
+def test_zero3_checkpoint_loads_for_evaluation(builtin_prefix: Path, tmp_path: Path) -> None:
+    args = _args(
+        builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero3.json", "train.train_iters=3"
+    )
+    _check(run(deepspeed_cmd(2, *args)))
+    text = tmp_path / "held_out.txt"
+    text.write_text("The list type is a mutable sequence.\n" * 20)
+    p = run(
+        [
+            "python",
+            script("evaluate.py"),
+            "--checkpoint",
+            str(tmp_path / "checkpoints"),
+            "--input",
+            str(text),
+            "--json",
+        ]
+    )
+    _check(p)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["tokens"] > 100
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["model.num_layer=2"], "unknown config key 'model.num_layer'"),
+        (["data.train_data_path=/nonexistent/prefix"], "token file '/nonexistent/prefix.idx' not found"),
+        (["train.global_batch_size=7"], "must be a multiple of train.micro_batch_size"),
+        (["data.tokenizer=/nonexistent.model"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_clear_line(
+    builtin_prefix: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    p = run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path), *extra])
+    assert p.returncode == 1
+    assert message in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm.config import ConfigError, build_deepspeed_config, load_config, validate_world
+from tests.conftest import REPO
+
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_dotted_overrides() -> None:
+    cfg = load_config(None, ["model.num_layers=3", "train.lr=3e-4", "data.train_data_path=[0.5, a, 0.5, b]",
+                             "model.tie_embeddings=false", "checkpoint.save_interval=null"])  # fmt: skip
+    assert cfg.model.num_layers == 3
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.data.train_data_path == [0.5, "a", 0.5, "b"]
+    assert cfg.model.tied is False and cfg.checkpoint.save_interval is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.num_layer=3"], "unknown config key 'model.num_layer' \\(did you mean 'num_layers'\\?\\)"),
+        (["modle.x=1"], "unknown config key 'modle'"),
+        (["model.num_layers=abc"], "model.num_layers: expected an integer"),
+        (["model.architecture=bert"], "model.architecture = 'bert' is not valid"),
+        (["model.hidden_size=100", "model.num_attention_heads=3"], "divisible by model.num_attention_heads"),
+        (
+            ["model.architecture=llama", "model.num_attention_heads=12", "model.num_query_groups=5"],
+            "multiple of",
+        ),
+        (["model.num_query_groups=4"], "needs model.architecture: llama"),
+        (["model.sequence_parallel=true"], "sequence_parallel needs"),
+        (["train.min_lr=1", "train.lr=0.1"], "train.min_lr"),
+        (["train.precision=fp8"], "train.precision"),
+        (["deepspeed_config=nope.json"], "does not exist"),
+        (["train.lr_warmup_iters=5000", "train.train_iters=100"], "lr_warmup_iters"),
+        (["parallel.tensor_model_parallel_size=0"], "must be positive"),
+        (["nosep"], "section.key=value"),
+    ],
+)
+def test_invalid_settings_are_clear_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_or_malformed_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_world_size_checks() -> None:
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=24"])
+    validate_world(cfg, 3)
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size x data-parallel size"):
+        validate_world(cfg, 4)
+
+
+def test_deepspeed_dict_is_derived_and_merged(tmp_path: Path) -> None:
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "train_batch_size": "auto"})
+    )
+    cfg = load_config(None, [f"deepspeed_config={ds_json}", "train.global_batch_size=32", "train.micro_batch_size=4",
+                             "train.clip_grad=0.5", "train.precision=bf16"])  # fmt: skip
+    ds = build_deepspeed_config(cfg, 2, cuda=True)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is False
+    cpu = build_deepspeed_config(load_config(None, []), 1, cuda=False)
+    assert not cpu["bf16"]["enabled"] and cpu["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.parametrize(
+    "user, message",
+    [
+        ({"train_batch_size": 64}, "train_batch_size = 64 \\(ours: 32\\)"),
+        ({"gradient_clipping": 2.0}, "gradient_clipping"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled"),
+        ({"optimizer": {"type": "Adam"}}, "sets 'optimizer'"),
+        ({"scheduler": {"type": "WarmupLR"}}, "sets 'scheduler'"),
+        ({"zero_optimization": {"stage": 5}}, "use 0, 1, 2 or 3"),
+    ],
+)
+def test_deepspeed_conflicts_are_errors(tmp_path: Path, user: dict, message: str) -> None:
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps(user))
+    cfg = load_config(
+        None, [f"deepspeed_config={ds_json}", "train.global_batch_size=32", "train.precision=fp32"]
+    )
+    with pytest.raises(ConfigError, match=message):
+        build_deepspeed_config(cfg, 1, cuda=False)
+
+
+def test_invalid_deepspeed_json(tmp_path: Path) -> None:
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text("{bad")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_deepspeed_config(load_config(None, [f"deepspeed_config={ds_json}"]), 1, cuda=False)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_validates(path: Path) -> None:
+    cfg = load_config(path)
+    cfg.model.vocab_size = 8192
+    world = 1 if path.name == "tiny_cpu.yaml" else 8
+    ds = build_deepspeed_config(cfg, world, cuda=path.name != "tiny_cpu.yaml")
+    assert ds["train_batch_size"] == cfg.train.global_batch_size
+    assert cfg.model.padded_vocab_size() % 128 == 0
+
+
+def test_every_shipped_deepspeed_json_is_valid() -> None:
+    files = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+    assert {f.stem for f in files} >= {"zero0", "zero1", "zero2", "zero3", "zero3_offload"}
+    for f in files:
+        cfg = load_config(None, [f"deepspeed_config={f}"])
+        build_deepspeed_config(cfg, 1, cuda=False)

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm.config import ModelConfig
+from llm.eval.generate import generate
+from llm.model.gpt import GPT, build_model, init_full_parameter, parameter_groups
+from llm.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+
+VOCAB = 300  # padded to 384: padding must never show up in logits
+
+
+def _cfg(arch: str, **kw) -> ModelConfig:
+    base = dict(
+        architecture=arch,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        seq_length=32,
+        vocab_size=VOCAB,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+PRESETS = [
+    ("gpt2", {}),
+    ("llama", {}),
+    ("llama", {"num_query_groups": 2}),
+    ("llama", {"num_query_groups": 1, "tie_embeddings": True}),
+]
+
+
+@pytest.mark.parametrize("arch, kw", PRESETS)
+def test_shapes_and_padding(arch: str, kw: dict) -> None:
+    cfg = _cfg(arch, **kw)
+    model = build_model(cfg, seed=0)
+    assert model.embed.weight.shape == (384, 64)
+    x = torch.randint(0, VOCAB, (3, 20))
+    assert model(x).shape == (3, 20, VOCAB)
+    loss = model(x, x)
+    assert loss.ndim == 0 and loss.item() > 0
+
+
+@pytest.mark.parametrize("arch, kw", PRESETS)
+def test_causality(arch: str, kw: dict) -> None:
+    model = build_model(_cfg(arch, **kw), seed=0).eval()
+    x = torch.randint(0, VOCAB, (2, 24))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch, kw", PRESETS)
+def test_hugging_face_parity(arch: str, kw: dict) -> None:
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    cfg = _cfg(arch, **kw)
+    model = build_model(cfg, seed=1).eval()
+    hf = (LlamaForCausalLM if cfg.is_llama else GPT2LMHeadModel)(hf_config(cfg)).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=False)
+    assert not unexpected and all("rotary" in m or "attn.bias" in m for m in missing)
+    x = torch.randint(0, VOCAB, (2, 32))
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    back = from_hf_state_dict(hf.state_dict(), cfg)
+    for name, value in model.state_dict().items():
+        rows = VOCAB if name in ("embed.weight", "lm_head.weight") else value.shape[0]
+        torch.testing.assert_close(back[name][:rows], value[:rows], rtol=0, atol=0)
+
+
+def test_initialization_depends_on_seed_and_name_only() -> None:
+    cfg = _cfg("llama", num_query_groups=2)
+    a, b = build_model(cfg, seed=5), build_model(cfg, seed=5)
+    torch.manual_seed(123)  # global RNG state must not matter
+    c = build_model(cfg, seed=5)
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), n
+    d = build_model(cfg, seed=6)
+    assert not torch.equal(a.layers[0].attention.qkv.weight, d.layers[0].attention.qkv.weight)
+    w = init_full_parameter("layers.1.mlp.proj.weight", torch.Size([64, 256]), cfg, 5)
+    assert abs(w.std().item() - 0.02 / 2.0) < 0.002  # scaled init 0.02 / sqrt(2 L)
+    assert torch.equal(
+        init_full_parameter("layers.0.input_norm.weight", torch.Size([64]), cfg, 5), torch.ones(64)
+    )
+
+
+def test_parameter_groups_exclude_biases_and_norms() -> None:
+    model = build_model(_cfg("gpt2"), seed=0)
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        n for n, p in model.named_parameters() if n.endswith(".bias") or "norm" in n
+    }
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_activation_checkpointing_gives_identical_gradients() -> None:
+    grads = []
+    for ckpt in (False, True):
+        model = build_model(_cfg("llama", activation_checkpointing=ckpt), seed=0).train()
+        x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(x, x).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_kv_cache_changes_nothing_but_speed(arch: str) -> None:
+    model = build_model(_cfg(arch, num_query_groups=2 if arch == "llama" else None), seed=0)
+    prompt = [5, 17, 42, 99]
+    for kw in ({"temperature": 0.0}, {"temperature": 0.9, "top_k": 50, "top_p": 0.9, "seed": 3}):
+        with_cache = generate(model, prompt, max_new_tokens=20, use_cache=True, **kw)
+        without = generate(model, prompt, max_new_tokens=20, use_cache=False, **kw)
+        assert with_cache == without and len(with_cache) == 20
+        assert all(0 <= t < VOCAB for t in with_cache)
+    again = generate(model, prompt, max_new_tokens=20, temperature=0.9, seed=3)
+    assert again == generate(model, prompt, max_new_tokens=20, temperature=0.9, seed=3)
+
+
+def test_generation_stops_at_context_limit() -> None:
+    model = build_model(_cfg("gpt2"), seed=0)
+    out = generate(model, list(range(30)), max_new_tokens=10, temperature=0.0)
+    assert len(out) == 2  # 30 prompt tokens + 2 = 32 positions
+
+
+def test_padded_logits_never_used() -> None:
+    model: GPT = build_model(_cfg("gpt2"), seed=0)
+    with torch.no_grad():
+        model.embed.weight[VOCAB:] = 1e4  # huge padded rows must not matter
+    x = torch.randint(0, VOCAB, (1, 8))
+    assert model(x).shape[-1] == VOCAB
+    assert torch.isfinite(model(x, x))
