@@ -172,3 +172,20 @@ def test_user_errors_are_one_clear_line(
     p = run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path), *extra])
     assert p.returncode == 1
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_llama_preset_is_deterministic_for_a_seed(builtin_prefix: Path, tmp_path: Path) -> None:
+    llama = ["model.architecture=llama", "model.num_query_groups=1", "model.activation_checkpointing=true"]
+    curves = []
+    for name in ("a", "b"):
+        _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path / name), *llama]))
+        curves.append(train_losses(tmp_path / name))
+    assert curves[0] == curves[1]  # bitwise: same seed, same data, fp32 on CPU
+    assert curves[0][-1] < curves[0][0]
+
+
+def test_non_finite_loss_stops_with_the_iteration(builtin_prefix: Path, tmp_path: Path) -> None:
+    p = run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path), "train.lr=1e12", "train.min_lr=0",
+             "train.clip_grad=0", "train.lr_warmup_iters=0"])  # fmt: skip
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "training diverged" in p.stderr and "at iteration" in p.stderr and "Traceback" not in p.stderr

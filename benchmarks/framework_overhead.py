@@ -1,0 +1,79 @@
+"""A full pretrain.py iteration against a bare PyTorch loop over the same model and batch.
+
+  python benchmarks/framework_overhead.py [--iters 40]
+
+pretrain.py runs as one plain `python` process on configs/tiny_cpu.yaml (DeepSpeed engine, ZeRO 0,
+data loading, LR schedule, clipping, metrics); the median step_time of its iterations after the
+first 5 is compared with the median time of the same work in a bare loop: the same model, AdamW,
+gradient accumulation, clipping, batches of the same shape, no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import REPO, report
+
+from llm.config import load_config
+from llm.data.tokenizer import load_tokenizer
+from llm.model.gpt import build_model, parameter_groups
+
+PREFIX = REPO / "data" / "builtin" / "builtin_text_document"
+
+
+def framework_step_times(iters: int, run_dir: Path) -> list[float]:
+    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "configs/tiny_cpu.yaml",
+           f"train.train_iters={iters}", "train.lr_warmup_iters=5", "logging.log_interval=1",
+           f"eval.eval_interval={10 * iters}", "eval.eval_iters=1", "checkpoint.save_interval=null",
+           "logging.wandb_mode=disabled", f"logging.dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt",
+           f"data.train_data_path={PREFIX}"]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time"] for r in records if "loss" in r][5:]
+
+
+def bare_step_times(iters: int) -> list[float]:
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml")
+    cfg.model.vocab_size = load_tokenizer(REPO / "tokenizer" / "llm_sp8k.model").vocab_size
+    torch.manual_seed(0)
+    model = build_model(cfg.model, seed=0).train()
+    opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    times = []
+    for _ in range(iters):
+        batches = [torch.randint(0, 8192, (cfg.train.micro_batch_size, cfg.model.seq_length + 1)) for _ in range(accum)]
+        start = time.perf_counter()
+        for tokens in batches:
+            (model(tokens[:, :-1], tokens[:, 1:]) / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[5:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iters", type=int, default=40)
+    args = parser.parse_args()
+    if not PREFIX.with_suffix(".idx").exists():
+        raise SystemExit(f"{PREFIX}.idx missing: run scripts/quickstart.sh (or preprocess_data.py --builtin-corpus) first")
+    with tempfile.TemporaryDirectory() as tmp:
+        fw = statistics.median(framework_step_times(args.iters, Path(tmp)))
+    bare = statistics.median(bare_step_times(args.iters))
+    report("framework_overhead", {
+        "pretrain_py_step_seconds": round(fw, 4), "bare_loop_step_seconds": round(bare, 4),
+        "throughput_ratio_framework_over_bare": round(bare / fw, 3),
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Forward+backward tokens/s of our GPT against transformers' GPT2LMHeadModel of the same shape,
+measured in the same run, and achieved FLOP/s as a fraction of this machine's fp32 matmul peak.
+
+  python benchmarks/model_throughput.py [--layers 6 --hidden 512 --heads 8 --seq 512 --batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import best_of, report
+
+from llm.config import Config, ModelConfig
+from llm.model.gpt import build_model, count_parameters
+from llm.model.hf import hf_config, to_hf_state_dict
+from llm.training.metrics import model_flops_per_token
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = best_of(lambda: torch.mm(a, b), repeats=repeats, warmup=2)
+    return 2 * n**3 / seconds
+
+
+def step_time(model: torch.nn.Module, tokens: torch.Tensor, hf: bool, repeats: int) -> float:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        if hf:
+            loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+        else:
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+
+    return best_of(step, repeats=repeats, warmup=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    from transformers import GPT2LMHeadModel
+
+    cfg = ModelConfig(architecture="gpt2", num_layers=args.layers, hidden_size=args.hidden,
+                      num_attention_heads=args.heads, seq_length=args.seq, vocab_size=args.vocab)  # fmt: skip
+    ours = build_model(cfg, seed=0).train()
+    hcfg = hf_config(cfg)
+    hcfg._attn_implementation = "sdpa"
+    theirs = GPT2LMHeadModel(hcfg).train()
+    theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    n_tokens = args.batch * args.seq
+    results = {}
+    # Interleave to share any drift in machine load fairly.
+    t_ours = min(step_time(ours, tokens, False, args.repeats), step_time(ours, tokens, False, args.repeats))
+    t_hf = min(step_time(theirs, tokens, True, args.repeats), step_time(theirs, tokens, True, args.repeats))
+    full = Config(model=cfg)
+    flops = model_flops_per_token(full, count_parameters(ours)) * n_tokens
+    peak = matmul_peak()
+    results = {
+        "shape": vars(args),
+        "parameters": count_parameters(ours),
+        "ours_tokens_per_sec": round(n_tokens / t_ours),
+        "hf_gpt2_tokens_per_sec": round(n_tokens / t_hf),
+        "ours_over_hf": round(t_hf / t_ours, 3),
+        "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
+        "ours_model_gflops": round(flops / t_ours / 1e9, 1),
+        "fraction_of_matmul_peak": round(flops / t_ours / peak, 3),
+    }
+    report("model_throughput", results)
+
+
+if __name__ == "__main__":
+    main()
