@@ -40,4 +40,8 @@ def best_of(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> floa
 
 
 def report(name: str, results: dict[str, Any]) -> None:
-    print(json.dumps({"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d"), **results}, indent=1))
+    print(
+        json.dumps(
+            {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d"), **results}, indent=1
+        )
+    )

@@ -41,7 +41,9 @@ def framework_step_times(iters: int, run_dir: Path) -> list[float]:
 
 
 def bare_step_times(iters: int) -> list[float]:
-    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml")
+    cfg = load_config(
+        REPO / "configs" / "tiny_cpu.yaml", [f"deepspeed_config={REPO}/configs/deepspeed/zero0.json"]
+    )
     cfg.model.vocab_size = load_tokenizer(REPO / "tokenizer" / "llm_sp8k.model").vocab_size
     torch.manual_seed(0)
     model = build_model(cfg.model, seed=0).train()
@@ -49,7 +51,10 @@ def bare_step_times(iters: int) -> list[float]:
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
     times = []
     for _ in range(iters):
-        batches = [torch.randint(0, 8192, (cfg.train.micro_batch_size, cfg.model.seq_length + 1)) for _ in range(accum)]
+        batches = [
+            torch.randint(0, 8192, (cfg.train.micro_batch_size, cfg.model.seq_length + 1))
+            for _ in range(accum)
+        ]
         start = time.perf_counter()
         for tokens in batches:
             (model(tokens[:, :-1], tokens[:, 1:]) / accum).backward()
@@ -65,7 +70,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40)
     args = parser.parse_args()
     if not PREFIX.with_suffix(".idx").exists():
-        raise SystemExit(f"{PREFIX}.idx missing: run scripts/quickstart.sh (or preprocess_data.py --builtin-corpus) first")
+        raise SystemExit(
+            f"{PREFIX}.idx missing: run scripts/quickstart.sh (or preprocess_data.py --builtin-corpus) first"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         fw = statistics.median(framework_step_times(args.iters, Path(tmp)))
     bare = statistics.median(bare_step_times(args.iters))

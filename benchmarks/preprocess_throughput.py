@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,20 +60,20 @@ def run_preprocess(path: Path, out: Path, workers: int) -> dict[str, float]:
            str(TOKENIZER), "--output-prefix", str(out), "--workers", str(workers), "--no-progress"]  # fmt: skip
     # Peak RSS of the main process and the largest worker, via /usr/bin/time when available.
     wrapper = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     p = subprocess.run(wrapper + cmd, capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - start
     summary = next(line for line in p.stdout.splitlines() if line.startswith("documents:"))
     tokens = int(summary.split("tokens: ")[1].split(",")[0])
-    peak_children_kb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    # GNU time reports the largest RSS of the process tree it waited for (main or any worker).
+    peak_kb = next((int(x.split(":")[1]) for x in p.stderr.splitlines() if "Maximum resident" in x), 0)
     return {
         "workers": workers,
         "seconds": round(seconds, 1),
         "tokens": tokens,
         "tokens_per_sec": round(tokens / seconds),
         "tokens_per_sec_per_worker": round(tokens / seconds / workers),
-        "peak_rss_mb_largest_process": round(peak_children_kb / 1024, 1),
+        "peak_rss_mb_largest_process": round(peak_kb / 1024, 1) if peak_kb else None,
     }
 
 
@@ -94,7 +93,9 @@ def main() -> None:
         results["runs"] = runs
         if not args.skip_raw:
             raw = float(results["raw_encode_tokens_per_sec"])  # type: ignore[arg-type]
-            results["per_worker_fraction_of_raw"] = [round(r["tokens_per_sec_per_worker"] / raw, 3) for r in runs]
+            results["per_worker_fraction_of_raw"] = [
+                round(r["tokens_per_sec_per_worker"] / raw, 3) for r in runs
+            ]
     report("preprocess_throughput", results)
 
 

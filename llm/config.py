@@ -308,10 +308,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg: Config = _build(Config, raw, "")
     if cfg.deepspeed_config is not None and path is not None and not Path(cfg.deepspeed_config).exists():
-        # Relative DeepSpeed paths are looked up from the working directory, then beside the YAML.
-        beside = Path(path).parent / cfg.deepspeed_config
-        if beside.exists():
-            cfg.deepspeed_config = str(beside)
+        # Relative DeepSpeed paths: from the working directory, beside the YAML, or its parent.
+        for base in (Path(path).parent, Path(path).parent.parent):
+            if (base / cfg.deepspeed_config).exists():
+                cfg.deepspeed_config = str(base / cfg.deepspeed_config)
+                break
     validate(cfg)
     return cfg
 
@@ -369,6 +370,24 @@ def _check_model(m: ModelConfig) -> None:
         raise ConfigError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
 
 
+def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:
+    for key, value in [
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_query_groups (KV heads)", m.kv_groups),
+        ("model.ffn_hidden_size", m.ffn_size),
+    ]:
+        if value % tp:
+            raise ConfigError(
+                f"{key} ({value}) must be divisible by parallel.tensor_model_parallel_size ({tp}); "
+                "choose a tensor-parallel size that divides it"
+            )
+    if m.sequence_parallel and m.seq_length % tp:
+        raise ConfigError(
+            f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor_model_parallel_size ({tp}) "
+            "with model.sequence_parallel"
+        )
+
+
 def _check_parallel(cfg: Config) -> None:
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
@@ -377,10 +396,11 @@ def _check_parallel(cfg: Config) -> None:
     )
     if cfg.model.sequence_parallel and tp == 1:
         raise ConfigError("model.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
-    if tp > 1 or pp > 1:
+    _check_tensor_parallel(cfg.model, tp)
+    if pp > 1:
         raise ConfigError(
-            f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}: this version trains with "
-            "data parallelism only (ZeRO 0-3); set both to 1"
+            f"pipeline_model_parallel_size={pp}: this version has no pipeline parallelism yet; set it to 1 "
+            "(tensor and ZeRO data parallelism are available)"
         )
 
 
@@ -502,5 +522,10 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
     if stage not in (0, 1, 2, 3):
         raise ConfigError(
             f"zero_optimization.stage = {stage!r} in '{cfg.deepspeed_config}'; use 0, 1, 2 or 3"
+        )
+    if stage == 3 and cfg.parallel.tensor_model_parallel_size > 1:
+        raise ConfigError(
+            "ZeRO stage 3 with tensor parallelism is not supported: use configs/deepspeed/zero1.json or "
+            "zero2.json with parallel.tensor_model_parallel_size > 1"
         )
     return ds

@@ -15,7 +15,9 @@ from llm.training.checkpoint import CheckpointError, load_model_state
 
 def load_trained_model(checkpoint: str | Path, *, device: str = "cpu") -> tuple[Config, GPT]:
     cfg, state, _ = load_model_state(checkpoint)
+    cfg.model.sequence_parallel = False  # one process: no tensor parallelism
     model = GPT(cfg.model)
+    state = fit_vocab_rows(state, model.embed.weight.shape[0])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -37,3 +39,16 @@ def tokenizer_for(cfg: Config, override: str | None = None) -> Any:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fit_vocab_rows(state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """Vocabulary padding depends on the TP size it was trained at; padded rows carry no meaning,
+    so they are trimmed or zero-filled to this layout's padded size."""
+    out = dict(state)
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in out and out[name].shape[0] != rows:
+            w = out[name]
+            out[name] = (
+                w[:rows] if w.shape[0] > rows else torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
+            )
+    return out

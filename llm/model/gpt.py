@@ -22,60 +22,99 @@ from torch.utils.checkpoint import checkpoint
 
 from llm.config import ModelConfig
 from llm.model.layers import KVCache, TransformerBlock, make_norm, output_init_std
+from llm.parallel.context import ParallelContext
+from llm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from llm.parallel.layers import VocabParallelEmbedding, partition_info, shard_tensor
+from llm.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, scatter_to_sequence
+from llm.parallel.random import RNGTracker, checkpoint_context_fn
 
 _OUTPUT_PROJECTIONS = ("attention.proj.weight", "mlp.proj.weight")
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ctx: ParallelContext | None = None, rng: RNGTracker | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.ctx = ctx or ParallelContext.single()
+        self.rng = rng or RNGTracker()
         self.vocab_size = int(cfg.vocab_size or 0)
-        padded = cfg.padded_vocab_size()
-        self.embed = nn.Embedding(padded, cfg.hidden_size)
+        padded = cfg.padded_vocab_size(self.ctx.tp)
+        self.embed = VocabParallelEmbedding(padded, cfg.hidden_size, ctx=self.ctx)
         self.pos_embed = None if cfg.is_llama else nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.num_layers))
-        self.final_norm = make_norm(cfg)
-        self.lm_head = None if cfg.tied else nn.Linear(cfg.hidden_size, padded, bias=False)
+        self.layers = nn.ModuleList(
+            TransformerBlock(cfg, i, self.ctx, self.rng) for i in range(cfg.num_layers)
+        )
+        self.final_norm = make_norm(cfg, self.ctx)
+        self.lm_head = None
+        if not cfg.tied:  # vocab-parallel output layer, rows as the embedding
+            self.lm_head = VocabParallelEmbedding(padded, cfg.hidden_size, ctx=self.ctx)
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.sequence_parallel = cfg.sequence_parallel
 
     def output_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight  # (V / tp, H)
+
+    def embed_tokens(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        x = self.embed(input_ids)  # (B, S, H), replicated over TP
+        if self.pos_embed is not None:
+            positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+            x = x + self.pos_embed(positions)
+        if self.sequence_parallel:
+            x = scatter_to_sequence(x, self.ctx)  # (B, S / tp, H)
+            with self.rng.fork():
+                return self.embed_dropout(x)
+        return self.embed_dropout(x)
 
     def hidden_states(
         self, input_ids: torch.Tensor, *, offset: int = 0, caches: list[KVCache] | None = None
     ) -> tuple[torch.Tensor, list[KVCache] | None]:
-        x = self.embed(input_ids)  # (B, S, H)
-        if self.pos_embed is not None:
-            positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
-            x = x + self.pos_embed(positions)
-        x = self.embed_dropout(x)
+        x = self.embed_tokens(input_ids, offset)
         new_caches: list[KVCache] | None = [] if caches is not None else None
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and caches is None:
-                x, _ = checkpoint(layer, x, use_reentrant=False)
+                x, _ = checkpoint(
+                    layer, x, use_reentrant=False, context_fn=lambda: checkpoint_context_fn(self.rng)
+                )
                 continue
             x, c = layer(x, offset=offset, cache=caches[i] if caches is not None else None)
             if new_caches is not None and c is not None:
                 new_caches.append(c)
-        return self.final_norm(x), new_caches
+        return self.final_norm(x), new_caches  # (B, S, H) or (B, S / tp, H) under SP
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, S[/tp], H) -> this rank's vocabulary shard of the logits (B, S, V_padded / tp)."""
+        if self.sequence_parallel:
+            hidden = gather_from_sequence(hidden, self.ctx)
+        else:
+            hidden = copy_to_tp(hidden, self.ctx)
+        return F.linear(hidden, self.output_weight())
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the real vocabulary (padding dropped): (B, S, H) -> (B, S, V)."""
-        return F.linear(hidden, self.output_weight()[: self.vocab_size])
+        """Logits over the real vocabulary (padding dropped), gathered: (B, S, V)."""
+        if self.ctx.tp == 1 and not self.sequence_parallel:
+            return F.linear(hidden, self.output_weight()[: self.vocab_size])
+        return gather_from_tp(self.local_logits(hidden), self.ctx)[..., : self.vocab_size]
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy; vocabulary-parallel when TP > 1 (full logits never gathered)."""
+        if self.ctx.tp == 1:
+            return F.cross_entropy(self.logits(hidden).float().flatten(0, 1), labels.flatten())
+        local = self.local_logits(hidden)  # (B, S, V / tp)
+        losses = vocab_parallel_cross_entropy(
+            local.flatten(0, 1), labels.flatten(), self.ctx, vocab_start=self.embed.vocab_start,
+            vocab_size=self.vocab_size,
+        )  # fmt: skip
+        return losses.mean()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean token cross-entropy when `labels` is given, else logits (B, S, V)."""
         hidden, _ = self.hidden_states(input_ids)
-        logits = self.logits(hidden)
         if labels is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-    def forward_batch(self, tokens: torch.Tensor) -> torch.Tensor:
-        """A (B, S + 1) token batch -> loss over inputs tokens[:, :-1] and labels tokens[:, 1:]."""
-        return self(tokens[:, :-1], tokens[:, 1:])
+            return self.logits(hidden)
+        return self.loss(hidden, labels)
 
 
 def _param_seed(seed: int, name: str) -> int:
@@ -95,15 +134,36 @@ def init_full_parameter(name: str, shape: torch.Size, cfg: ModelConfig, seed: in
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+def init_weights(model: GPT, cfg: ModelConfig, seed: int) -> None:
+    """Every rank draws the full tensor and keeps its shard: the same weights at any layout."""
+    ctx = model.ctx
     for name, p in model.named_parameters():
-        p.copy_(init_full_parameter(name, p.shape, cfg, seed).to(p.dtype))
+        info = partition_info(p)
+        if info is not None:
+            dim, stride, shape = info
+            full = init_full_parameter(name, shape, cfg, seed)
+            value = shard_tensor(full, dim=dim, stride=stride, rank=ctx.tp_rank, size=ctx.tp)
+        else:
+            value = init_full_parameter(name, p.shape, cfg, seed)
+        p.copy_(value.to(p.dtype))
 
 
-def build_model(cfg: ModelConfig, *, seed: int) -> GPT:
-    model = GPT(cfg)
+def build_model(
+    cfg: ModelConfig, *, seed: int, ctx: ParallelContext | None = None, rng: RNGTracker | None = None
+) -> GPT:
+    model = GPT(cfg, ctx, rng)
     init_weights(model, cfg, seed)
     return model
+
+
+def partition_map(model: nn.Module) -> dict[str, list[int]]:
+    """name -> [partition_dim, partition_stride] for every tensor-parallel parameter."""
+    out = {}
+    for name, p in model.named_parameters():
+        info = partition_info(p)
+        if info is not None:
+            out[name] = [info[0], info[1]]
+    return out
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -17,26 +17,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.parallel.context import ParallelContext
+from llm.parallel.layers import ColumnParallelLinear, RowParallelLinear, sequence_parallel_param
+from llm.parallel.random import RNGTracker
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, *, eps: float) -> None:
+    def __init__(
+        self, size: int, *, eps: float, ctx: ParallelContext, sequence_parallel: bool = False
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ctx = ctx
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return sequence_parallel_param(self.weight, self.ctx, self.sequence_parallel) * normed.to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.is_llama:
-        return RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+class LayerNorm(nn.Module):
+    def __init__(
+        self, size: int, *, eps: float, ctx: ParallelContext, sequence_parallel: bool = False
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+        self.ctx = ctx
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = sequence_parallel_param(self.weight, self.ctx, self.sequence_parallel)
+        b = sequence_parallel_param(self.bias, self.ctx, self.sequence_parallel)
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+
+
+def make_norm(cfg: ModelConfig, ctx: ParallelContext) -> nn.Module:
+    """Norms run on sequence shards under sequence parallelism (their gradients are then summed)."""
+    cls = RMSNorm if cfg.is_llama else LayerNorm
+    return cls(cfg.hidden_size, eps=cfg.norm_eps, ctx=ctx, sequence_parallel=cfg.sequence_parallel)
 
 
 class Rotary(nn.Module):
@@ -66,16 +90,24 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Heads (and KV groups) are split across the tensor-parallel group: qkv is column-parallel,
+    the output projection row-parallel. Attention dropout acts on sharded heads, so it draws from
+    the per-rank model-parallel RNG stream."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, rng: RNGTracker) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_groups = cfg.kv_groups
+        self.rng = rng
+        self.num_heads = cfg.num_attention_heads // ctx.tp  # local
+        self.num_groups = cfg.kv_groups // ctx.tp  # local
         self.head_dim = cfg.head_dim
         self.dropout = cfg.attention_dropout
         bias = not cfg.is_llama
-        qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=bias)
-        self.proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        sp = cfg.sequence_parallel
+        qkv_out = (cfg.num_attention_heads + 2 * cfg.kv_groups) * self.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=bias, ctx=ctx, sequence_parallel=sp)
+        self.proj = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=bias, ctx=ctx, sequence_parallel=sp
+        )
         self.rotary = (
             Rotary(self.head_dim, max_positions=cfg.max_positions, theta=cfg.rope_theta)
             if cfg.is_llama
@@ -94,8 +126,9 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, *, offset: int = 0, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, KVCache | None]:
-        b, s, _ = x.shape  # (B, S, H)
-        q, k, v = self._split_qkv(self.qkv(x))
+        qkv = self.qkv(x)  # (B, S, (nq + 2 g) d / tp); S is the full sequence also under SP
+        b, s, _ = qkv.shape
+        q, k, v = self._split_qkv(qkv)
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         new_cache: KVCache | None = None
@@ -108,26 +141,35 @@ class Attention(nn.Module):
         if not causal and s > 1:
             total = k.shape[2]
             mask = torch.ones(s, total, dtype=torch.bool, device=x.device).tril(diagonal=total - s)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal and s > 1,
-            enable_gqa=self.num_groups != self.num_heads,
-        )  # (B, nq, S, d)
+        with self.rng.fork():
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=causal and s > 1,
+                enable_gqa=self.num_groups != self.num_heads,
+            )  # (B, nq, S, d)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # (B, S, nq d)
         return self.proj(out), new_cache
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """fc column-parallel (SwiGLU: [gate | up] as one matmul, stride 2), proj row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
         super().__init__()
         self.swiglu = cfg.is_llama
         ffn = cfg.ffn_size
-        self.fc = nn.Linear(cfg.hidden_size, 2 * ffn if self.swiglu else ffn, bias=not cfg.is_llama)
-        self.proj = nn.Linear(ffn, cfg.hidden_size, bias=not cfg.is_llama)
+        sp = cfg.sequence_parallel
+        self.fc = ColumnParallelLinear(
+            cfg.hidden_size, 2 * ffn if self.swiglu else ffn, bias=not cfg.is_llama, ctx=ctx,
+            stride=2 if self.swiglu else 1, sequence_parallel=sp,
+        )  # fmt: skip
+        self.proj = RowParallelLinear(
+            ffn, cfg.hidden_size, bias=not cfg.is_llama, ctx=ctx, sequence_parallel=sp
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, S, F) or (B, S, 2F)
@@ -140,23 +182,35 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, cfg: ModelConfig, layer_number: int) -> None:
+    Residual dropout acts on the full residual stream, replicated across TP ranks (default RNG,
+    the same mask everywhere), or on sequence shards under sequence parallelism (per-rank stream).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_number: int, ctx: ParallelContext, rng: RNGTracker) -> None:
         super().__init__()
         self.layer_number = layer_number
-        self.input_norm = make_norm(cfg)
-        self.attention = Attention(cfg)
-        self.post_attention_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.rng = rng
+        self.sharded_dropout = cfg.sequence_parallel
+        self.input_norm = make_norm(cfg, ctx)
+        self.attention = Attention(cfg, ctx, rng)
+        self.post_attention_norm = make_norm(cfg, ctx)
+        self.mlp = MLP(cfg, ctx)
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sharded_dropout and self.training and self.dropout.p > 0:
+            with self.rng.fork():
+                return self.dropout(x)
+        return self.dropout(x)
 
     def forward(
         self, x: torch.Tensor, *, offset: int = 0, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, KVCache | None]:
         attn, new_cache = self.attention(self.input_norm(x), offset=offset, cache=cache)
-        x = x + self.dropout(attn)  # (B, S, H)
-        x = x + self.dropout(self.mlp(self.post_attention_norm(x)))
+        x = x + self._drop(attn)  # (B, S, H), or (B, S / tp, H) under sequence parallelism
+        x = x + self._drop(self.mlp(self.post_attention_norm(x)))
         return x, new_cache
 
 

@@ -76,6 +76,11 @@ class ParallelContext:
         return pp * self.dp * self.tp + dp * self.tp + tp
 
     @classmethod
+    def single(cls) -> ParallelContext:
+        """One process, no groups: every parallel layer is exactly the dense op."""
+        return cls(world_size=1, rank=0)
+
+    @classmethod
     def build(cls, *, tp: int = 1, pp: int = 1) -> ParallelContext:
         """Creates every group; all ranks must call this in the same order."""
         ctx = cls(world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp)
@@ -114,14 +119,17 @@ class ParallelContext:
         return f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}"
 
     # ---- the DeepSpeed mpu interface -------------------------------------------------------
+    # As in Megatron-DeepSpeed, "model parallel" means tensor parallel here: DeepSpeed counts a
+    # parameter without `tensor_model_parallel` once per model-parallel group (on its rank 0) and
+    # sums norms over that group; the pipeline engine handles stages itself.
     def get_model_parallel_rank(self) -> int:
-        return self.pp_rank * self.tp + self.tp_rank
+        return self.tp_rank
 
     def get_model_parallel_world_size(self) -> int:
-        return self.tp * self.pp
+        return self.tp
 
     def get_model_parallel_group(self) -> Any:
-        return self.groups["mp"]
+        return self.groups["tp"]
 
     def get_data_parallel_rank(self) -> int:
         return self.dp_rank

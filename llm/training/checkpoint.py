@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from llm.config import Config, _build
+from llm.model.gpt import partition_map
+from llm.parallel.layers import merge_shards
 
 logger = logging.getLogger("llm")
 META = "llm_meta.json"
@@ -73,7 +76,13 @@ def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, rank: in
     """Saves through DeepSpeed (every rank) and writes llm_meta.json (rank 0)."""
     directory = Path(cfg.checkpoint_dir)
     tag = tag_for(int(state["iteration"]))
-    meta = dict(state, config=cfg.to_dict(), zero_stage=int(engine.zero_optimization_stage()))
+    meta = dict(
+        state,
+        config=cfg.to_dict(),
+        zero_stage=int(engine.zero_optimization_stage()),
+        tensor_parallel=cfg.parallel.tensor_model_parallel_size,
+        partitions=partition_map(engine.module),
+    )
     # DeepSpeed writes `latest` after all ranks saved; write meta first so `latest` never names a
     # checkpoint without it.
     if rank == 0:
@@ -106,18 +115,37 @@ def load_model_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor],
     tag_dir = resolve_checkpoint(path)
     meta = read_meta(tag_dir)
     cfg = config_from_meta(meta)
+    tp = int(meta.get("tensor_parallel", 1))
     if int(meta.get("zero_stage", 0)) == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
-        file = tag_dir / "mp_rank_00_model_states.pt"
-        if not file.is_file():
-            raise CheckpointError(f"model file '{file}' is missing: the checkpoint is incomplete")
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=False)["module"]
-        except (RuntimeError, EOFError, KeyError, OSError) as e:
-            raise CheckpointError(
-                f"model file '{file}' is damaged ({e}); use an earlier checkpoint"
-            ) from None
+        shards = [_read_model_file(tag_dir / f"mp_rank_{r:02d}_model_states.pt") for r in range(tp)]
+        state = _merge_tensor_parallel(shards, meta.get("partitions", {}))
     return cfg, {k: v.float() for k, v in state.items()}, meta
+
+
+def _read_model_file(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"model file '{file}' is missing: the checkpoint is incomplete")
+    try:
+        return dict(torch.load(file, map_location="cpu", weights_only=False)["module"])
+    except (RuntimeError, EOFError, KeyError, OSError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"model file '{file}' is damaged ({e}); use an earlier checkpoint") from None
+
+
+def _merge_tensor_parallel(
+    shards: list[dict[str, torch.Tensor]], partitions: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Tensor-parallel shards -> full tensors (replicated parameters are taken from rank 0)."""
+    if len(shards) == 1:
+        return shards[0]
+    out = {}
+    for name, value in shards[0].items():
+        if name in partitions:
+            dim, stride = partitions[name]
+            out[name] = merge_shards([s[name] for s in shards], dim=dim, stride=stride)
+        else:
+            out[name] = value
+    return out

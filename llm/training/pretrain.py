@@ -19,6 +19,7 @@ from llm.data.loader import SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer
 from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, init_distributed
+from llm.parallel.random import RNGTracker
 from llm.training.checkpoint import latest_tag, load_checkpoint
 from llm.training.lr_schedule import make_scheduler
 from llm.training.metrics import MetricsLogger
@@ -100,9 +101,17 @@ def run_pretraining(cfg: Config) -> TrainState:
     if rank == 0:
         write_effective_config(cfg, ds_config)
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    rng = RNGTracker()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rng.seed(seed=cfg.train.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, device=device)
+    model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
     num_params = count_parameters(model)
-    logger.info("model: %s, %.2fM parameters; %s", cfg.model.architecture, num_params / 1e6, ctx.describe())
+    logger.info(
+        "model: %s, %.2fM parameters on this rank; %s",
+        cfg.model.architecture,
+        num_params / 1e6,
+        ctx.describe(),
+    )
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg.train.weight_decay),  # type: ignore[arg-type]

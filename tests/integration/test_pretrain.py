@@ -34,13 +34,24 @@ def _check(p) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_process_losses(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
-    """The reference: one plain `python` process, global batch 8 as 4 micro-batches of 2."""
+def reference_run(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one plain `python` process (TP 1, DP 1), global batch 8 as 4 micro-batches of 2."""
     run_dir = tmp_path_factory.mktemp("ref")
     _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, run_dir)]))
-    losses = train_losses(run_dir)
-    assert len(losses) == ITERS
-    return losses
+    assert len(train_losses(run_dir)) == ITERS
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(reference_run: Path) -> list[float]:
+    return train_losses(reference_run)
+
+
+def _perplexity(checkpoint: Path, prefix: Path) -> dict:
+    p = run(["python", script("evaluate.py"), "--checkpoint", str(checkpoint), "--data", str(prefix),
+             "--split", "valid", "--json"])  # fmt: skip
+    _check(p)
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def _assert_same_curve(got: list[float], ref: list[float], tol: float) -> None:
@@ -114,10 +125,7 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
     assert [r["iteration"] for r in resumed][30:] == list(range(31, 37))
     assert resumed[-1]["consumed_samples"] == 36 * 8
 
-    p = run(["python", script("evaluate.py"), "--checkpoint", str(ckpt), "--data", str(builtin_prefix),
-             "--split", "valid", "--json"])  # fmt: skip
-    _check(p)
-    result = json.loads(p.stdout.strip().splitlines()[-1])
+    result = _perplexity(ckpt, builtin_prefix)
     assert result["tokens"] > 1000 and 1 < result["perplexity"] < 8192
     p = run(
         [
@@ -189,3 +197,29 @@ def test_non_finite_loss_stops_with_the_iteration(builtin_prefix: Path, tmp_path
              "train.clip_grad=0", "train.lr_warmup_iters=0"])  # fmt: skip
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     assert "training diverged" in p.stderr and "at iteration" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage, sp", [(1, False), (2, False), (1, True)])
+def test_tp2_dp2_matches_one_process(
+    stage: int,
+    sp: bool,
+    builtin_prefix: Path,
+    tmp_path: Path,
+    reference_run: Path,
+    single_process_losses: list[float],
+) -> None:
+    """TP=2 x DP=2 (4 processes) through deepspeed: the loss curve of TP=1 x DP=1 at the same global batch."""
+    args = _args(builtin_prefix, tmp_path, f"deepspeed_config=configs/deepspeed/zero{stage}.json",
+                 "parallel.tensor_model_parallel_size=2", f"model.sequence_parallel={str(sp).lower()}")  # fmt: skip
+    _check(run(deepspeed_cmd(4, *args)))
+    _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-4)
+    if stage == 1 and not sp:  # a checkpoint written at TP=2 loads for evaluation, as the TP=1 one does
+        assert sorted(p.name for p in (tmp_path / "checkpoints" / f"iter_{ITERS:07d}").glob("mp_rank_*")) == [
+            "mp_rank_00_model_states.pt",
+            "mp_rank_01_model_states.pt",
+        ]
+        got = _perplexity(tmp_path / "checkpoints", builtin_prefix)
+        ref = _perplexity(reference_run / "checkpoints", builtin_prefix)
+        assert got["tokens"] == ref["tokens"]
+        assert abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-4

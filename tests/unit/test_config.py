@@ -34,6 +34,12 @@ def test_defaults_and_dotted_overrides() -> None:
         ),
         (["model.num_query_groups=4"], "needs model.architecture: llama"),
         (["model.sequence_parallel=true"], "sequence_parallel needs"),
+        (["parallel.tensor_model_parallel_size=5"], "num_attention_heads \\(12\\) must be divisible"),
+        (["parallel.pipeline_model_parallel_size=2"], "no pipeline parallelism yet"),
+        (
+            ["parallel.tensor_model_parallel_size=4", "model.sequence_parallel=true", "model.seq_length=30"],
+            "seq_length \\(30\\)",
+        ),
         (["train.min_lr=1", "train.lr=0.1"], "train.min_lr"),
         (["train.precision=fp8"], "train.precision"),
         (["deepspeed_config=nope.json"], "does not exist"),

@@ -1,0 +1,163 @@
+"""Megatron-style tensor-parallel layers. With TP size 1 each is exactly the dense op.
+
+Every sharded parameter carries `tensor_model_parallel = True` (DeepSpeed's convention, so ZeRO
+and gradient clipping count it per shard), `partition_dim`, `partition_stride` and `full_shape`.
+A stride s > 1 means the full tensor is s blocks stacked along `partition_dim` (e.g. SwiGLU's
+[gate | up]) and each rank holds its slice of every block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.parallel.context import ParallelContext
+from llm.parallel.mappings import (
+    copy_to_tp,
+    gather_from_sequence,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sequence,
+)
+
+
+def shard_tensor(full: torch.Tensor, *, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """This rank's shard of a full tensor."""
+    blocks = full.chunk(stride, dim=dim)
+    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim).contiguous()
+
+
+def merge_shards(shards: list[torch.Tensor], *, dim: int, stride: int) -> torch.Tensor:
+    """The inverse of `shard_tensor` over all ranks' shards."""
+    per_rank = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([torch.cat([p[b] for p in per_rank], dim=dim) for b in range(stride)], dim=dim)
+
+
+def mark_sharded(p: nn.Parameter, *, dim: int, stride: int, full_shape: tuple[int, ...]) -> nn.Parameter:
+    p.tensor_model_parallel = True  # type: ignore[attr-defined]
+    p.partition_dim = dim  # type: ignore[attr-defined]
+    p.partition_stride = stride  # type: ignore[attr-defined]
+    p.full_shape = torch.Size(full_shape)  # type: ignore[attr-defined]
+    return p
+
+
+def partition_info(p: torch.Tensor) -> tuple[int, int, torch.Size] | None:
+    """(partition_dim, partition_stride, full_shape) of a tensor-parallel parameter, else None."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return None
+    info = p.__dict__
+    return int(info["partition_dim"]), int(info["partition_stride"]), torch.Size(info["full_shape"])
+
+
+def sequence_parallel_param(p: torch.Tensor, ctx: ParallelContext, enabled: bool) -> torch.Tensor:
+    """A replicated parameter used on sequence shards gets a partial gradient on each rank; routing
+    it through copy_to_tp sums those partials in backward, so every rank holds the full gradient."""
+    return copy_to_tp(p, ctx) if enabled else p
+
+
+def _divide(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({tp})")
+    return n // tp
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split by rows (output features) across the TP group.
+
+    Input: replicated (B, S, in), or sequence-sharded (B, S/tp, in) with sequence parallelism.
+    Output: (B, S, out/tp), or gathered (B, S, out) with `gather_output`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        ctx: ParallelContext,
+        stride: int = 1,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
+        local = _divide(out_features, ctx.tp * stride, "output features / stride") * stride
+        self.weight = mark_sharded(
+            nn.Parameter(torch.empty(local, in_features)),
+            dim=0,
+            stride=stride,
+            full_shape=(out_features, in_features),
+        )
+        self.bias = (
+            mark_sharded(nn.Parameter(torch.zeros(local)), dim=0, stride=stride, full_shape=(out_features,))
+            if bias
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = gather_from_sequence(x, self.ctx) if self.sequence_parallel else copy_to_tp(x, self.ctx)
+        y = F.linear(x, self.weight, self.bias)  # (B, S, out / tp)
+        return gather_from_tp(y, self.ctx) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split by columns (input features): each rank multiplies its slice of
+    the input features and the partial sums are all-reduced (or reduce-scattered along the
+    sequence with sequence parallelism). The bias is replicated and added after the reduction."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        ctx: ParallelContext,
+        sequence_parallel: bool = False,
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.sequence_parallel = sequence_parallel
+        local = _divide(in_features, ctx.tp, "input features")
+        self.weight = mark_sharded(
+            nn.Parameter(torch.empty(out_features, local)),
+            dim=1,
+            stride=1,
+            full_shape=(out_features, in_features),
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # (B, S, out) partial sums
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence(y, self.ctx)  # (B, S / tp, out)
+        else:
+            y = reduce_from_tp(y, self.ctx)
+        if self.bias is not None:
+            y = y + sequence_parallel_param(self.bias, self.ctx, self.sequence_parallel)
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the (padded) vocabulary split into contiguous row ranges across the TP group.
+    Each rank looks up the ids it owns (zeros elsewhere); the partial results are summed."""
+
+    def __init__(self, num_embeddings: int, dim: int, *, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        local = _divide(num_embeddings, ctx.tp, "padded vocabulary size")
+        self.vocab_start = ctx.tp_rank * local
+        self.vocab_end = self.vocab_start + local
+        self.weight = mark_sharded(
+            nn.Parameter(torch.empty(local, dim)), dim=0, stride=1, full_shape=(num_embeddings, dim)
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp == 1:
+            return F.embedding(ids, self.weight)  # (B, S, H)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, S, H) partial
+        return reduce_from_tp(out, self.ctx)

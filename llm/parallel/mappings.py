@@ -1,0 +1,199 @@
+"""Autograd collectives for tensor and sequence parallelism (Megatron's "mappings").
+
+Each function is the identity when the tensor-parallel size is 1. Tensors are split along the
+last dimension (hidden/vocab) for the TP region and along dimension 1 (sequence, layout
+(B, S, H)) for the sequence-parallel region. gloo has no reduce-scatter, so on gloo it is an
+all-reduce followed by taking this rank's slice (the same result, more bytes); NCCL uses the real
+collective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llm.parallel.context import ParallelContext
+
+# Bytes moved by TP collectives in this process, by kind: read by benchmarks/tp_comm.py.
+COMM_BYTES: dict[str, int] = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+
+
+def _count(kind: str, t: torch.Tensor) -> None:
+    COMM_BYTES[kind] += t.numel() * t.element_size()
+
+
+def _all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    x = x.contiguous()
+    _count("all_reduce", x)
+    dist.all_reduce(x, group=ctx.groups["tp"])
+    return x
+
+
+def _all_gather(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
+    x = x.contiguous()
+    _count("all_gather", x)
+    parts = [torch.empty_like(x) for _ in range(ctx.tp)]
+    dist.all_gather(parts, x, group=ctx.groups["tp"])
+    return torch.cat(parts, dim=dim)
+
+
+def _split(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
+    size = x.shape[dim]
+    if size % ctx.tp:
+        raise ValueError(
+            f"dimension {dim} of size {size} is not divisible by the tensor-parallel size {ctx.tp}"
+        )
+    return x.narrow(dim, ctx.tp_rank * (size // ctx.tp), size // ctx.tp).contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
+    x = x.contiguous()
+    if dist.get_backend(ctx.groups["tp"]) == "nccl" and dim == 0:
+        _count("reduce_scatter", x)
+        out = torch.empty((x.shape[0] // ctx.tp, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x, group=ctx.groups["tp"])
+        return out
+    if dist.get_backend(ctx.groups["tp"]) == "nccl":
+        moved = x.movedim(dim, 0).contiguous()
+        return _reduce_scatter(moved, ctx, 0).movedim(0, dim).contiguous()
+    return _split(_all_reduce(x.clone(), ctx), ctx, dim)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Forward: identity (the input is replicated). Backward: all-reduce, because every rank's
+    shard of the next column-parallel layer contributes a partial gradient to the input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_reduce(grad.clone(), ctx.pctx), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward: all-reduce the partial sums of a row-parallel layer. Backward: identity (the
+    gradient of a sum reaches every addend unchanged)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        return _all_reduce(x.clone(), pctx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Forward: keep this rank's slice of the last dimension. Backward: all-gather the slices."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return _split(x, pctx, -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_gather(grad, ctx.pctx, -1), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward: all-gather the last dimension. Backward: keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return _all_gather(x, pctx, -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _split(grad, ctx.pctx, -1), None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    """Forward: keep this rank's slice of the sequence (activations are replicated before).
+    Backward: all-gather along the sequence."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return _split(x, pctx, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_gather(grad, ctx.pctx, 1), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    """Forward: all-gather the sequence shards before a column-parallel layer. Backward:
+    reduce-scatter, because each rank's column shard gives a partial gradient of the full input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return _all_gather(x, pctx, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _reduce_scatter(grad, ctx.pctx, 1), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    """Forward: reduce-scatter the partial sums of a row-parallel layer along the sequence.
+    Backward: all-gather along the sequence."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return _reduce_scatter(x, pctx, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_gather(grad, ctx.pctx, 1), None
+
+
+def copy_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _CopyToTP.apply(x, ctx)
+
+
+def reduce_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _ReduceFromTP.apply(x, ctx)
+
+
+def scatter_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _ScatterToTP.apply(x, ctx)
+
+
+def gather_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _GatherFromTP.apply(x, ctx)
+
+
+def scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _ScatterToSequence.apply(x, ctx)
+
+
+def gather_from_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _GatherFromSequence.apply(x, ctx)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _ReduceScatterToSequence.apply(x, ctx)
+
+
+def all_reduce_max(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """In-place MAX over the TP group (no autograd: used on detached values)."""
+    if ctx.tp > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=ctx.groups["tp"])
+    return x
+
+
+def all_reduce_sum(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """In-place SUM over the TP group (no autograd)."""
+    if ctx.tp > 1:
+        _count("all_reduce", x)
+        dist.all_reduce(x, group=ctx.groups["tp"])
+    return x
