@@ -187,6 +187,7 @@ def reduce_scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.T
 def all_reduce_max(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """In-place MAX over the TP group (no autograd: used on detached values)."""
     if ctx.tp > 1:
+        _count("all_reduce", x)
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=ctx.groups["tp"])
     return x
 

@@ -88,7 +88,10 @@ def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, rank: in
     if rank == 0:
         (directory / tag).mkdir(parents=True, exist_ok=True)
         (directory / tag / META).write_text(json.dumps(meta, indent=1))
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"llm": meta})
+    # Each tensor-parallel rank's file carries its own model-parallel RNG stream.
+    rng = getattr(engine.module, "rng", None)
+    client = {"llm": meta, "rng_tracker": rng.get_states() if rng is not None else {}}
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client)
     if rank == 0 and cfg.checkpoint.keep_last:
         _prune(directory, cfg.checkpoint.keep_last, keep=tag)
     return directory / tag
@@ -107,6 +110,9 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint '{tag_dir}'")
+    rng = getattr(engine.module, "rng", None)
+    if client and client.get("rng_tracker") and rng is not None:
+        rng.set_states(client["rng_tracker"])
     return dict(client["llm"]) if client and "llm" in client else read_meta(tag_dir)
 
 
