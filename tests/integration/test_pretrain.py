@@ -19,7 +19,7 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.integration
-ITERS = 8
+ITERS = 10
 
 
 def _args(prefix: Path, run_dir: Path, *extra: str) -> list[str]:
