@@ -448,6 +448,8 @@ def resolve_precision(precision: str, *, cuda: bool) -> str:
 
 def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str, Any]:
     precision = resolve_precision(cfg.train.precision, cuda=cuda)
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision: fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); use fp32 or bf16")
     t = cfg.train
     return {
         "train_batch_size": t.global_batch_size,

@@ -61,11 +61,13 @@ def _assert_same_curve(got: list[float], ref: list[float], tol: float) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    "name, stage", [("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)]
+)
 def test_two_processes_match_one_at_every_zero_stage(
-    stage: int, builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+    name: str, stage: int, builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
 ) -> None:
-    args = _args(builtin_prefix, tmp_path, f"deepspeed_config=configs/deepspeed/zero{stage}.json")
+    args = _args(builtin_prefix, tmp_path, f"deepspeed_config=configs/deepspeed/{name}.json")
     _check(run(deepspeed_cmd(2, *args)))
     _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
     config = json.loads((tmp_path / "deepspeed_config.json").read_text())

@@ -130,3 +130,10 @@ def test_every_shipped_deepspeed_json_is_valid() -> None:
     for f in files:
         cfg = load_config(None, [f"deepspeed_config={f}"])
         build_deepspeed_config(cfg, 1, cuda=False)
+
+
+def test_fp16_on_cpu_is_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        build_deepspeed_config(load_config(None, ["train.precision=fp16"]), 1, cuda=False)
+    ds = build_deepspeed_config(load_config(None, ["train.precision=fp16"]), 1, cuda=True)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
