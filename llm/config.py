@@ -373,7 +373,6 @@ def _check_model(m: ModelConfig) -> None:
 def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:
     for key, value in [
         ("model.num_attention_heads", m.num_attention_heads),
-        ("model.num_query_groups (KV heads)", m.kv_groups),
         ("model.ffn_hidden_size", m.ffn_size),
     ]:
         if value % tp:
@@ -381,6 +380,17 @@ def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:
                 f"{key} ({value}) must be divisible by parallel.tensor_model_parallel_size ({tp}); "
                 "choose a tensor-parallel size that divides it"
             )
+    groups = m.kv_groups
+    if groups % tp and tp % groups:
+        raise ConfigError(
+            f"model.num_query_groups ({groups}) and parallel.tensor_model_parallel_size ({tp}) must divide one "
+            "another (KV groups are split across ranks, or shared by TP / groups ranks)"
+        )
+    if groups < tp and m.head_dim % (tp // groups):
+        raise ConfigError(
+            f"with fewer KV groups than TP ranks the head size ({m.head_dim}) must be divisible by "
+            f"TP / num_query_groups ({tp // groups})"
+        )
     if m.sequence_parallel and m.seq_length % tp:
         raise ConfigError(
             f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor_model_parallel_size ({tp}) "
@@ -449,7 +459,9 @@ def resolve_precision(precision: str, *, cuda: bool) -> str:
 def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str, Any]:
     precision = resolve_precision(cfg.train.precision, cuda=cuda)
     if precision == "fp16" and not cuda:
-        raise ConfigError("train.precision: fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); use fp32 or bf16")
+        raise ConfigError(
+            "train.precision: fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); use fp32 or bf16"
+        )
     t = cfg.train
     return {
         "train_batch_size": t.global_batch_size,

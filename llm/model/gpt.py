@@ -24,7 +24,7 @@ from llm.config import ModelConfig
 from llm.model.layers import KVCache, TransformerBlock, make_norm, output_init_std
 from llm.parallel.context import ParallelContext
 from llm.parallel.cross_entropy import vocab_parallel_cross_entropy
-from llm.parallel.layers import VocabParallelEmbedding, partition_info, shard_tensor
+from llm.parallel.layers import VocabParallelEmbedding, full_shape_of, partition_info, shard_by_spec
 from llm.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, scatter_to_sequence
 from llm.parallel.random import RNGTracker, checkpoint_context_fn
 
@@ -138,11 +138,10 @@ def init_weights(model: GPT, cfg: ModelConfig, seed: int) -> None:
     """Every rank draws the full tensor and keeps its shard: the same weights at any layout."""
     ctx = model.ctx
     for name, p in model.named_parameters():
-        info = partition_info(p)
-        if info is not None:
-            dim, stride, shape = info
-            full = init_full_parameter(name, shape, cfg, seed)
-            value = shard_tensor(full, dim=dim, stride=stride, rank=ctx.tp_rank, size=ctx.tp)
+        spec = partition_info(p)
+        if spec is not None:
+            full = init_full_parameter(name, full_shape_of(p), cfg, seed)
+            value = shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
         else:
             value = init_full_parameter(name, p.shape, cfg, seed)
         p.copy_(value.to(p.dtype))
@@ -156,13 +155,13 @@ def build_model(
     return model
 
 
-def partition_map(model: nn.Module) -> dict[str, list[int]]:
-    """name -> [partition_dim, partition_stride] for every tensor-parallel parameter."""
+def partition_map(model: nn.Module) -> dict[str, dict]:
+    """name -> sharding spec (llm.parallel.layers.partition_info) of every tensor-parallel parameter."""
     out = {}
     for name, p in model.named_parameters():
-        info = partition_info(p)
-        if info is not None:
-            out[name] = [info[0], info[1]]
+        spec = partition_info(p)
+        if spec is not None:
+            out[name] = spec
     return out
 
 

@@ -18,7 +18,12 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.parallel.context import ParallelContext
-from llm.parallel.layers import ColumnParallelLinear, RowParallelLinear, sequence_parallel_param
+from llm.parallel.layers import (
+    ColumnParallelLinear,
+    GroupedQKVParallelLinear,
+    RowParallelLinear,
+    sequence_parallel_param,
+)
 from llm.parallel.random import RNGTracker
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -104,7 +109,17 @@ class Attention(nn.Module):
         bias = not cfg.is_llama
         sp = cfg.sequence_parallel
         qkv_out = (cfg.num_attention_heads + 2 * cfg.kv_groups) * self.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=bias, ctx=ctx, sequence_parallel=sp)
+        self.qkv: nn.Module
+        if cfg.kv_groups % ctx.tp == 0:  # whole KV groups per rank
+            self.qkv = ColumnParallelLinear(
+                cfg.hidden_size, qkv_out, bias=bias, ctx=ctx, sequence_parallel=sp
+            )
+        else:  # fewer KV groups than ranks: each rank sees one group, KV rows sliced and gathered
+            self.num_groups = 1
+            self.qkv = GroupedQKVParallelLinear(
+                cfg.hidden_size, heads=cfg.num_attention_heads, groups=cfg.kv_groups, head_dim=self.head_dim,
+                ctx=ctx, sequence_parallel=sp,
+            )  # fmt: skip
         self.proj = RowParallelLinear(
             cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=bias, ctx=ctx, sequence_parallel=sp
         )

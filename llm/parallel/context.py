@@ -115,6 +115,28 @@ class ParallelContext:
                     ctx.groups[name + "_ranks"] = ranks
         return ctx
 
+    def tp_subgroup(self, size: int) -> Any:
+        """The group of `size` consecutive ranks inside this rank's TP group (created on first use;
+        every rank must ask for the same sizes in the same order, as model construction does)."""
+        key = f"tp_sub{size}"
+        if key not in self.groups:
+            if self.tp % size:
+                raise ValueError(f"a TP subgroup of {size} ranks does not divide TP size {self.tp}")
+            for tp_ranks in self._all_tp_groups():
+                for start in range(0, self.tp, size):
+                    ranks = tp_ranks[start : start + size]
+                    group = dist.new_group(ranks)
+                    if self.rank in ranks:
+                        self.groups[key] = group
+        return self.groups[key]
+
+    def _all_tp_groups(self) -> list[list[int]]:
+        return [
+            [self.coord_to_rank(pp=p, dp=d, tp=t) for t in range(self.tp)]
+            for p in range(self.pp)
+            for d in range(self.dp)
+        ]
+
     def describe(self) -> str:
         return f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}"
 

@@ -8,6 +8,8 @@ A stride s > 1 means the full tensor is s blocks stacked along `partition_dim` (
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from llm.parallel.context import ParallelContext
 from llm.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
+    gather_from_subgroup,
     gather_from_tp,
     reduce_from_tp,
     reduce_scatter_to_sequence,
@@ -42,12 +45,59 @@ def mark_sharded(p: nn.Parameter, *, dim: int, stride: int, full_shape: tuple[in
     return p
 
 
-def partition_info(p: torch.Tensor) -> tuple[int, int, torch.Size] | None:
-    """(partition_dim, partition_stride, full_shape) of a tensor-parallel parameter, else None."""
+def partition_info(p: torch.Tensor) -> dict[str, Any] | None:
+    """How a tensor-parallel parameter is sharded (JSON-able; saved in checkpoints), else None.
+
+    {"dim": d, "stride": s}: blocks along dim d, each split evenly (see shard_tensor).
+    {"qkv": [heads, groups, head_dim]}: grouped QKV with fewer KV groups than TP ranks.
+    """
     if not getattr(p, "tensor_model_parallel", False):
         return None
     info = p.__dict__
-    return int(info["partition_dim"]), int(info["partition_stride"]), torch.Size(info["full_shape"])
+    if "qkv_layout" in info:
+        return {"qkv": list(info["qkv_layout"])}
+    return {"dim": int(info["partition_dim"]), "stride": int(info["partition_stride"])}
+
+
+def full_shape_of(p: torch.Tensor) -> torch.Size:
+    return torch.Size(p.__dict__["full_shape"])
+
+
+def _qkv_blocks(full: torch.Tensor, layout: list[int]) -> torch.Tensor:
+    heads, groups, d = layout
+    return full.reshape(groups, heads // groups + 2, d, *full.shape[1:])  # (g, q/g + 2, d, ...)
+
+
+def shard_by_spec(full: torch.Tensor, spec: dict[str, Any], *, rank: int, size: int) -> torch.Tensor:
+    if "qkv" not in spec:
+        return shard_tensor(full, dim=spec["dim"], stride=spec["stride"], rank=rank, size=size)
+    heads, groups, d = spec["qkv"]
+    share = size // groups  # ranks per KV group
+    g, j = rank // share, rank % share
+    blocks = _qkv_blocks(full, spec["qkv"])[g]  # (q/g + 2, d, ...)
+    per = heads // size  # query heads on this rank
+    q = blocks[j * per : (j + 1) * per].reshape(per * d, *full.shape[1:])
+    k = blocks[-2, j * d // share : (j + 1) * d // share]
+    v = blocks[-1, j * d // share : (j + 1) * d // share]
+    return torch.cat([q, k, v]).contiguous()
+
+
+def merge_by_spec(shards: list[torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
+    """The inverse of shard_by_spec over all ranks' shards (in TP-rank order)."""
+    if "qkv" not in spec:
+        return merge_shards(shards, dim=spec["dim"], stride=spec["stride"])
+    heads, groups, d = spec["qkv"]
+    size = len(shards)
+    share, per = size // groups, heads // size
+    rest = shards[0].shape[1:]
+    out = []
+    for g in range(groups):
+        mine = shards[g * share : (g + 1) * share]
+        q = torch.cat([s[: per * d] for s in mine])
+        k = torch.cat([s[per * d : per * d + d // share] for s in mine])
+        v = torch.cat([s[per * d + d // share :] for s in mine])
+        out.append(torch.cat([q, k, v]).reshape(-1, *rest))
+    return torch.cat(out)
 
 
 def sequence_parallel_param(p: torch.Tensor, ctx: ParallelContext, enabled: bool) -> torch.Tensor:
@@ -161,3 +211,53 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, S, H) partial
         return reduce_from_tp(out, self.ctx)
+
+
+class GroupedQKVParallelLinear(nn.Module):
+    """QKV projection for grouped-query attention with fewer KV groups than TP ranks.
+
+    r = tp / groups consecutive ranks share one KV group. Each rank holds its heads / tp query
+    heads and a 1/r slice of its group's K and V rows, so every parameter element lives on exactly
+    one rank (gradient norms and ZeRO need no special case). In forward the K/V slices are
+    all-gathered over the r ranks (backward: their partial gradients are summed and each rank keeps
+    its slice). Output: (B, S, (heads / tp + 2) x head_dim) laid out as one group [q.. | k | v].
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        *,
+        heads: int,
+        groups: int,
+        head_dim: int,
+        ctx: ParallelContext,
+        sequence_parallel: bool,
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.sequence_parallel = sequence_parallel
+        self.share = ctx.tp // groups
+        if head_dim % self.share:
+            raise ValueError(f"head size {head_dim} must be divisible by TP / query groups = {self.share}")
+        self.index = ctx.tp_rank % self.share
+        self.subgroup = ctx.tp_subgroup(self.share)
+        self.q_rows = heads // ctx.tp * head_dim
+        self.kv_slice = head_dim // self.share
+        local = self.q_rows + 2 * self.kv_slice
+        weight = nn.Parameter(torch.empty(local, hidden))
+        weight.tensor_model_parallel = True  # type: ignore[attr-defined]
+        weight.qkv_layout = (heads, groups, head_dim)  # type: ignore[attr-defined]
+        weight.full_shape = torch.Size(((heads + 2 * groups) * head_dim, hidden))  # type: ignore[attr-defined]
+        self.weight = weight
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = gather_from_sequence(x, self.ctx) if self.sequence_parallel else copy_to_tp(x, self.ctx)
+        q_w = self.weight[: self.q_rows]
+        kv = gather_from_subgroup(
+            self.weight[self.q_rows :], self.subgroup, size=self.share, index=self.index
+        )
+        kv = kv.view(self.share, 2, self.kv_slice, -1)  # (r, k|v, d / r, H)
+        k_w = kv[:, 0].reshape(self.share * self.kv_slice, -1)  # (d, H)
+        v_w = kv[:, 1].reshape(self.share * self.kv_slice, -1)
+        return F.linear(x, torch.cat([q_w, k_w, v_w]))  # (B, S, (heads / tp + 2) d)

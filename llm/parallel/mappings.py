@@ -198,3 +198,29 @@ def all_reduce_sum(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
         _count("all_reduce", x)
         dist.all_reduce(x, group=ctx.groups["tp"])
     return x
+
+
+class _GatherFromSubgroup(torch.autograd.Function):
+    """Forward: all-gather dim 0 over a subgroup of the TP group (ranks that share one KV group,
+    each holding a slice of its rows). Backward: sum the gradients over the subgroup and keep this
+    rank's slice (reduce-scatter), because each rank's query heads give a partial gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, index: int) -> torch.Tensor:
+        ctx.group, ctx.size, ctx.index = group, size, index
+        x = x.contiguous()
+        _count("all_gather", x)
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        grad = grad.contiguous().clone()
+        _count("all_reduce", grad)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(ctx.size, dim=0)[ctx.index].contiguous(), None, None, None
+
+
+def gather_from_subgroup(x: torch.Tensor, group: Any, *, size: int, index: int) -> torch.Tensor:
+    return x if size == 1 else _GatherFromSubgroup.apply(x, group, size, index)

@@ -21,7 +21,7 @@ import torch
 
 from llm.config import Config, _build
 from llm.model.gpt import partition_map
-from llm.parallel.layers import merge_shards
+from llm.parallel.layers import merge_by_spec
 
 logger = logging.getLogger("llm")
 META = "llm_meta.json"
@@ -150,8 +150,7 @@ def _merge_tensor_parallel(
     out = {}
     for name, value in shards[0].items():
         if name in partitions:
-            dim, stride = partitions[name]
-            out[name] = merge_shards([s[name] for s in shards], dim=dim, stride=stride)
+            out[name] = merge_by_spec([s[name] for s in shards], partitions[name])
         else:
             out[name] = value
     return out

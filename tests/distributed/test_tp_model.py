@@ -9,7 +9,7 @@ import torch
 from llm.config import ModelConfig
 from llm.model.gpt import build_model
 from llm.parallel.context import ParallelContext
-from llm.parallel.layers import merge_shards
+from llm.parallel.layers import merge_by_spec, partition_info
 from llm.parallel.random import RNGTracker
 from tests.distributed.harness import spawn
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.distributed
 VOCAB = 300  # padded to 384 at TP 1 and 512 at TP 2/4: padding must not change anything
 
 
-def _cfg(arch: str, sp: bool) -> ModelConfig:
-    extra = {"num_query_groups": 2} if arch == "llama" else {}
+def _cfg(arch: str, sp: bool, groups: int = 2) -> ModelConfig:
+    extra = {"num_query_groups": groups} if arch == "llama" else {}
     return ModelConfig(architecture=arch, num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
                        vocab_size=VOCAB, sequence_parallel=sp, **extra)  # fmt: skip
 
@@ -29,14 +29,14 @@ def _gathered(p: torch.nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
         return g
     parts = [torch.empty_like(g) for _ in range(ctx.tp)]
     torch.distributed.all_gather(parts, g.contiguous(), group=ctx.groups["tp"])
-    return merge_shards(parts, dim=p.partition_dim, stride=p.partition_stride)
+    return merge_by_spec(parts, partition_info(p))
 
 
-def _parity(rank: int, world: int, arch: str, sp: bool) -> None:
+def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2) -> None:
     torch.manual_seed(0)
     ctx = ParallelContext.build(tp=world)
-    cfg = _cfg(arch, sp)
-    dense_cfg = _cfg(arch, False)
+    cfg = _cfg(arch, sp, groups)
+    dense_cfg = _cfg(arch, False, groups)
     tp_model = build_model(cfg, seed=7, ctx=ctx)
     ref = build_model(dense_cfg, seed=7)  # layout-independent init: same full weights
     tokens = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
@@ -70,6 +70,12 @@ def _parity(rank: int, world: int, arch: str, sp: bool) -> None:
 )
 def test_tensor_parallel_model_matches_single_process(world: int, arch: str, sp: bool) -> None:
     spawn(_parity, world, arch, sp)
+
+
+@pytest.mark.parametrize("world, groups, sp", [(2, 1, False), (4, 2, False), (4, 1, True)])
+def test_fewer_kv_groups_than_tp_ranks(world: int, groups: int, sp: bool) -> None:
+    """Grouped-query attention with KV groups shared by TP / groups ranks (multi-query at groups = 1)."""
+    spawn(_parity, world, "llama", sp, groups)
 
 
 def _dropout_streams(rank: int, world: int) -> None:

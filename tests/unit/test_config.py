@@ -37,6 +37,20 @@ def test_defaults_and_dotted_overrides() -> None:
         (["parallel.tensor_model_parallel_size=5"], "num_attention_heads \\(12\\) must be divisible"),
         (["parallel.pipeline_model_parallel_size=2"], "no pipeline parallelism yet"),
         (
+            ["model.architecture=llama", "model.num_query_groups=3", "parallel.tensor_model_parallel_size=2"],
+            "must divide one another",
+        ),
+        (
+            [
+                "model.architecture=llama",
+                "model.num_attention_heads=16",
+                "model.hidden_size=64",
+                "model.num_query_groups=1",
+                "parallel.tensor_model_parallel_size=8",
+            ],
+            "head size \\(4\\) must be divisible",
+        ),
+        (
             ["parallel.tensor_model_parallel_size=4", "model.sequence_parallel=true", "model.seq_length=30"],
             "seq_length \\(30\\)",
         ),
