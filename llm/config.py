@@ -407,10 +407,10 @@ def _check_parallel(cfg: Config) -> None:
     if cfg.model.sequence_parallel and tp == 1:
         raise ConfigError("model.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
     _check_tensor_parallel(cfg.model, tp)
-    if pp > 1:
+    if pp > cfg.model.num_layers + 2:
         raise ConfigError(
-            f"pipeline_model_parallel_size={pp}: this version has no pipeline parallelism yet; set it to 1 "
-            "(tensor and ZeRO data parallelism are available)"
+            f"parallel.pipeline_model_parallel_size ({pp}) exceeds the number of pipeline layers "
+            f"(model.num_layers + 2 = {cfg.model.num_layers + 2})"
         )
 
 
@@ -537,9 +537,25 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
         raise ConfigError(
             f"zero_optimization.stage = {stage!r} in '{cfg.deepspeed_config}'; use 0, 1, 2 or 3"
         )
+    if stage >= 2 and cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"ZeRO stage {stage} ('{cfg.deepspeed_config}') is incompatible with pipeline parallelism "
+            f"(pipeline_model_parallel_size = {cfg.parallel.pipeline_model_parallel_size}): use "
+            "configs/deepspeed/zero1.json or zero0.json"
+        )
     if stage == 3 and cfg.parallel.tensor_model_parallel_size > 1:
         raise ConfigError(
             "ZeRO stage 3 with tensor parallelism is not supported: use configs/deepspeed/zero1.json or "
             "zero2.json with parallel.tensor_model_parallel_size > 1"
         )
+    fp32 = resolve_precision(cfg.train.precision, cuda=cuda) == "fp32"
+    if cfg.parallel.pipeline_model_parallel_size > 1 and stage == 0 and fp32:
+        # DeepSpeed's fp32 clipping under pipeline parallelism miscounts the norm: llm's optimizer
+        # (llm.training.optim.ClippedAdamW) clips instead; DeepSpeed gets no optimizer entry.
+        del ds["optimizer"]
+        ds["gradient_clipping"] = 0.0
+    if cfg.parallel.pipeline_model_parallel_size > 1 and cfg.model.sequence_parallel:
+        # DeepSpeed splits stage-boundary activations across the TP group assuming they are replicated
+        # there; under sequence parallelism each TP rank holds a different sequence shard.
+        ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
     return ds

@@ -14,6 +14,7 @@ the layout and whatever the order of construction.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,11 +87,9 @@ class GPT(nn.Module):
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, S[/tp], H) -> this rank's vocabulary shard of the logits (B, S, V_padded / tp)."""
-        if self.sequence_parallel:
-            hidden = gather_from_sequence(hidden, self.ctx)
-        else:
-            hidden = copy_to_tp(hidden, self.ctx)
-        return F.linear(hidden, self.output_weight())
+        return lm_head_local_logits(
+            hidden, self.output_weight(), self.ctx, sequence_parallel=self.sequence_parallel
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary (padding dropped), gathered: (B, S, V)."""
@@ -102,12 +101,8 @@ class GPT(nn.Module):
         """Mean token cross-entropy; vocabulary-parallel when TP > 1 (full logits never gathered)."""
         if self.ctx.tp == 1:
             return F.cross_entropy(self.logits(hidden).float().flatten(0, 1), labels.flatten())
-        local = self.local_logits(hidden)  # (B, S, V / tp)
-        losses = vocab_parallel_cross_entropy(
-            local.flatten(0, 1), labels.flatten(), self.ctx, vocab_start=self.embed.vocab_start,
-            vocab_size=self.vocab_size,
-        )  # fmt: skip
-        return losses.mean()
+        return lm_loss(self.local_logits(hidden), labels, self.ctx, vocab_start=self.embed.vocab_start,
+                       vocab_size=self.vocab_size)  # fmt: skip
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean token cross-entropy when `labels` is given, else logits (B, S, V)."""
@@ -115,6 +110,31 @@ class GPT(nn.Module):
         if labels is None:
             return self.logits(hidden)
         return self.loss(hidden, labels)
+
+
+def lm_head_local_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext, *, sequence_parallel: bool
+) -> torch.Tensor:
+    """(B, S[/tp], H) and this rank's output rows (V_padded / tp, H) -> local logits (B, S, V_padded / tp)."""
+    hidden = gather_from_sequence(hidden, ctx) if sequence_parallel else copy_to_tp(hidden, ctx)
+    return F.linear(hidden, weight)
+
+
+def lm_loss(
+    local_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ctx: ParallelContext,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+) -> torch.Tensor:
+    """Mean token cross-entropy from local logits; padded ids never take probability mass."""
+    if ctx.tp == 1:
+        return F.cross_entropy(local_logits[..., :vocab_size].float().flatten(0, 1), labels.flatten())
+    losses = vocab_parallel_cross_entropy(
+        local_logits.flatten(0, 1), labels.flatten(), ctx, vocab_start=vocab_start, vocab_size=vocab_size
+    )
+    return losses.mean()
 
 
 def _param_seed(seed: int, name: str) -> int:
@@ -134,17 +154,23 @@ def init_full_parameter(name: str, shape: torch.Size, cfg: ModelConfig, seed: in
 
 
 @torch.no_grad()
-def init_weights(model: GPT, cfg: ModelConfig, seed: int) -> None:
-    """Every rank draws the full tensor and keeps its shard: the same weights at any layout."""
-    ctx = model.ctx
-    for name, p in model.named_parameters():
+def init_parameters(
+    module: nn.Module, cfg: ModelConfig, seed: int, ctx: ParallelContext, *, prefix: str = ""
+) -> None:
+    """Every rank draws the full tensor of each parameter, named `prefix + name` as in the plain GPT,
+    and keeps its shard: the same weights at any TP / PP layout."""
+    for name, p in module.named_parameters():
         spec = partition_info(p)
         if spec is not None:
-            full = init_full_parameter(name, full_shape_of(p), cfg, seed)
+            full = init_full_parameter(prefix + name, full_shape_of(p), cfg, seed)
             value = shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
         else:
-            value = init_full_parameter(name, p.shape, cfg, seed)
+            value = init_full_parameter(prefix + name, p.shape, cfg, seed)
         p.copy_(value.to(p.dtype))
+
+
+def init_weights(model: GPT, cfg: ModelConfig, seed: int) -> None:
+    init_parameters(model, cfg, seed, model.ctx)
 
 
 def build_model(
@@ -155,7 +181,7 @@ def build_model(
     return model
 
 
-def partition_map(model: nn.Module) -> dict[str, dict]:
+def partition_map(model: nn.Module) -> dict[str, dict[str, Any]]:
     """name -> sharding spec (llm.parallel.layers.partition_info) of every tensor-parallel parameter."""
     out = {}
     for name, p in model.named_parameters():
@@ -163,6 +189,23 @@ def partition_map(model: nn.Module) -> dict[str, dict]:
         if spec is not None:
             out[name] = spec
     return out
+
+
+def partition_spec_for(name: str, cfg: ModelConfig, tp: int) -> dict[str, Any] | None:
+    """How the plain-model parameter `name` is sharded at tensor-parallel size `tp` (the rule the
+    layers follow; tests check it against `partition_info` of real models). Used to merge shards
+    of checkpoints written at any layout."""
+    if name in ("embed.weight", "lm_head.weight"):
+        return {"dim": 0, "stride": 1}
+    if name.endswith(("attention.qkv.weight", "attention.qkv.bias")):
+        if cfg.kv_groups % tp == 0:
+            return {"dim": 0, "stride": 1}
+        return {"qkv": [cfg.num_attention_heads, cfg.kv_groups, cfg.head_dim]}
+    if name.endswith(("mlp.fc.weight", "mlp.fc.bias")):
+        return {"dim": 0, "stride": 2 if cfg.is_llama else 1}
+    if name.endswith(("attention.proj.weight", "mlp.proj.weight")):
+        return {"dim": 1, "stride": 1}
+    return None
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -15,11 +15,12 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext)
 
     Parameters marked `tensor_model_parallel = True` are shards: their squares are summed over the
     tensor-parallel group. Others are replicated across it and counted on TP rank 0 only. Pipeline
-    stages hold disjoint parameters and are summed over the pipeline group.
+    stages hold disjoint parameters and are summed over the pipeline group, except the copies of
+    tied weights on later stages (DeepSpeed marks them `ds_pipe_replicated`), counted once.
     """
     total = torch.zeros((), dtype=torch.float64)
     for p in params:
-        if p.grad is None:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
             continue
         if getattr(p, "tensor_model_parallel", False) or ctx.tp_rank == 0:
             total += p.grad.detach().double().pow(2).sum().cpu()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from llm.config import Config, _build
-from llm.model.gpt import partition_map
+from llm.model.gpt import partition_spec_for
 from llm.parallel.layers import merge_by_spec
 
 logger = logging.getLogger("llm")
@@ -81,7 +81,7 @@ def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, rank: in
         config=cfg.to_dict(),
         zero_stage=int(engine.zero_optimization_stage()),
         tensor_parallel=cfg.parallel.tensor_model_parallel_size,
-        partitions=partition_map(engine.module),
+        pipeline_parallel=cfg.parallel.pipeline_model_parallel_size,
     )
     # DeepSpeed writes `latest` after all ranks saved; write meta first so `latest` never names a
     # checkpoint without it.
@@ -104,9 +104,18 @@ def _prune(directory: Path, keep_last: int, *, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
+def load_checkpoint(engine: Any, path: str | Path, cfg: Config) -> dict[str, Any]:
     """Loads model, optimizer and scheduler state; returns our saved state (iteration, ...)."""
     tag_dir = resolve_checkpoint(path)
+    meta = read_meta(tag_dir)
+    saved = (int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1)))
+    ours = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    if saved != ours:
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' was written at TP {saved[0]} x PP {saved[1]}, this run is TP {ours[0]} x "
+            f"PP {ours[1]}: resuming at another tensor/pipeline layout is not supported yet; resume with the saved "
+            "layout, or start fresh with checkpoint.resume=none (evaluate.py reads checkpoints of any layout)"
+        )
     loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint '{tag_dir}'")
@@ -121,14 +130,17 @@ def load_model_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor],
     tag_dir = resolve_checkpoint(path)
     meta = read_meta(tag_dir)
     cfg = config_from_meta(meta)
-    tp = int(meta.get("tensor_parallel", 1))
+    tp, pp = int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1))
     if int(meta.get("zero_stage", 0)) == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    elif pp > 1:
+        shards = [_read_pipeline_layers(tag_dir, r, cfg.model.num_layers) for r in range(tp)]
+        state = _merge_tensor_parallel(shards, cfg, tp)
     else:
         shards = [_read_model_file(tag_dir / f"mp_rank_{r:02d}_model_states.pt") for r in range(tp)]
-        state = _merge_tensor_parallel(shards, meta.get("partitions", {}))
+        state = _merge_tensor_parallel(shards, cfg, tp)
     return cfg, {k: v.float() for k, v in state.items()}, meta
 
 
@@ -141,16 +153,35 @@ def _read_model_file(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"model file '{file}' is damaged ({e}); use an earlier checkpoint") from None
 
 
+def _read_pipeline_layers(tag_dir: Path, tp_rank: int, num_layers: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's per-layer files of one tensor-parallel rank -> plain-model names."""
+    from llm.model.pipeline import canonical_prefix
+
+    files = sorted(tag_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt"))
+    if not files:
+        raise CheckpointError(f"no pipeline layer files for tensor-parallel rank {tp_rank} in '{tag_dir}'")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        idx = int(file.name.split("-")[0].removeprefix("layer_"))
+        try:
+            layer = torch.load(file, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise CheckpointError(
+                f"model file '{file}' is damaged ({e}); use an earlier checkpoint"
+            ) from None
+        prefix = canonical_prefix(idx, num_layers)
+        state.update({prefix + k: v for k, v in layer.items()})
+    return state
+
+
 def _merge_tensor_parallel(
-    shards: list[dict[str, torch.Tensor]], partitions: dict[str, Any]
+    shards: list[dict[str, torch.Tensor]], cfg: Config, tp: int
 ) -> dict[str, torch.Tensor]:
     """Tensor-parallel shards -> full tensors (replicated parameters are taken from rank 0)."""
     if len(shards) == 1:
         return shards[0]
     out = {}
     for name, value in shards[0].items():
-        if name in partitions:
-            out[name] = merge_by_spec([s[name] for s in shards], partitions[name])
-        else:
-            out[name] = value
+        spec = partition_spec_for(name, cfg.model, tp)
+        out[name] = value if spec is None else merge_by_spec([s[name] for s in shards], spec)
     return out

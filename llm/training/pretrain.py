@@ -23,6 +23,7 @@ from llm.parallel.random import RNGTracker
 from llm.training.checkpoint import latest_tag, load_checkpoint
 from llm.training.lr_schedule import make_scheduler
 from llm.training.metrics import MetricsLogger
+from llm.training.optim import ClippedAdamW
 from llm.training.trainer import Trainer, TrainState
 
 logger = logging.getLogger("llm")
@@ -104,7 +105,12 @@ def run_pretraining(cfg: Config) -> TrainState:
     rng = RNGTracker()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng.seed(seed=cfg.train.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, device=device)
-    model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
+    model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng) if ctx.pp == 1 else None
+    if model is None:
+        from llm.model.pipeline import build_pipeline_model
+
+        model = build_pipeline_model(cfg, ctx, rng)
+        model.rng = rng  # checkpoints save the per-rank RNG stream of `engine.module.rng`
     num_params = count_parameters(model)
     logger.info(
         "model: %s, %.2fM parameters on this rank; %s",
@@ -112,17 +118,19 @@ def run_pretraining(cfg: Config) -> TrainState:
         num_params / 1e6,
         ctx.describe(),
     )
+    groups = parameter_groups(model, cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, cfg.train.weight_decay),  # type: ignore[arg-type]
+        optimizer=None if "optimizer" in ds_config else ClippedAdamW(groups, cfg.train, ctx),
+        model_parameters=groups,  # type: ignore[arg-type]
         config=ds_config,
         lr_scheduler=make_scheduler(cfg.train),
-        mpu=ctx,
+        mpu=ctx if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
     )
     state = TrainState()
     resume = _resume_path(cfg)
     if resume is not None:
-        saved = load_checkpoint(engine, resume)
+        saved = load_checkpoint(engine, resume, cfg)
         state = TrainState(
             iteration=int(saved["iteration"]),
             consumed_samples=int(saved["consumed_samples"]),

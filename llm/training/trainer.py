@@ -61,7 +61,10 @@ class Trainer:
         self.fp16 = resolve_precision(cfg.train.precision, cuda=torch.cuda.is_available()) == "fp16"
         self._bad_steps = 0
         precision = resolve_precision(cfg.train.precision, cuda=torch.cuda.is_available())
-        self._own_grad_norm = engine.zero_optimization_stage() == 0 and precision == "fp32"
+        self.pipeline = ctx.pp > 1
+        self._own_grad_norm = (
+            engine.zero_optimization_stage() == 0 and precision == "fp32" and not self.pipeline
+        )
         self._grad_norm: float | None = None
         self._lr = 0.0
 
@@ -79,6 +82,15 @@ class Trainer:
             yield batch.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------------------- steps
+    def _pipeline_step(self, batches: Iterator[torch.Tensor]) -> float:
+        """PipelineEngine: one call runs all micro-batches; the loss comes back averaged over them and
+        the data-parallel group, on every stage."""
+        self._lr = float(self.engine.get_lr()[0])
+        loss = self.engine.train_batch(data_iter=_pairs(batches))
+        own = getattr(self.engine.optimizer, "last_grad_norm", None)  # ClippedAdamW (ZeRO 0)
+        self._grad_norm = own if own is not None else _as_float(self.engine.get_global_grad_norm())
+        return float(loss)
+
     def _train_step(self, batches: Iterator[torch.Tensor]) -> float:
         """One optimizer step over `accum` micro-batches; returns the loss averaged over the global batch."""
         losses = []
@@ -110,9 +122,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Any) -> float:
-        self.engine.eval()
         total = self.cfg.eval.eval_iters * self.cfg.train.global_batch_size
-        losses = [float(self.engine(t[:, :-1], t[:, 1:])) for t in self._batches(data, 0, total)]
+        batches = self._batches(data, 0, total)
+        if self.pipeline:
+            pairs = _pairs(batches)
+            losses = [float(self.engine.eval_batch(pairs)) for _ in range(self.cfg.eval.eval_iters)]
+            return sum(losses) / len(losses)  # already averaged over micro-batches and data parallel
+        self.engine.eval()
+        losses = [float(self.engine(t[:, :-1], t[:, 1:])) for t in batches]
         self.engine.train()
         return self.ctx.mean_over_dp([sum(losses) / max(1, len(losses))])[0]
 
@@ -169,7 +186,7 @@ class Trainer:
         saved_at = self.state.iteration  # nothing new to save if no step runs
         while self.state.iteration < stop_at:
             start = time.perf_counter()
-            loss = self._train_step(batches)
+            loss = self._pipeline_step(batches) if self.pipeline else self._train_step(batches)
             times.append(time.perf_counter() - start)
             self.state.iteration += 1
             self.state.consumed_samples += cfg.train.global_batch_size
@@ -197,3 +214,10 @@ def _as_float(x: Any) -> float | None:
     if x is None:
         return None
     return float(x.item() if isinstance(x, torch.Tensor) else x)
+
+
+def _pairs(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, S + 1) token batches -> (inputs, labels) as DeepSpeed's pipeline expects: the first stage
+    reads the inputs, the last the labels."""
+    for tokens in batches:
+        yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

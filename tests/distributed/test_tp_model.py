@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm.config import ModelConfig
-from llm.model.gpt import build_model
+from llm.model.gpt import build_model, partition_map, partition_spec_for
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import merge_by_spec, partition_info
 from llm.parallel.random import RNGTracker
@@ -38,6 +38,8 @@ def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2) -> None
     cfg = _cfg(arch, sp, groups)
     dense_cfg = _cfg(arch, False, groups)
     tp_model = build_model(cfg, seed=7, ctx=ctx)
+    expected = {n: partition_spec_for(n, cfg, world) for n, _ in tp_model.named_parameters()}
+    assert partition_map(tp_model) == {n: spec for n, spec in expected.items() if spec is not None}
     ref = build_model(dense_cfg, seed=7)  # layout-independent init: same full weights
     tokens = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
     x, y = tokens[:, :-1], tokens[:, 1:]

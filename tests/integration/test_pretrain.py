@@ -225,3 +225,47 @@ def test_tp2_dp2_matches_one_process(
         ref = _perplexity(reference_run / "checkpoints", builtin_prefix)
         assert got["tokens"] == ref["tokens"]
         assert abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-4
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "nproc, extra",
+    [
+        (2, ["parallel.pipeline_model_parallel_size=2"]),
+        (4, ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2",
+             "model.sequence_parallel=true", "deepspeed_config=configs/deepspeed/zero1.json"]),
+        (4, ["parallel.pipeline_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json"]),
+    ],
+    ids=["pp2", "tp2_pp2_sp", "pp2_dp2_zero1"],
+)  # fmt: skip
+def test_pipeline_layouts_match_one_process(
+    nproc: int, extra: list[str], builtin_prefix: Path, tmp_path: Path, reference_run: Path,
+    single_process_losses: list[float],
+) -> None:  # fmt: skip
+    _check(run(deepspeed_cmd(nproc, *_args(builtin_prefix, tmp_path, *extra))))
+    _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-4)
+    ref_val = [r["val_loss"] for r in read_metrics(reference_run) if "val_loss" in r]
+    _assert_same_curve([r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r], ref_val, 1e-4)
+    if nproc == 2:  # a checkpoint written at PP=2 loads for evaluation, as the PP=1 one does
+        assert (
+            tmp_path / "checkpoints" / f"iter_{ITERS:07d}" / "layer_00-model_00-model_states.pt"
+        ).is_file()
+        got = _perplexity(tmp_path / "checkpoints", builtin_prefix)
+        ref = _perplexity(reference_run / "checkpoints", builtin_prefix)
+        assert abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-4
+
+
+def test_zero2_with_pipeline_is_refused_in_one_line(builtin_prefix: Path, tmp_path: Path) -> None:
+    args = _args(builtin_prefix, tmp_path, "parallel.pipeline_model_parallel_size=2",
+                 "deepspeed_config=configs/deepspeed/zero2.json")  # fmt: skip
+    p = run(deepspeed_cmd(2, *args))
+    assert p.returncode != 0
+    assert "incompatible with pipeline parallelism" in p.stderr + p.stdout and "Traceback" not in p.stderr
+
+
+def test_resume_at_another_layout_is_refused_clearly(builtin_prefix: Path, tmp_path: Path) -> None:
+    _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path, "train.train_iters=2")]))
+    p = run(deepspeed_cmd(2, *_args(builtin_prefix, tmp_path, "parallel.tensor_model_parallel_size=2")))
+    assert p.returncode != 0
+    assert "resuming at another tensor/pipeline layout is not supported yet" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr

@@ -35,7 +35,10 @@ def test_defaults_and_dotted_overrides() -> None:
         (["model.num_query_groups=4"], "needs model.architecture: llama"),
         (["model.sequence_parallel=true"], "sequence_parallel needs"),
         (["parallel.tensor_model_parallel_size=5"], "num_attention_heads \\(12\\) must be divisible"),
-        (["parallel.pipeline_model_parallel_size=2"], "no pipeline parallelism yet"),
+        (
+            ["parallel.pipeline_model_parallel_size=20", "model.num_layers=4"],
+            "exceeds the number of pipeline layers",
+        ),
         (
             ["model.architecture=llama", "model.num_query_groups=3", "parallel.tensor_model_parallel_size=2"],
             "must divide one another",
@@ -151,3 +154,13 @@ def test_fp16_on_cpu_is_refused_clearly() -> None:
         build_deepspeed_config(load_config(None, ["train.precision=fp16"]), 1, cuda=False)
     ds = build_deepspeed_config(load_config(None, ["train.precision=fp16"]), 1, cuda=True)
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+def test_zero2_with_pipeline_is_refused_with_the_fix() -> None:
+    cfg = load_config(None, ["parallel.pipeline_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero2.json",
+                             "train.global_batch_size=8", "train.micro_batch_size=1"])  # fmt: skip
+    with pytest.raises(ConfigError, match="incompatible with pipeline parallelism.*zero1.json"):
+        build_deepspeed_config(cfg, 2, cuda=False)
+    ok = load_config(None, ["parallel.pipeline_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json",
+                            "train.global_batch_size=8", "train.micro_batch_size=1"])  # fmt: skip
+    assert build_deepspeed_config(ok, 4, cuda=False)["gradient_accumulation_steps"] == 4

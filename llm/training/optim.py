@@ -1,0 +1,39 @@
+"""AdamW with layout-aware global-norm clipping, for the one case DeepSpeed gets wrong.
+
+With pipeline parallelism and ZeRO stage 0, DeepSpeed's fp32 clipping counts only the first
+stage's replicated parameters, so the clipping norm is not the model's norm. There we hand
+DeepSpeed this optimizer and set its own clipping to 0: `step()` computes the norm over every
+stage and tensor-parallel shard exactly once (llm.parallel.grads) and clips before AdamW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from llm.config import TrainConfig
+from llm.parallel.context import ParallelContext
+from llm.parallel.grads import global_grad_norm
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    def __init__(self, params: Any, cfg: TrainConfig, ctx: ParallelContext) -> None:
+        super().__init__(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                         weight_decay=cfg.weight_decay)  # fmt: skip
+        self.ctx = ctx
+        self.max_norm = cfg.clip_grad
+        self.last_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        params = [p for group in self.param_groups for p in group["params"]]
+        norm = global_grad_norm(params, self.ctx)
+        self.last_grad_norm = norm
+        if self.max_norm > 0 and norm > self.max_norm:
+            scale = self.max_norm / (norm + 1e-6)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return super().step(closure)
