@@ -14,9 +14,18 @@ from tests.conftest import free_port
 
 
 def _entry(rank: int, fn: Callable[..., None], world: int, port: int, args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import deepspeed
+
+    # DeepSpeed's communication layer wraps the torch process group (needed by its pipeline engine).
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     try:
         fn(rank, world, *args)
     finally:
