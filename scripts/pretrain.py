@@ -38,9 +38,14 @@ def main() -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(
-        f"done: iteration {state.iteration}, {state.consumed_samples} samples; run directory {cfg.logging.dir}"
-    )
+    if state.stopped_by:
+        print(
+            f"stopped at iteration {state.iteration} ({state.stopped_by}); checkpoint saved, rerun to resume"
+        )
+    else:
+        print(
+            f"done: iteration {state.iteration}, {state.consumed_samples} samples; run directory {cfg.logging.dir}"
+        )
     return 0
 
 

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+# DeepSpeed compiles a small C++ op on first use; keep it with this checkout's environment so two
+# checkouts (or a killed build's stale lock) never share one build directory.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 PREFIX=data/builtin/builtin_text_document
 if [ ! -f "$PREFIX.idx" ]; then
   python scripts/preprocess_data.py --builtin-corpus --tokenizer tokenizer/llm_sp8k.model \

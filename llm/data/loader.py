@@ -160,6 +160,9 @@ def collate(samples: list[np.ndarray]) -> torch.Tensor:
 def make_loader(
     dataset: Any, sampler: GlobalBatchSampler, *, num_workers: int = 0
 ) -> torch.utils.data.DataLoader:
+    # A private generator: creating the loader's iterator must not draw from the global torch RNG
+    # (dropout's), or a resumed run would see other masks than an uninterrupted one.
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=False
-    )
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=False,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip

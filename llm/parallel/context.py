@@ -198,6 +198,14 @@ class ParallelContext:
             t = t.cpu() / self.dp
         return [float(x) for x in t]
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any rank (one tiny all-reduce over the world)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def barrier(self) -> None:
         dist.barrier()
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llm.config import Config, _build
@@ -82,16 +84,17 @@ def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, rank: in
         zero_stage=int(engine.zero_optimization_stage()),
         tensor_parallel=cfg.parallel.tensor_model_parallel_size,
         pipeline_parallel=cfg.parallel.pipeline_model_parallel_size,
+        world_size=dist_world_size(),
     )
     # DeepSpeed writes `latest` after all ranks saved; write meta first so `latest` never names a
     # checkpoint without it.
     if rank == 0:
         (directory / tag).mkdir(parents=True, exist_ok=True)
         (directory / tag / META).write_text(json.dumps(meta, indent=1))
-    # Each tensor-parallel rank's file carries its own model-parallel RNG stream.
     rng = getattr(engine.module, "rng", None)
-    client = {"llm": meta, "rng_tracker": rng.get_states() if rng is not None else {}}
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client)
+    (directory / tag / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(rng), directory / tag / "rng" / f"rank_{rank:05d}.pt")
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"llm": meta})
     if rank == 0 and cfg.checkpoint.keep_last:
         _prune(directory, cfg.checkpoint.keep_last, keep=tag)
     return directory / tag
@@ -119,10 +122,14 @@ def load_checkpoint(engine: Any, path: str | Path, cfg: Config) -> dict[str, Any
     loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint '{tag_dir}'")
-    rng = getattr(engine.module, "rng", None)
-    if client and client.get("rng_tracker") and rng is not None:
-        rng.set_states(client["rng_tracker"])
-    return dict(client["llm"]) if client and "llm" in client else read_meta(tag_dir)
+    rng_file = tag_dir / "rng" / f"rank_{dist_rank():05d}.pt"
+    if rng_file.is_file() and int(meta.get("world_size", -1)) == dist_world_size():
+        restore_rng_state(torch.load(rng_file, weights_only=False), getattr(engine.module, "rng", None))
+    else:
+        logger.warning(
+            "checkpoint %s has no RNG state for this rank/world size; random streams restart", tag_dir
+        )
+    return dict(client["llm"]) if client and "llm" in client else meta
 
 
 def load_model_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:
@@ -185,3 +192,36 @@ def _merge_tensor_parallel(
         spec = partition_spec_for(name, cfg.model, tp)
         out[name] = value if spec is None else merge_by_spec([s[name] for s in shards], spec)
     return out
+
+
+def dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def dist_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rng_state(tracker: Any) -> dict[str, Any]:
+    """Every random stream of this process: python, numpy, torch (CPU, CUDA), the TP tracker."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tracker.get_states() if tracker is not None else {},
+    }
+
+
+def restore_rng_state(state: dict[str, Any], tracker: Any) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if tracker is not None and state.get("tracker"):
+        tracker.set_states(state["tracker"])

@@ -20,7 +20,7 @@ from llm.data.tokenizer import load_tokenizer
 from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, init_distributed
 from llm.parallel.random import RNGTracker
-from llm.training.checkpoint import latest_tag, load_checkpoint
+from llm.training.checkpoint import latest_tag, load_checkpoint, restore_rng_state
 from llm.training.lr_schedule import make_scheduler
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import ClippedAdamW
@@ -128,9 +128,11 @@ def run_pretraining(cfg: Config) -> TrainState:
         mpu=ctx if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
     )
     state = TrainState()
+    rng_state = None
     resume = _resume_path(cfg)
     if resume is not None:
         saved = load_checkpoint(engine, resume, cfg)
+        rng_state = saved.get("rng_state")
         state = TrainState(
             iteration=int(saved["iteration"]),
             consumed_samples=int(saved["consumed_samples"]),
@@ -148,6 +150,8 @@ def run_pretraining(cfg: Config) -> TrainState:
         cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test,
         metrics=metrics, state=state, num_params=num_params,
     )  # fmt: skip
+    if rng_state is not None:  # last, after everything that might draw random numbers during setup
+        restore_rng_state(rng_state, rng)
     try:
         return trainer.train()
     finally:

@@ -17,6 +17,7 @@ from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
 from llm.training.checkpoint import save_checkpoint
 from llm.training.metrics import MetricsLogger, gpu_peak_tflops, model_flops_per_token
+from llm.training.signals import StopRequest
 
 logger = logging.getLogger("llm")
 
@@ -30,6 +31,7 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     wandb_run_id: str | None = None
+    stopped_by: str | None = None  # set when a run stops before train_iters (signal, exit_interval)
 
 
 class Trainer:
@@ -60,6 +62,8 @@ class Trainer:
         self.peak = gpu_peak_tflops()
         self.fp16 = resolve_precision(cfg.train.precision, cuda=torch.cuda.is_available()) == "fp16"
         self._bad_steps = 0
+        self.stop_request = StopRequest()
+        self.stop_request.install()
         precision = resolve_precision(cfg.train.precision, cuda=torch.cuda.is_available())
         self.pipeline = ctx.pp > 1
         self._own_grad_norm = (
@@ -170,6 +174,24 @@ class Trainer:
             record["memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return record
 
+    def _should_stop(self, iteration: int) -> bool:
+        """A planned stop before train_iters: exit_interval (Megatron: iteration divisible by it) or
+        SIGTERM/SIGUSR1 on any rank. The LR schedule is untouched: it follows train_iters."""
+        if iteration >= self.cfg.train.train_iters:
+            return False
+        signalled = self.ctx.any_rank(self.stop_request.requested)
+        interval = self.cfg.train.exit_interval
+        if signalled or (interval and iteration % interval == 0):
+            if signalled:
+                self.state.stopped_by = self.stop_request.signal_name or "a stop signal on another rank"
+            else:
+                self.state.stopped_by = f"train.exit_interval={interval}"
+            logger.info(
+                "stopping at iteration %d (%s); saving a checkpoint", iteration, self.state.stopped_by
+            )
+            return True
+        return False
+
     def _save(self) -> None:
         self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
         path = save_checkpoint(self.engine, self.cfg, asdict(self.state), rank=self.ctx.rank)
@@ -180,7 +202,7 @@ class Trainer:
         cfg = self.cfg
         total = cfg.train.train_iters * cfg.train.global_batch_size
         batches = self._batches(self.train_data, self.state.consumed_samples, total)
-        stop_at = min(cfg.train.train_iters, cfg.train.exit_interval or cfg.train.train_iters)
+        stop_at = cfg.train.train_iters
         losses: list[float] = []
         times: list[float] = []
         saved_at = self.state.iteration  # nothing new to save if no step runs
@@ -203,6 +225,8 @@ class Trainer:
             if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
                 self._save()
                 saved_at = it
+            if self._should_stop(it):
+                break
         if saved_at != self.state.iteration:
             self._save()
         if self.state.iteration == cfg.train.train_iters:

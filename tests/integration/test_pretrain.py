@@ -269,3 +269,52 @@ def test_resume_at_another_layout_is_refused_clearly(builtin_prefix: Path, tmp_p
     assert p.returncode != 0
     assert "resuming at another tensor/pipeline layout is not supported yet" in p.stderr + p.stdout
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "nproc, extra",
+    [
+        (1, []),
+        (2, ["deepspeed_config=configs/deepspeed/zero2.json"]),
+        (2, ["parallel.tensor_model_parallel_size=2"]),
+        (2, ["parallel.pipeline_model_parallel_size=2"]),
+    ],
+    ids=["tp1_pp1_dp1", "dp2_zero2", "tp2", "pp2"],
+)
+def test_exact_resume_is_bitwise(nproc: int, extra: list[str], builtin_prefix: Path, tmp_path: Path) -> None:
+    """Six iterations straight, or three (train.exit_interval) + resume to six: identical losses."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ["train.train_iters=6", "model.dropout=0.1", *extra]
+    _check(run(deepspeed_cmd(nproc, *_args(builtin_prefix, straight, *args))))
+    first = run(deepspeed_cmd(nproc, *_args(builtin_prefix, split, *args, "train.exit_interval=3")))
+    _check(first)
+    assert "stopped at iteration 3 (train.exit_interval=3)" in first.stdout
+    assert (split / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+    _check(run(deepspeed_cmd(nproc, *_args(builtin_prefix, split, *args, "train.exit_interval=3"))))
+    assert train_losses(split) == train_losses(straight)  # bitwise, dropout and all
+    assert [r["lr"] for r in read_metrics(split) if "lr" in r] == [
+        r["lr"] for r in read_metrics(straight) if "lr" in r
+    ]
+
+
+def test_sigterm_saves_and_exits_zero(builtin_prefix: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    cmd = ["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path, "train.train_iters=100000")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    proc = subprocess.Popen(cmd, cwd=Path(script("pretrain.py")).parents[1], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    last = [r["iteration"] for r in read_metrics(tmp_path) if "loss" in r][-1]
+    assert f"stopped at iteration {last} (SIGTERM)" in out
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{last:07d}"
