@@ -2,6 +2,7 @@
 
   python scripts/evaluate.py --checkpoint runs/x/checkpoints --data data/corpus [--split valid] [--json]
   python scripts/evaluate.py --checkpoint runs/x/checkpoints --input held_out.jsonl [--json]
+  torchrun --nproc_per_node 8 scripts/evaluate.py ...   (each process takes every 8th window)
 
 Scheme (see llm/eval/perplexity.py): documents + EOS concatenated; windows of seq_length + 1
 tokens overlapping by one, so every token but the first is predicted exactly once.
@@ -20,7 +21,7 @@ from llm.data.gpt_dataset import split_ranges
 from llm.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from llm.data.sources import InputError, expand_inputs, iter_file_records
 from llm.data.tokenizer import TokenizerError
-from llm.eval.loading import default_device, load_trained_model, tokenizer_for
+from llm.eval.loading import default_device, eval_context, load_trained_model, tokenizer_for
 from llm.eval.perplexity import evaluate_stream, token_stream
 from llm.training.checkpoint import CheckpointError
 
@@ -55,14 +56,18 @@ def main() -> int:
     parser.add_argument("--tokenizer", help="override the run's tokenizer (for --input)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print a JSON line last")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by `deepspeed`
     args = parser.parse_args()
+    ctx = eval_context()  # several processes (torchrun / deepspeed / srun) split the windows
     try:
         cfg, model = load_trained_model(args.checkpoint, device=default_device())
         stream = _stream(args, cfg)
-        result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size)
+        result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx)
     except (CheckpointError, ConfigError, IndexedDatasetError, InputError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if ctx.rank != 0:
+        return 0
     print(f"perplexity: {result.perplexity:.4f} (loss {result.loss:.4f} over {result.tokens} tokens)")
     if args.json:
         print(json.dumps(result.as_dict()))

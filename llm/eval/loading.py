@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from llm.config import Config, ConfigError
 from llm.data.tokenizer import REPO_ROOT, load_tokenizer
 from llm.model.gpt import GPT
+from llm.parallel.context import ParallelContext, init_distributed
 from llm.training.checkpoint import CheckpointError, load_model_state
 
 
@@ -38,7 +40,16 @@ def tokenizer_for(cfg: Config, override: str | None = None) -> Any:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def eval_context() -> ParallelContext:
+    """One process, or every process a launcher started (torchrun, deepspeed, srun): evaluation
+    is then data-parallel (a full model per process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_distributed()
+        return ParallelContext.build(tp=1, pp=1)
+    return ParallelContext(world_size=1, rank=0)
 
 
 def fit_vocab_rows(state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:

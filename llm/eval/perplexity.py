@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from llm.data.sources import Record, parse_record
 from llm.model.gpt import GPT
+from llm.parallel.context import ParallelContext
 
 
 @dataclass
@@ -49,10 +50,25 @@ def windows(stream: np.ndarray, seq_length: int) -> Iterator[np.ndarray]:
         yield stream[start : start + seq_length + 1]
 
 
-@torch.no_grad()
 def evaluate_stream(
-    model: GPT, stream: np.ndarray, *, seq_length: int, batch_size: int = 8
+    model: GPT, stream: np.ndarray, *, seq_length: int, batch_size: int = 8, ctx: ParallelContext | None = None
 ) -> PerplexityResult:
+    """With a context of several processes, each takes windows k with k % world == rank (a full
+    model per process) and the sums are all-reduced: the result equals one process's."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    local_nll, local_count = _local_totals(model, stream, seq_length, batch_size, rank, world)
+    nll, count = local_nll, float(local_count)
+    if ctx is not None and world > 1:
+        nll, count = ctx.sum_over_world([nll, count])
+    if count == 0:
+        raise ValueError("the input holds fewer than 2 tokens: nothing to evaluate")
+    return PerplexityResult(loss=nll / count, tokens=int(count))
+
+
+@torch.no_grad()
+def _local_totals(
+    model: GPT, stream: np.ndarray, seq_length: int, batch_size: int, rank: int, world: int
+) -> tuple[float, int]:
     model.eval()
     device = next(model.parameters()).device
     total_nll = 0.0
@@ -70,13 +86,13 @@ def evaluate_stream(
         count += tokens[:, 1:].numel()
         batch.clear()
 
-    for w in windows(stream, seq_length):
+    for k, w in enumerate(windows(stream, seq_length)):
+        if k % world != rank:
+            continue
         if len(w) != seq_length + 1:
             flush()
         batch.append(np.asarray(w, dtype=np.int64))
         if len(batch) == batch_size or len(w) != seq_length + 1:
             flush()
     flush()
-    if count == 0:
-        raise ValueError("the input holds fewer than 2 tokens: nothing to evaluate")
-    return PerplexityResult(loss=total_nll / count, tokens=count)
+    return total_nll, count

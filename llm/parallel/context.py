@@ -44,8 +44,19 @@ def init_distributed(*, backend: str | None = None) -> tuple[int, int, int]:
             torch.cuda.set_device(local_rank)
         import deepspeed
 
+        skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False)
     return rank, world, local_rank
+
+
+def skip_deepspeed_shm_op() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce serves only `inference_all_reduce`, which llm never
+    calls; setting it up JIT-compiles a C++ op on first use and leaves a 66 MB file per rank in
+    /dev/shm that is never removed (a test suite filled 24 GB of RAM with them). Marking the op
+    incompatible makes DeepSpeed skip it; gloo/NCCL collectives are unaffected."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 @dataclass
@@ -197,6 +208,14 @@ class ParallelContext:
             dist.all_reduce(t, group=self.groups["dp"])
             t = t.cpu() / self.dp
         return [float(x) for x in t]
+
+    def sum_over_world(self, values: list[float]) -> list[float]:
+        """Sums (float64) over every process."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world_size > 1:
+            t = t.to(_comm_device())
+            dist.all_reduce(t)
+        return [float(x) for x in t.cpu()]
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any rank (one tiny all-reduce over the world)."""

@@ -2,16 +2,21 @@
 
 Layout of `checkpoint.dir`:
 
-    latest                      tag of the newest complete checkpoint (written last, by DeepSpeed)
+    latest                      tag of the newest complete checkpoint (written last, atomically)
     iter_0000100/
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files
-        llm_meta.json           iteration, consumed samples, our effective config, ZeRO stage, ...
+        llm_meta.json           iteration, consumed samples, our effective config, layout, ...
+        rng/rank_NNNNN.pt       every random stream of each rank
+        layout/rank_NNNNN.json  each rank's coordinates and files (for resuming at another layout)
+        MANIFEST.json           every file and its size, written when all ranks are done
+        universal/              full per-parameter state, made on the first resume at another layout
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import random
 import shutil
@@ -27,6 +32,7 @@ from llm.parallel.layers import merge_by_spec
 
 logger = logging.getLogger("llm")
 META = "llm_meta.json"
+MANIFEST = "MANIFEST.json"
 
 
 class CheckpointError(ValueError):
@@ -74,30 +80,87 @@ def config_from_meta(meta: dict[str, Any]) -> Config:
     return cfg
 
 
-def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, rank: int) -> Path:
-    """Saves through DeepSpeed (every rank) and writes llm_meta.json (rank 0)."""
-    directory = Path(cfg.checkpoint_dir)
+def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, ctx: Any) -> Path:
+    """Saves through DeepSpeed (every rank); the checkpoint becomes visible only when all ranks are done.
+
+    Order: llm_meta.json, per-rank RNG and layout files, DeepSpeed's files; a barrier; then rank 0
+    writes MANIFEST (every file and its size) and finally moves `latest` (atomic rename). A process
+    killed anywhere before that leaves `latest` on the previous checkpoint.
+    """
+    from llm.training.reshard import write_layout
+
+    directory, rank = Path(cfg.checkpoint_dir), ctx.rank
     tag = tag_for(int(state["iteration"]))
+    tag_dir = directory / tag
     meta = dict(
         state,
         config=cfg.to_dict(),
         zero_stage=int(engine.zero_optimization_stage()),
         tensor_parallel=cfg.parallel.tensor_model_parallel_size,
         pipeline_parallel=cfg.parallel.pipeline_model_parallel_size,
-        world_size=dist_world_size(),
+        world_size=ctx.world_size,
     )
-    # DeepSpeed writes `latest` after all ranks saved; write meta first so `latest` never names a
-    # checkpoint without it.
     if rank == 0:
-        (directory / tag).mkdir(parents=True, exist_ok=True)
-        (directory / tag / META).write_text(json.dumps(meta, indent=1))
-    rng = getattr(engine.module, "rng", None)
-    (directory / tag / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(rng), directory / tag / "rng" / f"rank_{rank:05d}.pt")
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"llm": meta})
-    if rank == 0 and cfg.checkpoint.keep_last:
-        _prune(directory, cfg.checkpoint.keep_last, keep=tag)
-    return directory / tag
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        (tag_dir / MANIFEST).unlink(missing_ok=True)  # a re-save of the same tag is incomplete until done
+        shutil.rmtree(tag_dir / "universal", ignore_errors=True)
+        (tag_dir / META).write_text(json.dumps(meta, indent=1))
+    ctx.barrier()
+    (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(getattr(engine.module, "rng", None)), tag_dir / "rng" / f"rank_{rank:05d}.pt")
+    write_layout(engine, ctx, tag_dir, rank=rank, num_layers=cfg.model.num_layers)
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"llm": meta}, save_latest=False)
+    ctx.barrier()  # DeepSpeed's own `latest` would not wait for the other ranks' files
+    if rank == 0:
+        _write_manifest(tag_dir)
+        _atomic_write(directory / "latest", tag)
+        if cfg.checkpoint.keep_last:
+            _prune(directory, cfg.checkpoint.keep_last, keep=tag)
+    ctx.barrier()
+    return tag_dir
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_manifest(tag_dir: Path) -> None:
+    files = {
+        str(f.relative_to(tag_dir)): f.stat().st_size
+        for f in sorted(tag_dir.rglob("*"))
+        if f.is_file() and f.name != MANIFEST and not f.relative_to(tag_dir).parts[0].startswith("universal")
+    }
+    _atomic_write(tag_dir / MANIFEST, json.dumps(files, indent=0))
+
+
+def verify_checkpoint(tag_dir: Path) -> None:
+    """Every file the MANIFEST lists is present with its size; raises CheckpointError naming the first that is not."""
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' is incomplete (no {MANIFEST}: its save was interrupted); use an earlier one"
+        )
+    try:
+        files = json.loads(manifest.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"'{manifest}' is damaged ({e}); use an earlier checkpoint") from None
+    for name, size in files.items():
+        f = tag_dir / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file '{f}' is missing; use an earlier checkpoint")
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint file '{f}' is damaged ({f.stat().st_size} bytes, {size} written); use an earlier checkpoint"
+            )
+
+
+def complete_tags(directory: Path) -> list[Path]:
+    """Checkpoints with a MANIFEST, newest first (the one `latest` names comes first)."""
+    tags = sorted((p for p in directory.glob("iter_*") if (p / MANIFEST).is_file()), reverse=True)
+    named = latest_tag(directory)
+    return sorted(tags, key=lambda p: p.name != named)
 
 
 def _prune(directory: Path, keep_last: int, *, keep: str) -> None:
@@ -107,29 +170,69 @@ def _prune(directory: Path, keep_last: int, *, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, path: str | Path, cfg: Config) -> dict[str, Any]:
-    """Loads model, optimizer and scheduler state; returns our saved state (iteration, ...)."""
+def choose_checkpoint(path: str | Path, *, fallback: bool) -> Path:
+    """The tag directory to resume from. With `fallback` (resume: auto), a damaged or incomplete newest
+    checkpoint is skipped with a warning for the newest complete one."""
     tag_dir = resolve_checkpoint(path)
+    if not fallback:
+        verify_checkpoint(tag_dir)
+        return tag_dir
+    candidates = [tag_dir] + [t for t in complete_tags(tag_dir.parent) if t != tag_dir]
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except CheckpointError as e:
+            logger.warning("skipping checkpoint: %s", e)
+    raise CheckpointError(f"no complete checkpoint in '{tag_dir.parent}'; start fresh with checkpoint.resume=none")
+
+
+def load_checkpoint(engine: Any, tag_dir: Path, cfg: Config, ctx: Any) -> dict[str, Any]:
+    """Loads model, optimizer and scheduler state of a verified tag directory; returns our saved
+    state (iteration, consumed samples, ...). At another layout the state is resharded (reshard.py)."""
     meta = read_meta(tag_dir)
-    saved = (int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1)))
-    ours = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    saved = layout_of(meta)
+    ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "zero": int(engine.zero_optimization_stage())}
     if saved != ours:
-        raise CheckpointError(
-            f"checkpoint '{tag_dir}' was written at TP {saved[0]} x PP {saved[1]}, this run is TP {ours[0]} x "
-            f"PP {ours[1]}: resuming at another tensor/pipeline layout is not supported yet; resume with the saved "
-            "layout, or start fresh with checkpoint.resume=none (evaluate.py reads checkpoints of any layout)"
-        )
-    loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return _load_resharded(engine, tag_dir, cfg, ctx, meta, saved, ours)
+    try:
+        loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"checkpoint '{tag_dir}' could not be read ({e}); use an earlier checkpoint") from None
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint '{tag_dir}'")
-    rng_file = tag_dir / "rng" / f"rank_{dist_rank():05d}.pt"
-    if rng_file.is_file() and int(meta.get("world_size", -1)) == dist_world_size():
-        restore_rng_state(torch.load(rng_file, weights_only=False), getattr(engine.module, "rng", None))
-    else:
-        logger.warning(
-            "checkpoint %s has no RNG state for this rank/world size; random streams restart", tag_dir
-        )
-    return dict(client["llm"]) if client and "llm" in client else meta
+    out = dict(client["llm"]) if client and "llm" in client else meta
+    rng_file = tag_dir / "rng" / f"rank_{ctx.rank:05d}.pt"
+    if rng_file.is_file():  # restored by the caller right before the first step
+        out["rng_state"] = torch.load(rng_file, weights_only=False)
+    return out
+
+
+def layout_of(meta: dict[str, Any]) -> dict[str, int]:
+    tp, pp = int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1))
+    return {"tp": tp, "pp": pp, "dp": int(meta.get("world_size", tp * pp)) // (tp * pp),
+            "zero": int(meta.get("zero_stage", 0))}  # fmt: skip
+
+
+def _load_resharded(
+    engine: Any, tag_dir: Path, cfg: Config, ctx: Any, meta: dict[str, Any], saved: dict, ours: dict
+) -> dict[str, Any]:
+    from llm.training import reshard
+
+    describe = "TP {tp} x PP {pp} x DP {dp}, ZeRO {zero}".format
+    logger.info("resuming %s written at %s as %s: resharding model and optimizer state",
+                tag_dir, describe(**saved), describe(**ours))  # fmt: skip
+    failed: Exception | None = None
+    if ctx.rank == 0:
+        try:
+            reshard.convert(tag_dir, cfg, meta)
+        except (CheckpointError, reshard.ReshardError) as e:
+            failed = e
+    if ctx.any_rank(failed is not None):
+        raise CheckpointError(str(failed or "resharding failed on rank 0; see its message"))
+    reshard.load_universal(engine, tag_dir / reshard.UNIVERSAL_DIR, cfg, ctx)
+    logger.warning("the layout changed: random streams (dropout) restart from the seed; data order is kept")
+    return meta
 
 
 def load_model_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:
@@ -177,7 +280,8 @@ def _read_pipeline_layers(tag_dir: Path, tp_rank: int, num_layers: int) -> dict[
                 f"model file '{file}' is damaged ({e}); use an earlier checkpoint"
             ) from None
         prefix = canonical_prefix(idx, num_layers)
-        state.update({prefix + k: v for k, v in layer.items()})
+        for k, v in layer.items():  # the first stage's copy of the tied embedding module wins
+            state.setdefault(prefix + k, v)
     return state
 
 
@@ -192,18 +296,6 @@ def _merge_tensor_parallel(
         spec = partition_spec_for(name, cfg.model, tp)
         out[name] = value if spec is None else merge_by_spec([s[name] for s in shards], spec)
     return out
-
-
-def dist_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def dist_world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rng_state(tracker: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from llm.data.tokenizer import load_tokenizer
 from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, init_distributed
 from llm.parallel.random import RNGTracker
-from llm.training.checkpoint import latest_tag, load_checkpoint, restore_rng_state
+from llm.training.checkpoint import choose_checkpoint, latest_tag, load_checkpoint, restore_rng_state
 from llm.training.lr_schedule import make_scheduler
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import ClippedAdamW
@@ -131,14 +131,15 @@ def run_pretraining(cfg: Config) -> TrainState:
     rng_state = None
     resume = _resume_path(cfg)
     if resume is not None:
-        saved = load_checkpoint(engine, resume, cfg)
+        tag_dir = choose_checkpoint(resume, fallback=cfg.checkpoint.resume == "auto")
+        saved = load_checkpoint(engine, tag_dir, cfg, ctx)
         rng_state = saved.get("rng_state")
         state = TrainState(
             iteration=int(saved["iteration"]),
             consumed_samples=int(saved["consumed_samples"]),
             wandb_run_id=saved.get("wandb_run_id"),
         )
-        logger.info("resumed from %s at iteration %d", resume, state.iteration)
+        logger.info("resumed from %s at iteration %d", tag_dir, state.iteration)
     gbs = cfg.train.global_batch_size
     sizes = SplitSizes(cfg.train.train_iters * gbs, cfg.eval.eval_iters * gbs, cfg.eval.eval_iters * gbs)
     train, valid, test = build_datasets(

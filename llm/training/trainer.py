@@ -194,7 +194,7 @@ class Trainer:
 
     def _save(self) -> None:
         self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
-        path = save_checkpoint(self.engine, self.cfg, asdict(self.state), rank=self.ctx.rank)
+        path = save_checkpoint(self.engine, self.cfg, asdict(self.state), ctx=self.ctx)
         logger.info("saved checkpoint %s", path)
 
     # -------------------------------------------------------------------------------- loop

@@ -263,12 +263,75 @@ def test_zero2_with_pipeline_is_refused_in_one_line(builtin_prefix: Path, tmp_pa
     assert "incompatible with pipeline parallelism" in p.stderr + p.stdout and "Traceback" not in p.stderr
 
 
-def test_resume_at_another_layout_is_refused_clearly(builtin_prefix: Path, tmp_path: Path) -> None:
-    _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path, "train.train_iters=2")]))
-    p = run(deepspeed_cmd(2, *_args(builtin_prefix, tmp_path, "parallel.tensor_model_parallel_size=2")))
-    assert p.returncode != 0
-    assert "resuming at another tensor/pipeline layout is not supported yet" in p.stderr + p.stdout
-    assert "Traceback" not in p.stderr
+Z = "deepspeed_config=configs/deepspeed/zero{}.json".format
+TP2, PP2 = "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ((2, [TP2]), (1, [])),
+        ((2, [PP2]), (2, [])),
+        ((2, [Z(1)]), (1, [Z(2)])),
+        ((4, [TP2, PP2, Z(1)]), (2, [Z(3)])),
+    ],
+    ids=["tp2_to_tp1", "pp2_to_pp1_dp2", "dp2_zero1_to_dp1_zero2", "tp2_pp2_zero1_to_dp2_zero3"],
+)
+def test_resume_at_another_layout_continues_the_curve(
+    first: tuple, second: tuple, builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    """Five iterations at one layout, the other five at another: the uninterrupted TP1 curve (1e-4),
+    so weights, AdamW moments and step, LR schedule and data position all carried over."""
+    (n1, a1), (n2, a2) = first, second
+    p = run(deepspeed_cmd(n1, *_args(builtin_prefix, tmp_path, *a1, "train.exit_interval=5")))
+    _check(p)
+    p = run(deepspeed_cmd(n2, *_args(builtin_prefix, tmp_path, *a2)))
+    _check(p)
+    assert "resharding model and optimizer state" in p.stdout + p.stderr
+    records = read_metrics(tmp_path)
+    assert [r["consumed_samples"] for r in records if "loss" in r] == [8 * i for i in range(1, ITERS + 1)]
+    _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-4)
+    universal = tmp_path / "checkpoints" / "iter_0000005" / "universal"
+    assert (universal / "state.pt").is_file() and (universal / "layers.1.attention.qkv.weight.pt").is_file()
+
+
+def test_auto_resume_skips_an_interrupted_or_damaged_checkpoint(
+    builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    """The on-disk state of a kill during the write of iteration 10 (no MANIFEST, `latest` still on 5,
+    a truncated shard), then a damaged file in the checkpoint `latest` names: resume: auto uses the
+    newest complete checkpoint, says which file it skipped, and finishes the same curve."""
+    args = _args(builtin_prefix, tmp_path, "checkpoint.save_interval=5")
+    _check(run(["python", script("pretrain.py"), *args]))
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text() == "iter_0000010" and (ckpt / "iter_0000005" / "MANIFEST.json").is_file()
+    model_file = ckpt / "iter_0000010" / "mp_rank_00_model_states.pt"
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[: len(data) // 2])  # damaged: half written
+    (tmp_path / "metrics.jsonl").write_text("")
+    p = run(["python", script("pretrain.py"), *args])
+    _check(p)
+    assert f"checkpoint file '{model_file}' is damaged" in p.stderr + p.stdout
+    assert "iter_0000005 at iteration 5" in p.stdout + p.stderr
+    assert train_losses(tmp_path) == single_process_losses[5:]
+    # interrupted: the save of iteration 10 never finished (no MANIFEST), `latest` names iteration 5
+    (ckpt / "iter_0000010" / "MANIFEST.json").unlink()
+    (ckpt / "latest").write_text("iter_0000005")
+    (tmp_path / "metrics.jsonl").write_text("")
+    p = run(["python", script("pretrain.py"), *args])
+    _check(p)
+    assert "iter_0000005 at iteration 5" in p.stdout + p.stderr and train_losses(tmp_path) == single_process_losses[5:]
+
+
+def test_an_explicit_damaged_checkpoint_is_one_clear_error(builtin_prefix: Path, tmp_path: Path) -> None:
+    args = _args(builtin_prefix, tmp_path, "train.train_iters=2")
+    _check(run(["python", script("pretrain.py"), *args]))
+    tag = tmp_path / "checkpoints" / "iter_0000002"
+    (tag / "mp_rank_00_model_states.pt").unlink()
+    p = run(["python", script("pretrain.py"), *args, "train.train_iters=4", f"checkpoint.resume={tag}"])
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"checkpoint file '{tag / 'mp_rank_00_model_states.pt'}' is missing" in p.stderr
 
 
 @pytest.mark.distributed

@@ -1,0 +1,311 @@
+"""Resume at another parallel layout: DeepSpeed's files of any TP x PP x DP and ZeRO stage ->
+full per-parameter state -> the shards of the running layout.
+
+How it works (automatic in `load_checkpoint` when the layout differs):
+
+1. At save time every rank writes `layout/rank_NNNNN.json`: its TP/PP/DP coordinates, the names
+   of its DeepSpeed model and optimizer files, and its optimizer's parameter order by name.
+2. On resume, rank 0 converts the checkpoint once into `universal/` next to DeepSpeed's files: one
+   file per plain-model parameter name holding the full fp32 weight and the full AdamW moments
+   (`exp_avg`, `exp_avg_sq`), plus `universal/state.pt` (optimizer step, LR scheduler, counters).
+   The conversion reads one pipeline stage's files at a time; it writes under a temporary name
+   and renames, so a killed conversion is redone, never half-read.
+3. Every rank then reads only the parameters it holds, cuts its tensor-parallel shard
+   (`shard_by_spec`, the same rule the layers use), and sets weights and moments through
+   DeepSpeed's fragment API (ZeRO 1/2/3) or the torch optimizer's state (ZeRO 0).
+
+Where DeepSpeed keeps AdamW's state (verified on DeepSpeed 0.19):
+- ZeRO 0: `mp_rank_XX_model_states.pt["optimizer"]`, a torch state dict indexed by parameter
+  position in the optimizer's groups (names from our layout file).
+- ZeRO 1/2: `zero_pp_rank_D_mp_rank_XX_optim_states.pt`: per group a flat fp32 partition of this
+  DP rank, with `param_slice_mappings` (name -> start, numel) and the base optimizer's flat state.
+  Partitions are contiguous, so a parameter is its fragments in DP-rank order.
+- ZeRO 3: every parameter is split into DP equal pieces (the last padded); the flat partition of
+  a rank is its pieces in parameter order (`param_shapes`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.config import Config
+from llm.model.gpt import partition_spec_for
+from llm.parallel.layers import merge_by_spec, shard_by_spec
+
+logger = logging.getLogger("llm")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+LAYOUT_DIR, UNIVERSAL_DIR = "layout", "universal"
+Tensors = dict[str, torch.Tensor]
+
+
+class ReshardError(ValueError):
+    """A checkpoint that cannot be converted to another layout; the message names the file and fix."""
+
+
+def canonical_name(name: str, num_layers: int) -> str:
+    """DeepSpeed pipeline names (`3.mlp.fc.weight`, `tied_modules.embed.embed.weight`) -> plain-model names."""
+    from llm.model.pipeline import canonical_prefix
+
+    if name.startswith("tied_modules."):
+        return name.split(".", 2)[2]
+    head, _, rest = name.partition(".")
+    return canonical_prefix(int(head), num_layers) + rest if head.isdigit() else name
+
+
+# ----------------------------------------------------------------------------- save side
+
+
+def write_layout(engine: Any, ctx: Any, tag_dir: Path, *, rank: int, num_layers: int) -> None:
+    """This rank's coordinates, file names and optimizer parameter order (for `convert`)."""
+    stage = int(engine.zero_optimization_stage())
+    groups = None  # ZeRO 1-3 files name their parameters; ZeRO 0's torch state dict counts them
+    if stage == 0:
+        names = {id(p): canonical_name(n, num_layers) for n, p in engine.module.named_parameters()}
+        groups = [[names[id(p)] for p in g["params"]] for g in engine.optimizer.param_groups]
+    info = {
+        "rank": rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
+        "zero_stage": stage, "bf16": bool(engine.bfloat16_enabled()),
+        "model_file": Path(engine._get_ckpt_name(str(tag_dir.parent), tag_dir.name)).name,
+        "optim_file": Path(engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name)).name if stage else None,
+        "groups": groups,
+    }  # fmt: skip
+    (tag_dir / LAYOUT_DIR).mkdir(parents=True, exist_ok=True)
+    (tag_dir / LAYOUT_DIR / f"rank_{rank:05d}.json").write_text(json.dumps(info))
+
+
+def _torch_optimizer(engine: Any) -> Any:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)  # ZeRO wrappers hold the torch optimizer as `.optimizer`
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _load(file: Path) -> Any:
+    if not file.is_file():
+        raise ReshardError(f"checkpoint file '{file}' is missing: the checkpoint is incomplete; use an earlier one")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ReshardError(f"checkpoint file '{file}' is damaged ({e}); use an earlier checkpoint") from None
+
+
+def _read_layouts(tag_dir: Path) -> list[dict[str, Any]]:
+    files = sorted((tag_dir / LAYOUT_DIR).glob("rank_*.json"))
+    if not files:
+        raise ReshardError(
+            f"checkpoint '{tag_dir}' has no {LAYOUT_DIR}/ files (written by an older llm): resume it at its "
+            "own layout, or start fresh from its weights"
+        )
+    return [json.loads(f.read_text()) for f in files]
+
+
+def _shard_state_zero0(tag_dir: Path, info: dict[str, Any]) -> tuple[dict[str, Tensors], dict[str, Any]]:
+    """ZeRO 0: moments of one (PP, TP) shard from the torch state dict (weights come separately)."""
+    sd = _load(tag_dir / info["model_file"])
+    opt = sd.get("optimizer") or {}
+    if info.get("bf16") or "state" not in opt:
+        raise ReshardError(
+            f"'{tag_dir / info['model_file']}' holds no plain optimizer state (bf16 without ZeRO); resume it "
+            "at its own layout"
+        )
+    out: dict[str, Tensors] = {}
+    flat_names = [n for g in info["groups"] for n in g]
+    for idx, name in enumerate(flat_names):
+        st = opt["state"].get(idx, {})
+        out[name] = {k: st[k].float() for k in MOMENTS if k in st}
+    step = next((float(st["step"]) for st in opt["state"].values() if "step" in st), 0.0)
+    return out, {"step": step}
+
+
+def _shard_state_zero12(
+    tag_dir: Path, infos: list[dict[str, Any]], groups: list[dict[str, torch.Size]], num_layers: int
+) -> tuple[dict[str, Tensors], dict[str, Any]]:
+    """ZeRO 1/2: concatenate each parameter's fragments over the DP ranks of one (PP, TP) shard."""
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    step = 0.0
+    for info in sorted(infos, key=lambda i: i["dp_rank"]):
+        osd = _load(tag_dir / info["optim_file"])["optimizer_state_dict"]
+        base = osd["base_optimizer_state"]["state"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **{k: base[g][k] for k in MOMENTS}}
+            step = float(base[g]["step"])
+            for raw, frag in mapping.items():
+                name = canonical_name(raw, num_layers)
+                for key, t in flat.items():
+                    pieces[name][key].append(t.narrow(0, frag.start, frag.numel))
+    shapes = {n: s for g in groups for n, s in g.items()}
+    out = {
+        name: {k: torch.cat(v).float().view(shapes[name]) for k, v in parts.items()} for name, parts in pieces.items()
+    }
+    return out, {"step": step}
+
+
+def _shard_state_zero3(
+    tag_dir: Path, infos: list[dict[str, Any]], groups: list[dict[str, torch.Size]], num_layers: int
+) -> tuple[dict[str, Tensors], dict[str, Any]]:
+    """ZeRO 3: each parameter is DP equal pieces (last padded), laid out in parameter order per group."""
+    infos = sorted(infos, key=lambda i: i["dp_rank"])
+    dp = len(infos)
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    step = 0.0
+    for info in infos:
+        osd = _load(tag_dir / info["optim_file"])["optimizer_state_dict"]
+        base = osd["optimizer_state_dict"]["state"]
+        for g, shapes in enumerate(groups):
+            flat = {"fp32": osd["fp32_flat_groups"][g], **{k: base[g][k] for k in MOMENTS}}
+            step = float(base[g]["step"])
+            offset = 0
+            for name, shape in shapes.items():
+                part = math.ceil(math.prod(shape) / dp)
+                for key, t in flat.items():
+                    pieces[name][key].append(t.narrow(0, offset, part))
+                offset += part
+    shapes = {n: s for g in groups for n, s in g.items()}
+    out = {}
+    for name, parts in pieces.items():
+        numel = math.prod(shapes[name])
+        out[name] = {k: torch.cat(v)[:numel].float().view(shapes[name]) for k, v in parts.items()}
+    return out, {"step": step}
+
+
+def _param_shapes(tag_dir: Path, info: dict[str, Any], num_layers: int) -> list[dict[str, torch.Size]]:
+    """Per optimizer group, plain-model name -> shape, in the group's order (DeepSpeed's `param_shapes`)."""
+    sd = _load(tag_dir / info["model_file"])
+    return [{canonical_name(n, num_layers): s for n, s in g.items()} for g in sd.get("param_shapes") or []]
+
+
+def _stage_state(tag_dir: Path, infos: list[dict[str, Any]], cfg: Config, tp: int) -> tuple[dict[str, Tensors], float]:
+    """Full (TP-merged) moments, and fp32 weights where the optimizer keeps them, of one pipeline stage."""
+    L = cfg.model.num_layers
+    by_tp: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for info in infos:
+        by_tp[info["tp_rank"]].append(info)
+    shards, step = [], 0.0
+    for t in range(tp):
+        group = by_tp[t]
+        stage = group[0]["zero_stage"]
+        if stage == 0:
+            state, extra = _shard_state_zero0(tag_dir, next(i for i in group if i["dp_rank"] == 0))
+        else:
+            reader = _shard_state_zero3 if stage == 3 else _shard_state_zero12
+            state, extra = reader(tag_dir, group, _param_shapes(tag_dir, group[0], L), L)
+        shards.append(state)
+        step = extra["step"]
+    merged: dict[str, Tensors] = {}
+    for name, first in shards[0].items():
+        spec = partition_spec_for(name, cfg.model, tp)
+        merged[name] = {
+            k: v if spec is None else merge_by_spec([s[name][k] for s in shards], spec) for k, v in first.items()
+        }
+    return merged, step
+
+
+def convert(tag_dir: Path, cfg: Config, meta: dict[str, Any]) -> Path:
+    """Writes `tag_dir/universal/` (once; reused by later resumes) and returns it."""
+    from llm.training.checkpoint import load_model_state
+
+    out = tag_dir / UNIVERSAL_DIR
+    if (out / "state.pt").is_file():
+        return out
+    layouts = _read_layouts(tag_dir)
+    tp = int(meta.get("tensor_parallel", 1))
+    tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _, weights, _ = load_model_state(tag_dir)  # full fp32 weights (the master copy in fp32 training)
+    by_stage: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for info in layouts:
+        by_stage[info["pp_rank"]].append(info)
+    step, written = 0.0, set()
+    for pp_rank in sorted(by_stage):
+        state, step = _stage_state(tag_dir, by_stage[pp_rank], cfg, tp)
+        for name, entry in state.items():
+            if name in written:  # the last stage's copy of the tied embedding module: the first stage's
+                continue  # is the trained one (its position table is unused, and untrained, there)
+            written.add(name)
+            entry.setdefault("fp32", weights[name])
+            torch.save({k: v.contiguous() for k, v in entry.items()}, tmp / f"{name}.pt")
+    model = _load(tag_dir / layouts[0]["model_file"])
+    torch.save(
+        {"step": step, "lr_scheduler": model.get("lr_scheduler"), "global_steps": model.get("global_steps"),
+         "global_samples": model.get("global_samples")},
+        tmp / "state.pt",
+    )  # fmt: skip
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- load side
+
+
+def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
+    """Sets this rank's weights, fp32 master copies and AdamW moments from `universal/`."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from llm.eval.loading import fit_vocab_rows
+
+    stage = int(engine.zero_optimization_stage())
+    state = _load(universal / "state.pt")
+    step = float(state["step"])
+    opt = _torch_optimizer(engine)
+    if stage:
+        _init_flat_state(engine, opt, step)
+    for name, p in engine.module.named_parameters():
+        cname = canonical_name(name, cfg.model.num_layers)
+        entry = _load(universal / f"{cname}.pt")
+        spec = partition_spec_for(cname, cfg.model, ctx.tp)
+        local = {}
+        for key, full in entry.items():
+            full = fit_vocab_rows({cname: full}, cfg.model.padded_vocab_size(ctx.tp))[cname]
+            local[key] = full if spec is None else shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
+        _set_param(p, local["fp32"], stage)
+        if stage == 0:
+            opt.state[p] = {"step": torch.tensor(step), **{k: local[k].to(p.device).clone() for k in MOMENTS}}
+            continue
+        safe_set_full_fp32_param(p, local["fp32"].to(p.device))
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(p, local[key].to(p.device), key)
+    if stage:
+        for st in opt.state.values():
+            st["step"] = torch.tensor(step) if torch.is_tensor(st.get("step")) else step
+    scheduler = engine.lr_scheduler
+    if state.get("lr_scheduler") and scheduler is not None:
+        scheduler.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the next step's rate; loading a state dict alone leaves the old one
+    engine.global_steps = int(state.get("global_steps") or 0)
+    engine.global_samples = int(state.get("global_samples") or 0)
+
+
+def _init_flat_state(engine: Any, opt: Any, step: float) -> None:
+    """ZeRO creates AdamW's state at the first step; create it now (zeros) and link DeepSpeed's
+    per-parameter fragment views to it, so the fragment API can fill it."""
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO 3 swaps param_groups
+    for flat in flats or [p for group in opt.param_groups for p in group["params"]]:
+        if any(k not in opt.state.get(flat, {}) for k in MOMENTS):
+            opt.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO 1/2 (stage 3 looks the state up on every call)
+        link()
+
+
+def _set_param(p: torch.nn.Parameter, value: torch.Tensor, stage: int) -> None:
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(value.to(p.device, p.dtype))
+        return
+    with torch.no_grad():
+        p.data.copy_(value.to(p.device, p.dtype))
