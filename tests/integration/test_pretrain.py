@@ -381,3 +381,28 @@ def test_sigterm_saves_and_exits_zero(builtin_prefix: Path, tmp_path: Path) -> N
     last = [r["iteration"] for r in read_metrics(tmp_path) if "loss" in r][-1]
     assert f"stopped at iteration {last} (SIGTERM)" in out
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{last:07d}"
+
+
+def test_resumed_run_continues_the_same_wandb_run(builtin_prefix: Path, tmp_path: Path) -> None:
+    args = _args(builtin_prefix, tmp_path, "logging.wandb_mode=offline", "train.exit_interval=5")
+    env = {"WANDB_SILENT": "true"}
+    _check(run(["python", script("pretrain.py"), *args], env=env))
+    _check(run(["python", script("pretrain.py"), *args], env=env))
+    ckpt = tmp_path / "checkpoints"
+    first = json.loads((ckpt / "iter_0000005" / "llm_meta.json").read_text())["wandb_run_id"]
+    second = json.loads((ckpt / "iter_0000010" / "llm_meta.json").read_text())["wandb_run_id"]
+    assert first and first == second
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{first}") for name in runs), runs
+
+
+@pytest.mark.distributed
+def test_evaluate_on_two_processes_matches_one(builtin_prefix: Path, reference_run: Path) -> None:
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           script("evaluate.py"), "--checkpoint", str(reference_run / "checkpoints"), "--data",
+           str(builtin_prefix), "--split", "valid", "--json"]  # fmt: skip
+    p = run(cmd)
+    _check(p)
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    ref = _perplexity(reference_run / "checkpoints", builtin_prefix)
+    assert got["tokens"] == ref["tokens"] and abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-6
