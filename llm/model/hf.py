@@ -70,6 +70,8 @@ def hf_config(cfg: ModelConfig) -> Any:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         tie_word_embeddings=cfg.tied,
+        bos_token_id=None,  # GPT-2's 50256 is not in our vocabulary; the exporter sets the tokenizer's
+        eos_token_id=None,
     )
 
 

@@ -112,7 +112,7 @@ def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, ctx: Any
     engine.save_checkpoint(str(directory), tag=tag, client_state={"llm": meta}, save_latest=False)
     ctx.barrier()  # DeepSpeed's own `latest` would not wait for the other ranks' files
     if rank == 0:
-        _write_manifest(tag_dir)
+        write_manifest(tag_dir)
         _atomic_write(directory / "latest", tag)
         if cfg.checkpoint.keep_last:
             _prune(directory, cfg.checkpoint.keep_last, keep=tag)
@@ -126,7 +126,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_manifest(tag_dir: Path) -> None:
+def write_manifest(tag_dir: Path) -> None:
     files = {
         str(f.relative_to(tag_dir)): f.stat().st_size
         for f in sorted(tag_dir.rglob("*"))
@@ -241,7 +241,10 @@ def load_model_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor],
     meta = read_meta(tag_dir)
     cfg = config_from_meta(meta)
     tp, pp = int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1))
-    if int(meta.get("zero_stage", 0)) == 3:
+    if "imported_from" in meta:  # scripts/convert_to_hf.py --import: only the layout-independent form
+        files = sorted((tag_dir / "universal").glob("*.pt"))
+        state = {f.stem: torch.load(f, weights_only=False)["fp32"] for f in files if f.name != "state.pt"}
+    elif int(meta.get("zero_stage", 0)) == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

@@ -82,3 +82,22 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
         load_tokenizer(bad)
+
+
+def test_exported_hf_tokenizer_encodes_and_decodes_exactly_as_sentencepiece(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    from llm.data.builtin_corpus import iter_documents
+    from llm.data.tokenizer import load_tokenizer
+    from llm.export.tokenizer import sentencepiece_to_hf
+    from tests.conftest import TOKENIZER
+
+    path = str(TOKENIZER)
+    sentencepiece_to_hf(path).save_pretrained(tmp_path)
+    hf, ours = AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(path)
+    docs = [d for _, d in zip(range(200), iter_documents())]
+    docs += ["a  b   c", "  lead", "trail  ", "x\n\ny\t", "3.14159", "héllo ✓ 😀 中文", "<|reserved_0|> </s><s>", ""]
+    for doc in docs:
+        ids = ours.encode(doc)
+        assert hf.encode(doc) == ids and hf(doc)["input_ids"] == ids, doc[:60]
+        assert hf.decode(ids) == doc
