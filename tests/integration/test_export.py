@@ -89,3 +89,22 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     # same seed and batch sizes: the first batch is the original run's first batch, which the trained
     # (imported) weights predict better than the fresh ones did
     assert len(losses) == 4 and losses[0] < train_losses(run_dir)[0] - 0.1
+
+
+def test_llama_export_loads_as_llama_and_agrees(builtin_prefix: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from llm.eval.loading import load_trained_model
+
+    args = ["--config", "configs/tiny_cpu.yaml", *TINY_OVERRIDES, f"data.train_data_path={builtin_prefix}",
+            f"logging.dir={tmp_path}", "train.train_iters=2", "model.architecture=llama",
+            "model.num_query_groups=1"]  # fmt: skip
+    _check(run(["python", script("pretrain.py"), *args]))
+    _check(run(["python", script("convert_to_hf.py"), "--checkpoint", str(tmp_path / "checkpoints"),
+                "--output", str(tmp_path / "hf")]))  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_key_value_heads == 1
+    cfg, ours = load_trained_model(tmp_path / "checkpoints")
+    x = torch.randint(0, cfg.model.vocab_size or 1, (2, 32))
+    with torch.no_grad():
+        assert (ours(x)[..., : cfg.model.vocab_size] - model(x).logits).abs().max().item() < 1e-4

@@ -406,3 +406,33 @@ def test_evaluate_on_two_processes_matches_one(builtin_prefix: Path, reference_r
     got = json.loads(p.stdout.strip().splitlines()[-1])
     ref = _perplexity(reference_run / "checkpoints", builtin_prefix)
     assert got["tokens"] == ref["tokens"] and abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-6
+
+
+def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(builtin_prefix: Path, tmp_path: Path) -> None:
+    """A real kill -9 while saving every iteration (a model big enough that writes take a while):
+    `latest` always names a complete checkpoint, and the run resumes from it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    big = ["model.hidden_size=256", "model.num_layers=4", "checkpoint.save_interval=1", "train.train_iters=40"]
+    args = _args(builtin_prefix, tmp_path, *big)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["python", script("pretrain.py"), *args], cwd=Path(script("pretrain.py")).parents[1],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpt = tmp_path / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(ckpt.glob("iter_*"))) < 3:
+        time.sleep(0.05)
+    time.sleep(0.15)  # somewhere inside a step or a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    from llm.training.checkpoint import verify_checkpoint
+
+    latest = ckpt / (ckpt / "latest").read_text().strip()
+    verify_checkpoint(latest)  # complete, whatever the moment of the kill
+    p = run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path, *big, "train.train_iters=" +
+                                                     str(int(latest.name[5:]) + 1))])  # fmt: skip
+    _check(p)
+    assert f"resumed from {latest}" in p.stdout + p.stderr
