@@ -2,6 +2,7 @@
 
 deepspeed scripts/pretrain.py --config configs/tiny_cpu.yaml [section.key=value ...]
 torchrun --nproc_per_node 2 scripts/pretrain.py --config ... ;  python scripts/pretrain.py --config ...
+srun / mpirun ... python scripts/pretrain.py --config ...   (multi-node: scripts/launch/)
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from llm.data.gpt_dataset import DatasetTooSmallError
 from llm.data.indexed_dataset import IndexedDatasetError
 from llm.data.loader import DataConfigError
 from llm.data.tokenizer import TokenizerError
+from llm.parallel.launcher import LaunchError
 from llm.training.checkpoint import CheckpointError
 from llm.training.trainer import TrainingError
 
 USER_ERRORS = (
     ConfigError, DataConfigError, DatasetTooSmallError, IndexedDatasetError, TokenizerError, CheckpointError, TrainingError,
+    LaunchError,
 )  # fmt: skip
 
 

@@ -63,6 +63,16 @@ def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
     ]
 
 
+def launch_cmd(nproc: int, *args: str) -> list[str]:
+    """pretrain.py on `nproc` processes with the cheapest launcher: plain python for one, torchrun for
+    several (each `deepspeed` launch spends ~7 s importing DeepSpeed twice before the workers start;
+    the tests that are about the deepspeed launcher use `deepspeed_cmd`)."""
+    if nproc == 1:
+        return [str(BIN / "python"), script("pretrain.py"), *args]
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+            script("pretrain.py"), *args]  # fmt: skip
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -87,3 +97,38 @@ def builtin_prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     records = (Record("str", t, "builtin", i) for i, t in enumerate(iter_documents(), 1))
     preprocess(records, tokenizer=str(TOKENIZER), output_prefix=out, workers=1, progress=False)
     return out
+
+
+ITERS = 10
+
+
+def tiny_args(prefix: Path, run_dir: Path, *extra: str) -> list[str]:
+    """pretrain.py arguments for the tiny model on the built-in corpus, ITERS iterations."""
+    return [
+        "--config", "configs/tiny_cpu.yaml", *TINY_OVERRIDES,
+        f"data.train_data_path={prefix}", f"logging.dir={run_dir}", f"train.train_iters={ITERS}", *extra,
+    ]  # fmt: skip
+
+
+def check(p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def assert_same_curve(got: list[float], ref: list[float], tol: float) -> None:
+    assert len(got) == len(ref)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
+    assert worst < tol, f"relative difference {worst:.2e}: {got} vs {ref}"
+
+
+@pytest.fixture(scope="session")
+def reference_run(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one plain `python` process (TP 1, DP 1), global batch 8 as 4 micro-batches of 2."""
+    run_dir = tmp_path_factory.mktemp("ref")
+    check(run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, run_dir)]))
+    assert len(train_losses(run_dir)) == ITERS
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def single_process_losses(reference_run: Path) -> list[float]:
+    return train_losses(reference_run)

@@ -12,6 +12,7 @@ from llm.config import Config, ConfigError
 from llm.data.tokenizer import REPO_ROOT, load_tokenizer
 from llm.model.gpt import GPT
 from llm.parallel.context import ParallelContext, init_distributed
+from llm.parallel.launcher import detect_launch
 from llm.training.checkpoint import CheckpointError, load_model_state
 
 
@@ -46,7 +47,7 @@ def default_device() -> str:
 def eval_context() -> ParallelContext:
     """One process, or every process a launcher started (torchrun, deepspeed, srun): evaluation
     is then data-parallel (a full model per process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if detect_launch().world_size > 1:
         init_distributed()
         return ParallelContext.build(tp=1, pp=1)
     return ParallelContext(world_size=1, rank=0)

@@ -13,40 +13,32 @@ data-parallel group only and gradient clipping counts tensor-sharded parameters 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from llm.parallel.launcher import LaunchEnv, detect_launch
 
 
-def init_distributed(*, backend: str | None = None) -> tuple[int, int, int]:
-    """Initializes torch.distributed from the launcher's environment; returns (rank, world, local rank).
+def init_distributed(*, backend: str | None = None) -> LaunchEnv:
+    """Initializes torch.distributed from whichever launcher started this process.
 
-    Works under `deepspeed`, `torchrun` and as plain `python` (one process: a private loopback
-    rendezvous is set up).
+    deepspeed, torchrun, srun, mpirun/mpiexec or plain `python` (one process: a private loopback
+    rendezvous); `llm.parallel.launcher` reads their variables through one code path.
     """
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launch = detect_launch()
+    launch.export(os.environ)
     if not dist.is_initialized():
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if chosen == "nccl":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(launch.local_rank % max(torch.cuda.device_count(), 1))
         import deepspeed
 
         skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False)
-    return rank, world, local_rank
+    return launch
 
 
 def skip_deepspeed_shm_op() -> None:
@@ -97,27 +89,7 @@ class ParallelContext:
         ctx = cls(world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp)
         if ctx.world_size % (tp * pp):
             raise ValueError(f"world size {ctx.world_size} is not divisible by TP x PP = {tp} x {pp}")
-        grids = {
-            "tp": [
-                [ctx.coord_to_rank(pp=p, dp=d, tp=t) for t in range(tp)]
-                for p in range(pp)
-                for d in range(ctx.dp)
-            ],
-            "dp": [
-                [ctx.coord_to_rank(pp=p, dp=d, tp=t) for d in range(ctx.dp)]
-                for p in range(pp)
-                for t in range(tp)
-            ],
-            "pp": [
-                [ctx.coord_to_rank(pp=p, dp=d, tp=t) for p in range(pp)]
-                for d in range(ctx.dp)
-                for t in range(tp)
-            ],
-            "mp": [
-                [ctx.coord_to_rank(pp=p, dp=d, tp=t) for p in range(pp) for t in range(tp)]
-                for d in range(ctx.dp)
-            ],
-        }
+        grids = ctx.grid()
         for name, lists in grids.items():
             for ranks in lists:
                 group = dist.new_group(ranks) if len(ranks) < ctx.world_size else dist.group.WORLD
@@ -126,6 +98,16 @@ class ParallelContext:
                     ctx.groups[name + "_ranks"] = ranks
         return ctx
 
+    def grid(self) -> dict[str, list[list[int]]]:
+        """Every group of each kind as lists of global ranks: tp, dp, pp and mp (= tp x pp)."""
+        tp, pp, dp, at = self.tp, self.pp, self.dp, self.coord_to_rank
+        return {
+            "tp": [[at(pp=p, dp=d, tp=t) for t in range(tp)] for p in range(pp) for d in range(dp)],
+            "dp": [[at(pp=p, dp=d, tp=t) for d in range(dp)] for p in range(pp) for t in range(tp)],
+            "pp": [[at(pp=p, dp=d, tp=t) for p in range(pp)] for d in range(dp) for t in range(tp)],
+            "mp": [[at(pp=p, dp=d, tp=t) for p in range(pp) for t in range(tp)] for d in range(dp)],
+        }
+
     def tp_subgroup(self, size: int) -> Any:
         """The group of `size` consecutive ranks inside this rank's TP group (created on first use;
         every rank must ask for the same sizes in the same order, as model construction does)."""
@@ -133,20 +115,13 @@ class ParallelContext:
         if key not in self.groups:
             if self.tp % size:
                 raise ValueError(f"a TP subgroup of {size} ranks does not divide TP size {self.tp}")
-            for tp_ranks in self._all_tp_groups():
+            for tp_ranks in self.grid()["tp"]:
                 for start in range(0, self.tp, size):
                     ranks = tp_ranks[start : start + size]
                     group = dist.new_group(ranks)
                     if self.rank in ranks:
                         self.groups[key] = group
         return self.groups[key]
-
-    def _all_tp_groups(self) -> list[list[int]]:
-        return [
-            [self.coord_to_rank(pp=p, dp=d, tp=t) for t in range(self.tp)]
-            for p in range(self.pp)
-            for d in range(self.dp)
-        ]
 
     def describe(self) -> str:
         return f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}"
@@ -209,6 +184,14 @@ class ParallelContext:
             t = t.cpu() / self.dp
         return [float(x) for x in t]
 
+    def max_over_world(self, value: float) -> float:
+        """The largest `value` of any process."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def sum_over_world(self, values: list[float]) -> list[float]:
         """Sums (float64) over every process."""
         t = torch.tensor(values, dtype=torch.float64)
@@ -227,6 +210,14 @@ class ParallelContext:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj]

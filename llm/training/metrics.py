@@ -119,6 +119,8 @@ class MetricsLogger:
         extra = ""
         if record.get("mfu") is not None:
             extra = f" | {record['tflops_per_gpu']:.1f} TFLOP/s/gpu | mfu {100 * record['mfu']:.1f}%"
+        if record.get("peak_memory_gb") is not None:
+            extra += f" | peak mem {record['peak_memory_gb']:.2f} GB"
         logger.info(
             "iter   %6d/%d (%3.0f%%) | loss %.4f | lr %.3e | grad_norm %.3f | %s tok/s | %.3f s/it%s | eta %s",
             it,

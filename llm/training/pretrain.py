@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -13,15 +12,17 @@ import numpy as np
 import torch
 import yaml
 
-from llm.config import Config, ConfigError, build_deepspeed_config
+from llm.config import Config, ConfigError, build_deepspeed_config, validate_world
 from llm.data.gpt_dataset import GPTDataset
 from llm.data.loader import SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer
 from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, init_distributed
+from llm.parallel.layout import gather_layout
 from llm.parallel.random import RNGTracker
 from llm.training.checkpoint import choose_checkpoint, latest_tag, load_checkpoint, restore_rng_state
 from llm.training.lr_schedule import make_scheduler
+from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import ClippedAdamW
 from llm.training.trainer import Trainer, TrainState
@@ -92,15 +93,20 @@ def _resume_path(cfg: Config) -> str | None:
 def run_pretraining(cfg: Config) -> TrainState:
     import deepspeed
 
-    rank, world, _ = init_distributed()
+    launch = init_distributed()
+    rank, world = launch.rank, launch.world_size
     setup_logging(rank)
+    validate_world(cfg, world)  # before building groups: a bad TP x PP is one clear line
     ctx = ParallelContext.build(
         tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size
     )
+    layout = gather_layout(ctx, launch)
     resolve_vocab(cfg)
     ds_config = build_deepspeed_config(cfg, world, cuda=torch.cuda.is_available())
     if rank == 0:
         write_effective_config(cfg, ds_config)
+        (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
+        logger.info("%s", layout.describe())
     seed_everything(cfg.train.seed)
     rng = RNGTracker()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,6 +133,8 @@ def run_pretraining(cfg: Config) -> TrainState:
         lr_scheduler=make_scheduler(cfg.train),
         mpu=ctx if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
     )
+    peak_memory = PeakMemory()
+    peak_memory.reset()  # peak_memory_gb in the metrics: the model and optimizer, plus what training adds
     state = TrainState()
     rng_state = None
     resume = _resume_path(cfg)
@@ -149,7 +157,7 @@ def run_pretraining(cfg: Config) -> TrainState:
     metrics = MetricsLogger(cfg, enabled=rank == 0, run_id=state.wandb_run_id)
     trainer = Trainer(
         cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test,
-        metrics=metrics, state=state, num_params=num_params,
+        metrics=metrics, state=state, num_params=num_params, peak_memory=peak_memory,
     )  # fmt: skip
     if rng_state is not None:  # last, after everything that might draw random numbers during setup
         restore_rng_state(rng_state, rng)
@@ -157,7 +165,3 @@ def run_pretraining(cfg: Config) -> TrainState:
         return trainer.train()
     finally:
         metrics.finish()
-
-
-def local_rank_env() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -16,6 +16,7 @@ from llm.data.loader import GlobalBatchSampler, make_loader
 from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
 from llm.training.checkpoint import save_checkpoint
+from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger, gpu_peak_tflops, model_flops_per_token
 from llm.training.signals import StopRequest
 
@@ -47,8 +48,10 @@ class Trainer:
         metrics: MetricsLogger,
         state: TrainState,
         num_params: int,
+        peak_memory: PeakMemory | None = None,
     ) -> None:
         self.cfg = cfg
+        self.peak_memory = peak_memory
         self.ctx = ctx
         self.engine = engine
         self.train_data = train_data
@@ -167,6 +170,9 @@ class Trainer:
             "step_time": step_time,
             "consumed_samples": self.state.consumed_samples,
         }
+        if self.peak_memory is not None:
+            peak = self.ctx.max_over_world(float(self.peak_memory.peak_bytes() or -1))
+            record["peak_memory_gb"] = peak / 2**30 if peak >= 0 else None  # the largest of any rank
         if torch.cuda.is_available():
             tflops = self.flops_per_token * tokens / step_time / self.ctx.world_size / 1e12
             record["tflops_per_gpu"] = tflops

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_OVERRIDES, deepspeed_cmd, run, script, train_losses
+from tests.conftest import TINY_OVERRIDES, launch_cmd, run, script, train_losses
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     args = ["--config", "configs/tiny_cpu.yaml", *TINY_OVERRIDES, f"data.train_data_path={builtin_prefix}",
             f"logging.dir={run_dir}", "train.train_iters=4", "parallel.tensor_model_parallel_size=2",
             "parallel.pipeline_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json"]  # fmt: skip
-    _check(run(deepspeed_cmd(4, *args)))
+    _check(run(launch_cmd(4, *args)))
     hf_dir = tmp_path / "hf"
     _check(run(["python", script("convert_to_hf.py"), "--checkpoint", str(run_dir / "checkpoints"),
                 "--output", str(hf_dir)]))  # fmt: skip
@@ -83,7 +83,7 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     cont = tmp_path / "continued"
     resume = ["--config", str(imported / "config.yaml"), *TINY_OVERRIDES[4:], f"data.train_data_path={builtin_prefix}",
               f"logging.dir={cont}", "train.train_iters=4", f"checkpoint.resume={imported}"]  # fmt: skip
-    p = run(deepspeed_cmd(2, *resume, "parallel.tensor_model_parallel_size=2"))
+    p = run(launch_cmd(2, *resume, "parallel.tensor_model_parallel_size=2"))
     _check(p)
     losses = train_losses(cont)
     # same seed and batch sizes: the first batch is the original run's first batch, which the trained

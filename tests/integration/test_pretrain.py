@@ -1,4 +1,6 @@
-"""pretrain.py through the real launchers (deepspeed, torchrun, python) on CPU with gloo."""
+"""pretrain.py through the real launchers (deepspeed, torchrun, python) on CPU with gloo.
+
+Multi-node launches (the scripts in scripts/launch/) are in test_multinode.py."""
 
 from __future__ import annotations
 
@@ -9,42 +11,21 @@ import pytest
 
 from tests.conftest import (
     BIN,
-    TINY_OVERRIDES,
+    ITERS,
+    assert_same_curve,
+    check,
     deepspeed_cmd,
     free_port,
+    launch_cmd,
     read_metrics,
     run,
     script,
+    tiny_args,
     train_losses,
 )
 
 pytestmark = pytest.mark.integration
-ITERS = 10
-
-
-def _args(prefix: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", "configs/tiny_cpu.yaml", *TINY_OVERRIDES,
-        f"data.train_data_path={prefix}", f"logging.dir={run_dir}", f"train.train_iters={ITERS}", *extra,
-    ]  # fmt: skip
-
-
-def _check(p) -> None:
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def reference_run(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: one plain `python` process (TP 1, DP 1), global batch 8 as 4 micro-batches of 2."""
-    run_dir = tmp_path_factory.mktemp("ref")
-    _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, run_dir)]))
-    assert len(train_losses(run_dir)) == ITERS
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def single_process_losses(reference_run: Path) -> list[float]:
-    return train_losses(reference_run)
+_args, _check, _assert_same_curve = tiny_args, check, assert_same_curve
 
 
 def _perplexity(checkpoint: Path, prefix: Path) -> dict:
@@ -52,12 +33,6 @@ def _perplexity(checkpoint: Path, prefix: Path) -> dict:
              "--split", "valid", "--json"])  # fmt: skip
     _check(p)
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def _assert_same_curve(got: list[float], ref: list[float], tol: float) -> None:
-    assert len(got) == len(ref)
-    worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-    assert worst < tol, f"relative difference {worst:.2e}: {got} vs {ref}"
 
 
 @pytest.mark.distributed
@@ -68,26 +43,10 @@ def test_two_processes_match_one_at_every_zero_stage(
     name: str, stage: int, builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
 ) -> None:
     args = _args(builtin_prefix, tmp_path, f"deepspeed_config=configs/deepspeed/{name}.json")
-    _check(run(deepspeed_cmd(2, *args)))
+    _check(run(launch_cmd(2, *args)))
     _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
     config = json.loads((tmp_path / "deepspeed_config.json").read_text())
     assert config["zero_optimization"]["stage"] == stage and config["gradient_accumulation_steps"] == 2
-
-
-@pytest.mark.distributed
-def test_torchrun_matches_one_process(
-    builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
-) -> None:
-    cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        script("pretrain.py"),
-    ]
-    _check(run(cmd + _args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero1.json")))
-    _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
 
 
 def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
@@ -149,7 +108,7 @@ def test_zero3_checkpoint_loads_for_evaluation(builtin_prefix: Path, tmp_path: P
     args = _args(
         builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero3.json", "train.train_iters=3"
     )
-    _check(run(deepspeed_cmd(2, *args)))
+    _check(run(launch_cmd(2, *args)))
     text = tmp_path / "held_out.txt"
     text.write_text("The list type is a mutable sequence.\n" * 20)
     p = run(
@@ -214,7 +173,7 @@ def test_tp2_dp2_matches_one_process(
     """TP=2 x DP=2 (4 processes) through deepspeed: the loss curve of TP=1 x DP=1 at the same global batch."""
     args = _args(builtin_prefix, tmp_path, f"deepspeed_config=configs/deepspeed/zero{stage}.json",
                  "parallel.tensor_model_parallel_size=2", f"model.sequence_parallel={str(sp).lower()}")  # fmt: skip
-    _check(run(deepspeed_cmd(4, *args)))
+    _check(run(launch_cmd(4, *args)))
     _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-4)
     if stage == 1 and not sp:  # a checkpoint written at TP=2 loads for evaluation, as the TP=1 one does
         assert sorted(p.name for p in (tmp_path / "checkpoints" / f"iter_{ITERS:07d}").glob("mp_rank_*")) == [
@@ -242,7 +201,7 @@ def test_pipeline_layouts_match_one_process(
     nproc: int, extra: list[str], builtin_prefix: Path, tmp_path: Path, reference_run: Path,
     single_process_losses: list[float],
 ) -> None:  # fmt: skip
-    _check(run(deepspeed_cmd(nproc, *_args(builtin_prefix, tmp_path, *extra))))
+    _check(run(launch_cmd(nproc, *_args(builtin_prefix, tmp_path, *extra))))
     _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-4)
     ref_val = [r["val_loss"] for r in read_metrics(reference_run) if "val_loss" in r]
     _assert_same_curve([r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r], ref_val, 1e-4)
@@ -258,7 +217,7 @@ def test_pipeline_layouts_match_one_process(
 def test_zero2_with_pipeline_is_refused_in_one_line(builtin_prefix: Path, tmp_path: Path) -> None:
     args = _args(builtin_prefix, tmp_path, "parallel.pipeline_model_parallel_size=2",
                  "deepspeed_config=configs/deepspeed/zero2.json")  # fmt: skip
-    p = run(deepspeed_cmd(2, *args))
+    p = run(launch_cmd(2, *args))
     assert p.returncode != 0
     assert "incompatible with pipeline parallelism" in p.stderr + p.stdout and "Traceback" not in p.stderr
 
@@ -284,9 +243,9 @@ def test_resume_at_another_layout_continues_the_curve(
     """Five iterations at one layout, the other five at another: the uninterrupted TP1 curve (1e-4),
     so weights, AdamW moments and step, LR schedule and data position all carried over."""
     (n1, a1), (n2, a2) = first, second
-    p = run(deepspeed_cmd(n1, *_args(builtin_prefix, tmp_path, *a1, "train.exit_interval=5")))
+    p = run(launch_cmd(n1, *_args(builtin_prefix, tmp_path, *a1, "train.exit_interval=5")))
     _check(p)
-    p = run(deepspeed_cmd(n2, *_args(builtin_prefix, tmp_path, *a2)))
+    p = run(launch_cmd(n2, *_args(builtin_prefix, tmp_path, *a2)))
     _check(p)
     assert "resharding model and optimizer state" in p.stdout + p.stderr
     records = read_metrics(tmp_path)
@@ -349,12 +308,12 @@ def test_exact_resume_is_bitwise(nproc: int, extra: list[str], builtin_prefix: P
     """Six iterations straight, or three (train.exit_interval) + resume to six: identical losses."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     args = ["train.train_iters=6", "model.dropout=0.1", *extra]
-    _check(run(deepspeed_cmd(nproc, *_args(builtin_prefix, straight, *args))))
-    first = run(deepspeed_cmd(nproc, *_args(builtin_prefix, split, *args, "train.exit_interval=3")))
+    _check(run(launch_cmd(nproc, *_args(builtin_prefix, straight, *args))))
+    first = run(launch_cmd(nproc, *_args(builtin_prefix, split, *args, "train.exit_interval=3")))
     _check(first)
     assert "stopped at iteration 3 (train.exit_interval=3)" in first.stdout
     assert (split / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
-    _check(run(deepspeed_cmd(nproc, *_args(builtin_prefix, split, *args, "train.exit_interval=3"))))
+    _check(run(launch_cmd(nproc, *_args(builtin_prefix, split, *args, "train.exit_interval=3"))))
     assert train_losses(split) == train_losses(straight)  # bitwise, dropout and all
     assert [r["lr"] for r in read_metrics(split) if "lr" in r] == [
         r["lr"] for r in read_metrics(straight) if "lr" in r

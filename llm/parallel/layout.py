@@ -1,0 +1,92 @@
+"""The layout a run built (nodes, ranks, TP/PP/DP groups), gathered once and reported by rank 0.
+
+Every rank sends its host name, node rank (when the launcher gives one: two "nodes" started on one
+machine are still two nodes) and local rank; rank 0 prints one summary and writes `layout.json`.
+A tensor-parallel group that spans nodes is flagged: its all-reduces would run at every layer over
+the network.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm.parallel.context import ParallelContext
+from llm.parallel.launcher import LaunchEnv
+
+SHOWN_GROUPS = 4
+
+
+@dataclass
+class Layout:
+    launcher: str
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    nodes: list[dict[str, Any]]
+    groups: dict[str, list[list[int]]]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "launcher": self.launcher, "world_size": self.world_size, "tp": self.tp, "pp": self.pp,
+            "dp": self.dp, "nodes": self.nodes, "groups": self.groups, "warnings": self.warnings,
+        }  # fmt: skip
+
+    def describe(self) -> str:
+        per_node = sorted({len(n["ranks"]) for n in self.nodes})
+        ranks_per_node = str(per_node[0]) if len(per_node) == 1 else "/".join(map(str, per_node))
+        lines = [
+            f"layout: {self.launcher}, {len(self.nodes)} node(s) x {ranks_per_node} rank(s) = world "
+            f"{self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}"
+        ]
+        for n in self.nodes[:8]:
+            lines.append(f"  node {n['node']} ({n['host']}): ranks {_ranks(n['ranks'])}")
+        if len(self.nodes) > 8:
+            lines.append(f"  ... {len(self.nodes) - 8} more nodes")
+        for kind in ("tp", "pp", "dp"):
+            groups = self.groups[kind]
+            shown = " ".join(str(g) for g in groups[:SHOWN_GROUPS])
+            more = f" ... ({len(groups)} in all)" if len(groups) > SHOWN_GROUPS else ""
+            lines.append(f"  {kind.upper()} groups of {len(groups[0])}: {shown}{more}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _ranks(ranks: list[int]) -> str:
+    if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
+
+
+def gather_layout(ctx: ParallelContext, launch: LaunchEnv) -> Layout:
+    """Collective: every rank must call it. Returns the same Layout on every rank."""
+    host = socket.gethostname()
+    me = (launch.node_rank, host, launch.local_rank)
+    everyone = ctx.all_gather_object(me)
+    return build_layout(ctx, launch.launcher, everyone)
+
+
+def build_layout(ctx: ParallelContext, launcher: str, everyone: list[tuple[int | None, str, int]]) -> Layout:
+    """The Layout from every rank's (node rank or None, host, local rank), in rank order."""
+    node_of: dict[Any, int] = {}
+    nodes: list[dict[str, Any]] = []
+    rank_node: list[int] = []
+    for rank, (node_rank, host, _) in enumerate(everyone):
+        key = ("node", node_rank) if node_rank is not None else ("host", host)
+        if key not in node_of:
+            node_of[key] = len(nodes)
+            nodes.append({"node": node_rank if node_rank is not None else len(nodes), "host": host, "ranks": []})
+        nodes[node_of[key]]["ranks"].append(rank)
+        rank_node.append(node_of[key])
+    grid = ctx.grid()
+    groups = {kind: grid[kind] for kind in ("tp", "pp", "dp")}
+    warnings = [
+        f"tensor-parallel group {g} spans nodes {sorted({nodes[rank_node[r]]['node'] for r in g})}: its "
+        "all-reduces run at every layer over the network; use TP <= GPUs per node"
+        for g in groups["tp"]
+        if len({rank_node[r] for r in g}) > 1
+    ][:SHOWN_GROUPS]
+    return Layout(launcher, ctx.world_size, ctx.tp, ctx.pp, ctx.dp, nodes, groups, warnings)

@@ -1,0 +1,294 @@
+"""Memory per device of one parallel layout: weights, gradients, optimizer state, activations.
+
+Everything is counted for the largest pipeline stage of one rank, from the model config alone (no
+model is built, so 70B configs plan in milliseconds):
+
+- Parameters per stage: the exact per-layer counts of llm's GPT (tensor-parallel shards and
+  replicated norms/biases), cut into stages by DeepSpeed's own partition functions.
+- Weights, gradients, optimizer: bytes per local parameter as DeepSpeed holds them for each ZeRO
+  stage and precision (`STATE_BYTES`); ZeRO shards over the data-parallel size D.
+- Activations: the tensors autograd keeps per layer in llm's blocks (see `layer_activation_bytes`),
+  times the micro-batches in flight (1, or min(P - stage, m) under DeepSpeed's 1F1B schedule); with
+  activation checkpointing only each block's input plus one block being recomputed.
+- The loss: logits and the cross-entropy's float32 softmax and gradients on the last stage.
+Flash/memory-efficient attention (SDPA) is assumed: no S x S score matrix is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from llm.config import ModelConfig
+
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    zero: int
+    micro_batch_size: int
+    activation_checkpointing: bool = False
+    sequence_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def describe(self) -> str:
+        extras = [x for x, on in (("SP", self.sequence_parallel), ("AC", self.activation_checkpointing)) if on]
+        return f"TP{self.tp} PP{self.pp} DP{self.dp} Z{self.zero} mb{self.micro_batch_size}" + (
+            " " + "+".join(extras) if extras else ""
+        )
+
+
+@dataclass(frozen=True)
+class ZeroBuffers:
+    """The DeepSpeed ZeRO knobs that allocate buffers (DeepSpeed's defaults)."""
+
+    reduce_bucket_size: int = 500_000_000
+    contiguous_gradients: bool = True
+    overlap_comm: bool | None = None  # None: DeepSpeed's default, on for ZeRO 3 only
+    prefetch_bucket_size: int = 50_000_000
+
+    @classmethod
+    def from_json(cls, zero: dict) -> ZeroBuffers:
+        return cls(
+            reduce_bucket_size=int(zero.get("reduce_bucket_size", cls.reduce_bucket_size)),
+            contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
+            overlap_comm=zero.get("overlap_comm"),
+            prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket_size)),
+        )
+
+    def nbytes(self, *, zero: int, precision: str, params: int, touched_only: bool) -> float:
+        """ZeRO 1/2: the gradient reduction bucket(s) of `reduce_bucket_size` elements (two with
+        overlap_comm); ZeRO 3: the bucket plus the parameter prefetch bucket. `touched_only` counts
+        only pages that are written, as a CPU's resident memory does: torch.empty pages that are
+        never written take no RAM, and measured fp32 runs at ZeRO 1/2 show no bucket beyond the
+        gradients already counted; on a GPU the whole allocation counts."""
+        if zero == 0 or (touched_only and zero < 3):
+            return 0.0
+        grad_bytes = 4 if precision == "fp32" or zero == 1 else 2
+        overlap = self.overlap_comm if self.overlap_comm is not None else zero == 3
+        bucket = self.reduce_bucket_size if (self.contiguous_gradients or zero == 3) else 0
+        if zero < 3:
+            return bucket * grad_bytes * (2 if overlap else 1)
+        weight_bytes = 4 if precision == "fp32" else 2
+        return bucket * grad_bytes + self.prefetch_bucket_size * weight_bytes
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    stage: int  # the pipeline stage this estimate is for (the largest)
+    params: int  # parameters held by one rank of that stage
+    weights: float  # bytes
+    gradients: float
+    optimizer: float
+    activations: float  # with the loss's logits and softmax on the last stage
+    buffers: float = 0.0  # ZeRO communication buckets
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
+
+
+# Bytes per local parameter held by DeepSpeed, as (replicated, sharded over D) for weights,
+# gradients and optimizer state. fp32 (measured on CPU, benchmarks/plan_memory.py): ZeRO 0 keeps
+# weights, gradients and AdamW's two moments; ZeRO 1-3 also an fp32 master copy of the partition.
+# bf16 (from DeepSpeed's code; not measured here, no GPU): ZeRO 0 runs BF16_Optimizer (bf16
+# gradients plus an fp32 accumulator, fp32 master and moments); ZeRO 1-3 keep bf16 working copies
+# and an fp32 gradient partition next to the fp32 master and moments.
+STATE_BYTES: dict[tuple[str, int], dict[str, tuple[float, float]]] = {
+    ("fp32", 0): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (8, 0)},
+    ("fp32", 1): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (0, 12)},
+    ("fp32", 2): {"weights": (4, 0), "gradients": (0, 4), "optimizer": (0, 12)},
+    ("fp32", 3): {"weights": (0, 4), "gradients": (0, 4), "optimizer": (0, 12)},
+    ("bf16", 0): {"weights": (2, 0), "gradients": (6, 0), "optimizer": (12, 0)},
+    ("bf16", 1): {"weights": (2, 0), "gradients": (2, 4), "optimizer": (0, 12)},
+    ("bf16", 2): {"weights": (2, 0), "gradients": (0, 6), "optimizer": (0, 12)},
+    ("bf16", 3): {"weights": (0, 2), "gradients": (0, 6), "optimizer": (0, 12)},
+}
+
+
+def _act_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+# ----------------------------------------------------------------------------------- parameters
+
+
+def block_params(m: ModelConfig, tp: int) -> int:
+    """Parameters of one transformer block on one tensor-parallel rank."""
+    h, f, d = m.hidden_size, m.ffn_size, m.head_dim
+    qkv_rows = (m.num_attention_heads + 2 * m.kv_groups) * d
+    fc_rows = 2 * f if m.is_llama else f
+    sharded = qkv_rows * h + h * h + fc_rows * h + f * h
+    if m.is_llama:
+        return sharded // tp + 2 * h  # two RMSNorm weights
+    column_biases = qkv_rows + f
+    return sharded // tp + column_biases // tp + 2 * h + 4 * h  # row biases + two LayerNorms
+
+
+def pipeline_layer_params(m: ModelConfig, tp: int, vocab: int) -> list[int]:
+    """Per DeepSpeed pipeline layer: embedding, blocks, final norm, LM head (the tied head holds a
+    copy of the embedding, as DeepSpeed's TiedLayerSpec does on the last stage)."""
+    padded = m.make_vocab_size_divisible_by * tp * math.ceil(vocab / (m.make_vocab_size_divisible_by * tp))
+    embed = padded // tp * m.hidden_size + (0 if m.is_llama else m.max_positions * m.hidden_size)
+    norm = m.hidden_size * (1 if m.is_llama else 2)
+    head = padded // tp * m.hidden_size
+    return [embed, *([block_params(m, tp)] * m.num_layers), norm, head]
+
+
+def total_params(m: ModelConfig, vocab: int) -> int:
+    """Unique parameters of the whole model (tied embeddings counted once)."""
+    layers = pipeline_layer_params(m, 1, vocab)
+    return sum(layers) - (layers[-1] if m.tied else 0)
+
+
+def _deepspeed_partitioners() -> Any:
+    """DeepSpeed's own stage partitioners (so the plan cuts stages exactly as PipelineModule does),
+    imported without DeepSpeed's accelerator banner on stdout (`plan.py --json` prints JSON only)."""
+    if "deepspeed" in sys.modules:
+        from deepspeed.runtime import utils
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from deepspeed.runtime import utils
+        for handler in logging.getLogger("DeepSpeed").handlers:  # created during the redirect
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setStream(sys.stdout)
+    return utils
+
+
+@functools.cache
+def _bounds(weights: tuple[int, ...], parts: int, uniform: bool) -> tuple[int, ...]:
+    ds = _deepspeed_partitioners()
+    if uniform:
+        return tuple(ds.partition_uniform(num_items=len(weights), num_parts=parts))
+    return tuple(int(x) for x in ds.partition_balanced(weights=list(weights), num_parts=parts))
+
+
+def stage_bounds(m: ModelConfig, layout: Layout, vocab: int, method: str) -> list[int]:
+    """Layer index bounds of each pipeline stage, computed by DeepSpeed's partitioners."""
+    counts = pipeline_layer_params(m, layout.tp, vocab)
+    if layout.pp == 1:
+        return [0, len(counts)]
+    if method == "uniform":
+        return list(_bounds(tuple(counts), layout.pp, True))
+    if method.startswith("type:"):
+        return list(_bounds(tuple([0] + [1] * m.num_layers + [0, 0]), layout.pp, False))
+    return list(_bounds(tuple(counts), layout.pp, False))
+
+
+# ---------------------------------------------------------------------------------- activations
+
+
+def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_length: int) -> float:
+    """Bytes autograd keeps for one block and one micro-batch on one TP rank.
+
+    Per token, with a = activation bytes, t = TP size, h, F, d, nq, g from the config:
+      norms: LayerNorm keeps its input and output (2 a h each); llm's RMSNorm keeps an fp32 copy of
+        its input, the normalized value and the scaled output (4 h + 2 a h each). Under sequence
+        parallelism these are 1/t (the linear layers after them keep the gathered, full input).
+      attention (sharded): the qkv output ((nq + 2 g) d), with rotary the rotated q and k, SDPA's
+        output (which is also the output projection's input) and its float32 log-sum-exp per head.
+      MLP (sharded): GELU keeps fc's output and its own (2 F); SwiGLU fc's [gate | up], silu(gate)
+        and the product (4 F).
+      dropout masks: one byte per element of the residual stream, twice, when dropout > 0.
+    """
+    a, t, h, f, d = _act_bytes(precision), layout.tp, m.hidden_size, m.ffn_size, m.head_dim
+    nq, g = m.num_attention_heads, m.kv_groups
+    sp = layout.sequence_parallel
+    if m.is_llama:
+        norms = 2 * (4 * h + 2 * a * h)
+        attention = a * ((nq + 2 * g) * d + nq * d + g * d + nq * d) + 4 * nq
+        mlp = a * 4 * f
+    else:
+        norms = 2 * (2 * a * h)
+        attention = a * (3 * nq * d + nq * d) + 4 * nq
+        mlp = a * 2 * f
+    replicated = norms / t if sp else norms
+    masks = 2 * h / (t if sp else 1) if m.dropout > 0 else 0
+    tokens = layout.micro_batch_size * seq_length
+    return tokens * (replicated + masks + (attention + mlp) / t)
+
+
+def loss_bytes(m: ModelConfig, layout: Layout, precision: str, vocab: int) -> float:
+    """The last stage's loss peak: logits (a bytes), the float32 softmax kept for backward, and
+    the float32 gradient of the logits with its a-byte copy at the start of backward."""
+    a = _act_bytes(precision)
+    padded_local = m.make_vocab_size_divisible_by * math.ceil(vocab / m.make_vocab_size_divisible_by) / layout.tp
+    tokens = layout.micro_batch_size * m.seq_length
+    upcast = 4 if a == 2 else 0  # logits.float() is a copy only from bf16
+    return tokens * padded_local * (a + upcast + 4 + 4 + a)
+
+
+def activation_bytes(
+    m: ModelConfig, layout: Layout, precision: str, *, layers: int, in_flight: int, loss: float
+) -> float:
+    """Activations of `layers` blocks for `in_flight` micro-batches plus the stage output (the final
+    norm's input, or what the pipeline keeps to send), at their peak together with `loss`: without
+    checkpointing everything is alive when the loss's backward starts; with it only the block
+    inputs, and the loss's tensors are gone before the first block is recomputed."""
+    a = _act_bytes(precision)
+    tokens = layout.micro_batch_size * m.seq_length
+    per_layer = layer_activation_bytes(m, layout, precision, m.seq_length)
+    block_input = tokens * m.hidden_size * a / (layout.tp if layout.sequence_parallel else 1)
+    if layout.activation_checkpointing:
+        kept = in_flight * layers * block_input + max(per_layer if layers else 0.0, loss)
+    else:
+        kept = in_flight * layers * per_layer + loss
+    return kept + in_flight * block_input
+
+
+# ---------------------------------------------------------------------------------------- total
+
+
+def estimate_memory(
+    m: ModelConfig,
+    layout: Layout,
+    *,
+    precision: str,
+    vocab: int,
+    global_batch_size: int,
+    partition_method: str = "parameters",
+    zero_buffers: ZeroBuffers = ZeroBuffers(),
+    touched_only: bool = False,
+) -> MemoryEstimate:
+    """The peak memory of the most loaded rank (the largest of the pipeline stages).
+    `touched_only`: count memory as a CPU's resident set does (see `ZeroBuffers.nbytes`)."""
+    bounds = stage_bounds(m, layout, vocab, partition_method)
+    counts = pipeline_layer_params(m, layout.tp, vocab)
+    micro_batches = global_batch_size // (layout.micro_batch_size * layout.dp)
+    state = STATE_BYTES[(precision, layout.zero)]
+    best: MemoryEstimate | None = None
+    for stage in range(layout.pp):
+        lo, hi = bounds[stage], bounds[stage + 1]
+        params = sum(counts[lo:hi])
+        if m.tied and lo == 0 and hi == len(counts):
+            params -= counts[-1]  # one stage holds both ends: the tied head is the embedding itself
+        blocks = sum(1 for i in range(lo, hi) if 1 <= i <= m.num_layers)
+        in_flight = 1 if layout.pp == 1 else max(1, min(layout.pp - stage, micro_batches))
+        per = {k: params * (rep + shard / layout.dp) for k, (rep, shard) in state.items()}
+        loss = loss_bytes(m, layout, precision, vocab) if hi == len(counts) else 0.0
+        est = MemoryEstimate(
+            stage=stage,
+            params=params,
+            weights=per["weights"],
+            gradients=per["gradients"],
+            optimizer=per["optimizer"],
+            activations=activation_bytes(m, layout, precision, layers=blocks, in_flight=in_flight, loss=loss),
+            buffers=zero_buffers.nbytes(zero=layout.zero, precision=precision, params=params, touched_only=touched_only),
+        )
+        if best is None or est.total > best.total:
+            best = est
+    assert best is not None
+    return best

@@ -1,0 +1,145 @@
+"""Candidate layouts for a model on a cluster, their memory, bubble, FLOPs and step time, and a pick.
+
+The step-time model is deliberately simple, for ranking layouts rather than promising numbers:
+
+  compute = model FLOPs per step (x 4/3 with activation checkpointing: one more forward)
+            / (world x peak FLOP/s x achievable MFU)
+  + tensor-parallel all-reduces (4 per block per micro-batch over the activations, fwd + bwd)
+    at NVLink speed inside a node, network speed across nodes
+  + data-parallel gradient reduction (ring: 2 (D-1)/D x gradient bytes; ZeRO 3 adds a parameter
+    all-gather per forward and backward) at network speed across nodes
+  divided by (1 - bubble), bubble = (P - 1) / (m + P - 1) for P stages and m micro-batches.
+
+The pick is the fastest layout whose memory fits `usable_fraction` of the device (the rest is
+left to the CUDA context, NCCL buffers and allocator fragmentation); near-ties go to less model
+parallelism, then to less memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from llm.config import Config, ConfigError, validate
+from llm.planner.memory import GB, Layout, MemoryEstimate, estimate_memory, pipeline_layer_params
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gb: float = 80.0
+    peak_tflops: float = 989.0  # dense bf16 per GPU (H100 SXM)
+    intra_node_gbps: float = 300.0  # GB/s per GPU inside a node (NVLink)
+    inter_node_gbps: float = 40.0  # GB/s per GPU across nodes (e.g. 400 Gb/s InfiniBand per GPU)
+    mfu: float = 0.45  # achievable fraction of peak for the matmuls
+    usable_fraction: float = 0.9
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate
+    fits: bool
+    bubble: float
+    step_flops: float  # model FLOPs per step (6 N T + attention), without recomputation
+    step_time: float  # seconds, estimated
+
+    def to_dict(self) -> dict[str, object]:
+        lay, mem = self.layout, self.memory
+        return {
+            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero": lay.zero, "micro_batch_size": lay.micro_batch_size,
+            "activation_checkpointing": lay.activation_checkpointing, "sequence_parallel": lay.sequence_parallel,
+            "params_per_gpu": mem.params, "weights_gb": mem.weights / GB, "gradients_gb": mem.gradients / GB,
+            "optimizer_gb": mem.optimizer / GB, "activations_gb": mem.activations / GB, "buffers_gb": mem.buffers / GB,
+            "memory_gb": mem.total / GB, "fits": self.fits, "bubble": self.bubble,
+            "step_tflops": self.step_flops / 1e12, "step_time_s": self.step_time,
+        }  # fmt: skip
+
+
+def step_flops(cfg: Config, vocab: int) -> float:
+    """Model FLOPs of one optimizer step: 6 x matmul parameters x tokens + attention scores."""
+    m = cfg.model
+    layers = pipeline_layer_params(m, 1, vocab)
+    matmul_params = sum(layers[1 : 1 + m.num_layers]) + layers[-1]  # blocks + LM head
+    tokens = cfg.train.global_batch_size * m.seq_length
+    return tokens * (6.0 * matmul_params + 12.0 * m.num_layers * m.hidden_size * m.seq_length)
+
+
+def _step_time(cfg: Config, layout: Layout, cluster: Cluster, flops: float, bubble: float, act_bytes: int) -> float:
+    m = cfg.model
+    compute = flops * (4 / 3 if layout.activation_checkpointing else 1.0)
+    compute /= layout.world_size * cluster.peak_tflops * 1e12 * cluster.mfu
+    micro = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp)
+    tp_bw = (cluster.intra_node_gbps if layout.tp <= cluster.gpus_per_node else cluster.inter_node_gbps) * 1e9
+    tp_bytes = 4 * m.num_layers / layout.pp * micro * layout.micro_batch_size * m.seq_length * m.hidden_size
+    tp_time = 0.0 if layout.tp == 1 else tp_bytes * act_bytes * 2 * (layout.tp - 1) / layout.tp / tp_bw
+    params = sum(pipeline_layer_params(m, layout.tp, cfg.model.vocab_size or 0)) / layout.pp
+    dp_inside = layout.tp * layout.dp <= cluster.gpus_per_node
+    dp_bw = (cluster.intra_node_gbps if dp_inside else cluster.inter_node_gbps) * 1e9
+    grad_bytes = params * act_bytes * 2 * (layout.dp - 1) / layout.dp
+    if layout.zero == 3:
+        grad_bytes *= 1.5  # + all-gather of parameters in forward and backward
+    dp_time = 0.0 if layout.dp == 1 else grad_bytes / dp_bw
+    return (compute + tp_time) / (1.0 - bubble) + dp_time
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _valid_tp(cfg: Config, tp: int, pp: int) -> bool:
+    trial = copy.deepcopy(cfg)
+    trial.parallel.tensor_model_parallel_size, trial.parallel.pipeline_model_parallel_size = tp, pp
+    trial.model.sequence_parallel = False
+    try:
+        validate(trial)
+    except ConfigError:
+        return False
+    return True
+
+
+def candidate_layouts(cfg: Config, cluster: Cluster) -> list[Layout]:
+    """Every layout llm can run on this cluster at the config's global batch size."""
+    world, gbs, out = cluster.world_size, cfg.train.global_batch_size, []
+    for tp in (t for t in _divisors(cluster.gpus_per_node) if world % t == 0):
+        for pp in (p for p in _divisors(world // tp) if p <= cfg.model.num_layers):
+            if not _valid_tp(cfg, tp, pp):
+                continue
+            dp = world // (tp * pp)
+            for mb in (b for b in (1, 2, 4, 8, 16, 32) if gbs % (b * dp) == 0):
+                for zero in range(4):
+                    if (pp > 1 and zero > 1) or (tp > 1 and zero == 3) or (dp == 1 and zero > 0):
+                        continue
+                    for ac in (False, True):
+                        for sp in (False, True) if tp > 1 and cfg.model.seq_length % tp == 0 else (False,):
+                            out.append(Layout(tp, pp, dp, zero, mb, ac, sp))
+    return out
+
+
+def evaluate_layout(cfg: Config, layout: Layout, cluster: Cluster, *, precision: str, vocab: int) -> Candidate:
+    mem = estimate_memory(
+        cfg.model, layout, precision=precision, vocab=vocab, global_batch_size=cfg.train.global_batch_size,
+        partition_method=cfg.parallel.pipeline_partition_method,
+    )  # fmt: skip
+    micro = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp)
+    bubble = (layout.pp - 1) / (micro + layout.pp - 1)
+    flops = step_flops(cfg, vocab)
+    act = 4 if precision == "fp32" else 2
+    fits = mem.total <= cluster.usable_fraction * cluster.gpu_memory_gb * GB
+    return Candidate(layout, mem, fits, bubble, flops, _step_time(cfg, layout, cluster, flops, bubble, act))
+
+
+def plan(cfg: Config, cluster: Cluster, *, precision: str, vocab: int) -> list[Candidate]:
+    """All candidates, fitting ones first, each group fastest first (the first is the pick); at equal
+    estimated time (1% steps) the one with less model parallelism, then less memory."""
+    cands = [evaluate_layout(cfg, lay, cluster, precision=precision, vocab=vocab) for lay in candidate_layouts(cfg, cluster)]
+    return sorted(
+        cands,
+        key=lambda c: (not c.fits, round(math.log(c.step_time) / math.log(1.01)), c.layout.tp * c.layout.pp, c.memory.total),
+    )

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Multi-node training with torchrun (Kubernetes, bare metal, or started by hand on every node).
+#
+#   NNODES=2 NODE_RANK=0 NPROC_PER_NODE=8 MASTER_ADDR=node001 bash scripts/launch/torchrun_multinode.sh CONFIG [section.key=value ...]
+#
+# Run it on every node with the same NNODES, NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT and the
+# node's own NODE_RANK (0 on MASTER_ADDR). On Kubernetes these usually come from the job's
+# environment (e.g. a PyTorchJob sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE=nodes and RANK=node index:
+# NNODES=$WORLD_SIZE NODE_RANK=$RANK). Rendezvous is torchrun's static TCP store on MASTER_ADDR:MASTER_PORT.
+#
+# SIGTERM and SIGUSR1 (preemption, SLURM's --signal) sent to this script are forwarded to the
+# workers, which save a checkpoint at the next iteration and exit 0 (run_forwarding_stop_signals
+# in env.sh); torchrun then exits 0 too.
+# Network variables: scripts/launch/env.sh.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: NNODES=n NODE_RANK=i NPROC_PER_NODE=g MASTER_ADDR=host $0 CONFIG [section.key=value ...]" >&2
+  exit 2
+fi
+CONFIG="$1"; shift
+cd "$(dirname "$0")/../.."
+source scripts/launch/env.sh
+: "${NNODES:=1}" "${NODE_RANK:=0}" "${NPROC_PER_NODE:=8}"
+if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  echo "error: NNODES=$NNODES: set MASTER_ADDR to the host of NODE_RANK 0" >&2
+  exit 2
+fi
+set -x
+run_forwarding_stop_signals torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" --signals-to-handle SIGINT,SIGHUP,SIGQUIT \
+  scripts/pretrain.py --config "$CONFIG" "$@"

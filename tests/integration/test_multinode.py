@@ -1,0 +1,145 @@
+"""Two "nodes" on one machine over loopback, started the ways a cluster starts them: the launch
+scripts in scripts/launch/ (torchrun with node ranks, DeepSpeed's launcher without ssh) and srun's
+one-task-per-GPU environment. Each trains at DP = 2 and must match one process at the same global
+batch; the preemption signal SLURM sends reaches the workers through torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, REPO, assert_same_curve, free_port, read_metrics, tiny_args, train_losses
+
+pytestmark = [pytest.mark.integration, pytest.mark.distributed]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return dict(env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{env.get('PATH', '')}", **extra)
+
+
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[str]:
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def _two_node_layout(run_dir: Path, launcher: str) -> None:
+    layout = json.loads((run_dir / "layout.json").read_text())
+    assert layout["launcher"] == launcher and layout["world_size"] == 2 and layout["dp"] == 2
+    assert [n["ranks"] for n in layout["nodes"]] == [[0], [1]]
+
+
+def test_torchrun_two_nodes_match_one_process(
+    builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    port = str(free_port())
+    args = tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero1.json")
+    procs = [
+        _start(["bash", "scripts/launch/torchrun_multinode.sh", *args[1:]],
+               _env(NNODES="2", NODE_RANK=str(n), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for n in (0, 1)
+    ]  # fmt: skip
+    out0, _ = _finish(procs)
+    assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
+    _two_node_layout(tmp_path, "torchrun")
+    assert "layout: torchrun, 2 node(s) x 1 rank(s) = world 2 = TP 1 x PP 1 x DP 2" in out0
+
+
+def test_deepspeed_launcher_two_nodes_without_ssh(
+    builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    run_dir = tmp_path / "run"
+    port = str(free_port())
+    args = tiny_args(builtin_prefix, run_dir, "deepspeed_config=configs/deepspeed/zero2.json")
+    procs = [
+        _start(["bash", "scripts/launch/deepspeed_multinode.sh", str(hostfile), *args[1:]],
+               _env(NODE_RANK=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for n in (0, 1)
+    ]  # fmt: skip
+    _finish(procs)
+    assert_same_curve(train_losses(run_dir), single_process_losses, 1e-5)
+    _two_node_layout(run_dir, "deepspeed")
+
+
+def test_srun_one_task_per_rank_environment(
+    builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    """What srun gives each task (no RANK/WORLD_SIZE): pretrain.py finds rank, world and the
+    rendezvous host (first host of the step's node list) from the SLURM variables alone."""
+    port = str(free_port())
+    procs = [
+        _start([str(BIN / "python"), "scripts/pretrain.py", *tiny_args(builtin_prefix, tmp_path)],
+               _env(SLURM_JOB_ID="4242", SLURM_PROCID=str(n), SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
+                    SLURM_LOCALID="0", SLURM_NODEID=str(n), SLURM_STEP_NODELIST="localhost,127.0.0.[1-1]",
+                    MASTER_PORT=port))
+        for n in (0, 1)
+    ]  # fmt: skip
+    _finish(procs)
+    assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
+    _two_node_layout(tmp_path, "srun")
+
+
+def test_preemption_signal_reaches_workers_through_torchrun(builtin_prefix: Path, tmp_path: Path) -> None:
+    """SIGUSR1 (SLURM's --signal) sent to one node's torchrun only: both nodes' workers save one
+    checkpoint at the same iteration and every process exits 0."""
+    port = str(free_port())
+    args = tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000")
+    procs = [
+        _start(["bash", "scripts/launch/torchrun_multinode.sh", *args[1:]],
+               _env(NNODES="2", NODE_RANK=str(n), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for n in (0, 1)
+    ]  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGUSR1)  # the launch script, which forwards it to its workers
+    outs = _finish(procs, timeout=180)
+    last = [r["iteration"] for r in read_metrics(tmp_path) if "loss" in r][-1]
+    assert re.search(rf"stopped at iteration {last} \(SIGUSR1", outs[0] + outs[1]), outs[0][-2000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{last:07d}"
+
+
+def test_launch_scripts_parse_and_match_the_readme() -> None:
+    launch = REPO / "scripts" / "launch"
+    scripts = sorted([*launch.glob("*.sh"), *launch.glob("*.sbatch")])
+    assert {p.name for p in scripts} >= {"env.sh", "deepspeed_multinode.sh", "torchrun_multinode.sh", "slurm.sbatch"}
+    for path in scripts:
+        p = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert p.returncode == 0, f"{path.name}: {p.stderr}"
+    readme = (REPO / "README.md").read_text()
+    for name in ("deepspeed_multinode.sh", "torchrun_multinode.sh", "slurm.sbatch"):
+        # the usage line each script documents is the command the README shows
+        usage = next(
+            line.lstrip("# ").split("  #")[0].strip()
+            for line in (launch / name).read_text().splitlines()
+            if f"scripts/launch/{name}" in line and line.startswith("#")
+        )
+        assert usage in readme, f"README does not show {name}'s usage: {usage}"
+    p = subprocess.run(["bash", str(launch / "torchrun_multinode.sh")], capture_output=True, text=True)
+    assert p.returncode == 2 and "usage:" in p.stderr

@@ -1,0 +1,124 @@
+"""The layout planner: parameter counts and activation bytes against the real model, cluster configs,
+recommendations that fit, and scripts/plan.py. Measured peaks: tests/integration/test_plan_memory.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llm.config import build_deepspeed_config, load_config, validate_world
+from llm.model.gpt import build_model, count_parameters
+from llm.parallel.context import ParallelContext
+from llm.parallel.random import RNGTracker
+from llm.planner.memory import GB, Layout, layer_activation_bytes, total_params
+from llm.planner.report import config_layout, config_vocab
+from llm.planner.search import Cluster, evaluate_layout, plan
+from tests.conftest import REPO
+
+SMALL = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_heads=4", "model.seq_length=64",
+         "model.vocab_size=1000"]  # fmt: skip
+CLUSTER_CONFIGS = {  # config -> (nodes, GPUs per node) it is written for
+    "gpt_1.3b_1x8": (1, 8),
+    "gpt_6.7b_2x8": (2, 8),
+    "gpt_13b_tp4_pp2": (2, 8),
+    "llama_70b_tp8_pp8": (16, 8),
+}
+
+
+def _model(overrides: list[str]) -> tuple:
+    cfg = load_config("configs/tiny_cpu.yaml", SMALL + overrides)
+    rng = RNGTracker()
+    rng.seed(seed=1, tp_rank=0, pp_rank=0, device="cpu")
+    return cfg, build_model(cfg.model, seed=1, ctx=ParallelContext.single(), rng=rng)
+
+
+@pytest.mark.parametrize(
+    "overrides", [["model.architecture=gpt2"], ["model.architecture=llama", "model.num_query_groups=2"]],
+    ids=["gpt2", "llama_gqa"],
+)  # fmt: skip
+def test_parameter_count_is_the_models(overrides: list[str]) -> None:
+    cfg, model = _model(overrides)
+    assert total_params(cfg.model, 1000) == count_parameters(model)
+
+
+@pytest.mark.parametrize(
+    "overrides", [["model.architecture=gpt2"], ["model.architecture=llama", "model.num_query_groups=2"]],
+    ids=["gpt2", "llama_gqa"],
+)  # fmt: skip
+def test_activation_bytes_are_what_autograd_keeps(overrides: list[str]) -> None:
+    """Every distinct storage autograd saves in one block's forward (parameters excluded), counted
+    with saved-tensor hooks, against the planner's per-layer formula (fp32, SDPA on CPU). The block is
+    a real one, so a change to llm's layers that keeps more tensors fails here."""
+    cfg, model = _model(overrides)
+    block = model.layers[0]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    x = torch.randn(2, cfg.model.seq_length, cfg.model.hidden_size, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    rotary_tables = 2 * cfg.model.seq_length * cfg.model.head_dim * 4 if cfg.model.is_llama else 0
+    measured = sum(saved.values()) - rotary_tables  # the cos/sin tables are buffers, shared by all layers
+    layout = Layout(tp=1, pp=1, dp=1, zero=0, micro_batch_size=2)
+    estimate = layer_activation_bytes(cfg.model, layout, "fp32", cfg.model.seq_length)
+    # exact but for SDPA's per-head statistics (a few bytes per token and head, backend-specific)
+    assert abs(estimate - measured) <= 0.005 * measured, (estimate, measured)
+
+
+def test_recommendation_for_a_model_too_big_for_one_gpu_fits() -> None:
+    cfg = load_config("configs/llama_7b.yaml")
+    vocab = config_vocab(cfg)
+    one = plan(cfg, Cluster(1, 1), precision="bf16", vocab=vocab)
+    assert one and not any(c.fits for c in one)  # 7B with AdamW needs > 80 GB on one device
+    cands = plan(cfg, Cluster(1, 8), precision="bf16", vocab=vocab)
+    pick = cands[0]
+    assert pick.fits and pick.memory.total <= 0.9 * 80 * GB
+    lay = pick.layout
+    chosen = load_config("configs/llama_7b.yaml", [
+        f"parallel.tensor_model_parallel_size={lay.tp}", f"parallel.pipeline_model_parallel_size={lay.pp}",
+        f"train.micro_batch_size={lay.micro_batch_size}", f"model.sequence_parallel={str(lay.sequence_parallel).lower()}",
+        f"model.activation_checkpointing={str(lay.activation_checkpointing).lower()}",
+        f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json",
+    ])  # fmt: skip
+    build_deepspeed_config(chosen, 8, cuda=True)  # a layout llm accepts: no ConfigError
+    # bigger sequences need more: a layout that does not fit is never ranked above one that does
+    assert all(a.fits or not b.fits for a, b in zip(cands, cands[1:]))
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTER_CONFIGS))
+def test_cluster_configs_validate_and_fit_their_cluster(name: str) -> None:
+    nodes, gpus = CLUSTER_CONFIGS[name]
+    cfg = load_config(REPO / "configs" / "cluster" / f"{name}.yaml")
+    world = nodes * gpus
+    validate_world(cfg, world)
+    ds = build_deepspeed_config(cfg, world, cuda=True)
+    assert ds["train_batch_size"] == cfg.train.global_batch_size and ds["bf16"]["enabled"]
+    cand = evaluate_layout(cfg, config_layout(cfg, world), Cluster(nodes, gpus), precision="bf16", vocab=config_vocab(cfg))
+    assert cand.fits, f"{name}: {cand.memory.total / GB:.1f} GiB per GPU"
+    assert cand.bubble < 0.05
+
+
+def test_plan_script_recommends_and_explains_failures() -> None:
+    def plan_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/plan.py", *args], cwd=REPO, capture_output=True, text=True)
+
+    p = plan_cli("--config", "configs/cluster/gpt_6.7b_2x8.yaml", "--nodes", "2", "--gpus-per-node", "8", "--top", "3")
+    assert p.returncode == 0, p.stderr
+    assert "recommended: TP" in p.stdout and "deepspeed_config=configs/deepspeed/zero" in p.stdout
+    p = plan_cli("--config", "configs/llama_7b.yaml", "--nodes", "1", "--gpus-per-node", "1", "--json")
+    rows = json.loads(p.stdout)
+    assert rows and not rows[0]["fits"] and {"memory_gb", "bubble", "step_tflops"} <= set(rows[0])
+    p = plan_cli("--config", "configs/llama_7b.yaml", "--nodes", "1", "--gpus-per-node", "1")
+    assert p.returncode == 1 and "nothing fits 80 GiB per GPU" in p.stdout
+    p = plan_cli("--config", "configs/llama_7b.yaml", "model.num_layer=3")
+    assert p.returncode == 1 and p.stderr.startswith("error: unknown config key") and "Traceback" not in p.stderr
