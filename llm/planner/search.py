@@ -63,12 +63,12 @@ class Candidate:
 
 
 def step_flops(cfg: Config, vocab: int) -> float:
-    """Model FLOPs of one optimizer step: 6 x matmul parameters x tokens + attention scores."""
-    m = cfg.model
-    layers = pipeline_layer_params(m, 1, vocab)
-    matmul_params = sum(layers[1 : 1 + m.num_layers]) + layers[-1]  # blocks + LM head
-    tokens = cfg.train.global_batch_size * m.seq_length
-    return tokens * (6.0 * matmul_params + 12.0 * m.num_layers * m.hidden_size * m.seq_length)
+    """Model FLOPs of one optimizer step (the same count as the training metrics' MFU)."""
+    from llm.training.metrics import model_flops_per_token
+
+    full = copy.deepcopy(cfg)
+    full.model.vocab_size = vocab
+    return cfg.train.global_batch_size * cfg.model.seq_length * model_flops_per_token(full)
 
 
 def _step_time(cfg: Config, layout: Layout, cluster: Cluster, flops: float, bubble: float, act_bytes: int) -> float:

@@ -1,6 +1,6 @@
 """Two "nodes" on one machine over loopback, started the ways a cluster starts them: the launch
-scripts in scripts/launch/ (torchrun with node ranks, DeepSpeed's launcher without ssh) and srun's
-one-task-per-GPU environment. Each trains at DP = 2 and must match one process at the same global
+scripts in scripts/launch/ (torchrun with node ranks, DeepSpeed's launcher without ssh), srun's
+one-task-per-GPU environment and a real mpirun. Each trains at DP = 2 and must match one process at the same global
 batch; the preemption signal SLURM sends reaches the workers through torchrun."""
 
 from __future__ import annotations
@@ -102,6 +102,18 @@ def test_srun_one_task_per_rank_environment(
     _finish(procs)
     assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
     _two_node_layout(tmp_path, "srun")
+
+
+@pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="MPICH's mpirun (the mpich wheel, x86-64 only) is absent")
+def test_mpirun_ranks_from_pmi(builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]) -> None:
+    """A real mpirun (MPICH's hydra, from the [dev] extras) starts two plain python processes:
+    pretrain.py takes rank and world from PMI_RANK / PMI_SIZE and rendezvous on the loopback."""
+    p = _start([str(BIN / "mpirun"), "-n", "2", str(BIN / "python"), "scripts/pretrain.py",
+                *tiny_args(builtin_prefix, tmp_path)], _env(MASTER_PORT=str(free_port())))  # fmt: skip
+    _finish([p])
+    assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
+    layout = json.loads((tmp_path / "layout.json").read_text())
+    assert layout["launcher"] == "mpiexec (MPICH/PMI)" and layout["world_size"] == 2
 
 
 def test_preemption_signal_reaches_workers_through_torchrun(builtin_prefix: Path, tmp_path: Path) -> None:
