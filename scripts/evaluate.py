@@ -66,6 +66,7 @@ def main() -> int:
     except (CheckpointError, ConfigError, IndexedDatasetError, InputError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    ctx.shutdown()
     if ctx.rank != 0:
         return 0
     print(f"perplexity: {result.perplexity:.4f} (loss {result.loss:.4f} over {result.tokens} tokens)")

@@ -120,6 +120,13 @@ def assert_same_curve(got: list[float], ref: list[float], tol: float) -> None:
     assert worst < tol, f"relative difference {worst:.2e}: {got} vs {ref}"
 
 
+def assert_zero_stage(run_dir: Path, stage: int, accumulation: int = 2) -> None:
+    """The DeepSpeed config the run derived: this ZeRO stage, at DP 2 (micro 2, global 8) 2 steps."""
+    config = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["gradient_accumulation_steps"] == accumulation
+
+
 @pytest.fixture(scope="session")
 def reference_run(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference: one plain `python` process (TP 1, DP 1), global batch 8 as 4 micro-batches of 2."""

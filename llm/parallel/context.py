@@ -33,7 +33,12 @@ def init_distributed(*, backend: str | None = None) -> LaunchEnv:
     if not dist.is_initialized():
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if chosen == "nccl":
-            torch.cuda.set_device(launch.local_rank % max(torch.cuda.device_count(), 1))
+            # srun --gpus-per-task=1 (or a per-task CUDA_VISIBLE_DEVICES) shows each task one GPU while
+            # SLURM_LOCALID counts tasks on the node: the device is then the local rank modulo what
+            # is visible, and DeepSpeed (which reads LOCAL_RANK) must see the same index.
+            device = launch.local_rank % max(torch.cuda.device_count(), 1)
+            os.environ["LOCAL_RANK"] = str(device)
+            torch.cuda.set_device(device)
         import deepspeed
 
         skip_deepspeed_shm_op()
@@ -210,6 +215,14 @@ class ParallelContext:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def shutdown(self) -> None:
+        """Every rank, at a normal end: meet, then tear the process groups down. A rank that exits
+        while another still uses gloo can take its threads down mid-operation ("terminate called
+        without an active exception", SIGABRT)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""

@@ -162,6 +162,8 @@ def run_pretraining(cfg: Config) -> TrainState:
     if rng_state is not None:  # last, after everything that might draw random numbers during setup
         restore_rng_state(rng_state, rng)
     try:
-        return trainer.train()
+        state = trainer.train()
     finally:
         metrics.finish()
+    ctx.shutdown()
+    return state

@@ -1,7 +1,8 @@
 """Two "nodes" on one machine over loopback, started the ways a cluster starts them: the launch
 scripts in scripts/launch/ (torchrun with node ranks, DeepSpeed's launcher without ssh), srun's
-one-task-per-GPU environment and a real mpirun. Each trains at DP = 2 and must match one process at the same global
-batch; the preemption signal SLURM sends reaches the workers through torchrun."""
+one-task-per-GPU environment and a real mpirun. Each trains at DP = 2 and must match one process
+at the same global batch, at one ZeRO stage each (mpirun 0, torchrun 1, deepspeed 2, srun 3). The
+preemption signal SLURM sends reaches the workers through the torchrun script."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, assert_same_curve, free_port, read_metrics, tiny_args, train_losses
+from tests.conftest import (
+    BIN,
+    REPO,
+    assert_same_curve,
+    assert_zero_stage,
+    free_port,
+    read_metrics,
+    tiny_args,
+    train_losses,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed]
 
@@ -46,6 +56,17 @@ def _finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[str]:
     return outs
 
 
+def _torchrun_nodes(args: list[str]) -> list[subprocess.Popen]:
+    """scripts/launch/torchrun_multinode.sh started twice, as node 0 and node 1 of two, one worker each."""
+    port = str(free_port())
+    config_and_overrides = args[1:]  # tiny_args starts with "--config"; the script takes CONFIG first
+    return [
+        _start(["bash", "scripts/launch/torchrun_multinode.sh", *config_and_overrides],
+               _env(NNODES="2", NODE_RANK=str(n), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for n in (0, 1)
+    ]  # fmt: skip
+
+
 def _two_node_layout(run_dir: Path, launcher: str) -> None:
     layout = json.loads((run_dir / "layout.json").read_text())
     assert layout["launcher"] == launcher and layout["world_size"] == 2 and layout["dp"] == 2
@@ -55,16 +76,11 @@ def _two_node_layout(run_dir: Path, launcher: str) -> None:
 def test_torchrun_two_nodes_match_one_process(
     builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
 ) -> None:
-    port = str(free_port())
-    args = tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero1.json")
-    procs = [
-        _start(["bash", "scripts/launch/torchrun_multinode.sh", *args[1:]],
-               _env(NNODES="2", NODE_RANK=str(n), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-        for n in (0, 1)
-    ]  # fmt: skip
+    procs = _torchrun_nodes(tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero1.json"))
     out0, _ = _finish(procs)
     assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
     _two_node_layout(tmp_path, "torchrun")
+    assert_zero_stage(tmp_path, 1)
     assert "layout: torchrun, 2 node(s) x 1 rank(s) = world 2 = TP 1 x PP 1 x DP 2" in out0
 
 
@@ -84,6 +100,7 @@ def test_deepspeed_launcher_two_nodes_without_ssh(
     _finish(procs)
     assert_same_curve(train_losses(run_dir), single_process_losses, 1e-5)
     _two_node_layout(run_dir, "deepspeed")
+    assert_zero_stage(run_dir, 2)
 
 
 def test_srun_one_task_per_rank_environment(
@@ -93,7 +110,8 @@ def test_srun_one_task_per_rank_environment(
     rendezvous host (first host of the step's node list) from the SLURM variables alone."""
     port = str(free_port())
     procs = [
-        _start([str(BIN / "python"), "scripts/pretrain.py", *tiny_args(builtin_prefix, tmp_path)],
+        _start([str(BIN / "python"), "scripts/pretrain.py",
+                *tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero3.json")],
                _env(SLURM_JOB_ID="4242", SLURM_PROCID=str(n), SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
                     SLURM_LOCALID="0", SLURM_NODEID=str(n), SLURM_STEP_NODELIST="localhost,127.0.0.[1-1]",
                     MASTER_PORT=port))
@@ -102,6 +120,7 @@ def test_srun_one_task_per_rank_environment(
     _finish(procs)
     assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
     _two_node_layout(tmp_path, "srun")
+    assert_zero_stage(tmp_path, 3)
 
 
 @pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="MPICH's mpirun (the mpich wheel, x86-64 only) is absent")
@@ -109,23 +128,19 @@ def test_mpirun_ranks_from_pmi(builtin_prefix: Path, tmp_path: Path, single_proc
     """A real mpirun (MPICH's hydra, from the [dev] extras) starts two plain python processes:
     pretrain.py takes rank and world from PMI_RANK / PMI_SIZE and rendezvous on the loopback."""
     p = _start([str(BIN / "mpirun"), "-n", "2", str(BIN / "python"), "scripts/pretrain.py",
-                *tiny_args(builtin_prefix, tmp_path)], _env(MASTER_PORT=str(free_port())))  # fmt: skip
+                *tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero0.json")],
+               _env(MASTER_PORT=str(free_port())))  # fmt: skip
     _finish([p])
     assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
     layout = json.loads((tmp_path / "layout.json").read_text())
     assert layout["launcher"] == "mpiexec (MPICH/PMI)" and layout["world_size"] == 2
+    assert_zero_stage(tmp_path, 0)
 
 
 def test_preemption_signal_reaches_workers_through_torchrun(builtin_prefix: Path, tmp_path: Path) -> None:
     """SIGUSR1 (SLURM's --signal) sent to one node's torchrun only: both nodes' workers save one
     checkpoint at the same iteration and every process exits 0."""
-    port = str(free_port())
-    args = tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000")
-    procs = [
-        _start(["bash", "scripts/launch/torchrun_multinode.sh", *args[1:]],
-               _env(NNODES="2", NODE_RANK=str(n), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-        for n in (0, 1)
-    ]  # fmt: skip
+    procs = _torchrun_nodes(tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000"))
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
