@@ -36,5 +36,13 @@ def _entry(rank: int, fn: Callable[..., None], world: int, port: int, args: tupl
 
 
 def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
-    """Runs fn(rank, world, *args) on `world` processes; an exception in any fails the caller."""
-    mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
+    """Runs fn(rank, world, *args) on `world` processes; an exception in any fails the caller.
+
+    The processes are forked from the test process after it has imported torch and DeepSpeed, so
+    they start in milliseconds instead of importing both again (about 4 s of CPU each, which made
+    these tests a fifth of the suite's time). Each child gets one intra-op thread."""
+    import deepspeed  # noqa: F401  (imported once here, inherited by every child)
+
+    mp.start_processes(
+        _entry, args=(fn, world, free_port(), args), nprocs=world, join=True, start_method="fork"
+    )

@@ -80,7 +80,7 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "deepspeed_config.json").is_file()
 
     # resume: auto picks up iteration 30 and continues to 36
-    _check(run(deepspeed_cmd(1, *args, "train.train_iters=36", "train.lr_warmup_iters=2")))
+    _check(run(launch_cmd(1, *args, "train.train_iters=36", "train.lr_warmup_iters=2")))  # python resumes it
     resumed = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [r["iteration"] for r in resumed][30:] == list(range(31, 37))
     assert resumed[-1]["consumed_samples"] == 36 * 8
@@ -304,19 +304,19 @@ def test_an_explicit_damaged_checkpoint_is_one_clear_error(builtin_prefix: Path,
     ids=["tp1_pp1_dp1", "dp2_zero2", "tp2", "pp2"],
 )
 def test_exact_resume_is_bitwise(nproc: int, extra: list[str], builtin_prefix: Path, tmp_path: Path) -> None:
-    """Six iterations straight, or three (train.exit_interval) + resume to six: identical losses."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
+    """Six iterations straight, saving at three; a new run resumed from that checkpoint trains
+    iterations four to six with bitwise the same losses and learning rates (dropout on)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ["train.train_iters=6", "model.dropout=0.1", *extra]
-    _check(run(launch_cmd(nproc, *_args(builtin_prefix, straight, *args))))
-    first = run(launch_cmd(nproc, *_args(builtin_prefix, split, *args, "train.exit_interval=3")))
-    _check(first)
-    assert "stopped at iteration 3 (train.exit_interval=3)" in first.stdout
-    assert (split / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
-    _check(run(launch_cmd(nproc, *_args(builtin_prefix, split, *args, "train.exit_interval=3"))))
-    assert train_losses(split) == train_losses(straight)  # bitwise, dropout and all
-    assert [r["lr"] for r in read_metrics(split) if "lr" in r] == [
+    _check(run(launch_cmd(nproc, *_args(builtin_prefix, straight, *args, "checkpoint.save_interval=3"))))
+    ckpt = straight / "checkpoints" / "iter_0000003"
+    p = run(launch_cmd(nproc, *_args(builtin_prefix, resumed, *args, f"checkpoint.resume={ckpt}")))
+    _check(p)
+    assert f"resumed from {ckpt} at iteration 3" in p.stdout + p.stderr
+    assert train_losses(resumed) == train_losses(straight)[3:]  # bitwise, dropout and all
+    assert [r["lr"] for r in read_metrics(resumed) if "lr" in r] == [
         r["lr"] for r in read_metrics(straight) if "lr" in r
-    ]
+    ][3:]
 
 
 def test_sigterm_saves_and_exits_zero(builtin_prefix: Path, tmp_path: Path) -> None:
@@ -344,7 +344,9 @@ def test_sigterm_saves_and_exits_zero(builtin_prefix: Path, tmp_path: Path) -> N
 def test_resumed_run_continues_the_same_wandb_run(builtin_prefix: Path, tmp_path: Path) -> None:
     args = _args(builtin_prefix, tmp_path, "logging.wandb_mode=offline", "train.exit_interval=5")
     env = {"WANDB_SILENT": "true"}
-    _check(run(["python", script("pretrain.py"), *args], env=env))
+    first = run(["python", script("pretrain.py"), *args], env=env)
+    _check(first)
+    assert "stopped at iteration 5 (train.exit_interval=5)" in first.stdout  # a planned stop, LR untouched
     _check(run(["python", script("pretrain.py"), *args], env=env))
     ckpt = tmp_path / "checkpoints"
     first = json.loads((ckpt / "iter_0000005" / "llm_meta.json").read_text())["wandb_run_id"]
