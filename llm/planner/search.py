@@ -71,7 +71,9 @@ def step_flops(cfg: Config, vocab: int) -> float:
     return cfg.train.global_batch_size * cfg.model.seq_length * model_flops_per_token(full)
 
 
-def _step_time(cfg: Config, layout: Layout, cluster: Cluster, flops: float, bubble: float, act_bytes: int) -> float:
+def _step_time(
+    cfg: Config, layout: Layout, cluster: Cluster, *, flops: float, bubble: float, act_bytes: int, vocab: int
+) -> float:
     m = cfg.model
     compute = flops * (4 / 3 if layout.activation_checkpointing else 1.0)
     compute /= layout.world_size * cluster.peak_tflops * 1e12 * cluster.mfu
@@ -79,7 +81,7 @@ def _step_time(cfg: Config, layout: Layout, cluster: Cluster, flops: float, bubb
     tp_bw = (cluster.intra_node_gbps if layout.tp <= cluster.gpus_per_node else cluster.inter_node_gbps) * 1e9
     tp_bytes = 4 * m.num_layers / layout.pp * micro * layout.micro_batch_size * m.seq_length * m.hidden_size
     tp_time = 0.0 if layout.tp == 1 else tp_bytes * act_bytes * 2 * (layout.tp - 1) / layout.tp / tp_bw
-    params = sum(pipeline_layer_params(m, layout.tp, cfg.model.vocab_size or 0)) / layout.pp
+    params = sum(pipeline_layer_params(m, layout.tp, vocab)) / layout.pp
     dp_inside = layout.tp * layout.dp <= cluster.gpus_per_node
     dp_bw = (cluster.intra_node_gbps if dp_inside else cluster.inter_node_gbps) * 1e9
     grad_bytes = params * act_bytes * 2 * (layout.dp - 1) / layout.dp
@@ -132,7 +134,8 @@ def evaluate_layout(cfg: Config, layout: Layout, cluster: Cluster, *, precision:
     flops = step_flops(cfg, vocab)
     act = 4 if precision == "fp32" else 2
     fits = mem.total <= cluster.usable_fraction * cluster.gpu_memory_gb * GB
-    return Candidate(layout, mem, fits, bubble, flops, _step_time(cfg, layout, cluster, flops, bubble, act))
+    time = _step_time(cfg, layout, cluster, flops=flops, bubble=bubble, act_bytes=act, vocab=vocab)
+    return Candidate(layout, mem, fits, bubble, flops, time)
 
 
 def plan(cfg: Config, cluster: Cluster, *, precision: str, vocab: int) -> list[Candidate]:
