@@ -13,4 +13,4 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip 2>/dev/null || true
 .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".${EXTRA}"
-echo "setup: $(.venv/bin/python -c 'import torch, deepspeed, transformers; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")' 2>/dev/null)"
+echo "setup: $(.venv/bin/python -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "deepspeed", "transformers")))')"
