@@ -21,8 +21,8 @@ from pathlib import Path
 from common import REPO, machine
 
 from llm.config import load_config
-from llm.planner.memory import GB, ZeroBuffers, estimate_memory
-from llm.planner.report import config_layout, config_vocab, zero_settings
+from llm.planner.memory import GB
+from llm.planner.report import config_layout, estimate_for_run
 
 BASE = ["model.num_layers=4", "model.hidden_size=512", "model.num_attention_heads=8", "model.seq_length=256",
         "train.micro_batch_size=4", "train.global_batch_size=16", "train.train_iters=3", "train.lr_warmup_iters=1",
@@ -57,16 +57,11 @@ def run_case(name: str, nproc: int, extra: list[str], data: str, out: Path) -> P
 
 def compare(run_dir: Path, precision: str) -> tuple[str, float, float]:
     cfg = load_config(run_dir / "config.yaml")
-    world = json.loads((run_dir / "layout.json").read_text())["world_size"]
-    layout = config_layout(cfg, world)
-    est = estimate_memory(
-        cfg.model, layout, precision=precision, vocab=config_vocab(cfg),
-        global_batch_size=cfg.train.global_batch_size, partition_method=cfg.parallel.pipeline_partition_method,
-        zero_buffers=ZeroBuffers.from_json(zero_settings(cfg)), touched_only=precision == "fp32",
-    )  # fmt: skip
+    layout = config_layout(cfg, json.loads((run_dir / "layout.json").read_text())["world_size"])
+    estimate = estimate_for_run(run_dir, precision=precision)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     measured = [r["peak_memory_gb"] for r in records if r.get("peak_memory_gb") is not None][-1]
-    return layout.describe(), measured, est.total / GB
+    return layout.describe(), measured, estimate.total / GB
 
 
 def main() -> None:

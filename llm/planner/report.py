@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llm.config import Config, ConfigError
-from llm.planner.memory import GB, Layout, total_params
+from llm.config import Config, ConfigError, load_config
+from llm.planner.memory import GB, Layout, MemoryEstimate, ZeroBuffers, estimate_memory, total_params
 from llm.planner.search import Candidate, Cluster
 
 
@@ -83,3 +83,15 @@ def format_table(cfg: Config, cluster: Cluster, cands: list[Candidate], *, vocab
             f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json"
         )
     return "\n".join(head + rows + tail)
+
+
+def estimate_for_run(run_dir: Path, *, precision: str) -> MemoryEstimate:
+    """The estimate for a finished run: its effective config.yaml and layout.json. On CPU (fp32)
+    only written pages count, as in resident memory."""
+    cfg = load_config(run_dir / "config.yaml")
+    world = int(json.loads((run_dir / "layout.json").read_text())["world_size"])
+    return estimate_memory(
+        cfg.model, config_layout(cfg, world), precision=precision, vocab=config_vocab(cfg),
+        global_batch_size=cfg.train.global_batch_size, partition_method=cfg.parallel.pipeline_partition_method,
+        zero_buffers=ZeroBuffers.from_json(zero_settings(cfg)), touched_only=precision == "fp32",
+    )  # fmt: skip

@@ -56,15 +56,26 @@ def _finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[str]:
     return outs
 
 
+def _start_nodes(cmd: list[str], **node_env: str) -> list[subprocess.Popen]:
+    """`cmd` started twice with a shared MASTER_PORT; "{n}" in a `node_env` value becomes the node (0, 1)."""
+    port = str(free_port())
+    return [
+        _start(cmd, _env(MASTER_PORT=port, **{k: v.replace("{n}", str(n)) for k, v in node_env.items()}))
+        for n in (0, 1)
+    ]
+
+
 def _torchrun_nodes(args: list[str]) -> list[subprocess.Popen]:
     """scripts/launch/torchrun_multinode.sh started twice, as node 0 and node 1 of two, one worker each."""
-    port = str(free_port())
     config_and_overrides = args[1:]  # tiny_args starts with "--config"; the script takes CONFIG first
-    return [
-        _start(["bash", "scripts/launch/torchrun_multinode.sh", *config_and_overrides],
-               _env(NNODES="2", NODE_RANK=str(n), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-        for n in (0, 1)
-    ]  # fmt: skip
+    return _start_nodes(["bash", "scripts/launch/torchrun_multinode.sh", *config_and_overrides],
+                        NNODES="2", NODE_RANK="{n}", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1")  # fmt: skip
+
+
+def _check_two_nodes(run_dir: Path, launcher: str, stage: int, reference: list[float]) -> None:
+    assert_same_curve(train_losses(run_dir), reference, 1e-5)
+    _two_node_layout(run_dir, launcher)
+    assert_zero_stage(run_dir, stage)
 
 
 def _two_node_layout(run_dir: Path, launcher: str) -> None:
@@ -78,9 +89,7 @@ def test_torchrun_two_nodes_match_one_process(
 ) -> None:
     procs = _torchrun_nodes(tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero1.json"))
     out0, _ = _finish(procs)
-    assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
-    _two_node_layout(tmp_path, "torchrun")
-    assert_zero_stage(tmp_path, 1)
+    _check_two_nodes(tmp_path, "torchrun", 1, single_process_losses)
     assert "layout: torchrun, 2 node(s) x 1 rank(s) = world 2 = TP 1 x PP 1 x DP 2" in out0
 
 
@@ -90,17 +99,10 @@ def test_deepspeed_launcher_two_nodes_without_ssh(
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     run_dir = tmp_path / "run"
-    port = str(free_port())
     args = tiny_args(builtin_prefix, run_dir, "deepspeed_config=configs/deepspeed/zero2.json")
-    procs = [
-        _start(["bash", "scripts/launch/deepspeed_multinode.sh", str(hostfile), *args[1:]],
-               _env(NODE_RANK=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-        for n in (0, 1)
-    ]  # fmt: skip
-    _finish(procs)
-    assert_same_curve(train_losses(run_dir), single_process_losses, 1e-5)
-    _two_node_layout(run_dir, "deepspeed")
-    assert_zero_stage(run_dir, 2)
+    _finish(_start_nodes(["bash", "scripts/launch/deepspeed_multinode.sh", str(hostfile), *args[1:]],
+                         NODE_RANK="{n}", MASTER_ADDR="127.0.0.1"))  # fmt: skip
+    _check_two_nodes(run_dir, "deepspeed", 2, single_process_losses)
 
 
 def test_srun_one_task_per_rank_environment(
@@ -108,19 +110,11 @@ def test_srun_one_task_per_rank_environment(
 ) -> None:
     """What srun gives each task (no RANK/WORLD_SIZE): pretrain.py finds rank, world and the
     rendezvous host (first host of the step's node list) from the SLURM variables alone."""
-    port = str(free_port())
-    procs = [
-        _start([str(BIN / "python"), "scripts/pretrain.py",
-                *tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero3.json")],
-               _env(SLURM_JOB_ID="4242", SLURM_PROCID=str(n), SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
-                    SLURM_LOCALID="0", SLURM_NODEID=str(n), SLURM_STEP_NODELIST="localhost,127.0.0.[1-1]",
-                    MASTER_PORT=port))
-        for n in (0, 1)
-    ]  # fmt: skip
-    _finish(procs)
-    assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-5)
-    _two_node_layout(tmp_path, "srun")
-    assert_zero_stage(tmp_path, 3)
+    cmd = [str(BIN / "python"), "scripts/pretrain.py",
+           *tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero3.json")]
+    _finish(_start_nodes(cmd, SLURM_JOB_ID="4242", SLURM_PROCID="{n}", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
+                         SLURM_LOCALID="0", SLURM_NODEID="{n}", SLURM_STEP_NODELIST="localhost,127.0.0.[1-1]"))  # fmt: skip
+    _check_two_nodes(tmp_path, "srun", 3, single_process_losses)
 
 
 @pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="MPICH's mpirun (the mpich wheel, x86-64 only) is absent")

@@ -8,14 +8,12 @@ benchmarks/plan_memory.py and docs/benchmarks.md."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from llm.config import load_config
-from llm.planner.memory import GB, ZeroBuffers, estimate_memory
-from llm.planner.report import config_layout, config_vocab, zero_settings
+from llm.planner.memory import GB
+from llm.planner.report import estimate_for_run
 from tests.conftest import check, launch_cmd, read_metrics, run
 
 pytestmark = [pytest.mark.integration]
@@ -24,17 +22,6 @@ MODEL = ["model.num_layers=4", "model.hidden_size=384", "model.num_attention_hea
          "train.micro_batch_size=4", "train.global_batch_size=8", "train.train_iters=2", "train.lr_warmup_iters=1",
          "logging.log_interval=1", "eval.eval_iters=1", "logging.wandb_mode=disabled",
          "checkpoint.save_interval=null"]  # fmt: skip
-
-
-def _estimate(run_dir: Path) -> float:
-    cfg = load_config(run_dir / "config.yaml")
-    world = json.loads((run_dir / "layout.json").read_text())["world_size"]
-    est = estimate_memory(
-        cfg.model, config_layout(cfg, world), precision="fp32", vocab=config_vocab(cfg),
-        global_batch_size=cfg.train.global_batch_size, partition_method=cfg.parallel.pipeline_partition_method,
-        zero_buffers=ZeroBuffers.from_json(zero_settings(cfg)), touched_only=True,
-    )  # fmt: skip
-    return est.total / GB
 
 
 @pytest.mark.parametrize(
@@ -53,6 +40,6 @@ def test_memory_estimate_matches_measured_peak(
             f"logging.dir={tmp_path}", *extra]  # fmt: skip
     check(run(launch_cmd(nproc, *args), env={"MALLOC_MMAP_THRESHOLD_": "65536"}))
     measured = [r["peak_memory_gb"] for r in read_metrics(tmp_path) if "peak_memory_gb" in r][-1]
-    estimate = _estimate(tmp_path)
+    estimate = estimate_for_run(tmp_path, precision="fp32").total / GB
     assert measured > 0.1, measured  # the model and its training state, not noise
     assert abs(estimate - measured) / measured < 0.15, f"estimate {estimate:.3f} GB, measured {measured:.3f} GB"
