@@ -1,6 +1,6 @@
 """A full pretrain.py iteration against a bare PyTorch loop over the same model and batch.
 
-  python benchmarks/framework_overhead.py [--iters 40]
+  python benchmarks/framework_overhead.py [--iters 40] [--data PREFIX] [--smoke]
 
 pretrain.py runs as one plain `python` process on configs/tiny_cpu.yaml (DeepSpeed engine, ZeRO 0,
 data loading, LR schedule, clipping, metrics); the median step_time of its iterations after the
@@ -27,24 +27,28 @@ from llm.data.tokenizer import load_tokenizer
 from llm.model.gpt import build_model, parameter_groups
 
 PREFIX = REPO / "data" / "builtin" / "builtin_text_document"
+# --smoke: a seconds-long run of the same code paths (tests/integration/test_benchmarks.py)
+SMOKE = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.seq_length=64",
+         "train.micro_batch_size=2", "train.global_batch_size=4"]  # fmt: skip
 
 
-def framework_step_times(iters: int, run_dir: Path) -> list[float]:
-    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "configs/tiny_cpu.yaml",
+def framework_step_times(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> list[float]:
+    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "configs/tiny_cpu.yaml", *extra,
            f"train.train_iters={iters}", "train.lr_warmup_iters=5", "logging.log_interval=1",
            f"eval.eval_interval={10 * iters}", "eval.eval_iters=1", "checkpoint.save_interval=null",
            "logging.wandb_mode=disabled", f"logging.dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt",
-           f"data.train_data_path={PREFIX}"]  # fmt: skip
+           f"data.train_data_path={prefix}"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time"] for r in records if "loss" in r][5:]
 
 
-def bare_step_times(iters: int) -> list[float]:
+def bare_step_times(iters: int, extra: list[str]) -> list[float]:
+    vocab = load_tokenizer(REPO / "tokenizer" / "llm_sp8k.model").vocab_size
     cfg = load_config(
-        REPO / "configs" / "tiny_cpu.yaml", [f"deepspeed_config={REPO}/configs/deepspeed/zero0.json"]
+        REPO / "configs" / "tiny_cpu.yaml",
+        [f"deepspeed_config={REPO}/configs/deepspeed/zero0.json", f"model.vocab_size={vocab}", *extra],
     )
-    cfg.model.vocab_size = load_tokenizer(REPO / "tokenizer" / "llm_sp8k.model").vocab_size
     torch.manual_seed(0)
     model = build_model(cfg.model, seed=0).train()
     opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
@@ -68,14 +72,17 @@ def bare_step_times(iters: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--data", type=Path, default=PREFIX, help="token prefix (default: the built-in corpus)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: a tiny model, 7 iterations")
     args = parser.parse_args()
-    if not PREFIX.with_suffix(".idx").exists():
+    if not args.data.with_suffix(".idx").exists():
         raise SystemExit(
-            f"{PREFIX}.idx missing: run scripts/quickstart.sh (or preprocess_data.py --builtin-corpus) first"
+            f"{args.data}.idx missing: run scripts/quickstart.sh (or preprocess_data.py --builtin-corpus) first"
         )
+    iters, extra = (7, SMOKE) if args.smoke else (args.iters, [])
     with tempfile.TemporaryDirectory() as tmp:
-        fw = statistics.median(framework_step_times(args.iters, Path(tmp)))
-    bare = statistics.median(bare_step_times(args.iters))
+        fw = statistics.median(framework_step_times(iters, Path(tmp), args.data, extra))
+    bare = statistics.median(bare_step_times(iters, extra))
     report("framework_overhead", {
         "pretrain_py_step_seconds": round(fw, 4), "bare_loop_step_seconds": round(bare, 4),
         "throughput_ratio_framework_over_bare": round(bare / fw, 3),

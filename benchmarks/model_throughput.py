@@ -1,7 +1,7 @@
 """Forward+backward tokens/s of our GPT against transformers' GPT2LMHeadModel of the same shape,
 measured in the same run, and achieved FLOP/s as a fraction of this machine's fp32 matmul peak.
 
-  python benchmarks/model_throughput.py [--layers 6 --hidden 512 --heads 8 --seq 512 --batch 4]
+  python benchmarks/model_throughput.py [--layers 6 --hidden 512 --heads 8 --seq 512 --batch 4] [--smoke]
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import argparse
 import torch
 from common import best_of, report
 
-from llm.config import Config, ModelConfig
+from llm.config import ModelConfig
+from llm.model.flops import model_flops_per_token
 from llm.model.gpt import build_model, count_parameters
 from llm.model.hf import hf_config, to_hf_state_dict
-from llm.training.metrics import model_flops_per_token
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -44,7 +44,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="seconds: a tiny shape, one repeat")
     args = parser.parse_args()
+    if args.smoke:
+        args.layers, args.hidden, args.heads, args.seq, args.batch, args.vocab, args.repeats = 1, 64, 2, 32, 2, 512, 1
     from transformers import GPT2LMHeadModel
 
     cfg = ModelConfig(architecture="gpt2", num_layers=args.layers, hidden_size=args.hidden,
@@ -60,11 +63,10 @@ def main() -> None:
     # Interleave to share any drift in machine load fairly.
     t_ours = min(step_time(ours, tokens, False, args.repeats), step_time(ours, tokens, False, args.repeats))
     t_hf = min(step_time(theirs, tokens, True, args.repeats), step_time(theirs, tokens, True, args.repeats))
-    full = Config(model=cfg)
-    flops = model_flops_per_token(full, count_parameters(ours)) * n_tokens
-    peak = matmul_peak()
+    flops = model_flops_per_token(cfg, count_parameters(ours)) * n_tokens
+    peak = matmul_peak(256 if args.smoke else 2048)
     results = {
-        "shape": vars(args),
+        "shape": {k: v for k, v in vars(args).items() if k != "smoke"},
         "parameters": count_parameters(ours),
         "ours_tokens_per_sec": round(n_tokens / t_ours),
         "hf_gpt2_tokens_per_sec": round(n_tokens / t_hf),

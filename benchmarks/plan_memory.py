@@ -1,12 +1,14 @@
 """The planner's memory estimate against the measured peak memory of real training runs.
 
-python benchmarks/plan_memory.py --data data/builtin/builtin_text_document [--only z0_dp1,pp2] [--out DIR]
+python benchmarks/plan_memory.py --data data/builtin/builtin_text_document [--only z0_dp1,pp2] [--out DIR] [--smoke]
 
-Each case runs scripts/pretrain.py through the deepspeed launcher (fp32 on CPU, 3 iterations of a
+Each case runs benchmarks/pretrain_measured.py (scripts/pretrain.py whose peak leaves out the
+interpreter's own memory on CPU) through the deepspeed launcher (fp32 on CPU, 3 iterations of a
 4-layer, 512-wide GPT with 16.5M parameters, micro-batches of 4 x 256 tokens, global batch 16)
 and reads `peak_memory_gb` (the largest of any rank) from its metrics; the estimate is llm.planner's for the same config and layout. Runs set
-MALLOC_MMAP_THRESHOLD_=65536 so CPU resident memory follows live tensor memory (see
-llm/training/memory.py). On a GPU the same script compares against torch.cuda.max_memory_allocated.
+MALLOC_MMAP_THRESHOLD_=65536 so CPU resident memory follows live tensor memory: glibc returns a
+freed block to the system only when it was mmap-backed, and its adaptive threshold otherwise keeps
+many freed multi-MB tensors in the heap (RSS 20-30% above live tensor memory in training). On a GPU the same script compares against torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,8 @@ BASE = ["model.num_layers=4", "model.hidden_size=512", "model.num_attention_head
         "train.micro_batch_size=4", "train.global_batch_size=16", "train.train_iters=3", "train.lr_warmup_iters=1",
         "logging.log_interval=1", "eval.eval_iters=1", "eval.eval_interval=1000", "logging.wandb_mode=disabled",
         "checkpoint.save_interval=null", "checkpoint.resume=none"]  # fmt: skip
+SMOKE = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.seq_length=64",
+         "train.micro_batch_size=2", "train.global_batch_size=2", "train.train_iters=2"]  # fmt: skip
 Z = "deepspeed_config=configs/deepspeed/zero{}.json".format
 CASES: dict[str, tuple[int, list[str]]] = {
     "z0_dp1": (1, []),
@@ -45,7 +50,10 @@ CASES: dict[str, tuple[int, list[str]]] = {
 
 def run_case(name: str, nproc: int, extra: list[str], data: str, out: Path) -> Path:
     run_dir = out / name
-    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(29400 + len(name)), "scripts/pretrain.py",
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), "benchmarks/pretrain_measured.py",
            "--config", "configs/tiny_cpu.yaml", *BASE, f"data.train_data_path={data}", f"logging.dir={run_dir}",
            *extra]  # fmt: skip
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
@@ -69,8 +77,12 @@ def main() -> None:
     p.add_argument("--data", required=True, help="a preprocessed token prefix (e.g. the built-in corpus)")
     p.add_argument("--only", default="", help="comma-separated case names")
     p.add_argument("--out", default="runs/bench_plan_memory")
+    p.add_argument("--smoke", action="store_true", help="seconds: one tiny single-process case")
     args = p.parse_args()
     names = [n for n in CASES if not args.only or n in args.only.split(",")]
+    if args.smoke:
+        names = ["z0_dp1"]
+        BASE.extend(SMOKE)
     import torch
 
     precision = "bf16" if torch.cuda.is_available() else "fp32"

@@ -55,7 +55,7 @@ def raw_encode_rate(path: Path, limit_mb: int = 64) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run_preprocess(path: Path, out: Path, workers: int) -> dict[str, float]:
+def run_preprocess(path: Path, out: Path, workers: int) -> dict[str, float | None]:
     cmd = [sys.executable, str(REPO / "scripts" / "preprocess_data.py"), "--input", str(path), "--tokenizer",
            str(TOKENIZER), "--output-prefix", str(out), "--workers", str(workers), "--no-progress"]  # fmt: skip
     # Peak RSS of the main process and the largest worker, via /usr/bin/time when available.
@@ -67,7 +67,7 @@ def run_preprocess(path: Path, out: Path, workers: int) -> dict[str, float]:
     tokens = int(summary.split("tokens: ")[1].split(",")[0])
     # GNU time reports the largest RSS of the process tree it waited for (main or any worker).
     peak_kb = next((int(x.split(":")[1]) for x in p.stderr.splitlines() if "Maximum resident" in x), 0)
-    return {
+    result: dict[str, float | None] = {
         "workers": workers,
         "seconds": round(seconds, 1),
         "tokens": tokens,
@@ -75,6 +75,7 @@ def run_preprocess(path: Path, out: Path, workers: int) -> dict[str, float]:
         "tokens_per_sec_per_worker": round(tokens / seconds / workers),
         "peak_rss_mb_largest_process": round(peak_kb / 1024, 1) if peak_kb else None,
     }
+    return result
 
 
 def main() -> None:
@@ -82,7 +83,10 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-raw", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 1 MB, one worker")
     args = parser.parse_args()
+    if args.smoke:
+        args.size_mb, args.workers = 1, [1]
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
         size = make_corpus(corpus, args.size_mb)
@@ -94,7 +98,7 @@ def main() -> None:
         if not args.skip_raw:
             raw = float(results["raw_encode_tokens_per_sec"])  # type: ignore[arg-type]
             results["per_worker_fraction_of_raw"] = [
-                round(r["tokens_per_sec_per_worker"] / raw, 3) for r in runs
+                round(float(r["tokens_per_sec_per_worker"] or 0) / raw, 3) for r in runs
             ]
     report("preprocess_throughput", results)
 

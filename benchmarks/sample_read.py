@@ -28,7 +28,7 @@ def write_tokens(prefix: Path, total: int) -> None:
     written = 0
     chunk = rng.integers(0, 32000, size=1 << 20, dtype=np.uint16)
     while written < total:
-        n = int(min(total - written, rng.integers(50, 5000)))
+        n = min(total - written, int(rng.integers(50, 5000)))
         start = int(rng.integers(0, len(chunk) - n))
         builder.add_document(chunk[start : start + n])
         written += n
@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=500_000_000)
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--reads", type=int, default=20000)
+    parser.add_argument("--smoke", action="store_true", help="seconds: 200k tokens, 200 reads")
     args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.seq_length, args.reads = 200_000, 128, 200
     with tempfile.TemporaryDirectory() as tmp:
         prefix = Path(tmp) / "big"
         write_tokens(prefix, args.tokens)

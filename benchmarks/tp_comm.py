@@ -1,9 +1,9 @@
 """Tensor-parallel communication and step time on CPU (gloo).
 
-  python benchmarks/tp_comm.py [--layers 4 --hidden 256 --seq 256 --batch 4]
+  python benchmarks/tp_comm.py [--layers 4 --hidden 256 --seq 256 --batch 4] [--smoke]
 
 For TP = 1 and 2 (and 2 with sequence parallelism): bytes handed to TP collectives in one
-forward+backward of the GPT (counted in llm.parallel.mappings), against Megatron's analytic figure
+forward+backward of the GPT (counted here by wrapping torch.distributed's collectives), against Megatron's analytic figure
 without sequence parallelism: 4 all-reduces of B x S x H per layer (2 in forward after the
 row-parallel layers, 2 in backward before the column-parallel ones), plus the embedding's forward
 all-reduce and the LM head's backward all-reduce (2 B x S x H) and the vocab-parallel loss's three
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,14 +25,40 @@ from common import report
 
 from llm.config import ModelConfig
 from llm.model.gpt import build_model
-from llm.parallel import mappings
-from llm.parallel.context import ParallelContext, _free_port
+from llm.parallel.context import ParallelContext
+
+COUNTED = {"all_reduce": 0, "all_gather": 0, "reduce_scatter_tensor": 0}
+
+
+def _count_collectives() -> None:
+    """Wraps torch.distributed's collectives so this process counts the bytes of their inputs."""
+
+    def wrap(kind: str, position: int) -> None:
+        original = getattr(dist, kind)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            t = args[position]
+            COUNTED[kind] += t.numel() * t.element_size()
+            return original(*args, **kwargs)
+
+        setattr(dist, kind, counted)
+
+    wrap("all_reduce", 0)  # all_reduce(tensor)
+    wrap("all_gather", 1)  # all_gather(outputs, tensor)
+    wrap("reduce_scatter_tensor", 1)  # reduce_scatter_tensor(output, input)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, sp: bool, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    _count_collectives()
     ctx = ParallelContext.build(tp=world)
     cfg = ModelConfig(architecture="gpt2", num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
                       seq_length=args.seq, vocab_size=8192, sequence_parallel=sp)  # fmt: skip
@@ -42,10 +70,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, sp: bool
         model(tokens[:, :-1], tokens[:, 1:]).backward()
 
     step()
-    for k in mappings.COMM_BYTES:
-        mappings.COMM_BYTES[k] = 0
+    COUNTED.update(dict.fromkeys(COUNTED, 0))
     step()
-    counted = dict(mappings.COMM_BYTES)
+    counted = {"all_reduce": COUNTED["all_reduce"], "all_gather": COUNTED["all_gather"],
+               "reduce_scatter": COUNTED["reduce_scatter_tensor"]}  # fmt: skip
     times = []
     for _ in range(5):
         dist.barrier()
@@ -70,11 +98,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true", help="seconds: a tiny shape")
     args = parser.parse_args()
+    if args.smoke:
+        args.layers, args.hidden, args.seq, args.batch = 1, 64, 32, 2
     bsh = args.batch * args.seq * args.hidden * 4  # fp32 bytes of one (B, S, H) activation
     analytic_layers = 4 * args.layers * bsh
     analytic_total = analytic_layers + 2 * bsh + 3 * args.batch * args.seq * 4
-    results = {"shape": vars(args), "analytic_megatron_bytes_layers": analytic_layers,
+    results = {"shape": {k: v for k, v in vars(args).items() if k != "smoke"}, "analytic_megatron_bytes_layers": analytic_layers,
                "analytic_bytes_with_embedding_and_loss": analytic_total}  # fmt: skip
     for name, world, sp in [("tp1", 1, False), ("tp2", 2, False), ("tp2_sequence_parallel", 2, True)]:
         if world == 1:

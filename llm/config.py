@@ -16,24 +16,26 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
-ARCHITECTURES = ("gpt2", "llama")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DECAY_STYLES = ("cosine", "linear", "constant")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-PARTITION_METHODS = ("parameters", "uniform", "type:TransformerBlock")
+from llm.errors import LLMError
+
+Architecture = Literal["gpt2", "llama"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DecayStyle = Literal["cosine", "linear", "constant"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+PartitionMethod = Literal["parameters", "uniform", "type:TransformerBlock"]
 
 
-class ConfigError(ValueError):
+class ConfigError(LLMError, ValueError):
     """A user mistake in the configuration; the message names the setting and the fix."""
 
 
 @dataclass
 class ModelConfig:
-    architecture: str = "gpt2"
+    architecture: Architecture = "gpt2"
     num_layers: int = 12
     hidden_size: int = 768
     num_attention_heads: int = 12
@@ -98,14 +100,14 @@ class TrainConfig:
     min_lr: float = 3.0e-5
     lr_warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None = train_iters
-    lr_decay_style: str = "cosine"
+    lr_decay_style: DecayStyle = "cosine"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    precision: Precision = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     exit_interval: int | None = None
 
     @property
@@ -128,7 +130,7 @@ class DataConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    pipeline_partition_method: str = "parameters"
+    pipeline_partition_method: PartitionMethod = "parameters"
 
 
 @dataclass
@@ -144,7 +146,7 @@ class LoggingConfig:
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_name: str | None = None
-    wandb_mode: str = "auto"  # auto = online when logged in, else offline
+    wandb_mode: WandbMode = "auto"  # auto = online when logged in, else offline
 
 
 @dataclass
@@ -193,6 +195,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks `value` against the annotation `tp`, converting the harmless cases (int->float, '3e-4')."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+        return value
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -292,6 +299,24 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
+    """A validated Config from a plain dict (a YAML file's contents, or the copy in a checkpoint)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model:, train:, ...), got {raw!r}")
+    cfg: Config = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def replace_validated(cfg: Config, **sections: Any) -> Config:
+    """A copy of `cfg` with whole sections replaced (`model=...`), validated like a loaded config.
+    Code that derives settings (the vocabulary from the tokenizer, a model for one process) builds
+    a new config this way instead of changing the one everything else holds."""
+    out = dataclasses.replace(cfg, **sections)
+    validate(out)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML config (or the defaults when `path` is None) and applies dotted overrides."""
     raw: dict[str, Any] = {}
@@ -305,6 +330,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}': the top level must be a mapping of sections (model:, train:, ...)")
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg: Config = _build(Config, raw, "")
     if cfg.deepspeed_config is not None and path is not None and not Path(cfg.deepspeed_config).exists():
@@ -318,11 +345,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # ----------------------------------------------------------------------------------- validation
-
-
-def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} = {value!r} is not valid; choose one of {', '.join(choices)}")
 
 
 def _check_positive(cfg: Config) -> None:
@@ -348,7 +370,6 @@ def _check_positive(cfg: Config) -> None:
 
 
 def _check_model(m: ModelConfig) -> None:
-    _check_choice(m.architecture, ARCHITECTURES, "model.architecture")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
@@ -401,9 +422,6 @@ def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:
 def _check_parallel(cfg: Config) -> None:
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
-    _check_choice(
-        cfg.parallel.pipeline_partition_method, PARTITION_METHODS, "parallel.pipeline_partition_method"
-    )
     if cfg.model.sequence_parallel and tp == 1:
         raise ConfigError("model.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
     _check_tensor_parallel(cfg.model, tp)
@@ -418,9 +436,6 @@ def validate(cfg: Config) -> None:
     """Checks everything that can be checked without knowing the world size."""
     _check_positive(cfg)
     _check_model(cfg.model)
-    _check_choice(cfg.train.precision, PRECISIONS, "train.precision")
-    _check_choice(cfg.train.lr_decay_style, DECAY_STYLES, "train.lr_decay_style")
-    _check_choice(cfg.logging.wandb_mode, WANDB_MODES, "logging.wandb_mode")
     _check_parallel(cfg)
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
         raise ConfigError("train.lr_warmup_iters must not exceed train.lr_decay_iters (or train.train_iters)")

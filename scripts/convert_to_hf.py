@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm.config import ConfigError, load_config
-from llm.data.tokenizer import TokenizerError
+from llm.config import load_config
+from llm.errors import LLMError
 from llm.export.hf import export_checkpoint, import_hf
-from llm.export.tokenizer import TokenizerExportError
-from llm.training.checkpoint import CheckpointError
 
 
 def main() -> int:
@@ -36,7 +34,7 @@ def main() -> int:
         else:
             tag = import_hf(args.import_dir, args.output, base=load_config(args.config), seq_length=args.seq_length)
             print(f"imported {args.import_dir} -> {tag}; settings in {tag.parent / 'config.yaml'}")
-    except (CheckpointError, ConfigError, TokenizerError, TokenizerExportError, OSError, ValueError) as e:
+    except (LLMError, OSError) as e:  # OSError: a transformers directory it cannot read
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

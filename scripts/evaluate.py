@@ -16,14 +16,14 @@ import sys
 
 import numpy as np
 
-from llm.config import ConfigError
+from llm.checkpoint.merge import load_trained_model
 from llm.data.gpt_dataset import split_ranges
-from llm.data.indexed_dataset import IndexedDataset, IndexedDatasetError
-from llm.data.sources import InputError, expand_inputs, iter_file_records
-from llm.data.tokenizer import TokenizerError
-from llm.eval.loading import default_device, eval_context, load_trained_model, tokenizer_for
+from llm.data.indexed_dataset import IndexedDataset
+from llm.data.sources import expand_inputs, iter_file_records
+from llm.data.tokenizer import run_tokenizer
+from llm.errors import LLMError
+from llm.eval.loading import default_device, eval_context
 from llm.eval.perplexity import evaluate_stream, token_stream
-from llm.training.checkpoint import CheckpointError
 
 
 def _stream(args: argparse.Namespace, cfg) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -35,7 +35,7 @@ def _stream(args: argparse.Namespace, cfg) -> np.ndarray:  # type: ignore[no-unt
             else split_ranges(len(data), cfg.data.split)[("train", "valid", "test").index(args.split)]
         )
         return np.asarray(data.tokens[data.offsets[lo] : data.offsets[hi]], dtype=np.int64)
-    tok = tokenizer_for(cfg, args.tokenizer)
+    tok = run_tokenizer(cfg.data.tokenizer, args.tokenizer)
     records = (r for p in expand_inputs(args.input) for r in iter_file_records(p, json_key=args.json_key))
     return token_stream(records, tok, json_key=args.json_key)
 
@@ -63,7 +63,7 @@ def main() -> int:
         cfg, model = load_trained_model(args.checkpoint, device=default_device())
         stream = _stream(args, cfg)
         result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx)
-    except (CheckpointError, ConfigError, IndexedDatasetError, InputError, TokenizerError, ValueError) as e:
+    except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     ctx.shutdown()

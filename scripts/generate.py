@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm.config import ConfigError
-from llm.data.tokenizer import TokenizerError
+from llm.checkpoint.merge import load_trained_model
+from llm.data.tokenizer import run_tokenizer
+from llm.errors import LLMError
 from llm.eval.generate import generate
-from llm.eval.loading import default_device, load_trained_model, tokenizer_for
-from llm.training.checkpoint import CheckpointError
+from llm.eval.loading import default_device
 
 
 def main() -> int:
@@ -31,8 +31,8 @@ def main() -> int:
     args = parser.parse_args()
     try:
         cfg, model = load_trained_model(args.checkpoint, device=default_device())
-        tok = tokenizer_for(cfg, args.tokenizer)
-    except (CheckpointError, ConfigError, TokenizerError) as e:
+        tok = run_tokenizer(cfg.data.tokenizer, args.tokenizer)
+    except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     new = generate(

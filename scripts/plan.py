@@ -12,6 +12,7 @@ import json
 import sys
 
 from llm.config import ConfigError, load_config
+from llm.errors import LLMError
 from llm.planner.memory import GB
 from llm.planner.report import config_vocab, format_table
 from llm.planner.search import Cluster, plan
@@ -34,7 +35,7 @@ def main() -> int:
         if args.nodes < 1 or args.gpus_per_node < 1 or args.gpu_memory <= 0:
             raise ConfigError("--nodes, --gpus-per-node and --gpu-memory must be positive")
         vocab = config_vocab(cfg)
-    except ConfigError as e:
+    except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cluster = Cluster(args.nodes, args.gpus_per_node, gpu_memory_gb=args.gpu_memory, peak_tflops=args.peak_tflops)

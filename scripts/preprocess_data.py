@@ -16,10 +16,8 @@ import os
 import sys
 
 from llm.data.cli import add_input_args, iter_input_records
-from llm.data.indexed_dataset import IndexedDatasetError
-from llm.data.preprocess import StrictModeError, preprocess
-from llm.data.sources import InputError
-from llm.data.tokenizer import TokenizerError
+from llm.data.preprocess import preprocess
+from llm.errors import LLMError
 
 
 def main() -> int:
@@ -46,7 +44,7 @@ def main() -> int:
             strict=args.strict,
             progress=not args.no_progress,
         )
-    except (InputError, TokenizerError, StrictModeError, IndexedDatasetError) as e:
+    except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

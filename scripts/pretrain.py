@@ -10,19 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm.config import ConfigError, load_config
-from llm.data.gpt_dataset import DatasetTooSmallError
-from llm.data.indexed_dataset import IndexedDatasetError
-from llm.data.loader import DataConfigError
-from llm.data.tokenizer import TokenizerError
-from llm.parallel.launcher import LaunchError
-from llm.training.checkpoint import CheckpointError
-from llm.training.trainer import TrainingError
-
-USER_ERRORS = (
-    ConfigError, DataConfigError, DatasetTooSmallError, IndexedDatasetError, TokenizerError, CheckpointError, TrainingError,
-    LaunchError,
-)  # fmt: skip
+from llm.config import load_config
+from llm.errors import LLMError
 
 
 def main() -> int:
@@ -38,7 +27,7 @@ def main() -> int:
         from llm.training.pretrain import run_pretraining
 
         state = run_pretraining(cfg)
-    except USER_ERRORS as e:
+    except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if state.stopped_by:

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from llm.data.cli import add_input_args, iter_input_records
-from llm.data.sources import InputError
 from llm.data.tokenizer import load_tokenizer
 from llm.data.train_tokenizer import DEFAULT_SPECIAL_TOKENS, train_sentencepiece
+from llm.errors import LLMError
 
 
 def main() -> int:
@@ -43,11 +43,8 @@ def main() -> int:
             special_tokens=tuple(args.special_tokens),
             max_sentences=args.max_sentences,
         )
-    except (InputError, OSError) as e:
+    except (LLMError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # SentencePiece reports bad settings (e.g. vocab too large) this way
-        print(f"error: SentencePiece training failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
     tok = load_tokenizer(path)
     print(f"wrote {path} (vocab {tok.vocab_size}, eos {tok.eos_id})")

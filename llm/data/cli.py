@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
-from llm.data.sources import Record, expand_inputs, iter_file_records, iter_hf_records
+from llm.data.sources import InputError, Record, expand_inputs, iter_file_records, iter_hf_records
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def iter_input_records(args: argparse.Namespace) -> Iterator[Record]:
     """Records from whichever input the user chose; raises InputError for missing inputs."""
     chosen = sum(bool(x) for x in (args.input, args.hf_dataset, args.builtin_corpus))
     if chosen != 1:
-        raise SystemExit("error: give exactly one of --input, --hf-dataset, --builtin-corpus")
+        raise InputError("give exactly one of --input, --hf-dataset, --builtin-corpus")
     if args.builtin_corpus:
         from llm.data.builtin_corpus import iter_documents
 

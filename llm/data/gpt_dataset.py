@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from llm.data.indexed_dataset import IndexedDataset
+from llm.errors import LLMError
 
 logger = logging.getLogger(__name__)
 INDEX_VERSION = 1
 
 
-class DatasetTooSmallError(ValueError):
+class DatasetTooSmallError(LLMError, ValueError):
     """The data cannot provide one sample; the message says how much it holds."""
 
 

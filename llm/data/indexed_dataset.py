@@ -30,6 +30,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from llm.errors import LLMError
+
 MAGIC = b"LLMTOKS\x00"
 VERSION = 1
 HEADER = struct.Struct("<8sIB3xQQ")  # magic, version, dtype code, N, T  (32 bytes)
@@ -37,7 +39,7 @@ DTYPES: dict[int, type[np.unsignedinteger]] = {1: np.uint16, 2: np.uint32}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(LLMError, ValueError):
     """A missing, truncated or corrupt token file; the message names it."""
 
 

@@ -21,9 +21,10 @@ from llm.config import DataConfig
 from llm.data.blended import BlendedDataset, samples_per_dataset
 from llm.data.gpt_dataset import DatasetTooSmallError, GPTDataset, split_ranges
 from llm.data.indexed_dataset import IndexedDataset
+from llm.errors import LLMError
 
 
-class DataConfigError(ValueError):
+class DataConfigError(LLMError, ValueError):
     """A data path setting that cannot be used; the message names it."""
 
 

@@ -22,12 +22,13 @@ import numpy as np
 from llm.data.indexed_dataset import IndexedDatasetBuilder, dtype_for_vocab
 from llm.data.sources import Record, parse_record
 from llm.data.tokenizer import load_tokenizer
+from llm.errors import LLMError
 
 BATCH_DOCS = 256
 BATCH_BYTES = 4 << 20
 
 
-class StrictModeError(ValueError):
+class StrictModeError(LLMError, ValueError):
     """--strict and a malformed record: names the file, line and reason."""
 
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm.errors import LLMError
+
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 SKIP_REASONS = ("invalid_json", "missing_field", "not_a_string", "invalid_utf8", "empty_text")
 
 
-class InputError(ValueError):
+class InputError(LLMError, ValueError):
     """An input path that is missing or of an unsupported kind."""
 
 

@@ -11,11 +11,13 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from llm.errors import LLMError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOKENIZER = REPO_ROOT / "tokenizer" / "llm_sp8k.model"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(LLMError, ValueError):
     """A tokenizer that cannot be found or loaded; the message says what to pass instead."""
 
 
@@ -145,3 +147,14 @@ def load_tokenizer(spec: str | Path | None) -> SentencePieceTokenizer | HFTokeni
         f"tokenizer '{spec}' not found: pass a SentencePiece .model file, a Hugging Face tokenizer directory, "
         "or a hub name (online only)"
     )
+
+
+def run_tokenizer(spec: str | None, override: str | None = None) -> SentencePieceTokenizer | HFTokenizer:
+    """The tokenizer a run names (`data.tokenizer`), or `override`; a relative path is tried from the
+    working directory, then from the repository root (where configs name the shipped one)."""
+    chosen = override or spec
+    if chosen is None:
+        raise TokenizerError("the checkpoint's config names no tokenizer: pass --tokenizer")
+    if not Path(chosen).exists() and (REPO_ROOT / chosen).exists():
+        chosen = str(REPO_ROOT / chosen)
+    return load_tokenizer(chosen)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from llm.data.sources import Record, parse_record
+from llm.data.tokenizer import TokenizerError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 DEFAULT_SPECIAL_TOKENS = tuple(f"<|reserved_{i}|>" for i in range(8))
@@ -40,14 +42,13 @@ def train_sentencepiece(
     threads: int = 2,
 ) -> Path:
     """Trains `output.model` (and `output.vocab`); returns the .model path."""
-    import sentencepiece as spm
 
     out = Path(output)
     if out.suffix == ".model":
         out = out.with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        spm.SentencePieceTrainer.train(
+        _train(
             sentence_iterator=_chunks(records, json_key),
             model_prefix=str(Path(tmp) / "sp"),
             vocab_size=vocab_size,
@@ -73,3 +74,14 @@ def train_sentencepiece(
         for suffix in (".model", ".vocab"):
             (Path(tmp) / f"sp{suffix}").replace(out.with_suffix(suffix))
     return out.with_suffix(".model")
+
+
+def _train(**settings: Any) -> None:
+    """SentencePiece reports bad settings (a vocabulary too large for the text, ...) as RuntimeError."""
+    try:
+        import sentencepiece as spm
+
+        spm.SentencePieceTrainer.train(**settings)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines() or ["unknown error"]
+        raise TokenizerError(f"SentencePiece training failed: {lines[-1]}") from None

@@ -6,12 +6,13 @@ LlamaForCausalLM; the tokenizer encodes exactly as ours, see llm/export/tokenize
 
 Import: a GPT-2 or Llama directory on disk -> an llm checkpoint to continue pretraining from. It
 is written in the layout-independent form a resume at another layout uses (`universal/`: full
-weights, zero AdamW moments, step 0), so it loads at any TP x PP x DP and ZeRO stage:
+weights; the optimizer starts fresh), so it loads at any TP x PP x DP and ZeRO stage:
 `deepspeed scripts/pretrain.py --config OUT/config.yaml checkpoint.resume=OUT/iter_0000000 ...`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -20,19 +21,27 @@ from typing import Any
 import torch
 import yaml
 
-from llm.config import Config, ModelConfig
+from llm.checkpoint.format import (
+    UNIVERSAL_FORM,
+    CheckpointError,
+    set_latest,
+    tag_for,
+    write_manifest,
+    write_meta,
+)
+from llm.checkpoint.merge import load_model_state
+from llm.checkpoint.reshard import write_universal
+from llm.config import Config, ModelConfig, replace_validated
+from llm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, run_tokenizer
+from llm.export.tokenizer import sentencepiece_to_hf
 from llm.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
-from llm.training.checkpoint import META, CheckpointError, load_model_state, tag_for, write_manifest
-from llm.training.reshard import MOMENTS, UNIVERSAL_DIR
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, tokenizer: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from llm.eval.loading import tokenizer_for
-
     cfg, state, meta = load_model_state(checkpoint)
-    tok = tokenizer_for(cfg, tokenizer)
+    tok = run_tokenizer(cfg.data.tokenizer, tokenizer)
     config = hf_config(cfg.model)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -51,9 +60,6 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, tokenizer: 
 
 
 def _export_tokenizer(tok: Any, out: Path) -> None:
-    from llm.data.tokenizer import HFTokenizer, SentencePieceTokenizer
-    from llm.export.tokenizer import sentencepiece_to_hf
-
     if isinstance(tok, SentencePieceTokenizer):
         sentencepiece_to_hf(tok.path).save_pretrained(out)
     elif isinstance(tok, HFTokenizer):
@@ -88,7 +94,11 @@ def model_config_from_hf(config: Any, *, seq_length: int | None = None) -> Model
 
 
 def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_length: int | None = None) -> Path:
-    """A transformers directory -> `output/iter_0000000` (+ `latest`, `config.yaml`); returns the tag dir."""
+    """A transformers directory -> `output/iter_0000000` (+ `latest`, `config.yaml`); returns the tag dir.
+
+    Written like every checkpoint: the universal form through the writer a layout-changing resume
+    uses (full fp32 weights; no optimizer state, so AdamW starts fresh), llm_meta.json with the
+    config (validated), MANIFEST, and `latest` moved last, atomically."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = Path(source)
@@ -97,22 +107,18 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     model_cfg = model_config_from_hf(AutoConfig.from_pretrained(src), seq_length=seq_length)
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     state = from_hf_state_dict(hf.state_dict(), model_cfg)
-    base.model = model_cfg
-    if (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file():
-        base.data.tokenizer = str(src.resolve())
-    tag_dir = Path(output) / tag_for(0)
-    universal = tag_dir / UNIVERSAL_DIR
+    has_tokenizer = (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file()
+    data = dataclasses.replace(base.data, tokenizer=str(src.resolve())) if has_tokenizer else base.data
+    cfg = replace_validated(base, model=model_cfg, data=data)
+    directory = Path(output)
+    tag_dir = directory / tag_for(0)
     shutil.rmtree(tag_dir, ignore_errors=True)
-    universal.mkdir(parents=True)
-    for name, value in state.items():
-        full = value.float().contiguous()
-        torch.save({"fp32": full, **{k: torch.zeros_like(full) for k in MOMENTS}}, universal / f"{name}.pt")
-    torch.save({"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0}, universal / "state.pt")
-    meta = {"iteration": 0, "consumed_samples": 0, "wandb_run_id": None, "config": base.to_dict(),
-            "zero_stage": -1, "tensor_parallel": 1, "pipeline_parallel": 1, "world_size": 0,
-            "imported_from": str(src)}  # fmt: skip  (layout matches no run: always loaded through universal/)
-    (tag_dir / META).write_text(json.dumps(meta, indent=1))
+    tag_dir.mkdir(parents=True)
+    write_universal(tag_dir, ((name, {"fp32": value}) for name, value in state.items()), {"step": 0.0})
+    meta = {"iteration": 0, "consumed_samples": 0, "wandb_run_id": None, "config": cfg.to_dict(),
+            "form": UNIVERSAL_FORM, "imported_from": str(src)}  # fmt: skip
+    write_meta(tag_dir, meta)
     write_manifest(tag_dir)
-    (Path(output) / "latest").write_text(tag_dir.name)
-    (Path(output) / "config.yaml").write_text(yaml.safe_dump(base.to_dict(), sort_keys=False))
+    (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    set_latest(directory, tag_dir.name)
     return tag_dir

@@ -17,10 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llm.errors import LLMError
+
 SUPPORTED = "BPE models with identity normalization and no dummy prefix (scripts/train_tokenizer.py)"
 
 
-class TokenizerExportError(ValueError):
+class TokenizerExportError(LLMError, ValueError):
     """A tokenizer this exporter cannot reproduce exactly; the message says why."""
 
 

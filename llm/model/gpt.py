@@ -14,7 +14,6 @@ the layout and whatever the order of construction.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,33 +178,6 @@ def build_model(
     model = GPT(cfg, ctx, rng)
     init_weights(model, cfg, seed)
     return model
-
-
-def partition_map(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """name -> sharding spec (llm.parallel.layers.partition_info) of every tensor-parallel parameter."""
-    out = {}
-    for name, p in model.named_parameters():
-        spec = partition_info(p)
-        if spec is not None:
-            out[name] = spec
-    return out
-
-
-def partition_spec_for(name: str, cfg: ModelConfig, tp: int) -> dict[str, Any] | None:
-    """How the plain-model parameter `name` is sharded at tensor-parallel size `tp` (the rule the
-    layers follow; tests check it against `partition_info` of real models). Used to merge shards
-    of checkpoints written at any layout."""
-    if name in ("embed.weight", "lm_head.weight"):
-        return {"dim": 0, "stride": 1}
-    if name.endswith(("attention.qkv.weight", "attention.qkv.bias")):
-        if cfg.kv_groups % tp == 0:
-            return {"dim": 0, "stride": 1}
-        return {"qkv": [cfg.num_attention_heads, cfg.kv_groups, cfg.head_dim]}
-    if name.endswith(("mlp.fc.weight", "mlp.fc.bias")):
-        return {"dim": 0, "stride": 2 if cfg.is_llama else 1}
-    if name.endswith(("attention.proj.weight", "mlp.proj.weight")):
-        return {"dim": 1, "stride": 1}
-    return None
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -13,27 +13,17 @@ from typing import Any
 import torch
 
 from llm.config import ModelConfig
+from llm.parallel.qkv import join_qkv, split_qkv
 
 
 def _qkv_to_parts(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Our grouped [q.. k v] rows -> (q rows, k rows, v rows) in head order."""
-    g, d = cfg.kv_groups, cfg.head_dim
-    per = cfg.num_attention_heads // g
-    blocks = w.reshape(g, per + 2, d, *w.shape[1:])
-    q = blocks[:, :per].reshape(g * per * d, *w.shape[1:])
-    k = blocks[:, per].reshape(g * d, *w.shape[1:])
-    v = blocks[:, per + 1].reshape(g * d, *w.shape[1:])
-    return q, k, v
+    q, k, v = split_qkv(w, heads=cfg.num_attention_heads, groups=cfg.kv_groups, head_dim=cfg.head_dim)
+    return q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
 
 
 def _parts_to_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    g, d = cfg.kv_groups, cfg.head_dim
-    per = cfg.num_attention_heads // g
-    rest = q.shape[1:]
-    blocks = torch.cat(
-        [q.reshape(g, per, d, *rest), k.reshape(g, 1, d, *rest), v.reshape(g, 1, d, *rest)], dim=1
-    )  # (g, per + 2, d, ...)
-    return blocks.reshape(-1, *rest)
+    return join_qkv(q, k, v, heads=cfg.num_attention_heads, groups=cfg.kv_groups, head_dim=cfg.head_dim)
 
 
 def hf_config(cfg: ModelConfig) -> Any:

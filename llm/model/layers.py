@@ -3,8 +3,7 @@
 Parameter layouts are chosen so that tensor parallelism can split them along their first
 dimension without reordering:
 
-- `attention.qkv.weight` ((nq + 2 nkv) d, h): grouped, for each KV group g the rows are
-  [q heads of g (nq / nkv heads) | k_g | v_g], each head d rows.
+- `attention.qkv.weight` ((nq + 2 nkv) d, h): grouped by KV group (llm/parallel/qkv.py).
 - `mlp.fc.weight` (llama: (2 f, h)): [gate | up].
 """
 
@@ -24,6 +23,7 @@ from llm.parallel.layers import (
     RowParallelLinear,
     sequence_parallel_param,
 )
+from llm.parallel.qkv import split_qkv
 from llm.parallel.random import RNGTracker
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -130,12 +130,8 @@ class Attention(nn.Module):
         )
 
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, s, _ = qkv.shape
-        per_group = self.num_heads // self.num_groups
-        qkv = qkv.view(b, s, self.num_groups, per_group + 2, self.head_dim)  # (B, S, g, q/g + 2, d)
-        q = qkv[:, :, :, :per_group].reshape(b, s, self.num_heads, self.head_dim)  # (B, S, nq, d)
-        k = qkv[:, :, :, per_group]  # (B, S, g, d)
-        v = qkv[:, :, :, per_group + 1]  # (B, S, g, d)
+        q, k, v = split_qkv(qkv, heads=self.num_heads, groups=self.num_groups, head_dim=self.head_dim, dim=-1)
+        # q (B, S, nq, d); k, v (B, S, g, d)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, d)
 
     def forward(

@@ -123,6 +123,15 @@ def canonical_prefix(layer_idx: int, num_layers: int) -> str:
     return f"layers.{layer_idx - 1}." if 1 <= layer_idx <= num_layers else ""
 
 
+def canonical_name(name: str, num_layers: int) -> str:
+    """DeepSpeed pipeline names (`3.mlp.fc.weight`, `tied_modules.embed.embed.weight`) -> plain-model
+    names (`layers.2.mlp.fc.weight`, `embed.weight`); plain names are returned unchanged."""
+    if name.startswith("tied_modules."):
+        return name.split(".", 2)[2]
+    head, _, rest = name.partition(".")
+    return canonical_prefix(int(head), num_layers) + rest if head.isdigit() else name
+
+
 def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> Any:
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology

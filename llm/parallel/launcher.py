@@ -27,10 +27,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from llm.errors import LLMError
+
 DEFAULT_PORT = 29500
 
 
-class LaunchError(ValueError):
+class LaunchError(LLMError, ValueError):
     """The launcher's environment is incomplete or contradictory; the message says what to set."""
 
 

@@ -23,6 +23,7 @@ from llm.parallel.mappings import (
     reduce_from_tp,
     reduce_scatter_to_sequence,
 )
+from llm.parallel.qkv import qkv_blocks
 
 
 def shard_tensor(full: torch.Tensor, *, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
@@ -63,18 +64,13 @@ def full_shape_of(p: torch.Tensor) -> torch.Size:
     return torch.Size(p.__dict__["full_shape"])
 
 
-def _qkv_blocks(full: torch.Tensor, layout: list[int]) -> torch.Tensor:
-    heads, groups, d = layout
-    return full.reshape(groups, heads // groups + 2, d, *full.shape[1:])  # (g, q/g + 2, d, ...)
-
-
 def shard_by_spec(full: torch.Tensor, spec: dict[str, Any], *, rank: int, size: int) -> torch.Tensor:
     if "qkv" not in spec:
         return shard_tensor(full, dim=spec["dim"], stride=spec["stride"], rank=rank, size=size)
     heads, groups, d = spec["qkv"]
     share = size // groups  # ranks per KV group
     g, j = rank // share, rank % share
-    blocks = _qkv_blocks(full, spec["qkv"])[g]  # (q/g + 2, d, ...)
+    blocks = qkv_blocks(full, heads=heads, groups=groups, head_dim=d)[g]  # (q/g + 2, d, ...)
     per = heads // size  # query heads on this rank
     q = blocks[j * per : (j + 1) * per].reshape(per * d, *full.shape[1:])
     k = blocks[-2, j * d // share : (j + 1) * d // share]

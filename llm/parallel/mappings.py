@@ -16,24 +16,15 @@ import torch.distributed as dist
 
 from llm.parallel.context import ParallelContext
 
-# Bytes moved by TP collectives in this process, by kind: read by benchmarks/tp_comm.py.
-COMM_BYTES: dict[str, int] = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
-
-
-def _count(kind: str, t: torch.Tensor) -> None:
-    COMM_BYTES[kind] += t.numel() * t.element_size()
-
 
 def _all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     x = x.contiguous()
-    _count("all_reduce", x)
     dist.all_reduce(x, group=ctx.groups["tp"])
     return x
 
 
 def _all_gather(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
     x = x.contiguous()
-    _count("all_gather", x)
     parts = [torch.empty_like(x) for _ in range(ctx.tp)]
     dist.all_gather(parts, x, group=ctx.groups["tp"])
     return torch.cat(parts, dim=dim)
@@ -51,7 +42,6 @@ def _split(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
 def _reduce_scatter(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
     x = x.contiguous()
     if dist.get_backend(ctx.groups["tp"]) == "nccl" and dim == 0:
-        _count("reduce_scatter", x)
         out = torch.empty((x.shape[0] // ctx.tp, *x.shape[1:]), dtype=x.dtype, device=x.device)
         dist.reduce_scatter_tensor(out, x, group=ctx.groups["tp"])
         return out
@@ -187,7 +177,6 @@ def reduce_scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.T
 def all_reduce_max(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """In-place MAX over the TP group (no autograd: used on detached values)."""
     if ctx.tp > 1:
-        _count("all_reduce", x)
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=ctx.groups["tp"])
     return x
 
@@ -195,7 +184,6 @@ def all_reduce_max(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 def all_reduce_sum(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """In-place SUM over the TP group (no autograd)."""
     if ctx.tp > 1:
-        _count("all_reduce", x)
         dist.all_reduce(x, group=ctx.groups["tp"])
     return x
 
@@ -209,7 +197,6 @@ class _GatherFromSubgroup(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, index: int) -> torch.Tensor:
         ctx.group, ctx.size, ctx.index = group, size, index
         x = x.contiguous()
-        _count("all_gather", x)
         parts = [torch.empty_like(x) for _ in range(size)]
         dist.all_gather(parts, x, group=group)
         return torch.cat(parts, dim=0)
@@ -217,7 +204,6 @@ class _GatherFromSubgroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         grad = grad.contiguous().clone()
-        _count("all_reduce", grad)
         dist.all_reduce(grad, group=ctx.group)
         return grad.chunk(ctx.size, dim=0)[ctx.index].contiguous(), None, None, None
 

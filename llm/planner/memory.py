@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm.config import ModelConfig
+from llm.model.flops import pipeline_layer_params
 
 GB = 2**30
 
@@ -124,34 +125,6 @@ def _act_bytes(precision: str) -> int:
 
 
 # ----------------------------------------------------------------------------------- parameters
-
-
-def block_params(m: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer block on one tensor-parallel rank."""
-    h, f, d = m.hidden_size, m.ffn_size, m.head_dim
-    qkv_rows = (m.num_attention_heads + 2 * m.kv_groups) * d
-    fc_rows = 2 * f if m.is_llama else f
-    sharded = qkv_rows * h + h * h + fc_rows * h + f * h
-    if m.is_llama:
-        return sharded // tp + 2 * h  # two RMSNorm weights
-    column_biases = qkv_rows + f
-    return sharded // tp + column_biases // tp + 2 * h + 4 * h  # row biases + two LayerNorms
-
-
-def pipeline_layer_params(m: ModelConfig, tp: int, vocab: int) -> list[int]:
-    """Per DeepSpeed pipeline layer: embedding, blocks, final norm, LM head (the tied head holds a
-    copy of the embedding, as DeepSpeed's TiedLayerSpec does on the last stage)."""
-    padded = m.make_vocab_size_divisible_by * tp * math.ceil(vocab / (m.make_vocab_size_divisible_by * tp))
-    embed = padded // tp * m.hidden_size + (0 if m.is_llama else m.max_positions * m.hidden_size)
-    norm = m.hidden_size * (1 if m.is_llama else 2)
-    head = padded // tp * m.hidden_size
-    return [embed, *([block_params(m, tp)] * m.num_layers), norm, head]
-
-
-def total_params(m: ModelConfig, vocab: int) -> int:
-    """Unique parameters of the whole model (tied embeddings counted once)."""
-    layers = pipeline_layer_params(m, 1, vocab)
-    return sum(layers) - (layers[-1] if m.tied else 0)
 
 
 def _deepspeed_partitioners() -> Any:

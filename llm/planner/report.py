@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from llm.config import Config, ConfigError, load_config
-from llm.planner.memory import GB, Layout, MemoryEstimate, ZeroBuffers, estimate_memory, total_params
+from llm.model.flops import total_params
+from llm.planner.memory import GB, Layout, MemoryEstimate, ZeroBuffers, estimate_memory
 from llm.planner.search import Candidate, Cluster
 
 

@@ -18,11 +18,13 @@ parallelism, then to less memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from llm.config import Config, ConfigError, validate
-from llm.planner.memory import GB, Layout, MemoryEstimate, estimate_memory, pipeline_layer_params
+from llm.model.flops import model_flops_per_token, pipeline_layer_params
+from llm.planner.memory import GB, Layout, MemoryEstimate, estimate_memory
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,8 @@ class Candidate:
 
 def step_flops(cfg: Config, vocab: int) -> float:
     """Model FLOPs of one optimizer step (the same count as the training metrics' MFU)."""
-    from llm.training.metrics import model_flops_per_token
-
-    full = copy.deepcopy(cfg)
-    full.model.vocab_size = vocab
-    return cfg.train.global_batch_size * cfg.model.seq_length * model_flops_per_token(full)
+    model = dataclasses.replace(cfg.model, vocab_size=vocab)
+    return cfg.train.global_batch_size * cfg.model.seq_length * model_flops_per_token(model)
 
 
 def _step_time(

@@ -14,37 +14,6 @@ from llm.config import Config
 
 logger = logging.getLogger("llm")
 
-# Dense bf16 peak of common accelerators, TFLOP/s, for MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def model_flops_per_token(cfg: Config, num_params: int | None = None) -> float:
-    """Training FLOPs per token of the whole model, whatever the layout: 6 x the matmul parameters
-    (blocks and LM head, from the config: a rank's own parameter count would undercount by TP x PP)
-    plus attention scores (12 L h S, causal counted fully, as Megatron does). `num_params` is
-    used only when the vocabulary size is not known yet."""
-    from llm.planner.memory import pipeline_layer_params
-
-    m = cfg.model
-    attention = 12.0 * m.num_layers * m.hidden_size * m.seq_length
-    if m.vocab_size is None:
-        return 6.0 * float(num_params or 0) + attention
-    layers = pipeline_layer_params(m, 1, m.vocab_size)
-    return 6.0 * (sum(layers[1 : 1 + m.num_layers]) + layers[-1]) + attention
-
-
-def gpu_peak_tflops() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
 def _wandb_mode(cfg: Config) -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -12,7 +13,10 @@ import numpy as np
 import torch
 import yaml
 
-from llm.config import Config, ConfigError, build_deepspeed_config, validate_world
+from llm.checkpoint.engine import load_checkpoint
+from llm.checkpoint.format import choose_checkpoint, latest_tag
+from llm.checkpoint.rng import restore_rng_state
+from llm.config import Config, ConfigError, build_deepspeed_config, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
 from llm.data.loader import SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer
@@ -20,7 +24,6 @@ from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, init_distributed
 from llm.parallel.layout import gather_layout
 from llm.parallel.random import RNGTracker
-from llm.training.checkpoint import choose_checkpoint, latest_tag, load_checkpoint, restore_rng_state
 from llm.training.lr_schedule import make_scheduler
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
@@ -43,19 +46,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_vocab(cfg: Config) -> None:
-    """Fills model.vocab_size from the tokenizer; a model vocabulary smaller than it is an error."""
+def resolve_vocab(cfg: Config) -> Config:
+    """The config with model.vocab_size taken from the tokenizer (a new, validated config; the given
+    one is not changed); a model vocabulary smaller than the tokenizer's is an error."""
     if cfg.data.tokenizer is None:
         if cfg.model.vocab_size is None:
             raise ConfigError("set data.tokenizer (or model.vocab_size) so the vocabulary size is known")
-        return
+        return cfg
     size = load_tokenizer(cfg.data.tokenizer).vocab_size
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = size
-    elif cfg.model.vocab_size < size:
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({size})"
         )
+    if cfg.model.vocab_size is not None:
+        return cfg
+    return replace_validated(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))
 
 
 def _check_token_range(data: Any, vocab_size: int) -> None:
@@ -90,7 +95,9 @@ def _resume_path(cfg: Config) -> str | None:
     return mode
 
 
-def run_pretraining(cfg: Config) -> TrainState:
+def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> TrainState:
+    """The whole run on this process. `peak_memory` measures the `peak_memory_gb` metric (default:
+    `PeakMemory`; benchmarks pass their own to leave out the interpreter's memory on CPU)."""
     import deepspeed
 
     launch = init_distributed()
@@ -101,7 +108,7 @@ def run_pretraining(cfg: Config) -> TrainState:
         tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size
     )
     layout = gather_layout(ctx, launch)
-    resolve_vocab(cfg)
+    cfg = resolve_vocab(cfg)
     ds_config = build_deepspeed_config(cfg, world, cuda=torch.cuda.is_available())
     if rank == 0:
         write_effective_config(cfg, ds_config)
@@ -133,7 +140,7 @@ def run_pretraining(cfg: Config) -> TrainState:
         lr_scheduler=make_scheduler(cfg.train),
         mpu=ctx if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
     )
-    peak_memory = PeakMemory()
+    peak_memory = peak_memory or PeakMemory()
     peak_memory.reset()  # peak_memory_gb in the metrics: the model and optimizer, plus what training adds
     state = TrainState()
     rng_state = None

@@ -11,19 +11,21 @@ from typing import Any
 
 import torch
 
+from llm.checkpoint.engine import save_checkpoint
 from llm.config import Config, resolve_precision
 from llm.data.loader import GlobalBatchSampler, make_loader
+from llm.errors import LLMError
+from llm.model.flops import gpu_peak_tflops, model_flops_per_token
 from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
-from llm.training.checkpoint import save_checkpoint
 from llm.training.memory import PeakMemory
-from llm.training.metrics import MetricsLogger, gpu_peak_tflops, model_flops_per_token
+from llm.training.metrics import MetricsLogger
 from llm.training.signals import StopRequest
 
 logger = logging.getLogger("llm")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LLMError, RuntimeError):
     """Training cannot go on (for example a non-finite loss); the message says where and why."""
 
 
@@ -61,7 +63,7 @@ class Trainer:
         self.state = state
         self.device = engine.device
         self.accum = cfg.grad_accumulation_steps(ctx.world_size)
-        self.flops_per_token = model_flops_per_token(cfg, num_params)
+        self.flops_per_token = model_flops_per_token(cfg.model, num_params)
         self.peak = gpu_peak_tflops()
         self.fp16 = resolve_precision(cfg.train.precision, cuda=torch.cuda.is_available()) == "fp16"
         self._bad_steps = 0

@@ -36,8 +36,8 @@ def _hf_perplexity(model, tokenizer, texts: list[str], seq_length: int) -> tuple
 def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llm.checkpoint.merge import load_trained_model
     from llm.data.tokenizer import load_tokenizer
-    from llm.eval.loading import load_trained_model
 
     run_dir = tmp_path / "run"
     args = ["--config", "configs/tiny_cpu.yaml", *TINY_OVERRIDES, f"data.train_data_path={builtin_prefix}",
@@ -94,7 +94,7 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
 def test_llama_export_loads_as_llama_and_agrees(builtin_prefix: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from llm.eval.loading import load_trained_model
+    from llm.checkpoint.merge import load_trained_model
 
     args = ["--config", "configs/tiny_cpu.yaml", *TINY_OVERRIDES, f"data.train_data_path={builtin_prefix}",
             f"logging.dir={tmp_path}", "train.train_iters=2", "model.architecture=llama",

@@ -388,7 +388,7 @@ def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(builtin_prefix: Pat
     time.sleep(0.15)  # somewhere inside a step or a save
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    from llm.training.checkpoint import verify_checkpoint
+    from llm.checkpoint.format import verify_checkpoint
 
     latest = ckpt / (ckpt / "latest").read_text().strip()
     verify_checkpoint(latest)  # complete, whatever the moment of the kill

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from llm.config import build_deepspeed_config, load_config, validate_world
+from llm.model.flops import total_params
 from llm.model.gpt import build_model, count_parameters
 from llm.parallel.context import ParallelContext
 from llm.parallel.random import RNGTracker
-from llm.planner.memory import GB, Layout, layer_activation_bytes, total_params
+from llm.planner.memory import GB, Layout, layer_activation_bytes
 from llm.planner.report import config_layout, config_vocab
 from llm.planner.search import Cluster, evaluate_layout, plan
 from tests.conftest import REPO

@@ -3,15 +3,18 @@ full per-parameter state -> the shards of the running layout.
 
 How it works (automatic in `load_checkpoint` when the layout differs):
 
-1. At save time every rank writes `layout/rank_NNNNN.json`: its TP/PP/DP coordinates, the names
-   of its DeepSpeed model and optimizer files, and its optimizer's parameter order by name.
+1. At save time every rank writes `layout/rank_NNNNN.json` (engine.py): its TP/PP/DP coordinates,
+   the names of its DeepSpeed model and optimizer files, its optimizer's parameter order by name,
+   and how each parameter it holds is split (the `partition_info` of the live parameter).
 2. On resume, rank 0 converts the checkpoint once into `universal/` next to DeepSpeed's files: one
    file per plain-model parameter name holding the full fp32 weight and the full AdamW moments
    (`exp_avg`, `exp_avg_sq`), plus `universal/state.pt` (optimizer step, LR scheduler, counters).
    The conversion reads one pipeline stage's files at a time; it writes under a temporary name
    and renames, so a killed conversion is redone, never half-read.
-3. Every rank then reads only the parameters it holds, cuts its tensor-parallel shard
-   (`shard_by_spec`, the same rule the layers use), and sets weights and moments through
+   A Hugging Face import writes the same form through the same writer (`write_universal`), with
+   weights only: the optimizer then starts fresh.
+3. Every rank then reads only the parameters it holds, cuts its tensor-parallel shard with the
+   split of its live parameter (`shard_by_spec`), and sets weights and moments through
    DeepSpeed's fragment API (ZeRO 1/2/3) or the torch optimizer's state (ZeRO 0).
 
 Where DeepSpeed keeps AdamW's state (verified on DeepSpeed 0.19):
@@ -26,93 +29,71 @@ Where DeepSpeed keeps AdamW's state (verified on DeepSpeed 0.19):
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
-import pickle
 import shutil
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llm.checkpoint.compat import require_tested_deepspeed
+from llm.checkpoint.format import (
+    UNIVERSAL_DIR,
+    CheckpointError,
+    parameter_specs,
+    read_rank_layouts,
+)
+from llm.checkpoint.merge import fit_vocab_rows, load_model_state, load_tensor_file
 from llm.config import Config
-from llm.model.gpt import partition_spec_for
-from llm.parallel.layers import merge_by_spec, shard_by_spec
+from llm.model.pipeline import canonical_name
+from llm.parallel.layers import merge_by_spec, partition_info, shard_by_spec
 
-logger = logging.getLogger("llm")
+require_tested_deepspeed()  # this module reads DeepSpeed's private internals
 MOMENTS = ("exp_avg", "exp_avg_sq")
-LAYOUT_DIR, UNIVERSAL_DIR = "layout", "universal"
+STATE_FILE = "state.pt"
 Tensors = dict[str, torch.Tensor]
 
 
-class ReshardError(ValueError):
+class ReshardError(CheckpointError):
     """A checkpoint that cannot be converted to another layout; the message names the file and fix."""
 
 
-def canonical_name(name: str, num_layers: int) -> str:
-    """DeepSpeed pipeline names (`3.mlp.fc.weight`, `tied_modules.embed.embed.weight`) -> plain-model names."""
-    from llm.model.pipeline import canonical_prefix
-
-    if name.startswith("tied_modules."):
-        return name.split(".", 2)[2]
-    head, _, rest = name.partition(".")
-    return canonical_prefix(int(head), num_layers) + rest if head.isdigit() else name
-
-
-# ----------------------------------------------------------------------------- save side
-
-
-def write_layout(engine: Any, ctx: Any, tag_dir: Path, *, rank: int, num_layers: int) -> None:
-    """This rank's coordinates, file names and optimizer parameter order (for `convert`)."""
-    stage = int(engine.zero_optimization_stage())
-    groups = None  # ZeRO 1-3 files name their parameters; ZeRO 0's torch state dict counts them
-    if stage == 0:
-        names = {id(p): canonical_name(n, num_layers) for n, p in engine.module.named_parameters()}
-        groups = [[names[id(p)] for p in g["params"]] for g in engine.optimizer.param_groups]
-    info = {
-        "rank": rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
-        "zero_stage": stage, "bf16": bool(engine.bfloat16_enabled()),
-        "model_file": Path(engine._get_ckpt_name(str(tag_dir.parent), tag_dir.name)).name,
-        "optim_file": Path(engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name)).name if stage else None,
-        "groups": groups,
-    }  # fmt: skip
-    (tag_dir / LAYOUT_DIR).mkdir(parents=True, exist_ok=True)
-    (tag_dir / LAYOUT_DIR / f"rank_{rank:05d}.json").write_text(json.dumps(info))
-
-
-def _torch_optimizer(engine: Any) -> Any:
+def torch_optimizer(engine: Any) -> Any:
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)  # ZeRO wrappers hold the torch optimizer as `.optimizer`
+
+
+# ----------------------------------------------------------------------------- the writer
+
+
+def write_universal(tag_dir: Path, entries: Iterable[tuple[str, Tensors]], state: dict[str, Any]) -> Path:
+    """Writes `tag_dir/universal/`: one file per plain-model parameter ({"fp32": full weight, and the
+    AdamW moments when known}) and `state.pt`: `state` ({"step", "lr_scheduler", "global_steps",
+    "global_samples"}), read after the last entry (a conversion learns the step while reading).
+    Written under a temporary name and renamed, so a killed writer leaves nothing that looks complete."""
+    out = tag_dir / UNIVERSAL_DIR
+    tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, entry in entries:
+        if "fp32" not in entry:
+            raise ReshardError(f"no weight for parameter '{name}' while writing '{out}'")
+        torch.save({k: v.float().contiguous() for k, v in entry.items()}, tmp / f"{name}.pt")
+    torch.save({"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0, **state}, tmp / STATE_FILE)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 # ----------------------------------------------------------------------------- convert
 
 
-def _load(file: Path) -> Any:
-    if not file.is_file():
-        raise ReshardError(f"checkpoint file '{file}' is missing: the checkpoint is incomplete; use an earlier one")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise ReshardError(f"checkpoint file '{file}' is damaged ({e}); use an earlier checkpoint") from None
-
-
-def _read_layouts(tag_dir: Path) -> list[dict[str, Any]]:
-    files = sorted((tag_dir / LAYOUT_DIR).glob("rank_*.json"))
-    if not files:
-        raise ReshardError(
-            f"checkpoint '{tag_dir}' has no {LAYOUT_DIR}/ files (written by an older llm): resume it at its "
-            "own layout, or start fresh from its weights"
-        )
-    return [json.loads(f.read_text()) for f in files]
-
-
 def _shard_state_zero0(tag_dir: Path, info: dict[str, Any]) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 0: moments of one (PP, TP) shard from the torch state dict (weights come separately)."""
-    sd = _load(tag_dir / info["model_file"])
+    sd = load_tensor_file(tag_dir / info["model_file"])
     opt = sd.get("optimizer") or {}
     if info.get("bf16") or "state" not in opt:
         raise ReshardError(
@@ -135,7 +116,7 @@ def _shard_state_zero12(
     pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     step = 0.0
     for info in sorted(infos, key=lambda i: i["dp_rank"]):
-        osd = _load(tag_dir / info["optim_file"])["optimizer_state_dict"]
+        osd = load_tensor_file(tag_dir / info["optim_file"])["optimizer_state_dict"]
         base = osd["base_optimizer_state"]["state"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **{k: base[g][k] for k in MOMENTS}}
@@ -160,7 +141,7 @@ def _shard_state_zero3(
     pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     step = 0.0
     for info in infos:
-        osd = _load(tag_dir / info["optim_file"])["optimizer_state_dict"]
+        osd = load_tensor_file(tag_dir / info["optim_file"])["optimizer_state_dict"]
         base = osd["optimizer_state_dict"]["state"]
         for g, shapes in enumerate(groups):
             flat = {"fp32": osd["fp32_flat_groups"][g], **{k: base[g][k] for k in MOMENTS}}
@@ -181,11 +162,13 @@ def _shard_state_zero3(
 
 def _param_shapes(tag_dir: Path, info: dict[str, Any], num_layers: int) -> list[dict[str, torch.Size]]:
     """Per optimizer group, plain-model name -> shape, in the group's order (DeepSpeed's `param_shapes`)."""
-    sd = _load(tag_dir / info["model_file"])
+    sd = load_tensor_file(tag_dir / info["model_file"])
     return [{canonical_name(n, num_layers): s for n, s in g.items()} for g in sd.get("param_shapes") or []]
 
 
-def _stage_state(tag_dir: Path, infos: list[dict[str, Any]], cfg: Config, tp: int) -> tuple[dict[str, Tensors], float]:
+def _stage_state(
+    tag_dir: Path, infos: list[dict[str, Any]], cfg: Config, tp: int, specs: dict[str, Any]
+) -> tuple[dict[str, Tensors], float]:
     """Full (TP-merged) moments, and fp32 weights where the optimizer keeps them, of one pipeline stage."""
     L = cfg.model.num_layers
     by_tp: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -204,7 +187,7 @@ def _stage_state(tag_dir: Path, infos: list[dict[str, Any]], cfg: Config, tp: in
         step = extra["step"]
     merged: dict[str, Tensors] = {}
     for name, first in shards[0].items():
-        spec = partition_spec_for(name, cfg.model, tp)
+        spec = specs.get(name) if tp > 1 else None
         merged[name] = {
             k: v if spec is None else merge_by_spec([s[name][k] for s in shards], spec) for k, v in first.items()
         }
@@ -213,68 +196,62 @@ def _stage_state(tag_dir: Path, infos: list[dict[str, Any]], cfg: Config, tp: in
 
 def convert(tag_dir: Path, cfg: Config, meta: dict[str, Any]) -> Path:
     """Writes `tag_dir/universal/` (once; reused by later resumes) and returns it."""
-    from llm.training.checkpoint import load_model_state
-
     out = tag_dir / UNIVERSAL_DIR
-    if (out / "state.pt").is_file():
+    if (out / STATE_FILE).is_file():
         return out
-    layouts = _read_layouts(tag_dir)
+    layouts = read_rank_layouts(tag_dir)
     tp = int(meta.get("tensor_parallel", 1))
-    tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    specs = parameter_specs(layouts) if tp > 1 else {}
     _, weights, _ = load_model_state(tag_dir)  # full fp32 weights (the master copy in fp32 training)
     by_stage: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for info in layouts:
         by_stage[info["pp_rank"]].append(info)
-    step, written = 0.0, set()
-    for pp_rank in sorted(by_stage):
-        state, step = _stage_state(tag_dir, by_stage[pp_rank], cfg, tp)
-        for name, entry in state.items():
-            if name in written:  # the last stage's copy of the tied embedding module: the first stage's
-                continue  # is the trained one (its position table is unused, and untrained, there)
-            written.add(name)
-            entry.setdefault("fp32", weights[name])
-            torch.save({k: v.contiguous() for k, v in entry.items()}, tmp / f"{name}.pt")
-    model = _load(tag_dir / layouts[0]["model_file"])
-    torch.save(
-        {"step": step, "lr_scheduler": model.get("lr_scheduler"), "global_steps": model.get("global_steps"),
-         "global_samples": model.get("global_samples")},
-        tmp / "state.pt",
-    )  # fmt: skip
-    os.replace(tmp, out)
-    return out
+    model = load_tensor_file(tag_dir / layouts[0]["model_file"])
+    counters = {"lr_scheduler": model.get("lr_scheduler"), "global_steps": int(model.get("global_steps") or 0),
+                "global_samples": int(model.get("global_samples") or 0)}  # fmt: skip
+
+    def entries() -> Iterable[tuple[str, Tensors]]:
+        written: set[str] = set()
+        for pp_rank in sorted(by_stage):  # one pipeline stage's optimizer state in memory at a time
+            state, counters["step"] = _stage_state(tag_dir, by_stage[pp_rank], cfg, tp, specs)
+            for name, entry in state.items():
+                if name in written:  # the last stage's copy of the tied embedding module: the first
+                    continue  # stage's is the trained one (its position table is unused there)
+                written.add(name)
+                entry.setdefault("fp32", weights[name])
+                yield name, entry
+
+    return write_universal(tag_dir, entries(), counters)
 
 
 # ----------------------------------------------------------------------------- load side
 
 
 def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
-    """Sets this rank's weights, fp32 master copies and AdamW moments from `universal/`."""
+    """Sets this rank's weights, fp32 master copies and AdamW moments (where saved) from `universal/`."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from llm.eval.loading import fit_vocab_rows
-
     stage = int(engine.zero_optimization_stage())
-    state = _load(universal / "state.pt")
+    state = load_tensor_file(universal / STATE_FILE)
     step = float(state["step"])
-    opt = _torch_optimizer(engine)
+    opt = torch_optimizer(engine)
     if stage:
         _init_flat_state(engine, opt, step)
+    rows = cfg.model.padded_vocab_size(ctx.tp)
     for name, p in engine.module.named_parameters():
         cname = canonical_name(name, cfg.model.num_layers)
-        entry = _load(universal / f"{cname}.pt")
-        spec = partition_spec_for(cname, cfg.model, ctx.tp)
-        local = {}
-        for key, full in entry.items():
-            full = fit_vocab_rows({cname: full}, cfg.model.padded_vocab_size(ctx.tp))[cname]
-            local[key] = full if spec is None else shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
+        entry = fit_vocab_rows_entry(load_tensor_file(universal / f"{cname}.pt"), cname, rows)
+        spec = partition_info(p)  # the split of the running layout's parameter
+        local = {k: full if spec is None else shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
+                 for k, full in entry.items()}  # fmt: skip
         _set_param(p, local["fp32"], stage)
+        moments = [k for k in MOMENTS if k in local]  # an import carries weights only: fresh AdamW state
         if stage == 0:
-            opt.state[p] = {"step": torch.tensor(step), **{k: local[k].to(p.device).clone() for k in MOMENTS}}
+            if moments:
+                opt.state[p] = {"step": torch.tensor(step), **{k: local[k].to(p.device).clone() for k in moments}}
             continue
         safe_set_full_fp32_param(p, local["fp32"].to(p.device))
-        for key in MOMENTS:
+        for key in moments:
             safe_set_full_optimizer_state(p, local[key].to(p.device), key)
     if stage:
         for st in opt.state.values():
@@ -286,6 +263,11 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
             group["lr"] = lr  # the next step's rate; loading a state dict alone leaves the old one
     engine.global_steps = int(state.get("global_steps") or 0)
     engine.global_samples = int(state.get("global_samples") or 0)
+
+
+def fit_vocab_rows_entry(entry: Tensors, name: str, rows: int) -> Tensors:
+    """`fit_vocab_rows` for every tensor (weight, moments) of one universal entry."""
+    return {k: fit_vocab_rows({name: v}, rows)[name] for k, v in entry.items()}
 
 
 def _init_flat_state(engine: Any, opt: Any, step: float) -> None:

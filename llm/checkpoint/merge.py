@@ -1,0 +1,135 @@
+"""Full (unsharded) model weights of a checkpoint of any layout, without DeepSpeed's engine: for
+evaluation, generation and export.
+
+Tensor-parallel shards are merged with the split each parameter was saved with (the rank layout
+files, `format.parameter_specs`), pipeline layer files are mapped back to the plain model's names,
+ZeRO-3 partitions are gathered by DeepSpeed's own zero_to_fp32, and an imported checkpoint is read
+from its universal form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.checkpoint.format import (
+    UNIVERSAL_DIR,
+    CheckpointError,
+    config_from_meta,
+    is_universal_only,
+    parameter_specs,
+    read_meta,
+    read_rank_layouts,
+    resolve_checkpoint,
+)
+from llm.config import Config, replace_validated
+from llm.model.gpt import GPT
+from llm.model.pipeline import canonical_prefix
+from llm.parallel.layers import merge_by_spec
+
+Tensors = dict[str, torch.Tensor]
+
+
+def load_tensor_file(file: Path) -> Any:
+    """torch.load of one checkpoint file; a missing or unreadable file is a CheckpointError naming it."""
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file '{file}' is missing: the checkpoint is incomplete; use an earlier one")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"checkpoint file '{file}' is damaged ({e}); use an earlier checkpoint") from None
+
+
+def fit_vocab_rows(state: Tensors, rows: int) -> Tensors:
+    """Vocabulary padding depends on the TP size it was trained at; padded rows carry no meaning,
+    so they are trimmed or zero-filled to this layout's padded size."""
+    out = dict(state)
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in out and out[name].shape[0] != rows:
+            w = out[name]
+            out[name] = (
+                w[:rows] if w.shape[0] > rows else torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
+            )
+    return out
+
+
+def _read_model_file(file: Path) -> Tensors:
+    sd = load_tensor_file(file)
+    if "module" not in sd:
+        raise CheckpointError(f"model file '{file}' holds no model weights; use an earlier checkpoint")
+    return dict(sd["module"])
+
+
+def _read_pipeline_layers(tag_dir: Path, tp_rank: int, num_layers: int) -> Tensors:
+    """DeepSpeed's per-layer files of one tensor-parallel rank -> plain-model names."""
+    files = sorted(tag_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt"))
+    if not files:
+        raise CheckpointError(f"no pipeline layer files for tensor-parallel rank {tp_rank} in '{tag_dir}'")
+    state: Tensors = {}
+    for file in files:
+        idx = int(file.name.split("-")[0].removeprefix("layer_"))
+        prefix = canonical_prefix(idx, num_layers)
+        for k, v in load_tensor_file(file).items():  # the first stage's copy of the tied embedding wins
+            state.setdefault(prefix + k, v)
+    return state
+
+
+def merge_tensor_parallel(shards: list[Tensors], specs: dict[str, dict[str, Any] | None]) -> Tensors:
+    """Tensor-parallel shards (in TP-rank order) -> full tensors; replicated ones are taken from rank 0."""
+    if len(shards) == 1:
+        return shards[0]
+    out = {}
+    for name, value in shards[0].items():
+        spec = specs.get(name)
+        out[name] = value if spec is None else merge_by_spec([s[name] for s in shards], spec)
+    return out
+
+
+def read_universal_weights(tag_dir: Path) -> Tensors:
+    files = sorted((tag_dir / UNIVERSAL_DIR).glob("*.pt"))
+    return {f.stem: load_tensor_file(f)["fp32"] for f in files if f.name != "state.pt"}
+
+
+def load_model_state(path: str | Path) -> tuple[Config, Tensors, dict[str, Any]]:
+    """Full (unsharded) fp32 model weights of a checkpoint: (config, state, meta)."""
+    tag_dir = resolve_checkpoint(path)
+    meta = read_meta(tag_dir)
+    cfg = config_from_meta(meta, source=str(tag_dir))
+    tp, pp = int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1))
+    if is_universal_only(meta):
+        state = read_universal_weights(tag_dir)
+    elif int(meta.get("zero_stage", 0)) == 3:  # no tensor parallelism with ZeRO 3 (config check)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        if pp > 1:
+            shards = [_read_pipeline_layers(tag_dir, r, cfg.model.num_layers) for r in range(tp)]
+        else:
+            shards = [_read_model_file(tag_dir / f"mp_rank_{r:02d}_model_states.pt") for r in range(tp)]
+        specs = parameter_specs(read_rank_layouts(tag_dir)) if tp > 1 else {}
+        state = merge_tensor_parallel(shards, specs)
+    return cfg, {k: v.float() for k, v in state.items()}, meta
+
+
+def load_trained_model(checkpoint: str | Path, *, device: str = "cpu") -> tuple[Config, GPT]:
+    """The checkpoint's model as one plain GPT in one process (evaluation, generation), in eval mode."""
+    cfg, state, _ = load_model_state(checkpoint)
+    cfg = replace_validated(  # one process: no tensor or pipeline parallelism
+        cfg,
+        model=dataclasses.replace(cfg.model, sequence_parallel=False),
+        parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1),
+    )
+    model = GPT(cfg.model)
+    state = fit_vocab_rows(state, model.embed.weight.shape[0])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' does not match its model config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): it was written by another version or is damaged"
+        )
+    return cfg, model.to(device).eval()

@@ -1,0 +1,55 @@
+"""Every benchmark script runs, in its seconds-long --smoke mode, so none can rot unnoticed.
+
+Speed and memory are not asserted here (they are measured by the full runs and written down in
+docs/benchmarks.md); a smoke run must finish and report sensible, positive measurements."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, check, run
+
+pytestmark = [pytest.mark.integration]
+
+HELPERS = {"common.py", "pretrain_measured.py"}  # imported or launched by the benchmarks themselves
+BENCHMARKS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if p.name not in HELPERS)
+
+
+def _report(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{") :])
+
+
+def test_every_benchmark_script_is_smoke_tested() -> None:
+    assert BENCHMARKS == [
+        "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
+        "sample_read.py", "tp_comm.py",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_smoke(name: str, builtin_prefix: Path, tmp_path: Path) -> None:
+    data = {"framework_overhead.py": ["--data", str(builtin_prefix)],
+            "plan_memory.py": ["--data", str(builtin_prefix), "--out", str(tmp_path)]}  # fmt: skip
+    p = run(["python", str(REPO / "benchmarks" / name), "--smoke", *data.get(name, [])], timeout=300)
+    check(p)
+    if name == "plan_memory.py":
+        row = next(line for line in p.stdout.splitlines() if line.startswith("z0_dp1"))
+        measured, estimate = (float(x) for x in row.split()[-3:-1])
+        assert measured > 0 and estimate > 0, row
+        return
+    report = _report(p.stdout)
+    assert report["benchmark"] == name.removesuffix(".py")
+    positive = {
+        "framework_overhead.py": ["pretrain_py_step_seconds", "bare_loop_step_seconds"],
+        "model_throughput.py": ["ours_tokens_per_sec", "hf_gpt2_tokens_per_sec", "fp32_matmul_peak_gflops"],
+        "preprocess_throughput.py": ["raw_encode_tokens_per_sec"],
+        "sample_read.py": ["bin_bytes", "samples", "us_per_sample_warm"],
+        "tp_comm.py": ["analytic_bytes_with_embedding_and_loss"],
+    }[name]
+    for key in positive:
+        assert report[key] > 0, (key, report)
+    if name == "tp_comm.py":  # bytes are counted from real collectives: the TP run moves some
+        assert report["tp2"]["total_bytes"] > 0 and report["tp2_sequence_parallel"]["total_bytes"] > 0
