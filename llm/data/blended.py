@@ -17,6 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from llm.config import ConfigError
+
 
 class SampleSource(Protocol):
     def __len__(self) -> int: ...
@@ -27,7 +29,7 @@ class SampleSource(Protocol):
 def normalize_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if len(w) == 0 or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"blend weights {list(weights)} must be non-negative and not all zero")
+        raise ConfigError(f"blend weights {list(weights)} must be non-negative and not all zero")
     return w / w.sum()
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llm.config import ConfigError
 from llm.data.indexed_dataset import IndexedDataset
 from llm.errors import LLMError
 
@@ -45,9 +46,9 @@ def parse_split(split: str) -> list[float]:
     try:
         parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"data.split = {split!r} is not a list of numbers like '969,30,1'") from None
+        raise ConfigError(f"data.split = {split!r} is not a list of numbers like '969,30,1'") from None
     if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"data.split = {split!r}: give 1-3 non-negative weights like '969,30,1'")
+        raise ConfigError(f"data.split = {split!r}: give 1-3 non-negative weights like '969,30,1'")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
     return [p / total for p in parts]

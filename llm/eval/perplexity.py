@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm.data.sources import Record, parse_record
+from llm.data.sources import InputError, Record, parse_record
 from llm.model.gpt import GPT
 from llm.parallel.context import ParallelContext
 
@@ -61,7 +61,7 @@ def evaluate_stream(
     if ctx is not None and world > 1:
         nll, count = ctx.sum_over_world([nll, count])
     if count == 0:
-        raise ValueError("the input holds fewer than 2 tokens: nothing to evaluate")
+        raise InputError("the input holds fewer than 2 tokens: nothing to evaluate; pass more text")
     return PerplexityResult(loss=nll / count, tokens=int(count))
 
 

@@ -17,12 +17,11 @@ parallelism, then to less memory.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
 
-from llm.config import Config, ConfigError, validate
+from llm.config import Config, ConfigError, replace_validated
 from llm.model.flops import model_flops_per_token, pipeline_layer_params
 from llm.planner.memory import GB, Layout, MemoryEstimate, estimate_memory
 
@@ -95,11 +94,9 @@ def _divisors(n: int) -> list[int]:
 
 
 def _valid_tp(cfg: Config, tp: int, pp: int) -> bool:
-    trial = copy.deepcopy(cfg)
-    trial.parallel.tensor_model_parallel_size, trial.parallel.pipeline_model_parallel_size = tp, pp
-    trial.model.sequence_parallel = False
+    parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     try:
-        validate(trial)
+        replace_validated(cfg, parallel=parallel, model=dataclasses.replace(cfg.model, sequence_parallel=False))
     except ConfigError:
         return False
     return True

@@ -1,5 +1,5 @@
 """The layout planner: parameter counts and activation bytes against the real model, cluster configs,
-recommendations that fit, and scripts/plan.py. Measured peaks: tests/integration/test_plan_memory.py."""
+recommendations that fit, and scripts/plan.py. Measured peaks: benchmarks/plan_memory.py (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
