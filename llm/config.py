@@ -92,6 +92,16 @@ class ModelConfig:
 
 
 @dataclass
+class SpikeDetectionConfig:
+    """A loss spike: non-finite, or (once `window` losses are known) above both mean + num_std x std
+    and min_ratio x mean of the last `window` iterations."""
+
+    window: int = 50  # 0 = only non-finite losses count as spikes
+    num_std: float = 6.0
+    min_ratio: float = 1.5
+
+
+@dataclass
 class TrainConfig:
     train_iters: int = 1000
     micro_batch_size: int = 4
@@ -109,6 +119,9 @@ class TrainConfig:
     seed: int = 1234
     precision: Precision = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     exit_interval: int | None = None
+    spike_detection: SpikeDetectionConfig = field(default_factory=SpikeDetectionConfig)
+    max_rollbacks: int = 3  # reloads of the latest checkpoint after spikes before the run stops
+    skip_batches_on_rollback: int = 0  # global batches skipped after the spiking one, besides those up to it
 
     @property
     def decay_iters(self) -> int:
@@ -131,6 +144,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     pipeline_partition_method: PartitionMethod = "parameters"
+    timeout_minutes: float = 30.0  # a collective waiting longer fails (a hung or stopped rank)
 
 
 @dataclass
@@ -155,6 +169,18 @@ class CheckpointConfig:
     save_interval: int | None = None
     resume: str = "auto"  # auto | none | a checkpoint directory
     keep_last: int | None = None
+    verify: bool = True  # check every file's checksum before resuming
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for testing recovery; off by default."""
+
+    # Iterations (numbered as in an uninterrupted run): the global batch each of them trains gets a
+    # non-finite (nan) or huge (x1e8) loss, before backward. A batch skipped after a rollback is
+    # never trained again, so each injection happens once.
+    inject_loss_spike_at: list[int] = field(default_factory=list)
+    inject_loss_value: Literal["nan", "huge"] = "nan"
 
 
 @dataclass
@@ -166,6 +192,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     deepspeed_config: str | None = None
 
     @property
@@ -432,9 +459,25 @@ def _check_parallel(cfg: Config) -> None:
         )
 
 
+def _check_faults(cfg: Config) -> None:
+    spike = cfg.train.spike_detection
+    if spike.window < 0 or spike.num_std <= 0 or spike.min_ratio < 1:
+        raise ConfigError(
+            "train.spike_detection needs window >= 0 (0: only non-finite losses), num_std > 0 and min_ratio >= 1"
+        )
+    if cfg.train.max_rollbacks < 0 or cfg.train.skip_batches_on_rollback < 0:
+        raise ConfigError("train.max_rollbacks and train.skip_batches_on_rollback must be 0 or more")
+    if cfg.parallel.timeout_minutes <= 0:
+        raise ConfigError(f"parallel.timeout_minutes = {cfg.parallel.timeout_minutes} must be positive")
+    bad = [x for x in cfg.debug.inject_loss_spike_at if not isinstance(x, int) or isinstance(x, bool) or x < 1]
+    if bad:
+        raise ConfigError(f"debug.inject_loss_spike_at: {bad} are not iterations (positive integers)")
+
+
 def validate(cfg: Config) -> None:
     """Checks everything that can be checked without knowing the world size."""
     _check_positive(cfg)
+    _check_faults(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:

@@ -26,10 +26,11 @@ def main() -> int:
     parser.add_argument("--tokenizer", help="export: override the run's tokenizer")
     parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="import: training settings to start from")
     parser.add_argument("--seq-length", type=int, help="import: training sequence length (default: the model's max)")
+    parser.add_argument("--no-verify", action="store_true", help="export: skip the checkpoint's checksum verification")
     args = parser.parse_args()
     try:
         if args.checkpoint:
-            out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer)
+            out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer, verify=not args.no_verify)
             print(f"exported {args.checkpoint} -> {out}")
         else:
             tag = import_hf(args.import_dir, args.output, base=load_config(args.config), seq_length=args.seq_length)

@@ -56,11 +56,12 @@ def main() -> int:
     parser.add_argument("--tokenizer", help="override the run's tokenizer (for --input)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print a JSON line last")
+    parser.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksum verification")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by `deepspeed`
     args = parser.parse_args()
     ctx = eval_context()  # several processes (torchrun / deepspeed / srun) split the windows
     try:
-        cfg, model = load_trained_model(args.checkpoint, device=default_device())
+        cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify)
         stream = _stream(args, cfg)
         result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx)
     except LLMError as e:

@@ -28,9 +28,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="override the run's tokenizer")
     parser.add_argument("--no-cache", action="store_true", help="recompute the full context every token")
+    parser.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksum verification")
     args = parser.parse_args()
     try:
-        cfg, model = load_trained_model(args.checkpoint, device=default_device())
+        cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify)
         tok = run_tokenizer(cfg.data.tokenizer, args.tokenizer)
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)

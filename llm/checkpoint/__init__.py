@@ -9,7 +9,7 @@ Layout of a checkpoint directory (`checkpoint.dir`):
         rng/rank_NNNNN.pt       every random stream of each rank                    (rng.py)
         layout/rank_NNNNN.json  each rank's coordinates, files, optimizer order and the layout of
                                 every parameter it holds (TP split, stage)         (engine.py)
-        MANIFEST.json           every file and its size, written when all ranks are done
+        MANIFEST.json           every file, its size and xxh3-64 checksum, written when all ranks are done
         universal/              full per-parameter state: made on the first resume at another
                                 layout, or written by a Hugging Face import          (reshard.py)
 

@@ -3,6 +3,7 @@ RNG streams and layouts, MANIFEST, `latest`), and resuming at another layout thr
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pickle
@@ -21,11 +22,18 @@ from llm.checkpoint.format import (
     UNIVERSAL_DIR,
     CheckpointError,
     build_meta,
+    check_same_model,
+    checkpoint_bytes,
+    checkpoint_files,
+    describe_files,
+    latest_tag,
     layout_of,
     prune,
     read_meta,
     set_latest,
+    share,
     tag_for,
+    verify_checkpoint,
     write_manifest,
     write_meta,
 )
@@ -39,35 +47,125 @@ require_tested_deepspeed()  # this module reads DeepSpeed's private internals
 logger = logging.getLogger("llm")
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (no space, permission, I/O error); `latest` and earlier checkpoints are intact."""
+
+
 def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, ctx: ParallelContext) -> Path:
     """Saves through DeepSpeed (every rank); the checkpoint becomes visible only when all ranks are done.
 
-    Order: llm_meta.json, per-rank RNG and layout files, DeepSpeed's files; a barrier; then rank 0
-    writes MANIFEST (every file and its size) and finally moves `latest` (atomic rename). A process
-    killed anywhere before that leaves `latest` on the previous checkpoint.
+    Order: llm_meta.json, per-rank RNG and layout files, DeepSpeed's files; every rank then hashes
+    its share of the files; rank 0 writes MANIFEST (every file, its size and checksum) and finally
+    moves `latest` (atomic rename). A process killed anywhere before that leaves `latest` on the
+    previous checkpoint. A failure on any rank (no space, permission, I/O) is agreed on by all ranks
+    at the next step of this sequence: the partial directory is removed and every rank raises
+    CheckpointSaveError naming the directory and the cause, so none is left waiting.
     """
     directory, rank = Path(cfg.checkpoint_dir), ctx.rank
-    tag = tag_for(int(state["iteration"]))
-    tag_dir = directory / tag
+    tag_dir = directory / tag_for(int(state["iteration"]))
     meta = build_meta(state, cfg, zero_stage=int(engine.zero_optimization_stage()), world_size=ctx.world_size)
-    if rank == 0:
+    previous = latest_tag(directory)
+
+    def start() -> None:
         tag_dir.mkdir(parents=True, exist_ok=True)
         (tag_dir / MANIFEST).unlink(missing_ok=True)  # a re-save of the same tag is incomplete until done
         shutil.rmtree(tag_dir / UNIVERSAL_DIR, ignore_errors=True)
         write_meta(tag_dir, meta)
-    ctx.barrier()
-    (tag_dir / RNG_DIR).mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(getattr(engine.module, "rng", None)), tag_dir / RNG_DIR / f"rank_{rank:05d}.pt")
-    write_rank_layout(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"llm": meta}, save_latest=False)
-    ctx.barrier()  # DeepSpeed's own `latest` would not wait for the other ranks' files
-    if rank == 0:
-        write_manifest(tag_dir)
-        set_latest(directory, tag)
+
+    def write_rank_files() -> None:
+        (tag_dir / RNG_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(getattr(engine.module, "rng", None)), tag_dir / RNG_DIR / f"rank_{rank:05d}.pt")
+        write_rank_layout(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
+        engine.save_checkpoint(str(directory), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
+
+    _agreed(ctx, tag_dir, previous, start if rank == 0 else None)
+    _agreed(ctx, tag_dir, previous, write_rank_files)
+    names = checkpoint_files(tag_dir)  # everyone has written: the same list on every rank
+    shares = ctx.all_gather_object(describe_files(tag_dir, share(names, rank, ctx.world_size)))
+
+    def finish() -> None:
+        write_manifest(tag_dir, {name: entry for part in shares for name, entry in part.items()})
+        set_latest(directory, tag_dir.name)
         if cfg.checkpoint.keep_last:
-            prune(directory, cfg.checkpoint.keep_last, keep=tag)
-    ctx.barrier()
+            prune(directory, cfg.checkpoint.keep_last, keep=tag_dir.name)
+        _warn_if_next_save_cannot_fit(tag_dir)
+
+    _agreed(ctx, tag_dir, previous, finish if rank == 0 else None)
     return tag_dir
+
+
+def _agreed(ctx: ParallelContext, tag_dir: Path, previous: str | None, step: Any) -> None:
+    """Runs this rank's `step` (None: nothing to do here), then all ranks learn whether any failed."""
+    error: BaseException | None = None
+    if step is not None:
+        try:
+            step()
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            error = e
+    if not ctx.any_rank(error is not None):
+        return
+    if ctx.rank == 0 and tag_dir.name != previous:
+        shutil.rmtree(tag_dir, ignore_errors=True)  # never a half-written checkpoint left behind
+    if error is None:
+        raise CheckpointSaveError(
+            f"saving checkpoint '{tag_dir}' failed on another rank (its message names the cause); "
+            f"'latest' still names {previous or 'no checkpoint'}"
+        )
+    raise CheckpointSaveError(_save_failure(tag_dir, previous, error)) from None
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or any(
+        s in text for s in ("No space left", "unexpected pos", "file write failed", "PytorchStreamWriter failed")
+    )
+
+
+def _save_failure(tag_dir: Path, previous: str | None, error: BaseException) -> str:
+    keep = f"'latest' still names {previous or 'no checkpoint'}, which is intact"
+    if _is_disk_full(error):
+        free = _free_bytes(tag_dir.parent)
+        needed = checkpoint_bytes(tag_dir.parent / previous) if previous else 0
+        estimate = f", a checkpoint needs about {_gb(needed)} (the previous one)" if needed else ""
+        return (
+            f"saving checkpoint '{tag_dir}' failed: no space left on the device of '{tag_dir.parent}' "
+            f"({_gb(free)} free{estimate}); free space, set checkpoint.keep_last or move checkpoint.dir. {keep}"
+        )
+    cause = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+    return f"saving checkpoint '{tag_dir}' failed: {cause}; {keep}"
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return int(shutil.disk_usage(directory).free)
+    except OSError:
+        return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def _warn_if_next_save_cannot_fit(tag_dir: Path) -> None:
+    """One save ahead: the next checkpoint will be about as large as this one."""
+    size, free = checkpoint_bytes(tag_dir), _free_bytes(tag_dir.parent)
+    if size > free:
+        logger.warning(
+            "only %s free on the device of '%s' and a checkpoint takes %s: the next save will fail unless "
+            "space is freed (checkpoint.keep_last, or another checkpoint.dir)", _gb(free), tag_dir.parent, _gb(size)
+        )
+
+
+def verify_distributed(tag_dir: Path, ctx: ParallelContext, *, checksums: bool = True) -> None:
+    """`verify_checkpoint` with the checksums split over the ranks; every rank raises if any found damage."""
+    error: CheckpointError | None = None
+    try:
+        verify_checkpoint(tag_dir, rank=ctx.rank, world=ctx.world_size, checksums=checksums)
+    except CheckpointError as e:
+        error = e
+    messages = [m for m in ctx.all_gather_object(None if error is None else str(error)) if m]
+    if messages:
+        raise CheckpointError(messages[0])
 
 
 def parameter_layout(module: torch.nn.Module, num_layers: int) -> dict[str, dict[str, Any]]:
@@ -101,10 +199,15 @@ def write_rank_layout(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_l
     (tag_dir / LAYOUT_DIR / f"rank_{ctx.rank:05d}.json").write_text(json.dumps(info))
 
 
-def load_checkpoint(engine: Any, tag_dir: Path, cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
+def load_checkpoint(
+    engine: Any, tag_dir: Path, cfg: Config, ctx: ParallelContext, *, tokenizer_fingerprint: str | None = None
+) -> dict[str, Any]:
     """Loads model, optimizer and scheduler state of a verified tag directory; returns our saved
-    state (iteration, consumed samples, ...). At another layout the state is resharded (reshard.py)."""
+    state (iteration, consumed samples, ...). A checkpoint of another model (a setting of the model
+    section, or the tokenizer, differs) is refused with every difference named. At another layout the
+    state is resharded (reshard.py)."""
     meta = read_meta(tag_dir)
+    check_same_model(meta, cfg, tag_dir, tokenizer_fingerprint=tokenizer_fingerprint)
     saved = layout_of(meta)
     ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "zero": int(engine.zero_optimization_stage())}
     if saved != ours:

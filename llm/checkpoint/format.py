@@ -1,14 +1,21 @@
 """Tags, `llm_meta.json`, MANIFEST, `latest`: what makes a directory a complete checkpoint, and
-which one to resume from. No torch, no DeepSpeed: tools read these files cheaply."""
+which one to resume from. No torch, no DeepSpeed: tools read these files cheaply.
+
+MANIFEST.json lists every file of a checkpoint with its size and its xxh3-64 checksum (about 15 GB/s
+on one core, so reading the file costs more than hashing it: docs/benchmarks.md). Saving and
+verifying split the files over the ranks (`share`): each rank hashes every world-th file."""
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from llm.config import Config, ConfigError, config_from_dict
 from llm.errors import LLMError
@@ -19,6 +26,9 @@ MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 LAYOUT_DIR, UNIVERSAL_DIR, RNG_DIR = "layout", "universal", "rng"
 UNIVERSAL_FORM = "universal"  # meta["form"] of a checkpoint that holds only universal/ (an import)
+CHECKSUM = "xxh3_64"
+MANIFEST_VERSION = 2  # 1: {name: size}; 2: {"files": {name: {"size", "xxh3_64"}}}
+_CHUNK = 16 << 20
 
 
 class CheckpointError(LLMError, ValueError):
@@ -118,35 +128,94 @@ def layout_of(meta: dict[str, Any]) -> dict[str, int] | None:
 # -------------------------------------------------------------------------------- manifest
 
 
-def write_manifest(tag_dir: Path) -> None:
-    """Every file of the checkpoint and its size (universal/ is derived data and not listed)."""
-    files = {
-        str(f.relative_to(tag_dir)): f.stat().st_size
-        for f in sorted(tag_dir.rglob("*"))
+def file_checksum(path: Path) -> str:
+    """xxh3-64 of a file's bytes (hex), hashed straight from a memory map: no copies."""
+    h = xxhash.xxh3_64()
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+                for start in range(0, len(view), _CHUNK):
+                    h.update(view[start : start + _CHUNK])
+    return h.hexdigest()
+
+
+def checkpoint_files(tag_dir: Path) -> list[str]:
+    """The files MANIFEST lists, sorted (universal/ is derived data and not listed)."""
+    return sorted(
+        str(f.relative_to(tag_dir))
+        for f in tag_dir.rglob("*")
         if f.is_file() and f.name != MANIFEST and not f.relative_to(tag_dir).parts[0].startswith(UNIVERSAL_DIR)
-    }
-    atomic_write(tag_dir / MANIFEST, json.dumps(files, indent=0))
+        and not f.name.startswith(".")
+    )  # fmt: skip
 
 
-def verify_checkpoint(tag_dir: Path) -> None:
-    """Every file the MANIFEST lists is present with its size; raises CheckpointError naming the first that is not."""
+def share(names: list[str], rank: int, world: int) -> list[str]:
+    """This rank's part of the files to hash: every world-th, starting at `rank`."""
+    return names[rank::world]
+
+
+def describe_files(tag_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """name -> {"size", "xxh3_64"} for the given files."""
+    return {n: {"size": (tag_dir / n).stat().st_size, CHECKSUM: file_checksum(tag_dir / n)} for n in names}
+
+
+def write_manifest(tag_dir: Path, files: dict[str, dict[str, Any]] | None = None) -> None:
+    """MANIFEST.json from the files' sizes and checksums (computed here when not given)."""
+    if files is None:
+        files = describe_files(tag_dir, checkpoint_files(tag_dir))
+    body = {"version": MANIFEST_VERSION, "checksum": CHECKSUM, "files": dict(sorted(files.items()))}
+    atomic_write(tag_dir / MANIFEST, json.dumps(body, indent=0))
+
+
+def read_manifest(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """name -> {"size"[, "xxh3_64"]}; a checkpoint without a readable MANIFEST is incomplete."""
     manifest = tag_dir / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(
             f"checkpoint '{tag_dir}' is incomplete (no {MANIFEST}: its save was interrupted); use an earlier one"
         )
     try:
-        files = json.loads(manifest.read_text())
-    except json.JSONDecodeError as e:
+        body = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"'{manifest}' is damaged ({e}); use an earlier checkpoint") from None
-    for name, size in files.items():
+    if "files" not in body:  # version 1: sizes only
+        return {name: {"size": size} for name, size in body.items()}
+    return dict(body["files"])
+
+
+def verify_checkpoint(tag_dir: Path, *, rank: int = 0, world: int = 1, checksums: bool = True) -> None:
+    """Every file the MANIFEST lists is present with its size, and (for this rank's share) its
+    checksum; raises CheckpointError naming the first file that is not, with both checksums."""
+    files = read_manifest(tag_dir)
+    for name, entry in files.items():
         f = tag_dir / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file '{f}' is missing; use an earlier checkpoint")
-        if f.stat().st_size != size:
+        if f.stat().st_size != entry["size"]:
             raise CheckpointError(
-                f"checkpoint file '{f}' is damaged ({f.stat().st_size} bytes, {size} written); use an earlier checkpoint"
+                f"checkpoint file '{f}' is damaged ({f.stat().st_size} bytes, {entry['size']} written); "
+                "use an earlier checkpoint"
             )
+    if not checksums:
+        return
+    for name in share(sorted(files), rank, world):
+        expected = files[name].get(CHECKSUM)
+        if expected is None:
+            continue  # written before checksums (MANIFEST version 1)
+        found = file_checksum(tag_dir / name)
+        if found != expected:
+            raise CheckpointError(
+                f"checkpoint file '{tag_dir / name}' is damaged: {CHECKSUM} {found}, written as {expected}; "
+                "use an earlier checkpoint"
+            )
+
+
+def checkpoint_bytes(tag_dir: Path) -> int:
+    """The size of a complete checkpoint, from its MANIFEST (0 when it has none)."""
+    try:
+        return sum(int(e["size"]) for e in read_manifest(tag_dir).values())
+    except CheckpointError:
+        return 0
 
 
 # ------------------------------------------------------------------------- choosing, pruning
@@ -167,21 +236,30 @@ def prune(directory: Path, keep_last: int, *, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def choose_checkpoint(path: str | Path, *, fallback: bool) -> Path:
+def choose_checkpoint(path: str | Path, *, fallback: bool, verify: Any = None) -> Path:
     """The tag directory to resume from. With `fallback` (resume: auto), a damaged or incomplete newest
-    checkpoint is skipped with a warning for the newest complete one."""
-    tag_dir = resolve_checkpoint(path)
+    checkpoint is skipped with a warning for the newest complete one; without, it is an error.
+    `verify(tag_dir)` raises CheckpointError for a damaged one (default: `verify_checkpoint`; training
+    passes one that splits the checksums over the ranks and agrees on the result)."""
+    check = verify or verify_checkpoint
     if not fallback:
-        verify_checkpoint(tag_dir)
+        tag_dir = resolve_checkpoint(path)
+        check(tag_dir)
         return tag_dir
-    candidates = [tag_dir] + [t for t in complete_tags(tag_dir.parent) if t != tag_dir]
+    try:
+        tag_dir = resolve_checkpoint(path)
+        root, first = tag_dir.parent, [tag_dir]
+    except CheckpointError as e:  # `latest` names a directory that is gone: the newest complete one
+        root, first = Path(path), []
+        logger.warning("%s; looking for the newest complete checkpoint in '%s'", e, root)
+    candidates = first + [t for t in complete_tags(root) if t not in first]
     for candidate in candidates:
         try:
-            verify_checkpoint(candidate)
+            check(candidate)
             return candidate
         except CheckpointError as e:
             logger.warning("skipping checkpoint: %s", e)
-    raise CheckpointError(f"no complete checkpoint in '{tag_dir.parent}'; start fresh with checkpoint.resume=none")
+    raise CheckpointError(f"no complete checkpoint in '{root}'; start fresh with checkpoint.resume=none")
 
 
 # --------------------------------------------------------------------------- rank layouts
@@ -217,3 +295,39 @@ def parameter_specs(layouts: list[dict[str, Any]]) -> dict[str, dict[str, Any] |
         for name, entry in info["params"].items():
             specs.setdefault(name, entry["spec"])
     return specs
+
+
+# ------------------------------------------------------------------------ same model on resume
+
+# Model settings a resume may change: they change neither a tensor nor what the weights compute.
+RESUMABLE_MODEL_KEYS = ("activation_checkpointing", "sequence_parallel", "dropout", "attention_dropout", "init_std")
+
+
+def model_differences(meta: dict[str, Any], cfg: Config, *, tokenizer_fingerprint: str | None) -> list[str]:
+    """What differs between the checkpoint's model (and tokenizer) and the run's, one entry per setting:
+    `model.num_layers: checkpoint 2, config 3`."""
+    saved = dict(meta.get("config", {}).get("model", {}))
+    ours = cfg.to_dict()["model"]
+    out = [
+        f"model.{key}: checkpoint {saved[key]!r}, config {value!r}"
+        for key, value in ours.items()
+        if key in saved and key not in RESUMABLE_MODEL_KEYS and saved[key] != value
+    ]
+    theirs = meta.get("tokenizer_fingerprint")
+    if theirs and tokenizer_fingerprint and theirs != tokenizer_fingerprint:
+        saved_name = meta.get("config", {}).get("data", {}).get("tokenizer")
+        out.append(
+            f"data.tokenizer: checkpoint {saved_name!r} (fingerprint {theirs}), config "
+            f"{cfg.data.tokenizer!r} (fingerprint {tokenizer_fingerprint}): a different tokenizer"
+        )
+    return out
+
+
+def check_same_model(meta: dict[str, Any], cfg: Config, tag_dir: Path, *, tokenizer_fingerprint: str | None) -> None:
+    """Refuses to resume a checkpoint of another model, naming every differing setting."""
+    diffs = model_differences(meta, cfg, tokenizer_fingerprint=tokenizer_fingerprint)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' holds another model than the config describes: {'; '.join(diffs)}. Use the "
+            "checkpoint's values, or start fresh with checkpoint.resume=none (or another checkpoint.dir)"
+        )

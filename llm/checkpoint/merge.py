@@ -25,6 +25,7 @@ from llm.checkpoint.format import (
     read_meta,
     read_rank_layouts,
     resolve_checkpoint,
+    verify_checkpoint,
 )
 from llm.config import Config, replace_validated
 from llm.model.gpt import GPT
@@ -94,9 +95,12 @@ def read_universal_weights(tag_dir: Path) -> Tensors:
     return {f.stem: load_tensor_file(f)["fp32"] for f in files if f.name != "state.pt"}
 
 
-def load_model_state(path: str | Path) -> tuple[Config, Tensors, dict[str, Any]]:
-    """Full (unsharded) fp32 model weights of a checkpoint: (config, state, meta)."""
+def load_model_state(path: str | Path, *, verify: bool = True) -> tuple[Config, Tensors, dict[str, Any]]:
+    """Full (unsharded) fp32 model weights of a checkpoint: (config, state, meta). With `verify`, every
+    file is first checked against the MANIFEST's sizes and checksums (a damaged one is named)."""
     tag_dir = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(tag_dir)
     meta = read_meta(tag_dir)
     cfg = config_from_meta(meta, source=str(tag_dir))
     tp, pp = int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1))
@@ -116,9 +120,9 @@ def load_model_state(path: str | Path) -> tuple[Config, Tensors, dict[str, Any]]
     return cfg, {k: v.float() for k, v in state.items()}, meta
 
 
-def load_trained_model(checkpoint: str | Path, *, device: str = "cpu") -> tuple[Config, GPT]:
+def load_trained_model(checkpoint: str | Path, *, device: str = "cpu", verify: bool = True) -> tuple[Config, GPT]:
     """The checkpoint's model as one plain GPT in one process (evaluation, generation), in eval mode."""
-    cfg, state, _ = load_model_state(checkpoint)
+    cfg, state, _ = load_model_state(checkpoint, verify=verify)
     cfg = replace_validated(  # one process: no tensor or pipeline parallelism
         cfg,
         model=dataclasses.replace(cfg.model, sequence_parallel=False),

@@ -202,7 +202,7 @@ def convert(tag_dir: Path, cfg: Config, meta: dict[str, Any]) -> Path:
     layouts = read_rank_layouts(tag_dir)
     tp = int(meta.get("tensor_parallel", 1))
     specs = parameter_specs(layouts) if tp > 1 else {}
-    _, weights, _ = load_model_state(tag_dir)  # full fp32 weights (the master copy in fp32 training)
+    _, weights, _ = load_model_state(tag_dir, verify=False)  # verified before resuming; full fp32 weights (the master copy in fp32 training)
     by_stage: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for info in layouts:
         by_stage[info["pp_rank"]].append(info)

@@ -10,7 +10,7 @@ repeated or skipped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,32 @@ def build_datasets(
                 raise
             out.append(None)  # the split ratio gives this split no documents
     return train, out[0], out[1]
+
+
+class ContinuedDataset:
+    """`first`, then `more()` (built only when a sample beyond `first` is asked for): training data
+    that can outlast its planned size. A run that skips batches after a loss-spike rollback needs
+    that many samples more than train_iters x global batch; they come from `more()`, the same data
+    drawn again with another seed, so the samples of `first` keep their order and positions."""
+
+    def __init__(self, first: Any, more: Callable[[], Any]) -> None:
+        self.first = first
+        self._more_fn = more
+        self._more: Any = None
+
+    def __len__(self) -> int:
+        return len(self.first) + (len(self._more) if self._more is not None else len(self.first))
+
+    @property
+    def datasets(self) -> list[Any]:
+        return list(getattr(self.first, "datasets", [self.first]))
+
+    def __getitem__(self, i: int) -> Any:
+        if i < len(self.first):
+            return self.first[i]
+        if self._more is None:
+            self._more = self._more_fn()
+        return self._more[i - len(self.first)]
 
 
 class GlobalBatchSampler:

@@ -7,6 +7,7 @@ the EOS, BOS and pad ids; `eos_id` is what preprocessing appends after every doc
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Protocol
@@ -158,3 +159,22 @@ def run_tokenizer(spec: str | None, override: str | None = None) -> SentencePiec
     if not Path(chosen).exists() and (REPO_ROOT / chosen).exists():
         chosen = str(REPO_ROOT / chosen)
     return load_tokenizer(chosen)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def tokenizer_fingerprint(spec: str | None) -> str | None:
+    """A short hash of the tokenizer's files (a .model file, or a directory's tokenizer files), so a
+    resume can tell a different tokenizer of the same vocabulary size; None for a hub name."""
+    if spec is None:
+        return None
+    path = Path(spec) if Path(spec).exists() or not (REPO_ROOT / spec).exists() else REPO_ROOT / spec
+    files = [path] if path.is_file() else sorted(path / n for n in _TOKENIZER_FILES if (path / n).is_file())
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() if len(files) > 1 else b"")
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]

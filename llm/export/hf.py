@@ -37,10 +37,12 @@ from llm.export.tokenizer import sentencepiece_to_hf
 from llm.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, *, tokenizer: str | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, output: str | Path, *, tokenizer: str | None = None, verify: bool = True
+) -> Path:
     from transformers import AutoModelForCausalLM
 
-    cfg, state, meta = load_model_state(checkpoint)
+    cfg, state, meta = load_model_state(checkpoint, verify=verify)
     tok = run_tokenizer(cfg.data.tokenizer, tokenizer)
     config = hf_config(cfg.model)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -22,11 +23,12 @@ import torch.distributed as dist
 from llm.parallel.launcher import LaunchEnv, detect_launch
 
 
-def init_distributed(*, backend: str | None = None) -> LaunchEnv:
+def init_distributed(*, backend: str | None = None, timeout_minutes: float | None = None) -> LaunchEnv:
     """Initializes torch.distributed from whichever launcher started this process.
 
     deepspeed, torchrun, srun, mpirun/mpiexec or plain `python` (one process: a private loopback
-    rendezvous); `llm.parallel.launcher` reads their variables through one code path.
+    rendezvous); `llm.parallel.launcher` reads their variables through one code path. A collective
+    that waits longer than `timeout_minutes` (torch's default: 30) fails instead of hanging.
     """
     launch = detect_launch()
     launch.export(os.environ)
@@ -42,8 +44,32 @@ def init_distributed(*, backend: str | None = None) -> LaunchEnv:
         import deepspeed
 
         skip_deepspeed_shm_op()
-        deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False)
+        timeout = timedelta(minutes=timeout_minutes) if timeout_minutes is not None else None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _init_on_agent_store(launch, chosen, timeout)
+        extra = {} if timeout is None else {"timeout": timeout}
+        deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, **extra)  # adopts that group
     return launch
+
+
+def _init_on_agent_store(launch: LaunchEnv, backend: str, timeout: timedelta | None) -> None:
+    """The default process group on torchrun's store under a prefix of its own per restart.
+
+    torchrun's agent keeps one TCPStore for all restarts (torch 2.13, static and c10d rendezvous)
+    while init_process_group's env:// rendezvous uses it without a per-attempt prefix, so after
+    `--max-restarts` a new rank can read a dead rank's address from the previous attempt and fail to
+    connect (seen 1 run in 3). TORCHELASTIC_RESTART_COUNT names the attempt."""
+    wait = timeout or timedelta(minutes=30)  # torch's default
+    client = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False, timeout=wait)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"/llm/attempt_{attempt}", client)
+    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=wait)
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """A torch.distributed collective that gave up waiting for another rank (gloo or NCCL)."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("Timed out waiting" in text or "collective operation timeout" in text)
 
 
 def skip_deepspeed_shm_op() -> None:
@@ -63,6 +89,7 @@ class ParallelContext:
     tp: int = 1
     pp: int = 1
     groups: dict[str, Any] = field(default_factory=dict, repr=False)
+    timeout: timedelta | None = None  # of the groups it creates (None: torch's default, 30 minutes)
 
     @property
     def dp(self) -> int:
@@ -89,15 +116,16 @@ class ParallelContext:
         return cls(world_size=1, rank=0)
 
     @classmethod
-    def build(cls, *, tp: int = 1, pp: int = 1) -> ParallelContext:
+    def build(cls, *, tp: int = 1, pp: int = 1, timeout_minutes: float | None = None) -> ParallelContext:
         """Creates every group; all ranks must call this in the same order."""
-        ctx = cls(world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp)
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        ctx = cls(world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp, timeout=timeout)
         if ctx.world_size % (tp * pp):
             raise ValueError(f"world size {ctx.world_size} is not divisible by TP x PP = {tp} x {pp}")
         grids = ctx.grid()
         for name, lists in grids.items():
             for ranks in lists:
-                group = dist.new_group(ranks) if len(ranks) < ctx.world_size else dist.group.WORLD
+                group = dist.new_group(ranks, timeout=timeout) if len(ranks) < ctx.world_size else dist.group.WORLD
                 if ctx.rank in ranks:
                     ctx.groups[name] = group
                     ctx.groups[name + "_ranks"] = ranks
@@ -123,7 +151,7 @@ class ParallelContext:
             for tp_ranks in self.grid()["tp"]:
                 for start in range(0, self.tp, size):
                     ranks = tp_ranks[start : start + size]
-                    group = dist.new_group(ranks)
+                    group = dist.new_group(ranks, timeout=self.timeout)
                     if self.rank in ranks:
                         self.groups[key] = group
         return self.groups[key]

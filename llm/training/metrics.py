@@ -76,9 +76,8 @@ class MetricsLogger:
             f.write(json.dumps(clean) + "\n")
         if self.wandb_run is not None:
             step = int(record["iteration"])
-            self.wandb_run.log(
-                {k: v for k, v in record.items() if k != "iteration" and v is not None}, step=step
-            )
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
+            self.wandb_run.log(numbers, step=step)  # events' paths and ranges stay in metrics.jsonl
 
     def console(self, record: dict[str, Any], total_iters: int) -> None:
         if not self.enabled:

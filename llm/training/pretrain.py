@@ -13,22 +13,23 @@ import numpy as np
 import torch
 import yaml
 
-from llm.checkpoint.engine import load_checkpoint
+from llm.checkpoint.engine import verify_distributed
 from llm.checkpoint.format import choose_checkpoint, latest_tag
 from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, ConfigError, build_deepspeed_config, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
-from llm.data.loader import SplitSizes, build_datasets
-from llm.data.tokenizer import load_tokenizer
+from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets
+from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from llm.errors import LLMError
 from llm.model.gpt import build_model, count_parameters, parameter_groups
-from llm.parallel.context import ParallelContext, init_distributed
+from llm.parallel.context import ParallelContext, init_distributed, is_collective_timeout
 from llm.parallel.layout import gather_layout
 from llm.parallel.random import RNGTracker
 from llm.training.lr_schedule import make_scheduler
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import ClippedAdamW
-from llm.training.trainer import Trainer, TrainState
+from llm.training.trainer import Trainer, TrainState, load_train_state
 
 logger = logging.getLogger("llm")
 
@@ -95,18 +96,47 @@ def _resume_path(cfg: Config) -> str | None:
     return mode
 
 
+class CollectiveTimeoutError(LLMError, RuntimeError):
+    """Another rank stopped answering (hung, stopped or dead) for longer than parallel.timeout_minutes."""
+
+
+def _timeout_message(cfg: Config, ctx: ParallelContext, iteration: int, error: BaseException) -> str:
+    cause = str(error).strip().splitlines()[0].split("] ")[-1]
+    return (
+        f"rank {ctx.rank}: a collective gave up after parallel.timeout_minutes = {cfg.parallel.timeout_minutes} "
+        f"during iteration {iteration + 1} ({cause}): another rank is hung, stopped or dead. This rank stops so "
+        "that the launcher's restarts (torchrun --max-restarts) or the scheduler's requeue can resume the run"
+    )
+
+
+def _datasets(cfg: Config) -> tuple[Any, Any, Any]:
+    """Train (continued with a reshuffle of the same data if rollbacks skip batches), valid, test."""
+    gbs = cfg.train.global_batch_size
+    sizes = SplitSizes(cfg.train.train_iters * gbs, cfg.eval.eval_iters * gbs, cfg.eval.eval_iters * gbs)
+    kw = {"seq_length": cfg.model.seq_length, "seed": cfg.train.seed}
+    train, valid, test = build_datasets(cfg.data, sizes=sizes, **kw)
+
+    def more() -> Any:
+        logger.info("the planned training samples are used up (batches were skipped): continuing on a reshuffle")
+        return build_datasets(cfg.data, sizes=SplitSizes(sizes.train, 0, 0), seq_length=cfg.model.seq_length,
+                              seed=cfg.train.seed + 1)[0]  # fmt: skip
+
+    return ContinuedDataset(train, more), valid, test
+
+
 def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> TrainState:
     """The whole run on this process. `peak_memory` measures the `peak_memory_gb` metric (default:
     `PeakMemory`; benchmarks pass their own to leave out the interpreter's memory on CPU)."""
     import deepspeed
 
-    launch = init_distributed()
+    launch = init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
     rank, world = launch.rank, launch.world_size
     setup_logging(rank)
     validate_world(cfg, world)  # before building groups: a bad TP x PP is one clear line
     ctx = ParallelContext.build(
-        tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size
-    )
+        tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size,
+        timeout_minutes=cfg.parallel.timeout_minutes,
+    )  # fmt: skip
     layout = gather_layout(ctx, launch)
     cfg = resolve_vocab(cfg)
     ds_config = build_deepspeed_config(cfg, world, cuda=torch.cuda.is_available())
@@ -142,34 +172,29 @@ def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> Tr
     )
     peak_memory = peak_memory or PeakMemory()
     peak_memory.reset()  # peak_memory_gb in the metrics: the model and optimizer, plus what training adds
-    state = TrainState()
-    rng_state = None
+    state, rng_state = TrainState(), None
+    fingerprint = tokenizer_fingerprint(cfg.data.tokenizer)
     resume = _resume_path(cfg)
     if resume is not None:
-        tag_dir = choose_checkpoint(resume, fallback=cfg.checkpoint.resume == "auto")
-        saved = load_checkpoint(engine, tag_dir, cfg, ctx)
-        rng_state = saved.get("rng_state")
-        state = TrainState(
-            iteration=int(saved["iteration"]),
-            consumed_samples=int(saved["consumed_samples"]),
-            wandb_run_id=saved.get("wandb_run_id"),
-        )
+        verify = lambda t: verify_distributed(t, ctx, checksums=cfg.checkpoint.verify)  # noqa: E731
+        tag_dir = choose_checkpoint(resume, fallback=cfg.checkpoint.resume == "auto", verify=verify)
+        state, rng_state = load_train_state(engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint)
         logger.info("resumed from %s at iteration %d", tag_dir, state.iteration)
-    gbs = cfg.train.global_batch_size
-    sizes = SplitSizes(cfg.train.train_iters * gbs, cfg.eval.eval_iters * gbs, cfg.eval.eval_iters * gbs)
-    train, valid, test = build_datasets(
-        cfg.data, seq_length=cfg.model.seq_length, sizes=sizes, seed=cfg.train.seed
-    )
+    train, valid, test = _datasets(cfg)
     _check_token_range(train, int(cfg.model.vocab_size or 0))
     metrics = MetricsLogger(cfg, enabled=rank == 0, run_id=state.wandb_run_id)
     trainer = Trainer(
-        cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test,
-        metrics=metrics, state=state, num_params=num_params, peak_memory=peak_memory,
+        cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test, metrics=metrics, state=state,
+        num_params=num_params, peak_memory=peak_memory, tokenizer_fingerprint=fingerprint,
     )  # fmt: skip
     if rng_state is not None:  # last, after everything that might draw random numbers during setup
         restore_rng_state(rng_state, rng)
     try:
         state = trainer.train()
+    except RuntimeError as e:
+        if not is_collective_timeout(e):
+            raise
+        raise CollectiveTimeoutError(_timeout_message(cfg, ctx, trainer.state.iteration, e)) from None
     finally:
         metrics.finish()
     ctx.shutdown()

@@ -11,13 +11,16 @@ from typing import Any
 
 import torch
 
-from llm.checkpoint.engine import save_checkpoint
+from llm.checkpoint.engine import load_checkpoint, save_checkpoint, verify_distributed
+from llm.checkpoint.format import CheckpointError, checkpoint_bytes, choose_checkpoint, latest_tag
+from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, resolve_precision
 from llm.data.loader import GlobalBatchSampler, make_loader
 from llm.errors import LLMError
 from llm.model.flops import gpu_peak_tflops, model_flops_per_token
 from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
+from llm.training.faults import Spike, SpikeDetector, injected_loss_factor
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.signals import StopRequest
@@ -35,6 +38,21 @@ class TrainState:
     consumed_samples: int = 0
     wandb_run_id: str | None = None
     stopped_by: str | None = None  # set when a run stops before train_iters (signal, exit_interval)
+    skipped_samples: int = 0  # skipped after loss-spike rollbacks: consumed = iteration x G + skipped
+    rollbacks: int = 0
+
+
+def load_train_state(
+    engine: Any, tag_dir: Any, cfg: Config, ctx: ParallelContext, *, tokenizer_fingerprint: str | None
+) -> tuple[TrainState, Any]:
+    """Loads a checkpoint into the engine: (the saved training state, this rank's saved RNG state)."""
+    saved = load_checkpoint(engine, tag_dir, cfg, ctx, tokenizer_fingerprint=tokenizer_fingerprint)
+    state = TrainState(
+        iteration=int(saved["iteration"]), consumed_samples=int(saved["consumed_samples"]),
+        wandb_run_id=saved.get("wandb_run_id"), skipped_samples=int(saved.get("skipped_samples", 0)),
+        rollbacks=int(saved.get("rollbacks", 0)),
+    )  # fmt: skip
+    return state, saved.get("rng_state")
 
 
 class Trainer:
@@ -51,6 +69,7 @@ class Trainer:
         state: TrainState,
         num_params: int,
         peak_memory: PeakMemory | None = None,
+        tokenizer_fingerprint: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.peak_memory = peak_memory
@@ -76,6 +95,8 @@ class Trainer:
         )
         self._grad_norm: float | None = None
         self._lr = 0.0
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.spikes = SpikeDetector(cfg.train.spike_detection)
 
     # ----------------------------------------------------------------------------- batches
     def _batches(self, data: Any, consumed: int, total: int) -> Iterator[torch.Tensor]:
@@ -91,22 +112,29 @@ class Trainer:
             yield batch.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------------------- steps
-    def _pipeline_step(self, batches: Iterator[torch.Tensor]) -> float:
+    def _pipeline_step(self, batches: Iterator[torch.Tensor], inject: float | None) -> float:
         """PipelineEngine: one call runs all micro-batches; the loss comes back averaged over them and
-        the data-parallel group, on every stage."""
+        the data-parallel group, on every stage. An injected spike changes only the reported loss
+        here (the loss function runs inside DeepSpeed's schedule)."""
         self._lr = float(self.engine.get_lr()[0])
         loss = self.engine.train_batch(data_iter=_pairs(batches))
+        if inject is not None:
+            loss = loss * inject
         own = getattr(self.engine.optimizer, "last_grad_norm", None)  # ClippedAdamW (ZeRO 0)
         self._grad_norm = own if own is not None else _as_float(self.engine.get_global_grad_norm())
         return float(loss)
 
-    def _train_step(self, batches: Iterator[torch.Tensor]) -> float:
-        """One optimizer step over `accum` micro-batches; returns the loss averaged over the global batch."""
+    def _train_step(self, batches: Iterator[torch.Tensor], inject: float | None) -> float:
+        """One optimizer step over `accum` micro-batches; returns the loss averaged over the global batch.
+        An injected spike (debug.inject_loss_spike_at) scales the loss before backward, so its
+        gradients (NaN, or huge before clipping) reach the weights as a real spike's would."""
         losses = []
         self._lr = float(self.engine.get_lr()[0])
         for micro in range(self.accum):
             tokens = next(batches)  # (B, S + 1)
             loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            if inject is not None:
+                loss = loss * inject
             self.engine.backward(loss)
             if micro == self.accum - 1 and self._own_grad_norm:
                 # DeepSpeed reports no norm for ZeRO 0 in fp32; gradients are reduced by now.
@@ -117,17 +145,68 @@ class Trainer:
             self._grad_norm = _as_float(self.engine.get_global_grad_norm())
         return self.ctx.mean_over_dp([sum(losses) / len(losses)])[0]
 
-    def _check_finite(self, loss: float, iteration: int) -> None:
-        if math.isfinite(loss):
+    def _spike(self, loss: float) -> Spike | None:
+        """A spike to recover from, or None. fp16's dynamic loss scaling skips non-finite steps itself
+        (up to 20 in a row), as before."""
+        if not math.isfinite(loss) and self.fp16:
+            self._bad_steps += 1
+            if self._bad_steps <= 20:
+                return None
+        elif math.isfinite(loss):
             self._bad_steps = 0
-            return
-        self._bad_steps += 1
-        if self.fp16 and self._bad_steps <= 20:
-            return  # DeepSpeed's dynamic loss scaling skips the step and lowers the scale
-        raise TrainingError(
-            f"loss is {loss} at iteration {iteration}: training diverged. Lower train.lr, raise "
-            "train.lr_warmup_iters or use train.precision: bf16/fp32, then resume from the last checkpoint"
+        return self.spikes.check(loss)
+
+    def _stop_for(self, spike: Spike, why: str) -> TrainingError:
+        it = self.state.iteration
+        if spike.threshold is None:
+            return TrainingError(
+                f"loss is {spike.loss} at iteration {it}: training diverged{why}. Lower train.lr, raise "
+                "train.lr_warmup_iters or use train.precision: bf16/fp32, then resume from the last checkpoint"
+            )
+        return TrainingError(
+            f"{spike.describe()} at iteration {it}{why}. Lower train.lr, or relax train.spike_detection "
+            "(window=0 reacts to non-finite losses only), then resume from the last checkpoint"
         )
+
+    def _rollback(self, spike: Spike) -> Iterator[torch.Tensor]:
+        """Reloads the latest checkpoint on every rank and skips the global batches from its position
+        through the spiking one plus train.skip_batches_on_rollback; returns the new batch iterator."""
+        cfg, G = self.cfg, self.cfg.train.global_batch_size
+        if self.state.rollbacks >= cfg.train.max_rollbacks:
+            raise self._stop_for(spike, f" (train.max_rollbacks = {cfg.train.max_rollbacks} rollbacks done)")
+        if latest_tag(cfg.checkpoint_dir) is None:
+            raise self._stop_for(spike, " and there is no checkpoint to roll back to")
+        verify = lambda t: verify_distributed(t, self.ctx, checksums=cfg.checkpoint.verify)  # noqa: E731
+        try:
+            tag_dir = choose_checkpoint(cfg.checkpoint_dir, fallback=True, verify=verify)
+        except CheckpointError as e:
+            raise self._stop_for(spike, f" and no checkpoint can be reloaded ({e})") from None
+        spike_at, skip_to = self.state.iteration, self.state.consumed_samples + cfg.train.skip_batches_on_rollback * G
+        saved, rng_state = load_train_state(
+            self.engine, tag_dir, cfg, self.ctx, tokenizer_fingerprint=self.tokenizer_fingerprint
+        )
+        if rng_state is not None:
+            restore_rng_state(rng_state, getattr(self.engine.module, "rng", None))
+        skipped = skip_to - saved.consumed_samples
+        self.state.iteration, self.state.consumed_samples = saved.iteration, skip_to
+        self.state.skipped_samples = skip_to - saved.iteration * G
+        self.state.rollbacks += 1
+        self.spikes.reset()
+        record = {"iteration": spike_at, "rollback": self.state.rollbacks, "spike_loss": spike.loss,
+                  "spike_threshold": spike.threshold, "rollback_to_iteration": saved.iteration,
+                  "checkpoint": str(tag_dir), "skipped_samples": skipped,
+                  "skipped_sample_range": [saved.consumed_samples, skip_to]}  # fmt: skip
+        self.metrics.log(record)
+        logger.warning(
+            "rollback %d/%d: %s at iteration %d; reloaded %s (iteration %d) and skipped samples [%d, %d) "
+            "(%d global batches)", self.state.rollbacks, cfg.train.max_rollbacks, spike.describe(), spike_at,
+            tag_dir, saved.iteration, saved.consumed_samples, skip_to, skipped // G,
+        )  # fmt: skip
+        return self._train_batches()
+
+    def _train_batches(self) -> Iterator[torch.Tensor]:
+        total = self.cfg.train.train_iters * self.cfg.train.global_batch_size + self.state.skipped_samples
+        return self._batches(self.train_data, self.state.consumed_samples, total)
 
     @torch.no_grad()
     def evaluate(self, data: Any) -> float:
@@ -202,25 +281,35 @@ class Trainer:
 
     def _save(self) -> None:
         self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
-        path = save_checkpoint(self.engine, self.cfg, asdict(self.state), ctx=self.ctx)
-        logger.info("saved checkpoint %s", path)
+        state = dict(asdict(self.state), tokenizer_fingerprint=self.tokenizer_fingerprint)
+        start = time.perf_counter()
+        path = save_checkpoint(self.engine, self.cfg, state, ctx=self.ctx)
+        seconds, size = time.perf_counter() - start, checkpoint_bytes(path)
+        self.metrics.log({"iteration": self.state.iteration, "checkpoint_save_seconds": seconds,
+                          "checkpoint_bytes": size})  # fmt: skip
+        logger.info("saved checkpoint %s (%.1f MB in %.2f s)", path, size / 2**20, seconds)
 
     # -------------------------------------------------------------------------------- loop
     def train(self) -> TrainState:
         cfg = self.cfg
-        total = cfg.train.train_iters * cfg.train.global_batch_size
-        batches = self._batches(self.train_data, self.state.consumed_samples, total)
+        batches = self._train_batches()
         stop_at = cfg.train.train_iters
         losses: list[float] = []
         times: list[float] = []
         saved_at = self.state.iteration  # nothing new to save if no step runs
         while self.state.iteration < stop_at:
             start = time.perf_counter()
-            loss = self._pipeline_step(batches) if self.pipeline else self._train_step(batches)
+            inject = injected_loss_factor(cfg.debug, self.state.consumed_samples // cfg.train.global_batch_size)
+            step = self._pipeline_step if self.pipeline else self._train_step
+            loss = step(batches, inject)
             times.append(time.perf_counter() - start)
             self.state.iteration += 1
             self.state.consumed_samples += cfg.train.global_batch_size
-            self._check_finite(loss, self.state.iteration)
+            spike = self._spike(loss)
+            if spike is not None:  # before any save: a spiking state never becomes a checkpoint
+                batches = self._rollback(spike)
+                losses, times, saved_at = [], [], self.state.iteration
+                continue
             losses.append(loss)
             it = self.state.iteration
             if it % cfg.logging.log_interval == 0 or it == stop_at:

@@ -11,6 +11,9 @@
 # SIGTERM and SIGUSR1 (preemption, SLURM's --signal) sent to this script are forwarded to the
 # workers, which save a checkpoint at the next iteration and exit 0 (run_forwarding_stop_signals
 # in env.sh); torchrun then exits 0 too.
+# MAX_RESTARTS=n (default 0): when a worker dies (SIGKILL, OOM, a crashed node's NCCL error), torchrun
+# stops the others and starts the workers again, up to n times (on every node: the other nodes'
+# collectives fail too); they resume from `latest` (checkpoint.resume: auto). A hung rank is turned into such a failure by parallel.timeout_minutes.
 # Network variables: scripts/launch/env.sh.
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -27,5 +30,6 @@ if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
 fi
 set -x
 run_forwarding_stop_signals torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" --signals-to-handle SIGINT,SIGHUP,SIGQUIT \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}" \
+  --signals-to-handle SIGINT,SIGHUP,SIGQUIT \
   scripts/pretrain.py --config "$CONFIG" "$@"

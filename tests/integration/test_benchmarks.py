@@ -24,14 +24,14 @@ def _report(stdout: str) -> dict:
 
 def test_every_benchmark_script_is_smoke_tested() -> None:
     assert BENCHMARKS == [
-        "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
+        "checkpoint_io.py", "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
         "sample_read.py", "tp_comm.py",
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_smoke(name: str, builtin_prefix: Path, tmp_path: Path) -> None:
-    data = {"framework_overhead.py": ["--data", str(builtin_prefix)],
+    data = {"framework_overhead.py": ["--data", str(builtin_prefix)], "checkpoint_io.py": ["--data", str(builtin_prefix)],
             "plan_memory.py": ["--data", str(builtin_prefix), "--out", str(tmp_path)]}  # fmt: skip
     p = run(["python", str(REPO / "benchmarks" / name), "--smoke", *data.get(name, [])], timeout=300)
     check(p)
@@ -42,6 +42,10 @@ def test_benchmark_smoke(name: str, builtin_prefix: Path, tmp_path: Path) -> Non
         return
     report = _report(p.stdout)
     assert report["benchmark"] == name.removesuffix(".py")
+    if name == "checkpoint_io.py":
+        assert report["hashing"]["xxh3_page_cache_gb_per_s"] > 0
+        assert report["tiny_cpu_saves"]["save_seconds"] > report["tiny_cpu_saves"]["checksum_seconds"] > 0
+        return
     positive = {
         "framework_overhead.py": ["pretrain_py_step_seconds", "bare_loop_step_seconds"],
         "model_throughput.py": ["ours_tokens_per_sec", "hf_gpt2_tokens_per_sec", "fp32_matmul_peak_gflops"],

@@ -1,0 +1,103 @@
+"""Checkpoint checksums: hashing speed, and what they add to a save.
+
+  python benchmarks/checkpoint_io.py [--gb 1] [--iters 8] [--data PREFIX] [--smoke]
+
+1. xxh3-64 (what MANIFEST.json records) over a --gb file of random bytes, read from the page cache
+   (the second of two passes), next to zlib's CRC32 and SHA-256 for scale; and the first (cold-ish)
+   pass, which includes reading the file.
+2. scripts/pretrain.py on configs/tiny_cpu.yaml saving a checkpoint every iteration: the median
+   save time (`checkpoint_save_seconds` in metrics.jsonl, the whole save: DeepSpeed's files, ours,
+   checksums, MANIFEST, `latest`), the time the checksums of one such checkpoint take, and so the
+   share of the save spent on checksums, and the save against a training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+from common import REPO, report
+
+from llm.checkpoint.format import checkpoint_files, describe_files, file_checksum
+
+PREFIX = REPO / "data" / "builtin" / "builtin_text_document"
+SMOKE = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.seq_length=64",
+         "train.micro_batch_size=2", "train.global_batch_size=4"]  # fmt: skip
+
+
+def _timed(fn: object) -> float:
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def hashing(gb: float, directory: Path) -> dict[str, float]:
+    path = directory / "blob"
+    size = int(gb * 2**30)
+    with path.open("wb") as f:
+        for _ in range(0, size, 64 << 20):
+            f.write(os.urandom(min(64 << 20, size - f.tell())))
+    first = _timed(lambda: file_checksum(path))
+    data = path.read_bytes()
+    out = {
+        "file_gb": round(size / 2**30, 3),
+        "xxh3_first_pass_gb_per_s": round(size / 2**30 / first, 2),
+        "xxh3_page_cache_gb_per_s": round(size / 2**30 / _timed(lambda: file_checksum(path)), 2),
+        "crc32_in_memory_gb_per_s": round(size / 2**30 / _timed(lambda: zlib.crc32(data)), 2),
+        "sha256_in_memory_gb_per_s": round(size / 2**30 / _timed(lambda: hashlib.sha256(data).digest()), 2),
+    }
+    out["xxh3_seconds_per_gb"] = round(1 / out["xxh3_page_cache_gb_per_s"], 3)
+    path.unlink()
+    return out
+
+
+def save_overhead(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> dict[str, float]:
+    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "configs/tiny_cpu.yaml", *extra,
+           f"train.train_iters={iters}", "train.lr_warmup_iters=1", "logging.log_interval=1",
+           f"eval.eval_interval={10 * iters}", "eval.eval_iters=1", "checkpoint.save_interval=1",
+           "logging.wandb_mode=disabled", f"logging.dir={run_dir}", f"data.train_data_path={prefix}"]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    saves = [r["checkpoint_save_seconds"] for r in records if "checkpoint_save_seconds" in r][1:]  # after the first
+    steps = [r["step_time"] for r in records if "step_time" in r][1:]
+    tag = run_dir / "checkpoints" / f"iter_{iters:07d}"
+    names = checkpoint_files(tag)
+    hashing_seconds = statistics.median(_timed(lambda: describe_files(tag, names)) for _ in range(3))
+    save = statistics.median(saves)
+    return {
+        "checkpoint_mb": round(sum((tag / n).stat().st_size for n in names) / 2**20, 2),
+        "save_seconds": round(save, 4),
+        "checksum_seconds": round(hashing_seconds, 4),
+        "checksum_share_of_save_percent": round(100 * hashing_seconds / save, 2),
+        "step_seconds": round(statistics.median(steps), 4),
+        "save_over_step": round(save / statistics.median(steps), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=1.0, help="size of the file hashed")
+    parser.add_argument("--iters", type=int, default=8, help="training iterations, a save after each")
+    parser.add_argument("--data", type=Path, default=PREFIX, help="token prefix (default: the built-in corpus)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 16 MB, a tiny model, 3 saves")
+    args = parser.parse_args()
+    if not args.data.with_suffix(".idx").exists():
+        raise SystemExit(f"{args.data}.idx missing: run scripts/quickstart.sh (or preprocess_data.py) first")
+    gb, iters, extra = (1 / 64, 3, SMOKE) if args.smoke else (args.gb, args.iters, [])
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {"hashing": hashing(gb, Path(tmp)), "tiny_cpu_saves": save_overhead(iters, Path(tmp) / "run",
+                                                                                      args.data, extra)}  # fmt: skip
+    report("checkpoint_io", results)
+
+
+if __name__ == "__main__":
+    main()
