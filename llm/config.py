@@ -170,6 +170,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | a checkpoint directory
     keep_last: int | None = None
     verify: bool = True  # check every file's checksum before resuming
+    break_lock: bool = False  # take over a run directory another host's run seems to hold
 
 
 @dataclass

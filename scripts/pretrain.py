@@ -30,6 +30,9 @@ def main() -> int:
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: stopped without saving; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
     if state.stopped_by:
         print(
             f"stopped at iteration {state.iteration} ({state.stopped_by}); checkpoint saved, rerun to resume"

@@ -222,10 +222,8 @@ def checkpoint_bytes(tag_dir: Path) -> int:
 
 
 def complete_tags(directory: Path) -> list[Path]:
-    """Checkpoints with a MANIFEST, newest first (the one `latest` names comes first)."""
-    tags = sorted((p for p in directory.glob("iter_*") if (p / MANIFEST).is_file()), reverse=True)
-    named = latest_tag(directory)
-    return sorted(tags, key=lambda p: p.name != named)
+    """Checkpoints with a MANIFEST, newest first."""
+    return sorted((p for p in directory.glob("iter_*") if (p / MANIFEST).is_file()), reverse=True)
 
 
 def prune(directory: Path, keep_last: int, *, keep: str) -> None:
@@ -246,19 +244,19 @@ def choose_checkpoint(path: str | Path, *, fallback: bool, verify: Any = None) -
         tag_dir = resolve_checkpoint(path)
         check(tag_dir)
         return tag_dir
-    try:
-        tag_dir = resolve_checkpoint(path)
-        root, first = tag_dir.parent, [tag_dir]
-    except CheckpointError as e:  # `latest` names a directory that is gone: the newest complete one
-        root, first = Path(path), []
-        logger.warning("%s; looking for the newest complete checkpoint in '%s'", e, root)
-    candidates = first + [t for t in complete_tags(root) if t not in first]
-    for candidate in candidates:
+    root = Path(path).parent if (Path(path) / META).is_file() else Path(path)
+    named = latest_tag(root)
+    if named is not None and not (root / named / MANIFEST).is_file():
+        logger.warning("'%s' names %s, which is missing or incomplete", root / LATEST, named)
+    for candidate in complete_tags(root):  # the newest complete one that is there, whatever `latest` says
         try:
             check(candidate)
-            return candidate
         except CheckpointError as e:
             logger.warning("skipping checkpoint: %s", e)
+            continue
+        if named is not None and candidate.name != named:
+            logger.warning("resuming from %s, the newest intact checkpoint ('latest' names %s)", candidate.name, named)
+        return candidate
     raise CheckpointError(f"no complete checkpoint in '{root}'; start fresh with checkpoint.resume=none")
 
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from llm.checkpoint.engine import verify_distributed
-from llm.checkpoint.format import choose_checkpoint, latest_tag
+from llm.checkpoint.format import choose_checkpoint, complete_tags, latest_tag
 from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, ConfigError, build_deepspeed_config, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
@@ -29,6 +29,7 @@ from llm.training.lr_schedule import make_scheduler
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import ClippedAdamW
+from llm.training.run_lock import RunLock, RunLockedError
 from llm.training.trainer import Trainer, TrainState, load_train_state
 
 logger = logging.getLogger("llm")
@@ -88,7 +89,8 @@ def _resume_path(cfg: Config) -> str | None:
     if mode == "none":
         return None
     if mode == "auto":
-        return cfg.checkpoint_dir if latest_tag(cfg.checkpoint_dir) else None
+        found = latest_tag(cfg.checkpoint_dir) or complete_tags(Path(cfg.checkpoint_dir))
+        return cfg.checkpoint_dir if found else None
     if not Path(mode).exists():
         raise ConfigError(
             f"checkpoint.resume = '{mode}' does not exist; use auto, none or a checkpoint directory"
@@ -127,23 +129,48 @@ def _datasets(cfg: Config) -> tuple[Any, Any, Any]:
 def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> TrainState:
     """The whole run on this process. `peak_memory` measures the `peak_memory_gb` metric (default:
     `PeakMemory`; benchmarks pass their own to leave out the interpreter's memory on CPU)."""
-    import deepspeed
-
     launch = init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
-    rank, world = launch.rank, launch.world_size
-    setup_logging(rank)
-    validate_world(cfg, world)  # before building groups: a bad TP x PP is one clear line
+    setup_logging(launch.rank)
+    validate_world(cfg, launch.world_size)  # before building groups: a bad TP x PP is one clear line
     ctx = ParallelContext.build(
         tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size,
         timeout_minutes=cfg.parallel.timeout_minutes,
     )  # fmt: skip
-    layout = gather_layout(ctx, launch)
-    cfg = resolve_vocab(cfg)
-    ds_config = build_deepspeed_config(cfg, world, cuda=torch.cuda.is_available())
-    if rank == 0:
-        write_effective_config(cfg, ds_config)
-        (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
-        logger.info("%s", layout.describe())
+    lock = _lock_run(cfg, ctx)  # before anything is written into the run directory
+    try:
+        layout = gather_layout(ctx, launch)
+        cfg = resolve_vocab(cfg)
+        ds_config = build_deepspeed_config(cfg, launch.world_size, cuda=torch.cuda.is_available())
+        if ctx.rank == 0:
+            write_effective_config(cfg, ds_config)
+            (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
+            logger.info("%s", layout.describe())
+        state = _train(cfg, ctx, ds_config, peak_memory or PeakMemory())
+    finally:
+        if lock is not None:
+            lock.release()
+    ctx.shutdown()
+    return state
+
+
+def _lock_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
+    """Rank 0 locks the run and checkpoint directories; every rank stops when that fails."""
+    lock, failed = None, None
+    if ctx.rank == 0:
+        lock = RunLock([Path(cfg.logging.dir), Path(cfg.checkpoint_dir)], force=cfg.checkpoint.break_lock)
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            failed = e
+    if ctx.any_rank(failed is not None):
+        raise failed or RunLockedError("the run directory is in use by another run (rank 0's message names it)")
+    return lock
+
+
+def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> tuple[Any, RNGTracker, int]:
+    """The model (plain, or a PipelineModule when pipeline > 1) inside DeepSpeed's engine."""
+    import deepspeed
+
     seed_everything(cfg.train.seed)
     rng = RNGTracker()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,12 +182,8 @@ def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> Tr
         model = build_pipeline_model(cfg, ctx, rng)
         model.rng = rng  # checkpoints save the per-rank RNG stream of `engine.module.rng`
     num_params = count_parameters(model)
-    logger.info(
-        "model: %s, %.2fM parameters on this rank; %s",
-        cfg.model.architecture,
-        num_params / 1e6,
-        ctx.describe(),
-    )
+    logger.info("model: %s, %.2fM parameters on this rank; %s", cfg.model.architecture, num_params / 1e6,
+                ctx.describe())  # fmt: skip
     groups = parameter_groups(model, cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -170,19 +193,27 @@ def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> Tr
         lr_scheduler=make_scheduler(cfg.train),
         mpu=ctx if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
     )
-    peak_memory = peak_memory or PeakMemory()
+    return engine, rng, num_params
+
+
+def _train(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], peak_memory: PeakMemory) -> TrainState:
+    engine, rng, num_params = _build_engine(cfg, ctx, ds_config)
     peak_memory.reset()  # peak_memory_gb in the metrics: the model and optimizer, plus what training adds
-    state, rng_state = TrainState(), None
+    state, rng_state, changes = TrainState(), None, list[str]()
     fingerprint = tokenizer_fingerprint(cfg.data.tokenizer)
     resume = _resume_path(cfg)
     if resume is not None:
         verify = lambda t: verify_distributed(t, ctx, checksums=cfg.checkpoint.verify)  # noqa: E731
         tag_dir = choose_checkpoint(resume, fallback=cfg.checkpoint.resume == "auto", verify=verify)
-        state, rng_state = load_train_state(engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint)
+        state, rng_state, changes = load_train_state(engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint)
         logger.info("resumed from %s at iteration %d", tag_dir, state.iteration)
+        for change in changes:
+            logger.info("resume: %s", change)
     train, valid, test = _datasets(cfg)
     _check_token_range(train, int(cfg.model.vocab_size or 0))
-    metrics = MetricsLogger(cfg, enabled=rank == 0, run_id=state.wandb_run_id)
+    metrics = MetricsLogger(cfg, enabled=ctx.rank == 0, run_id=state.wandb_run_id)
+    if changes:
+        _record_changes(cfg, metrics, state.iteration, changes, rank=ctx.rank)
     trainer = Trainer(
         cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test, metrics=metrics, state=state,
         num_params=num_params, peak_memory=peak_memory, tokenizer_fingerprint=fingerprint,
@@ -190,12 +221,18 @@ def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> Tr
     if rng_state is not None:  # last, after everything that might draw random numbers during setup
         restore_rng_state(rng_state, rng)
     try:
-        state = trainer.train()
+        return trainer.train()
     except RuntimeError as e:
         if not is_collective_timeout(e):
             raise
         raise CollectiveTimeoutError(_timeout_message(cfg, ctx, trainer.state.iteration, e)) from None
     finally:
         metrics.finish()
-    ctx.shutdown()
-    return state
+
+
+def _record_changes(cfg: Config, metrics: MetricsLogger, iteration: int, changes: list[str], *, rank: int) -> None:
+    """Settings changed on resume: a metrics record, and a line in the run's config_history.jsonl."""
+    metrics.log({"iteration": iteration, "resume_changes": changes, "resume_changed_settings": len(changes)})
+    if rank == 0:
+        with (Path(cfg.logging.dir) / "config_history.jsonl").open("a") as f:
+            f.write(json.dumps({"iteration": iteration, "changes": changes}) + "\n")

@@ -7,12 +7,13 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from llm.checkpoint.engine import load_checkpoint, save_checkpoint, verify_distributed
-from llm.checkpoint.format import CheckpointError, checkpoint_bytes, choose_checkpoint, latest_tag
+from llm.checkpoint.format import CheckpointError, checkpoint_bytes, choose_checkpoint, complete_tags
 from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, resolve_precision
 from llm.data.loader import GlobalBatchSampler, make_loader
@@ -21,6 +22,7 @@ from llm.model.flops import gpu_peak_tflops, model_flops_per_token
 from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
 from llm.training.faults import Spike, SpikeDetector, injected_loss_factor
+from llm.training.lr_schedule import lr_at
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.signals import StopRequest
@@ -38,21 +40,57 @@ class TrainState:
     consumed_samples: int = 0
     wandb_run_id: str | None = None
     stopped_by: str | None = None  # set when a run stops before train_iters (signal, exit_interval)
-    skipped_samples: int = 0  # skipped after loss-spike rollbacks: consumed = iteration x G + skipped
+    skipped_samples: int = 0  # skipped in total by loss-spike rollbacks
     rollbacks: int = 0
 
 
 def load_train_state(
     engine: Any, tag_dir: Any, cfg: Config, ctx: ParallelContext, *, tokenizer_fingerprint: str | None
-) -> tuple[TrainState, Any]:
-    """Loads a checkpoint into the engine: (the saved training state, this rank's saved RNG state)."""
+) -> tuple[TrainState, Any, list[str]]:
+    """Loads a checkpoint into the engine: (the saved training state, this rank's saved RNG state, the
+    settings that changed since the checkpoint as `train.lr: 0.0003 -> 0.0001`). The optimizer and LR
+    schedule then follow the run's config, not the saved one (see `apply_optimizer_settings`)."""
     saved = load_checkpoint(engine, tag_dir, cfg, ctx, tokenizer_fingerprint=tokenizer_fingerprint)
+    apply_optimizer_settings(engine, cfg)
     state = TrainState(
         iteration=int(saved["iteration"]), consumed_samples=int(saved["consumed_samples"]),
         wandb_run_id=saved.get("wandb_run_id"), skipped_samples=int(saved.get("skipped_samples", 0)),
         rollbacks=int(saved.get("rollbacks", 0)),
     )  # fmt: skip
-    return state, saved.get("rng_state")
+    return state, saved.get("rng_state"), changed_settings(saved.get("config", {}), cfg)
+
+
+# Sections whose changes a resume reports (model changes are refused by the checkpoint layer).
+_REPORTED = ("train", "eval", "logging", "checkpoint", "data", "parallel")
+
+
+def changed_settings(saved: dict[str, Any], cfg: Config) -> list[str]:
+    ours = cfg.to_dict()
+    out = []
+    for section in _REPORTED:
+        before, after = saved.get(section, {}), ours[section]
+        for key, value in after.items():
+            if key in before and before[key] != value:
+                out.append(f"{section}.{key}: {before[key]!r} -> {value!r}")
+    return out
+
+
+def apply_optimizer_settings(engine: Any, cfg: Config) -> None:
+    """The run's learning-rate schedule and AdamW settings from the resume point on (as Megatron's
+    --override-opt_param-scheduler): loading a checkpoint restores the saved ones with the optimizer
+    and scheduler state, which would silently keep the old lr, decay, betas and eps."""
+    t = cfg.train
+    scheduler = engine.lr_scheduler
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch one
+    groups = optimizer.param_groups
+    base = t.lr if t.lr > 0 else 1.0
+    step = int(getattr(scheduler, "last_epoch", 0))  # steps taken: the next one's 0-based index
+    for i, group in enumerate(groups):
+        group.update(initial_lr=base, lr=lr_at(step, t), betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        if len(groups) == 2:  # parameter_groups(): [decayed matrices, no decay]
+            group["weight_decay"] = t.weight_decay if i == 0 else 0.0
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [base] * len(scheduler.base_lrs)
 
 
 class Trainer:
@@ -174,7 +212,7 @@ class Trainer:
         cfg, G = self.cfg, self.cfg.train.global_batch_size
         if self.state.rollbacks >= cfg.train.max_rollbacks:
             raise self._stop_for(spike, f" (train.max_rollbacks = {cfg.train.max_rollbacks} rollbacks done)")
-        if latest_tag(cfg.checkpoint_dir) is None:
+        if not complete_tags(Path(cfg.checkpoint_dir)):
             raise self._stop_for(spike, " and there is no checkpoint to roll back to")
         verify = lambda t: verify_distributed(t, self.ctx, checksums=cfg.checkpoint.verify)  # noqa: E731
         try:
@@ -182,14 +220,14 @@ class Trainer:
         except CheckpointError as e:
             raise self._stop_for(spike, f" and no checkpoint can be reloaded ({e})") from None
         spike_at, skip_to = self.state.iteration, self.state.consumed_samples + cfg.train.skip_batches_on_rollback * G
-        saved, rng_state = load_train_state(
+        saved, rng_state, _ = load_train_state(
             self.engine, tag_dir, cfg, self.ctx, tokenizer_fingerprint=self.tokenizer_fingerprint
         )
         if rng_state is not None:
             restore_rng_state(rng_state, getattr(self.engine.module, "rng", None))
         skipped = skip_to - saved.consumed_samples
         self.state.iteration, self.state.consumed_samples = saved.iteration, skip_to
-        self.state.skipped_samples = skip_to - saved.iteration * G
+        self.state.skipped_samples = saved.skipped_samples + skipped
         self.state.rollbacks += 1
         self.spikes.reset()
         record = {"iteration": spike_at, "rollback": self.state.rollbacks, "spike_loss": spike.loss,
@@ -205,8 +243,10 @@ class Trainer:
         return self._train_batches()
 
     def _train_batches(self) -> Iterator[torch.Tensor]:
-        total = self.cfg.train.train_iters * self.cfg.train.global_batch_size + self.state.skipped_samples
-        return self._batches(self.train_data, self.state.consumed_samples, total)
+        """From the data position through the samples of the remaining steps (the global batch size
+        may have changed on resume, and rollbacks may have skipped samples)."""
+        remaining = (self.cfg.train.train_iters - self.state.iteration) * self.cfg.train.global_batch_size
+        return self._batches(self.train_data, self.state.consumed_samples, self.state.consumed_samples + remaining)
 
     @torch.no_grad()
     def evaluate(self, data: Any) -> float:

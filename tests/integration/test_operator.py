@@ -1,0 +1,62 @@
+"""What people do, through the real entry point: a second run on a busy directory, Ctrl-C, and a
+resume with a changed learning rate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llm.config import load_config
+from llm.training.lr_schedule import lr_at
+from tests.conftest import BIN, REPO, check, read_metrics, run, script, tiny_args
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_a_second_run_on_a_busy_directory_refuses_and_ctrl_c_saves(builtin_prefix: Path, tmp_path: Path) -> None:
+    args = tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    first = subprocess.Popen([sys.executable, script("pretrain.py"), *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 180
+    try:
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.1)
+        config_before = (tmp_path / "config.yaml").read_text()
+        second = run(["python", script("pretrain.py"), *args, "train.lr=1e-3"])
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert f"'{tmp_path}' is in use by another run (pid {first.pid} on " in second.stderr
+        assert (tmp_path / "config.yaml").read_text() == config_before  # the first run's files untouched
+        first.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    last = [r["iteration"] for r in read_metrics(tmp_path) if "loss" in r][-1]
+    assert f"stopped at iteration {last} (SIGINT); checkpoint saved" in out and "Traceback" not in err
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"iter_{last:07d}"
+    assert not (tmp_path / ".llm.lock").exists()
+
+
+def test_a_resume_with_a_new_learning_rate_uses_it(builtin_prefix: Path, tmp_path: Path) -> None:
+    check(run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, tmp_path, "train.train_iters=6")]))
+    p = run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, tmp_path, "train.train_iters=10",
+                                                         "train.lr=1e-3", "train.min_lr=1e-4")])  # fmt: skip
+    check(p)
+    out = p.stdout + p.stderr
+    assert "resume: train.lr: 0.002 -> 0.001" in out and "resume: train.train_iters: 6 -> 10" in out
+    new = load_config(tmp_path / "config.yaml").train
+    used = {r["iteration"]: r["lr"] for r in read_metrics(tmp_path) if "lr" in r}
+    assert [used[i] for i in range(7, 11)] == pytest.approx([lr_at(i - 1, new) for i in range(7, 11)], rel=1e-12)
+    old = dataclasses.replace(new, lr=2e-3, train_iters=6, min_lr=load_config(REPO / "configs" / "tiny_cpu.yaml").train.min_lr)
+    assert used[7] != pytest.approx(lr_at(6, old))  # what keeping the saved schedule would have given
+    history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["iteration"] == 6 and "train.lr: 0.002 -> 0.001" in history[-1]["changes"]
