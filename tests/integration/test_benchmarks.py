@@ -6,7 +6,9 @@ docs/benchmarks.md); a smoke run must finish and report sensible, positive measu
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,11 +31,24 @@ def test_every_benchmark_script_is_smoke_tested() -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", BENCHMARKS)
-def test_benchmark_smoke(name: str, builtin_prefix: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def smoke_runs(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every benchmark's --smoke run, two at a time (mostly interpreter and import time, which two
+    processes overlap well on two cores)."""
+    out = tmp_path_factory.mktemp("bench")
     data = {"framework_overhead.py": ["--data", str(builtin_prefix)], "checkpoint_io.py": ["--data", str(builtin_prefix)],
-            "plan_memory.py": ["--data", str(builtin_prefix), "--out", str(tmp_path)]}  # fmt: skip
-    p = run(["python", str(REPO / "benchmarks" / name), "--smoke", *data.get(name, [])], timeout=300)
+            "plan_memory.py": ["--data", str(builtin_prefix), "--out", str(out)]}  # fmt: skip
+
+    def smoke(name: str) -> Any:
+        return run(["python", str(REPO / "benchmarks" / name), "--smoke", *data.get(name, [])], timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(BENCHMARKS, pool.map(smoke, BENCHMARKS)))
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
+    p = smoke_runs[name]
     check(p)
     if name == "plan_memory.py":
         row = next(line for line in p.stdout.splitlines() if line.startswith("z0_dp1"))

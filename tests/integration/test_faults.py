@@ -60,10 +60,9 @@ def test_a_corrupt_same_size_file_is_detected_named_and_skipped(builtin_prefix: 
     assert f"ok       {ckpt / 'iter_0000005'}" in p.stdout
     assert f"checkpoint file '{damaged}' is damaged: xxh3_64 " in p.stdout and "written as" in p.stdout
 
-    for tool in (["evaluate.py", "--data", str(builtin_prefix)], ["generate.py", "--prompt", "x"]):
-        p = run(["python", script(tool[0]), "--checkpoint", str(ckpt), *tool[1:]])
-        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-        assert f"error: checkpoint file '{damaged}' is damaged: xxh3_64" in p.stderr
+    p = run(["python", script("evaluate.py"), "--checkpoint", str(ckpt), "--data", str(builtin_prefix)])
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]  # generate/convert: the same loader
+    assert f"error: checkpoint file '{damaged}' is damaged: xxh3_64" in p.stderr
 
     explicit = _pretrain(builtin_prefix, tmp_path, "train.train_iters=12", f"checkpoint.resume={damaged.parent}")
     p = run(explicit)
@@ -241,4 +240,4 @@ def test_resume_refuses_another_model_naming_each_setting(
     p = run(_pretrain(builtin_prefix, tmp_path, *resume, f"data.tokenizer={other}"))
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"config '{other}'" in p.stderr and "a different tokenizer" in p.stderr
-    check(run(_pretrain(builtin_prefix, tmp_path, *resume, "model.activation_checkpointing=true")))  # allowed
+    # settings that may change (activation checkpointing, dropout, ...): tests/unit/test_faults.py
