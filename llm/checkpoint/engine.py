@@ -25,6 +25,7 @@ from llm.checkpoint.format import (
     check_same_model,
     checkpoint_bytes,
     checkpoint_files,
+    choose_checkpoint,
     describe_files,
     latest_tag,
     layout_of,
@@ -154,6 +155,11 @@ def _warn_if_next_save_cannot_fit(tag_dir: Path) -> None:
             "only %s free on the device of '%s' and a checkpoint takes %s: the next save will fail unless "
             "space is freed (checkpoint.keep_last, or another checkpoint.dir)", _gb(free), tag_dir.parent, _gb(size)
         )
+
+
+def choose_verified(path: str | Path, ctx: ParallelContext, *, fallback: bool, checksums: bool) -> Path:
+    """`choose_checkpoint` with every candidate verified by all ranks together (`verify_distributed`)."""
+    return choose_checkpoint(path, fallback=fallback, verify=lambda t: verify_distributed(t, ctx, checksums=checksums))
 
 
 def verify_distributed(tag_dir: Path, ctx: ParallelContext, *, checksums: bool = True) -> None:

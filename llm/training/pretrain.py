@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import yaml
 
-from llm.checkpoint.engine import verify_distributed
-from llm.checkpoint.format import choose_checkpoint, complete_tags, latest_tag
+from llm.checkpoint.engine import choose_verified
+from llm.checkpoint.format import complete_tags, latest_tag
 from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, ConfigError, build_deepspeed_config, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
@@ -120,8 +120,7 @@ def _datasets(cfg: Config) -> tuple[Any, Any, Any]:
 
     def more() -> Any:
         logger.info("the planned training samples are used up (batches were skipped): continuing on a reshuffle")
-        return build_datasets(cfg.data, sizes=SplitSizes(sizes.train, 0, 0), seq_length=cfg.model.seq_length,
-                              seed=cfg.train.seed + 1)[0]  # fmt: skip
+        return build_datasets(cfg.data, sizes=SplitSizes(sizes.train, 0, 0), **{**kw, "seed": cfg.train.seed + 1})[0]
 
     return ContinuedDataset(train, more), valid, test
 
@@ -203,8 +202,7 @@ def _train(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], peak_me
     fingerprint = tokenizer_fingerprint(cfg.data.tokenizer)
     resume = _resume_path(cfg)
     if resume is not None:
-        verify = lambda t: verify_distributed(t, ctx, checksums=cfg.checkpoint.verify)  # noqa: E731
-        tag_dir = choose_checkpoint(resume, fallback=cfg.checkpoint.resume == "auto", verify=verify)
+        tag_dir = choose_verified(resume, ctx, fallback=cfg.checkpoint.resume == "auto", checksums=cfg.checkpoint.verify)
         state, rng_state, changes = load_train_state(engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint)
         logger.info("resumed from %s at iteration %d", tag_dir, state.iteration)
         for change in changes:

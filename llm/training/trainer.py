@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from llm.checkpoint.engine import load_checkpoint, save_checkpoint, verify_distributed
-from llm.checkpoint.format import CheckpointError, checkpoint_bytes, choose_checkpoint, complete_tags
+from llm.checkpoint.engine import choose_verified, load_checkpoint, save_checkpoint
+from llm.checkpoint.format import CheckpointError, checkpoint_bytes, complete_tags
+from llm.checkpoint.reshard import torch_optimizer
 from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, resolve_precision
 from llm.data.loader import GlobalBatchSampler, make_loader
@@ -81,8 +82,7 @@ def apply_optimizer_settings(engine: Any, cfg: Config) -> None:
     and scheduler state, which would silently keep the old lr, decay, betas and eps."""
     t = cfg.train
     scheduler = engine.lr_scheduler
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch one
-    groups = optimizer.param_groups
+    groups = torch_optimizer(engine).param_groups
     base = t.lr if t.lr > 0 else 1.0
     step = int(getattr(scheduler, "last_epoch", 0))  # steps taken: the next one's 0-based index
     for i, group in enumerate(groups):
@@ -214,9 +214,8 @@ class Trainer:
             raise self._stop_for(spike, f" (train.max_rollbacks = {cfg.train.max_rollbacks} rollbacks done)")
         if not complete_tags(Path(cfg.checkpoint_dir)):
             raise self._stop_for(spike, " and there is no checkpoint to roll back to")
-        verify = lambda t: verify_distributed(t, self.ctx, checksums=cfg.checkpoint.verify)  # noqa: E731
         try:
-            tag_dir = choose_checkpoint(cfg.checkpoint_dir, fallback=True, verify=verify)
+            tag_dir = choose_verified(cfg.checkpoint_dir, self.ctx, fallback=True, checksums=cfg.checkpoint.verify)
         except CheckpointError as e:
             raise self._stop_for(spike, f" and no checkpoint can be reloaded ({e})") from None
         spike_at, skip_to = self.state.iteration, self.state.consumed_samples + cfg.train.skip_batches_on_rollback * G
