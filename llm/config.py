@@ -8,6 +8,7 @@ one we derive (batch sizes, clipping, precision, optimizer, scheduler) is an err
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -256,14 +257,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -279,7 +281,7 @@ def _unknown_key(key: str, known: list[str]) -> ConfigError:
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -289,7 +291,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             raise _unknown_key(full, names)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{full}.")  # type: ignore[arg-type]
+            kwargs[key] = _build(tp, {} if value is None else value, f"{full}.")  # type: ignore[arg-type]
         else:
             kwargs[key] = _coerce(value, tp, full)
     return cls(**kwargs)
@@ -312,16 +314,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        _set_dotted(tree, key.strip(), value)
+        key = key.strip()
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"override '{item}': '{key}' is not a key like section.key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value of {key} is not valid YAML (quote it)") from None
+        _set_dotted(tree, key, value)
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, f"{prefix}{key}.")
+        elif isinstance(value, dict) and out.get(key) is not None:
+            raise ConfigError(f"{prefix}{key}: expected a mapping of keys, got {out[key]!r}")
         else:
             out[key] = value
     return out
@@ -345,6 +355,13 @@ def replace_validated(cfg: Config, **sections: Any) -> Config:
     return out
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(problem)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML config (or the defaults when `path` is None) and applies dotted overrides."""
     raw: dict[str, Any] = {}
@@ -355,9 +372,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"config file '{path}' does not exist; pass --config with a YAML file from configs/"
             )
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file '{path}' is not UTF-8 text (byte {e.start}); pass a YAML file from configs/"
+            ) from None
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"config file '{path}' nests too deeply to be a config") from None
+        if raw is None:
+            raise ConfigError(f"config file '{path}' is empty; copy one from configs/ or omit --config for the defaults")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}': the top level must be a mapping of sections (model:, train:, ...)")
     raw = _merge(raw, parse_overrides(overrides or []))
@@ -375,26 +404,93 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # ----------------------------------------------------------------------------------- validation
 
 
-def _check_positive(cfg: Config) -> None:
-    for key, value in [
-        ("model.num_layers", cfg.model.num_layers),
-        ("model.hidden_size", cfg.model.hidden_size),
-        ("model.num_attention_heads", cfg.model.num_attention_heads),
-        ("model.seq_length", cfg.model.seq_length),
-        ("train.train_iters", cfg.train.train_iters),
-        ("train.micro_batch_size", cfg.train.micro_batch_size),
-        ("train.global_batch_size", cfg.train.global_batch_size),
-        ("parallel.tensor_model_parallel_size", cfg.parallel.tensor_model_parallel_size),
-        ("parallel.pipeline_model_parallel_size", cfg.parallel.pipeline_model_parallel_size),
-        ("eval.eval_interval", cfg.eval.eval_interval),
-        ("logging.log_interval", cfg.logging.log_interval),
-    ]:
-        if value <= 0:
-            raise ConfigError(f"{key} = {value} must be positive")
-    if cfg.train.lr < 0 or cfg.train.min_lr < 0 or cfg.train.min_lr > cfg.train.lr:
-        raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) must lie in [0, train.lr ({cfg.train.lr})]")
-    if not 0.0 <= cfg.model.dropout < 1.0 or not 0.0 <= cfg.model.attention_dropout < 1.0:
-        raise ConfigError("model.dropout and model.attention_dropout must lie in [0, 1)")
+def parse_split(split: str) -> list[float]:
+    """'969,30,1' -> normalized [train, valid, test] fractions."""
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"data.split = {split!r} is not a list of numbers like '969,30,1'") from None
+    if not parts or len(parts) > 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"data.split = {split!r}: give 1-3 non-negative weights like '969,30,1'")
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)
+    return [p / total for p in parts]
+
+
+# What each number may be: (rule, text for the message). None (unset) always passes.
+_RULES: dict[str, tuple[Any, str]] = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non-negative": (lambda v: v >= 0, "must be 0 or more"),
+    "fraction": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "ratio>=1": (lambda v: v >= 1, "must be at least 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)"),
+}
+_RANGES: dict[str, str] = {
+    "model.num_layers": "positive",
+    "model.hidden_size": "positive",
+    "model.num_attention_heads": "positive",
+    "model.num_query_groups": "positive",
+    "model.ffn_hidden_size": "positive",
+    "model.seq_length": "positive",
+    "model.max_position_embeddings": "positive",
+    "model.vocab_size": "positive",
+    "model.make_vocab_size_divisible_by": "positive",
+    "model.dropout": "fraction",
+    "model.attention_dropout": "fraction",
+    "model.norm_eps": "positive",
+    "model.rope_theta": "positive",
+    "model.init_std": "positive",
+    "train.train_iters": "positive",
+    "train.micro_batch_size": "positive",
+    "train.global_batch_size": "positive",
+    "train.lr": "non-negative",
+    "train.min_lr": "non-negative",
+    "train.lr_warmup_iters": "non-negative",
+    "train.lr_decay_iters": "positive",
+    "train.weight_decay": "non-negative",
+    "train.adam_beta1": "fraction",
+    "train.adam_beta2": "fraction",
+    "train.adam_eps": "positive",
+    "train.clip_grad": "non-negative",
+    "train.seed": "seed",
+    "train.exit_interval": "positive",
+    "train.max_rollbacks": "non-negative",
+    "train.skip_batches_on_rollback": "non-negative",
+    "train.spike_detection.window": "non-negative",
+    "train.spike_detection.num_std": "positive",
+    "train.spike_detection.min_ratio": "ratio>=1",
+    "data.num_workers": "non-negative",
+    "parallel.tensor_model_parallel_size": "positive",
+    "parallel.pipeline_model_parallel_size": "positive",
+    "parallel.timeout_minutes": "positive",
+    "eval.eval_interval": "positive",
+    "eval.eval_iters": "non-negative",
+    "logging.log_interval": "positive",
+    "checkpoint.save_interval": "positive",
+    "checkpoint.keep_last": "positive",
+}
+
+
+def _value_at(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every number on its own: the message names the key as the user wrote it."""
+    for key, rule in _RANGES.items():
+        value = _value_at(cfg, key)
+        ok, text = _RULES[rule]
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} = {value} {text}")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) must not exceed train.lr ({cfg.train.lr})")
+    for key in ("logging.dir", "checkpoint.resume"):
+        if not str(_value_at(cfg, key)).strip():
+            raise ConfigError(f"{key} is empty; give a directory")
+    parse_split(cfg.data.split)
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -461,15 +557,6 @@ def _check_parallel(cfg: Config) -> None:
 
 
 def _check_faults(cfg: Config) -> None:
-    spike = cfg.train.spike_detection
-    if spike.window < 0 or spike.num_std <= 0 or spike.min_ratio < 1:
-        raise ConfigError(
-            "train.spike_detection needs window >= 0 (0: only non-finite losses), num_std > 0 and min_ratio >= 1"
-        )
-    if cfg.train.max_rollbacks < 0 or cfg.train.skip_batches_on_rollback < 0:
-        raise ConfigError("train.max_rollbacks and train.skip_batches_on_rollback must be 0 or more")
-    if cfg.parallel.timeout_minutes <= 0:
-        raise ConfigError(f"parallel.timeout_minutes = {cfg.parallel.timeout_minutes} must be positive")
     bad = [x for x in cfg.debug.inject_loss_spike_at if not isinstance(x, int) or isinstance(x, bool) or x < 1]
     if bad:
         raise ConfigError(f"debug.inject_loss_spike_at: {bad} are not iterations (positive integers)")
@@ -477,14 +564,12 @@ def _check_faults(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks everything that can be checked without knowing the world size."""
-    _check_positive(cfg)
+    _check_ranges(cfg)
     _check_faults(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
         raise ConfigError("train.lr_warmup_iters must not exceed train.lr_decay_iters (or train.train_iters)")
-    if cfg.train.exit_interval is not None and cfg.train.exit_interval <= 0:
-        raise ConfigError("train.exit_interval must be positive when set")
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(
             f"deepspeed_config '{cfg.deepspeed_config}' does not exist; use one of configs/deepspeed/*.json"

@@ -14,14 +14,14 @@ from llm.config import load_config
 from llm.errors import LLMError
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults apply when omitted")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         from llm.training.pretrain import run_pretraining

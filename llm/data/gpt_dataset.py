@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.config import ConfigError
+from llm.config import parse_split
 from llm.data.indexed_dataset import IndexedDataset
 from llm.errors import LLMError
 
@@ -39,19 +39,6 @@ INDEX_VERSION = 1
 
 class DatasetTooSmallError(LLMError, ValueError):
     """The data cannot provide one sample; the message says how much it holds."""
-
-
-def parse_split(split: str) -> list[float]:
-    """'969,30,1' -> normalized [train, valid, test] fractions."""
-    try:
-        parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"data.split = {split!r} is not a list of numbers like '969,30,1'") from None
-    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ConfigError(f"data.split = {split!r}: give 1-3 non-negative weights like '969,30,1'")
-    parts += [0.0] * (3 - len(parts))
-    total = sum(parts)
-    return [p / total for p in parts]
 
 
 def split_ranges(num_docs: int, split: str) -> list[tuple[int, int]]:

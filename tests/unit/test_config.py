@@ -63,6 +63,10 @@ def test_defaults_and_dotted_overrides() -> None:
         (["train.lr_warmup_iters=5000", "train.train_iters=100"], "lr_warmup_iters"),
         (["parallel.tensor_model_parallel_size=0"], "must be positive"),
         (["nosep"], "section.key=value"),
+        (["train.lr=-1e-4"], "^train.lr = -0.0001 must be 0 or more$"),
+        (["checkpoint.save_interval=-1"], "^checkpoint.save_interval = -1 must be positive$"),
+        (["train.clip_grad=.nan"], "train.clip_grad: expected a finite number"),
+        (["train.lr=[1"], "value of train.lr is not valid YAML"),
     ],
 )
 def test_invalid_settings_are_clear_errors(overrides: list[str], message: str) -> None:
