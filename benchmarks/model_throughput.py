@@ -17,20 +17,33 @@ from llm.model.gpt import build_model, count_parameters
 from llm.model.hf import hf_config, to_hf_state_dict
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = best_of(lambda: torch.mm(a, b), repeats=repeats, warmup=2)
-    return 2 * n**3 / seconds
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def step_time(model: torch.nn.Module, tokens: torch.Tensor, hf: bool, repeats: int) -> float:
+def matmul_peak(n: int, repeats: int, device: str, dtype: torch.dtype) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def mm() -> None:
+        torch.mm(a, b)
+        _sync(device)
+
+    return 2 * n**3 / best_of(mm, repeats=repeats, warmup=2)
+
+
+def step_time(model: torch.nn.Module, tokens: torch.Tensor, hf: bool, repeats: int, dtype: torch.dtype) -> float:
+    device = tokens.device.type
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        if hf:
-            loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
-        else:
-            loss = model(tokens[:, :-1], tokens[:, 1:])
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            if hf:
+                loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            else:
+                loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
+        _sync(device)
 
     return best_of(step, repeats=repeats, warmup=2)
 
@@ -44,34 +57,40 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 weights")
     parser.add_argument("--smoke", action="store_true", help="seconds: a tiny shape, one repeat")
     args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.smoke:
         args.layers, args.hidden, args.heads, args.seq, args.batch, args.vocab, args.repeats = 1, 64, 2, 32, 2, 512, 1
     from transformers import GPT2LMHeadModel
 
     cfg = ModelConfig(architecture="gpt2", num_layers=args.layers, hidden_size=args.hidden,
                       num_attention_heads=args.heads, seq_length=args.seq, vocab_size=args.vocab)  # fmt: skip
-    ours = build_model(cfg, seed=0).train()
+    ours = build_model(cfg, seed=0).train().to(args.device)
     hcfg = hf_config(cfg)
     hcfg._attn_implementation = "sdpa"
-    theirs = GPT2LMHeadModel(hcfg).train()
+    theirs = GPT2LMHeadModel(hcfg).train().to(args.device)
     theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
     n_tokens = args.batch * args.seq
     results = {}
     # Interleave to share any drift in machine load fairly.
-    t_ours = min(step_time(ours, tokens, False, args.repeats), step_time(ours, tokens, False, args.repeats))
-    t_hf = min(step_time(theirs, tokens, True, args.repeats), step_time(theirs, tokens, True, args.repeats))
+    t_ours, t_hf = float("inf"), float("inf")
+    for _ in range(2):
+        t_ours = min(t_ours, step_time(ours, tokens, False, args.repeats, dtype))
+        t_hf = min(t_hf, step_time(theirs, tokens, True, args.repeats, dtype))
     flops = model_flops_per_token(cfg, count_parameters(ours)) * n_tokens
-    peak = matmul_peak(256 if args.smoke else 2048)
+    n = 256 if args.smoke else (8192 if args.device == "cuda" else 2048)
+    peak = matmul_peak(n, 10, args.device, dtype)
     results = {
         "shape": {k: v for k, v in vars(args).items() if k != "smoke"},
         "parameters": count_parameters(ours),
         "ours_tokens_per_sec": round(n_tokens / t_ours),
         "hf_gpt2_tokens_per_sec": round(n_tokens / t_hf),
         "ours_over_hf": round(t_hf / t_ours, 3),
-        "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
         "ours_model_gflops": round(flops / t_ours / 1e9, 1),
         "fraction_of_matmul_peak": round(flops / t_ours / peak, 3),
     }

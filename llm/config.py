@@ -628,7 +628,10 @@ def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str,
                 "betas": [t.adam_beta1, t.adam_beta2],
                 "eps": t.adam_eps,
                 "weight_decay": t.weight_decay,
-                "torch_adam": not cuda,
+                # torch's AdamW, with its fused CUDA kernel on a GPU: no DeepSpeed op compiled at start
+                # (DeepSpeed's FusedAdam is a JIT nvcc build that needs a compiler on every node).
+                "torch_adam": True,
+                **({"fused": True} if cuda else {}),
             },
         },
     }
@@ -674,6 +677,11 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
         )
     ds = _merge(user, derived)
     ds.setdefault("zero_optimization", {"stage": 0})
+    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+    if offload and cuda:
+        # The optimizer steps on the CPU copy: DeepSpeedCPUAdam (a C++ op) is far faster there.
+        ds["optimizer"]["params"] = {k: v for k, v in ds["optimizer"]["params"].items() if k != "fused"}
+        ds["optimizer"]["params"]["torch_adam"] = False
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     stage = ds["zero_optimization"].get("stage", 0)

@@ -102,9 +102,14 @@ def test_deepspeed_dict_is_derived_and_merged(tmp_path: Path) -> None:
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
-    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is False
+    params = ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True and params["fused"] is True
     cpu = build_deepspeed_config(load_config(None, []), 1, cuda=False)
     assert not cpu["bf16"]["enabled"] and cpu["optimizer"]["params"]["torch_adam"] is True
+    assert "fused" not in cpu["optimizer"]["params"]
+    offload = build_deepspeed_config(load_config(None, ["deepspeed_config=configs/deepspeed/zero3_offload.json"]),
+                                     1, cuda=True)  # fmt: skip
+    assert offload["optimizer"]["params"]["torch_adam"] is False and "fused" not in offload["optimizer"]["params"]
 
 
 @pytest.mark.parametrize(
