@@ -11,11 +11,11 @@ import sys
 from llm.checkpoint.merge import load_trained_model
 from llm.data.tokenizer import run_tokenizer
 from llm.errors import LLMError
-from llm.eval.generate import generate
+from llm.eval.generate import fit_context, generate
 from llm.eval.loading import default_device
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -29,16 +29,25 @@ def main() -> int:
     parser.add_argument("--tokenizer", help="override the run's tokenizer")
     parser.add_argument("--no-cache", action="store_true", help="recompute the full context every token")
     parser.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksum verification")
-    args = parser.parse_args()
+    parser.add_argument("--truncate-prompt", action="store_true",
+                        help="keep the last context-length tokens of a longer prompt (else: refused)")
+    parser.add_argument("--sliding-window", action="store_true",
+                        help="generate past the context, each token from the last context-length tokens (else: refused)")  # fmt: skip
+    args = parser.parse_args(argv)
     try:
         cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify)
         tok = run_tokenizer(cfg.data.tokenizer, args.tokenizer)
+        prompt = tok.encode(args.prompt)
+        drop, warnings = fit_context(len(prompt), args.max_new_tokens, model.cfg.max_positions,
+                                     truncate_prompt=args.truncate_prompt, sliding_window=args.sliding_window)  # fmt: skip
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     new = generate(
         model,
-        tok.encode(args.prompt),
+        prompt[drop:],
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -46,8 +55,10 @@ def main() -> int:
         seed=args.seed,
         eos_id=tok.eos_id,
         use_cache=not args.no_cache,
+        sliding_window=args.sliding_window,
     )
-    print(args.prompt + tok.decode([t for t in new if t != tok.eos_id]))
+    shown = args.prompt if not drop else tok.decode(prompt[drop:])
+    print(shown + tok.decode([t for t in new if t != tok.eos_id]))
     return 0
 
 

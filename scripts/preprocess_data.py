@@ -20,7 +20,7 @@ from llm.data.preprocess import preprocess
 from llm.errors import LLMError
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -32,7 +32,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed record")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args()
+    parser.add_argument("--max-not-text", type=float, default=0.1, metavar="FRACTION",
+                        help="refuse a file more than this fraction of whose records hold NUL bytes or invalid "
+                             "UTF-8 (default 0.1)")  # fmt: skip
+    args = parser.parse_args(argv)
     try:
         records = iter_input_records(args)
         stats = preprocess(
@@ -43,6 +46,7 @@ def main() -> int:
             json_key=args.json_key,
             strict=args.strict,
             progress=not args.no_progress,
+            max_not_text=args.max_not_text,
         )
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +51,16 @@ def run(
 
 def script(name: str) -> str:
     return str(REPO / "scripts" / name)
+
+
+def script_main(name: str) -> Any:
+    """The `main(argv)` of scripts/<name>, to run an entry point in-process (cheaper than a
+    subprocess where the launch itself is not what a test is about)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name.removesuffix('.py')}", REPO / "scripts" / name)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def deepspeed_cmd(nproc: int, *args: str) -> list[str]:

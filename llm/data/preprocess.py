@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from llm.data.indexed_dataset import IndexedDatasetBuilder, dtype_for_vocab
-from llm.data.sources import Record, parse_record
+from llm.data.sources import NOT_TEXT, Record, parse_record
 from llm.data.tokenizer import load_tokenizer
 from llm.errors import LLMError
 
@@ -28,8 +28,52 @@ BATCH_DOCS = 256
 BATCH_BYTES = 4 << 20
 
 
+# A file is not text when more than this fraction of its records are binary (NUL bytes, invalid
+# UTF-8), counted once it has given FRACTION_FROM records; a smaller file when most of them are. Judged
+# after a file's first EARLY_RECORDS records (binary input fails fast) and at its end.
+MAX_NOT_TEXT_FRACTION = 0.1
+FRACTION_FROM = 100
+EARLY_RECORDS = 1000
+
+
 class StrictModeError(LLMError, ValueError):
     """--strict and a malformed record: names the file, line and reason."""
+
+
+class NotTextError(LLMError, ValueError):
+    """An input file that is binary rather than text, or input that gives no document at all."""
+
+
+class _SourceCheck:
+    """Per input file: how many records it gave and how many of them were not text."""
+
+    def __init__(self, max_fraction: float) -> None:
+        self.max_fraction = max_fraction
+        self.source: str | None = None
+        self.records = 0
+        self.not_text = 0
+
+    def add(self, source: str, reason: str | None) -> None:
+        if source != self.source:
+            self.finish()
+            self.source, self.records, self.not_text = source, 0, 0
+        self.records += 1
+        self.not_text += reason in NOT_TEXT
+        if self.records == EARLY_RECORDS:
+            self._judge()
+
+    def finish(self) -> None:
+        if self.source is not None:
+            self._judge()
+
+    def _judge(self) -> None:
+        fraction = self.max_fraction if self.records >= FRACTION_FROM else 0.5
+        if self.not_text > fraction * self.records:
+            raise NotTextError(
+                f"'{self.source}' does not look like text: {self.not_text} of its {self.records} records hold "
+                f"NUL bytes or invalid UTF-8 (more than {fraction:.0%}); remove it from the input or "
+                "convert it to UTF-8 text. Nothing was written"
+            )
 
 
 @dataclass
@@ -123,18 +167,23 @@ def preprocess(
     json_key: str = "text",
     strict: bool = False,
     progress: bool = True,
+    max_not_text: float = MAX_NOT_TEXT_FRACTION,
 ) -> PreprocessStats:
-    """Tokenizes every record and writes `output_prefix.bin/.idx` atomically."""
+    """Tokenizes every record and writes `output_prefix.bin/.idx` atomically. Binary input (a file
+    more than `max_not_text` of whose records are not text) and input that gives no document are
+    errors (NotTextError); the output is then never written."""
     from tqdm import tqdm
 
     tok = load_tokenizer(tokenizer)
     builder = IndexedDatasetBuilder(output_prefix, dtype=dtype_for_vocab(tok.vocab_size))
     stats = PreprocessStats()
+    check = _SourceCheck(max_not_text)
     start = time.perf_counter()
     bar = tqdm(unit=" docs", disable=not progress, mininterval=1.0, dynamic_ncols=True)
     try:
         for results in _map_ordered(_batches(records), workers, (tokenizer, json_key)):
             for tokens, reason, source, line in results:
+                check.add(source, reason)
                 if tokens is None:
                     if strict:
                         raise StrictModeError(f"{source}:{line}: malformed record ({reason})")
@@ -146,6 +195,10 @@ def preprocess(
             bar.update(len(results))
             elapsed = time.perf_counter() - start
             bar.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tokens/s", refresh=False)
+        check.finish()
+        if stats.documents == 0:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items())) or "the input is empty"
+            raise NotTextError(f"the input gave no document ({reasons}); nothing was written")
         builder.finalize()
     except BaseException:
         builder.abort()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 from llm.errors import LLMError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
-SKIP_REASONS = ("invalid_json", "missing_field", "not_a_string", "invalid_utf8", "empty_text")
+SKIP_REASONS = ("invalid_json", "missing_field", "not_a_string", "invalid_utf8", "nul_bytes", "empty_text")
+NOT_TEXT = ("invalid_utf8", "nul_bytes")  # what binary input gives
 
 
 class InputError(LLMError, ValueError):
@@ -66,16 +68,23 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def _jsonl_records(path: Path) -> Iterator[Record]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():
-                yield Record("json", raw, str(path), lineno)
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if raw.strip():
+                    yield Record("json", raw, str(path), lineno)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise InputError(f"'{path}' is not a complete gzip file ({e}); re-create or re-download it") from None
 
 
 def _parquet_records(path: Path, key: str) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise InputError(f"'{path}' is not a readable parquet file ({e})") from None
     if key not in pf.schema_arrow.names:
         # Every row lacks the field: report each as skipped, like jsonl.
         for row in range(pf.metadata.num_rows):
@@ -145,6 +154,8 @@ def parse_record(record: Record, json_key: str) -> tuple[str | None, str | None]
                 return None, "not_a_string"
         else:
             text = decoded
+    if "\x00" in text:
+        return None, "nul_bytes"
     if not text.strip():
         return None, "empty_text"
     try:

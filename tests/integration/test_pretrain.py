@@ -4,6 +4,8 @@ Multi-node launches (the scripts in scripts/launch/) are in test_multinode.py.""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tests.conftest import (
     read_metrics,
     run,
     script,
+    script_main,
     tiny_args,
     train_losses,
 )
@@ -101,6 +104,19 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
     )
     _check(p)
     assert p.stdout.startswith("The list") and len(p.stdout) > len("The list")
+    # Past the context (64 tokens here): refused with the way out, or done as asked and said so.
+    generate_main, long_prompt = script_main("generate.py"), "The list type is a sequence. " * 20
+    for flags, status, says in [
+        ([], 1, "error: the prompt is"),
+        (["--truncate-prompt"], 1, "error: the prompt (64 tokens) and --max-new-tokens 10 need 73 positions"),
+        (["--truncate-prompt", "--sliding-window"], 0, "warning: the prompt was truncated from the left"),
+    ]:
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            argv = ["--checkpoint", str(ckpt), "--prompt", long_prompt, "--max-new-tokens", "10", *flags]
+            assert generate_main(argv) == status
+        assert err.getvalue().startswith(says), err.getvalue()
+    assert "sliding window" in err.getvalue() and out.getvalue().strip()
 
 
 def test_zero3_checkpoint_loads_for_evaluation(builtin_prefix: Path, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -27,22 +26,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm.config import Config
-from tests.conftest import REPO
+from tests.conftest import REPO, script_main
 
 MAX_EXAMPLES = 600
 BELOW_ONE = {"model.dropout", "model.attention_dropout", "train.adam_beta1", "train.adam_beta2"}
 CASES: dict[str, int] = {}
 
 
-def _pretrain_main() -> Any:
-    spec = importlib.util.spec_from_file_location("pretrain_script", REPO / "scripts" / "pretrain.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-MAIN = _pretrain_main()
+MAIN = script_main("pretrain.py")
 
 
 def _leaves(cls: type, prefix: str = "") -> list[tuple[str, Any]]:

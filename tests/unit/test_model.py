@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm.config import ModelConfig
-from llm.eval.generate import generate
+from llm.eval.generate import ContextLengthError, fit_context, generate
 from llm.model.gpt import GPT, build_model, init_full_parameter, parameter_groups
 from llm.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 
@@ -125,10 +125,25 @@ def test_kv_cache_changes_nothing_but_speed(arch: str) -> None:
     assert again == generate(model, prompt, max_new_tokens=20, temperature=0.9, seed=3)
 
 
-def test_generation_stops_at_context_limit() -> None:
-    model = build_model(_cfg("gpt2"), seed=0)
-    out = generate(model, list(range(30)), max_new_tokens=10, temperature=0.0)
-    assert len(out) == 2  # 30 prompt tokens + 2 = 32 positions
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generation_past_the_context_is_refused_or_slides_explicitly(arch: str) -> None:
+    model = build_model(_cfg(arch), seed=0)  # context 32
+    prompt = [int(t) for t in torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(1))]
+    with pytest.raises(ContextLengthError, match="prompt is 40 tokens but the model's context is 32"):
+        generate(model, prompt, max_new_tokens=1)
+    with pytest.raises(ContextLengthError, match="lower --max-new-tokens to 3, or pass --sliding-window"):
+        generate(model, prompt[:30], max_new_tokens=10)
+    assert len(generate(model, prompt[:30], max_new_tokens=3, temperature=0.0)) == 3  # 32 positions: fits
+    drop, warnings = fit_context(40, 10, 32, truncate_prompt=True, sliding_window=True)
+    assert drop == 8 and "truncated from the left to its last 32 tokens (8 dropped)" in warnings[0]
+    assert "from new token 2 on" in warnings[1]
+    for use_cache in (True, False):
+        out = generate(model, prompt[drop:], max_new_tokens=10, temperature=0.0, sliding_window=True,
+                       use_cache=use_cache)  # fmt: skip
+        seq = prompt[drop:] + out
+        with torch.no_grad():  # each new token is the argmax given exactly the last 32 tokens before it
+            expected = [int(model(torch.tensor([seq[: 32 + i][-32:]]))[0, -1].argmax()) for i in range(10)]
+        assert out == expected
 
 
 def test_padded_logits_never_used() -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from llm.data.indexed_dataset import IndexedDataset
 from llm.data.tokenizer import load_tokenizer
-from tests.conftest import TOKENIZER, run, script
+from tests.conftest import TOKENIZER, run, script, script_main
 
 DOCS = [
     "First document about lists.",
@@ -173,3 +175,45 @@ def test_interrupted_run_leaves_no_valid_looking_output(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         preprocess(records(), tokenizer=str(TOKENIZER), output_prefix=tmp_path / "o", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_binary_or_empty_input_is_refused_naming_the_file(tmp_path: Path) -> None:
+    main = script_main("preprocess_data.py")
+    out = tmp_path / "out"
+
+    def preprocess(*inputs: Path, extra: tuple[str, ...] = ()) -> tuple[int, str, str]:
+        err, stdout = io.StringIO(), io.StringIO()
+        argv = ["--input", *map(str, inputs), "--tokenizer", str(TOKENIZER), "--output-prefix", str(out),
+                "--workers", "1", "--no-progress", *extra]  # fmt: skip
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
+            status = main(argv)
+        return status, stdout.getvalue(), err.getvalue()
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    assert preprocess(good)[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("out.*")}
+
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    nul = tmp_path / "nul.jsonl"
+    nul.write_text("".join(json.dumps({"text": f"doc {i}\u0000"}) + "\n" for i in range(5)))
+    mixed = tmp_path / "mixed.jsonl"  # 200 records, 30 of them not UTF-8: 15%
+    mixed.write_bytes(b"".join(b'{"text": "bad \xff\xfe"}\n' if i % 20 < 3 else b'{"text": "fine"}\n'
+                               for i in range(200)))  # fmt: skip
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "   "}) + "\n")
+    gz = tmp_path / "broken.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
+    for inputs, says in [
+        ((good, binary), f"'{binary}' does not look like text: 1 of its 1 records"),
+        ((nul,), f"'{nul}' does not look like text: 5 of its 5 records hold NUL bytes"),
+        ((mixed,), f"'{mixed}' does not look like text: 30 of its 200 records"),
+        ((empty,), "the input gave no document (empty_text: 1); nothing was written"),
+        ((gz,), f"'{gz}' is not a complete gzip file"),
+    ]:
+        status, _, err = preprocess(*inputs)
+        assert status == 1 and err.startswith("error: ") and says in err and err.count("\n") == 1, err
+        assert {p.name: p.read_bytes() for p in tmp_path.glob("out.*")} == before  # the old output kept
+    status, stdout, _ = preprocess(mixed, extra=("--max-not-text", "0.2"))
+    assert status == 0 and "documents: 170" in stdout and "invalid_utf8: 30" in stdout
