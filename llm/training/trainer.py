@@ -26,7 +26,7 @@ from llm.training.faults import Spike, SpikeDetector, injected_loss_factor
 from llm.training.lr_schedule import lr_at
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
-from llm.training.signals import StopRequest
+from llm.training.signals import LauncherWatch, StopRequest
 
 logger = logging.getLogger("llm")
 
@@ -126,6 +126,7 @@ class Trainer:
         self._bad_steps = 0
         self.stop_request = StopRequest()
         self.stop_request.install()
+        LauncherWatch(self.stop_request).start()
         precision = resolve_precision(cfg.train.precision, cuda=torch.cuda.is_available())
         self.pipeline = ctx.pp > 1
         self._own_grad_norm = (

@@ -3,6 +3,7 @@ resume with a changed learning rate."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from llm.config import load_config
 from llm.training.lr_schedule import lr_at
-from tests.conftest import BIN, REPO, check, read_metrics, run, script, tiny_args
+from tests.conftest import BIN, REPO, check, deepspeed_cmd, read_metrics, run, script, tiny_args
 
 pytestmark = [pytest.mark.integration]
 
@@ -60,3 +61,66 @@ def test_a_resume_with_a_new_learning_rate_uses_it(builtin_prefix: Path, tmp_pat
     assert used[7] != pytest.approx(lr_at(6, old))  # what keeping the saved schedule would have given
     history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["iteration"] == 6 and "train.lr: 0.002 -> 0.001" in history[-1]["changes"]
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def _alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_and_ctrl_c_through_the_deepspeed_launcher_save_and_leave_no_process(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to the `deepspeed` runner alone (what `kill PID` or a container runtime sends; the
+    runner dies without forwarding it), and Ctrl-C (SIGINT to the whole foreground process group).
+    Both launches run at once to share the start-up time."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    runs = {"SIGTERM": (tmp_path / "term", 2), "SIGINT": (tmp_path / "int", 1)}
+    procs = {
+        name: subprocess.Popen(deepspeed_cmd(n, *tiny_args(builtin_prefix, d, "train.train_iters=100000")),
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+        for name, (d, n) in runs.items()
+    }
+    try:
+        deadline = time.time() + 240
+        for d, _ in runs.values():
+            while time.time() < deadline and not (
+                (d / "metrics.jsonl").exists() and len((d / "metrics.jsonl").read_text().splitlines()) >= 3
+            ):
+                time.sleep(0.2)
+        workers = {name: _descendants(p.pid) for name, p in procs.items()}
+        assert len(workers["SIGTERM"]) >= 3, workers  # deepspeed.launcher.launch and two ranks
+        os.kill(procs["SIGTERM"].pid, signal.SIGTERM)  # the runner only
+        os.killpg(procs["SIGINT"].pid, signal.SIGINT)  # the terminal's Ctrl-C
+        outputs = {name: p.communicate(timeout=180)[0] for name, p in procs.items()}  # EOF: every writer gone
+    finally:
+        for p in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    for name, (run_dir, nproc) in runs.items():
+        out = outputs[name]
+        deadline = time.time() + 30
+        while _alive(workers[name]) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(workers[name]), (name, out[-3000:])  # no orphan
+        last = [r["iteration"] for r in read_metrics(run_dir) if "loss" in r][-1]
+        assert (run_dir / "checkpoints" / "latest").read_text() == f"iter_{last:07d}", (name, out[-3000:])
+        why = "launcher exited" if name == "SIGTERM" else "SIGINT"
+        # Every worker stopped at the same iteration and returned (a rank that learned of the stop from
+        # another says so); the reason is the first the run saw.
+        assert out.count(f"stopped at iteration {last} (") == nproc, (name, out[-3000:])
+        assert f"stopped at iteration {last} ({why}); checkpoint saved" in out, (name, out[-3000:])
+        # No worker prints a traceback; on Ctrl-C DeepSpeed's runner prints its own KeyboardInterrupt.
+        assert all("deepspeed/launcher/runner.py" in tb for tb in out.split("Traceback")[1:]), out[-3000:]
+        assert name == "SIGINT" or "Traceback" not in out
+        assert not (run_dir / ".llm.lock").exists()
+    # Every worker exited 0: the per-node launcher reports it for the SIGTERM run.
+    assert outputs["SIGTERM"].count("exits successfully") == 2 and "exits with return code" not in outputs["SIGTERM"]
