@@ -162,6 +162,7 @@ class LoggingConfig:
     wandb_entity: str | None = None
     wandb_name: str | None = None
     wandb_mode: WandbMode = "auto"  # auto = online when logged in, else offline
+    tensorboard_dir: str | None = None  # Megatron's --tensorboard-dir: event files of the same scalars
 
 
 @dataclass

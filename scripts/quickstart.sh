@@ -17,3 +17,4 @@ deepspeed --num_gpus 1 scripts/pretrain.py --config configs/tiny_cpu.yaml "$@"
 python scripts/evaluate.py --checkpoint runs/tiny_cpu/checkpoints --data "$PREFIX" --split valid
 python scripts/generate.py --checkpoint runs/tiny_cpu/checkpoints --prompt "The built-in function" \
   --max-new-tokens 60 --temperature 0.7 --top-k 40 --seed 0
+python scripts/plot_runs.py runs/tiny_cpu --output runs/tiny_cpu/curves.png

@@ -1,4 +1,12 @@
-"""Metrics: one record per log interval to metrics.jsonl, the console and wandb (rank 0)."""
+"""Metrics: one record per log interval to metrics.jsonl, the console, wandb and TensorBoard (rank 0).
+
+TensorBoard tags: `train/<key>` for the step records (loss, lr, grad_norm, tokens_per_sec, ...),
+`val/<key>` and `test/<key>` for evaluations, `events/<key>` for everything else (rollbacks,
+checkpoint saves, resumes); the iteration is the step. The losses are also written with the number
+of tokens trained as the step (Megatron's "vs samples"), under `<tensorboard_dir>/by_tokens` (a run
+of its own in TensorBoard: one event file must not mix step scales, or a resume's purge of
+retrained steps would hit the other). The effective config is the text `config`.
+"""
 
 from __future__ import annotations
 
@@ -39,11 +47,17 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Writes records on rank 0 only; other ranks hold a no-op instance."""
 
-    def __init__(self, cfg: Config, *, enabled: bool, run_id: str | None = None) -> None:
+    def __init__(
+        self, cfg: Config, *, enabled: bool, run_id: str | None = None, start: tuple[int, int] = (0, 0)
+    ) -> None:
+        """`start`: the (iteration, consumed samples) this process starts from (a resume's)."""
         self.enabled = enabled
         self.cfg = cfg
         self.wandb_run: Any = None
+        self.tensorboard: Any = None
+        self.tensorboard_tokens: Any = None
         self.start = time.time()
+        self.tokens_seen = start[1] * cfg.model.seq_length
         if not enabled:
             return
         directory = Path(cfg.logging.dir)
@@ -63,6 +77,42 @@ class MetricsLogger:
                 id=run_id,
                 resume="allow" if run_id else None,
             )
+        self._open_tensorboard(start[0])
+
+    def _open_tensorboard(self, start_iteration: int) -> None:
+        """Event files in logging.tensorboard_dir; on a resume, events an earlier run wrote after the
+        resume point (steps this run trains again) are hidden (TensorBoard's purge_step)."""
+        directory = self.cfg.logging.tensorboard_dir
+        if directory is None:
+            return
+        import yaml
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(directory, purge_step=start_iteration + 1 if start_iteration else None)
+        self.tensorboard_tokens = SummaryWriter(
+            str(Path(directory) / "by_tokens"), purge_step=self.tokens_seen + 1 if start_iteration else None
+        )
+        if not start_iteration:
+            text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            self.tensorboard.add_text("config", "```\n" + text + "```", 0)
+
+    def _tensorboard(self, record: dict[str, Any]) -> None:
+        step = int(record["iteration"])
+        if "consumed_samples" in record:
+            self.tokens_seen = int(record["consumed_samples"]) * self.cfg.model.seq_length
+        group = "train" if "loss" in record else "events"
+        for key, value in record.items():
+            if key in ("iteration", "consumed_samples") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            tag = f"{group}/{key}"
+            for split in ("val", "test"):
+                if key.startswith(f"{split}_"):
+                    tag = f"{split}/{key[len(split) + 1:]}"
+            self.tensorboard.add_scalar(tag, value, step)
+            if tag.endswith("/loss"):
+                self.tensorboard_tokens.add_scalar(f"{tag} vs tokens", value, self.tokens_seen)
+        self.tensorboard.flush()
+        self.tensorboard_tokens.flush()
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -78,6 +128,8 @@ class MetricsLogger:
             step = int(record["iteration"])
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
             self.wandb_run.log(numbers, step=step)  # events' paths and ranges stay in metrics.jsonl
+        if self.tensorboard is not None:
+            self._tensorboard(clean)
 
     def console(self, record: dict[str, Any], total_iters: int) -> None:
         if not self.enabled:
@@ -115,3 +167,6 @@ class MetricsLogger:
     def finish(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard_tokens.close()

@@ -209,7 +209,10 @@ def _train(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], peak_me
             logger.info("resume: %s", change)
     train, valid, test = _datasets(cfg)
     _check_token_range(train, int(cfg.model.vocab_size or 0))
-    metrics = MetricsLogger(cfg, enabled=ctx.rank == 0, run_id=state.wandb_run_id)
+    metrics = MetricsLogger(cfg, enabled=ctx.rank == 0, run_id=state.wandb_run_id,
+                            start=(state.iteration, state.consumed_samples))  # fmt: skip
+    if resume is not None:
+        metrics.log({"iteration": state.iteration, "resumed_from": str(tag_dir)})
     if changes:
         _record_changes(cfg, metrics, state.iteration, changes, rank=ctx.rank)
     trainer = Trainer(

@@ -267,6 +267,7 @@ class Trainer:
             "iteration": self.state.iteration,
             f"{prefix}_loss": loss,
             f"{prefix}_ppl": math.exp(min(loss, 50.0)),
+            "consumed_samples": self.state.consumed_samples,
         }
 
     def _log_eval(self, data: Any | None, prefix: str = "val") -> None:

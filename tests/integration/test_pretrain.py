@@ -56,7 +56,7 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
 ) -> None:
     args = _args(
         builtin_prefix, tmp_path, "train.train_iters=30", "checkpoint.save_interval=20",
-        "logging.wandb_mode=offline", "eval.eval_interval=10",
+        "logging.wandb_mode=offline", "eval.eval_interval=10", f"logging.tensorboard_dir={tmp_path / 'tb'}",
     )  # fmt: skip
     _check(run(deepspeed_cmd(1, *args), env={"WANDB_SILENT": "true"}))
     records = read_metrics(tmp_path)
@@ -87,6 +87,8 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
     resumed = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [r["iteration"] for r in resumed][30:] == list(range(31, 37))
     assert resumed[-1]["consumed_samples"] == 36 * 8
+    assert [r["iteration"] for r in read_metrics(tmp_path) if "resumed_from" in r] == [30]
+    _check_tensorboard_and_plot(tmp_path, resumed)
 
     result = _perplexity(ckpt, builtin_prefix)
     assert result["tokens"] > 1000 and 1 < result["perplexity"] < 8192
@@ -117,6 +119,38 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
             assert generate_main(argv) == status
         assert err.getvalue().startswith(says), err.getvalue()
     assert "sliding window" in err.getvalue() and out.getvalue().strip()
+
+
+def _check_tensorboard_and_plot(run_dir: Path, steps: list[dict]) -> None:
+    """The TensorBoard events (read with TensorBoard's own reader) hold what metrics.jsonl holds; the
+    curves image of this run and of one missing a metric is a PNG of the size asked for."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir / "tb"))
+    tb.Reload()
+    loss = tb.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["iteration"] for r in steps] == list(range(1, 37))
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+    assert [e.step for e in tb.Scalars("val/loss")] == [10, 20, 30, 36]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_sec", "val/ppl", "events/checkpoint_save_seconds"} <= set(
+        tb.Tags()["scalars"]
+    )
+    assert "config/text_summary" in tb.Tags()["tensors"]
+    by_tokens = EventAccumulator(str(run_dir / "tb" / "by_tokens"))
+    by_tokens.Reload()
+    assert [e.step for e in by_tokens.Scalars("train/loss vs tokens")] == [i * 8 * 64 for i in range(1, 37)]
+
+    other = run_dir / "other_run"  # the same run without grad norms and with a rollback marked
+    other.mkdir()
+    lines = [json.dumps({k: v for k, v in r.items() if k != "grad_norm"}) for r in steps]
+    lines.insert(10, json.dumps({"iteration": 10, "rollback": 1, "spike_loss": None}))
+    (other / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    png = run_dir / "curves.png"
+    argv = [str(run_dir), str(other), "--output", str(png), "--size", "800x600", "--log-x", "--names", "a,b"]
+    assert script_main("plot_runs.py")(argv) == 0
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (800, 600)
 
 
 def test_zero3_checkpoint_loads_for_evaluation(builtin_prefix: Path, tmp_path: Path) -> None:
