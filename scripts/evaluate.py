@@ -1,8 +1,10 @@
-"""Perplexity of a checkpoint on a token file or on text documents.
+"""Perplexity of a checkpoint on a token file or on text documents, or lm-evaluation-harness tasks.
 
   python scripts/evaluate.py --checkpoint runs/x/checkpoints --data data/corpus [--split valid] [--json]
   python scripts/evaluate.py --checkpoint runs/x/checkpoints --input held_out.jsonl [--json]
   torchrun --nproc_per_node 8 scripts/evaluate.py ...   (each process takes every 8th window)
+  python scripts/evaluate.py --checkpoint runs/x/checkpoints --tasks hellaswag,lambada_openai \
+      [--num-fewshot N] [--limit N] [--include-path my_tasks/] [--output results.json]
 
 Scheme (see llm/eval/perplexity.py): documents + EOS concatenated; windows of seq_length + 1
 tokens overlapping by one, so every token but the first is predicted exactly once.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +43,23 @@ def _stream(args: argparse.Namespace, cfg) -> np.ndarray:  # type: ignore[no-unt
     return token_stream(records, tok, json_key=args.json_key)
 
 
-def main() -> int:
+def _run_lm_eval(args: argparse.Namespace, cfg, model) -> int:  # type: ignore[no-untyped-def]
+    from llm.eval.harness import run_tasks, write_results
+
+    tok = run_tokenizer(cfg.data.tokenizer, args.tokenizer)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_tasks(model, tok, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                        include_path=args.include_path, batch_size=args.batch_size,
+                        log_samples=args.log_samples)  # fmt: skip
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    out = write_results(results, args.output or Path(args.checkpoint).resolve().parent / "lm_eval.json")
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -50,6 +69,13 @@ def main() -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a PREFIX of .bin/.idx token files")
     src.add_argument("--input", nargs="+", help=".jsonl / .txt / .parquet files")
+    src.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs the eval extra)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="with --tasks")
+    parser.add_argument("--limit", type=float, default=None, help="with --tasks: examples per task (or a fraction)")
+    parser.add_argument("--include-path", default=None, help="with --tasks: a directory of task YAMLs")
+    parser.add_argument("--log-samples", action="store_true", help="with --tasks: every document's scores in the JSON")
+    parser.add_argument("--output", default=None,
+                        help="with --tasks: the results JSON (default: lm_eval.json beside the checkpoint directory)")  # fmt: skip
     parser.add_argument("--split", choices=["all", "train", "valid", "test"], default="all",
                         help="with --data: the part of the file under the run's data.split")  # fmt: skip
     parser.add_argument("--json-key", default="text")
@@ -58,7 +84,14 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON line last")
     parser.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksum verification")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by `deepspeed`
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tasks:
+        try:
+            cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify)
+            return _run_lm_eval(args, cfg, model)
+        except LLMError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     ctx = eval_context()  # several processes (torchrun / deepspeed / srun) split the windows
     try:
         cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify)

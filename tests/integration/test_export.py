@@ -73,6 +73,8 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     assert tokens == got["tokens"] and abs(loss - got["loss"]) / got["loss"] < 1e-4
     assert abs(math.exp(loss) - got["perplexity"]) / got["perplexity"] < 1e-4
 
+    _check_lm_eval(run_dir / "checkpoints", hf_dir, tmp_path)
+
     # import round trip: the transformers directory -> an llm checkpoint that evaluates the same and trains on
     imported = tmp_path / "imported"
     _check(run(["python", script("convert_to_hf.py"), "--import", str(hf_dir), "--output", str(imported),
@@ -89,6 +91,80 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     # same seed and batch sizes: the first batch is the original run's first batch, which the trained
     # (imported) weights predict better than the fresh ones did
     assert len(losses) == 4 and losses[0] < train_losses(run_dir)[0] - 0.1
+
+
+LM_EVAL_TASKS = {
+    "llm_test_choice": """
+task: llm_test_choice
+dataset_path: json
+dataset_kwargs: {data_files: {test: DIR/choice.jsonl}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list: [{metric: acc}, {metric: acc_norm}]
+""",
+    "llm_test_rolling": """
+task: llm_test_rolling
+dataset_path: json
+dataset_kwargs: {data_files: {test: DIR/rolling.jsonl}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]
+""",
+}
+
+
+def _check_lm_eval(checkpoint: Path, hf_dir: Path, tmp_path: Path) -> None:
+    """lm-eval through evaluate.py on the TP2 x PP2 checkpoint, no export: a multiple-choice and a
+    rolling-loglikelihood task written here, scored per document like lm-eval's own `hf` model on
+    the Hugging Face export of the same checkpoint."""
+    import lm_eval
+
+    from llm.checkpoint.merge import load_trained_model
+    from llm.data.tokenizer import run_tokenizer
+    from tests.conftest import script_main
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, text in LM_EVAL_TASKS.items():
+        (tasks / f"{name}.yaml").write_text(text.replace("DIR", str(tasks)))
+    questions = [("The list type is a", [" mutable sequence.", " kind of fish.", " number."], 0),
+                 ("def f():\n    return", [" 1", " the", "!!"], 0),
+                 ("Python is a programming", [" language.", " cat.", " 12345"], 0)]  # fmt: skip
+    (tasks / "choice.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                                for q, c, a in questions))  # fmt: skip
+    long_text = "Lists are mutable sequences, typically used to store collections of items. " * 8
+    (tasks / "rolling.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                                 ["x = [1, 2]", "The dict type maps keys to values.", long_text]))  # fmt: skip
+    names = list(LM_EVAL_TASKS)
+    out = tmp_path / "lm_eval.json"
+    argv = ["--checkpoint", str(checkpoint), "--tasks", ",".join(names), "--include-path", str(tasks),
+            "--output", str(out), "--log-samples"]  # fmt: skip
+    assert script_main("evaluate.py")(argv) == 0
+    ours = json.loads(out.read_text())
+    assert set(ours["results"]) == set(names) and ours["results"]["llm_test_rolling"]["word_perplexity,none"] > 1
+
+    cfg, _ = load_trained_model(checkpoint)
+    # Our documents follow an EOS (preprocessing appends one to each), so EOS conditions an empty
+    # context; lm-eval's hf model would take the tokenizer's BOS unless told.
+    eos = run_tokenizer(cfg.data.tokenizer, None).eos_id
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},device=cpu,prefix_token_id={eos}",
+                                     tasks=names,
+                                     task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks), include_defaults=False),
+                                     log_samples=True)  # fmt: skip
+    assert theirs is not None
+    for name in names:
+        a = [s["filtered_resps"] for s in ours["samples"][name]]
+        b = [s["filtered_resps"] for s in theirs["samples"][name]]
+        flat_a, flat_b = torch.tensor(a, dtype=torch.float64).flatten(), torch.tensor(b, dtype=torch.float64).flatten()
+        assert len(a) == len(b) and torch.allclose(flat_a, flat_b, rtol=1e-4, atol=1e-4), (name, a, b)
+        for metric, value in theirs["results"][name].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert abs(ours["results"][name][metric] - value) <= 1e-4 * max(1.0, abs(value)), (name, metric)
 
 
 def test_llama_export_loads_as_llama_and_agrees(builtin_prefix: Path, tmp_path: Path) -> None:

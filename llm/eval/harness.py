@@ -1,0 +1,166 @@
+"""EleutherAI's lm-evaluation-harness on our own model and tokenizer, no export step.
+
+`LLMHarness` is an lm-eval model (registered as `llm`, so `lm_eval --model llm --model_args
+checkpoint=runs/x/checkpoints` works too): loglikelihood (multiple choice), rolling loglikelihood
+(perplexity tasks) and greedy or sampled generation until a stop string. It follows what lm-eval's
+`hf` model does for a causal LM, so the scores equal those of `lm_eval --model hf` on our Hugging
+Face export (tested to 1e-4): the context is cut from the left to the model's context, empty
+contexts are conditioned on EOS, rolling windows are lm-eval's own (`get_rolling_token_windows`,
+context 1), generation keeps the last `max_length - max_gen_toks` context tokens.
+
+Needs the `eval` extra (`pip install -e ".[eval]"`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.errors import LLMError
+from llm.eval.generate import generate
+from llm.model.gpt import GPT
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError:  # the optional dependency: evaluate.py says how to install it
+    TemplateLM = object  # type: ignore[misc,assignment]
+    register_model = None  # type: ignore[assignment]
+
+
+class HarnessError(LLMError, RuntimeError):
+    """lm-eval missing, or a task it cannot find or run."""
+
+
+def require_lm_eval() -> None:
+    if TemplateLM is object:
+        raise HarnessError('lm-evaluation-harness is not installed; pip install -e ".[eval]" (or lm-eval)')
+
+
+class LLMHarness(TemplateLM):  # type: ignore[misc,valid-type]
+    def __init__(self, model: GPT | None = None, tokenizer: Any = None, *, checkpoint: str | None = None,
+                 batch_size: int | str = 16, device: str | None = None, verify: bool = True) -> None:  # fmt: skip
+        require_lm_eval()
+        super().__init__()
+        if model is None:  # built by lm-eval from --model_args checkpoint=...
+            from llm.checkpoint.merge import load_trained_model
+            from llm.data.tokenizer import run_tokenizer
+            from llm.eval.loading import default_device
+
+            if checkpoint is None:
+                raise HarnessError("--model llm needs --model_args checkpoint=<checkpoint directory>")
+            cfg, model = load_trained_model(checkpoint, device=device or default_device(), verify=verify)
+            tokenizer = run_tokenizer(cfg.data.tokenizer, None)
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self._device = next(model.parameters()).device
+
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tok.eos_id)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.cfg.max_positions)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return list(self.tok.encode(string))
+
+    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+        return str(self.tok.decode(list(tokens)))
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """Each request: (strings, context ids, continuation ids) -> (sum of log p(continuation), greedy?)."""
+        out: list[tuple[float, bool]] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            inputs = [(list(ctx) + list(cont))[-(self.max_length + 1) :][:-1] for _, ctx, cont in chunk]
+            width = max(len(x) for x in inputs)
+            batch = torch.zeros(len(inputs), width, dtype=torch.long, device=self.device)
+            for i, x in enumerate(inputs):  # right padding: a causal model's earlier positions never see it
+                batch[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            logprobs = torch.log_softmax(self.model(batch).float(), dim=-1)
+            for i, (x, (_, _, cont)) in enumerate(zip(inputs, chunk)):
+                n = len(cont)
+                rows = logprobs[i, len(x) - n : len(x)]  # (n, V): the positions predicting the continuation
+                target = torch.tensor(list(cont), dtype=torch.long, device=self.device)
+                greedy = bool((rows.argmax(dim=-1) == target).all())
+                out.append((float(rows.gather(1, target[:, None]).sum()), greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for (text,) in (r.args for r in requests):
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1,
+                )  # fmt: skip
+            ]
+            scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
+            results.append(sum(s for s, _ in scores))
+        return results
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        results = []
+        for context, gen_kwargs in (r.args for r in requests):
+            kwargs = dict(gen_kwargs)
+            until = kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = max(1, min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 1))
+            ids = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.eot_token_id]
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            new = generate(self.model, ids, max_new_tokens=max_new, temperature=temperature,
+                           eos_id=self.eot_token_id, sliding_window=True)  # fmt: skip
+            text = self.tok_decode([t for t in new if t != self.eot_token_id])
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            results.append(text)
+        return results
+
+
+if register_model is not None:
+    import lm_eval.models  # noqa: F401  (lm-eval fills its registry only while it is empty: load its models first)
+
+    register_model("llm")(LLMHarness)
+
+
+def run_tasks(model: GPT, tokenizer: Any, tasks: list[str], *, num_fewshot: int | None = None,
+              limit: float | None = None, include_path: str | None = None, batch_size: int = 16,
+              log_samples: bool = False) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's simple_evaluate on our model; returns its results dict."""
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = None
+    if include_path:  # lm-eval's own ~15k task files take seconds to index: only when needed
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if any(t not in manager.all_tasks for t in tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=include_path)
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        where = f" or in --include-path '{include_path}'" if include_path else " (local task YAMLs: --include-path DIR)"
+        raise HarnessError(f"lm-eval knows no task {', '.join(missing)}{where}")
+    harness = LLMHarness(model, tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=harness, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=manager, log_samples=log_samples)  # fmt: skip
+    if results is None:  # only on ranks other than lm-eval's rank 0
+        raise HarnessError("lm-eval returned no results")
+    return dict(results)
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str))
+    return out
