@@ -50,6 +50,7 @@ from llm.checkpoint.merge import fit_vocab_rows, load_model_state, load_tensor_f
 from llm.config import Config
 from llm.model.pipeline import canonical_name
 from llm.parallel.layers import merge_by_spec, partition_info, shard_by_spec
+from llm.progress import Progress
 
 require_tested_deepspeed()  # this module reads DeepSpeed's private internals
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -69,7 +70,9 @@ def torch_optimizer(engine: Any) -> Any:
 # ----------------------------------------------------------------------------- the writer
 
 
-def write_universal(tag_dir: Path, entries: Iterable[tuple[str, Tensors]], state: dict[str, Any]) -> Path:
+def write_universal(
+    tag_dir: Path, entries: Iterable[tuple[str, Tensors]], state: dict[str, Any], *, total: int | None = None
+) -> Path:
     """Writes `tag_dir/universal/`: one file per plain-model parameter ({"fp32": full weight, and the
     AdamW moments when known}) and `state.pt`: `state` ({"step", "lr_scheduler", "global_steps",
     "global_samples"}), read after the last entry (a conversion learns the step while reading).
@@ -78,10 +81,12 @@ def write_universal(tag_dir: Path, entries: Iterable[tuple[str, Tensors]], state
     tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, entry in entries:
-        if "fp32" not in entry:
-            raise ReshardError(f"no weight for parameter '{name}' while writing '{out}'")
-        torch.save({k: v.float().contiguous() for k, v in entry.items()}, tmp / f"{name}.pt")
+    with Progress(total, f"writing {out}", unit="tensors") as progress:
+        for name, entry in entries:
+            if "fp32" not in entry:
+                raise ReshardError(f"no weight for parameter '{name}' while writing '{out}'")
+            torch.save({k: v.float().contiguous() for k, v in entry.items()}, tmp / f"{name}.pt")
+            progress.update()
     torch.save({"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0, **state}, tmp / STATE_FILE)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -221,7 +226,7 @@ def convert(tag_dir: Path, cfg: Config, meta: dict[str, Any]) -> Path:
                 entry.setdefault("fp32", weights[name])
                 yield name, entry
 
-    return write_universal(tag_dir, entries(), counters)
+    return write_universal(tag_dir, entries(), counters, total=len(weights))
 
 
 # ----------------------------------------------------------------------------- load side

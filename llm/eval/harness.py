@@ -1,7 +1,7 @@
 """EleutherAI's lm-evaluation-harness on our own model and tokenizer, no export step.
 
-`LLMHarness` is an lm-eval model (registered as `llm`, so `lm_eval --model llm --model_args
-checkpoint=runs/x/checkpoints` works too): loglikelihood (multiple choice), rolling loglikelihood
+`LLMHarness` is an lm-eval model (registered as `llm` once this module is imported, so
+`lm_eval.simple_evaluate(model="llm", model_args="checkpoint=runs/x/checkpoints")` works too): loglikelihood (multiple choice), rolling loglikelihood
 (perplexity tasks) and greedy or sampled generation until a stop string. It follows what lm-eval's
 `hf` model does for a causal LM, so the scores equal those of `lm_eval --model hf` on our Hugging
 Face export (tested to 1e-4): the context is cut from the left to the model's context, empty

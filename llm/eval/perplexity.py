@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from llm.data.sources import InputError, Record, parse_record
 from llm.model.gpt import GPT
 from llm.parallel.context import ParallelContext
+from llm.progress import Progress
 
 
 @dataclass
@@ -74,11 +75,15 @@ def _local_totals(
     total_nll = 0.0
     count = 0
     batch: list[np.ndarray] = []
+    n_windows = -(-max(0, len(stream) - 1) // seq_length)
+    mine = len(range(rank, n_windows, world))
+    progress = Progress(mine, "perplexity", unit="windows", enabled=rank == 0)
 
     def flush() -> None:
         nonlocal total_nll, count
         if not batch:
             return
+        progress.update(len(batch))
         tokens = torch.from_numpy(np.stack(batch)).to(device)  # (B, L + 1)
         logits = model(tokens[:, :-1]).float()  # (B, L, V)
         nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
@@ -95,4 +100,5 @@ def _local_totals(
         if len(batch) == batch_size or len(w) != seq_length + 1:
             flush()
     flush()
+    progress.close()
     return total_nll, count

@@ -116,7 +116,7 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     tag_dir = directory / tag_for(0)
     shutil.rmtree(tag_dir, ignore_errors=True)
     tag_dir.mkdir(parents=True)
-    write_universal(tag_dir, ((name, {"fp32": value}) for name, value in state.items()), {"step": 0.0})
+    write_universal(tag_dir, ((name, {"fp32": value}) for name, value in state.items()), {"step": 0.0}, total=len(state))
     meta = {"iteration": 0, "consumed_samples": 0, "wandb_run_id": None, "config": cfg.to_dict(),
             "form": UNIVERSAL_FORM, "imported_from": str(src)}  # fmt: skip
     write_meta(tag_dir, meta)
