@@ -25,7 +25,7 @@ import time
 import zlib
 from pathlib import Path
 
-from common import REPO, report
+from common import BENCH_SHAPE, REPO, report
 
 from llm.checkpoint.format import checkpoint_files, describe_files, file_checksum
 
@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.with_suffix(".idx").exists():
         raise SystemExit(f"{args.data}.idx missing: run scripts/quickstart.sh (or preprocess_data.py) first")
-    gb, iters, extra = (1 / 64, 3, SMOKE) if args.smoke else (args.gb, args.iters, [])
+    gb, iters, extra = (1 / 64, 3, SMOKE) if args.smoke else (args.gb, args.iters, BENCH_SHAPE)
     with tempfile.TemporaryDirectory() as tmp:
         results = {"hashing": hashing(gb, Path(tmp)), "tiny_cpu_saves": save_overhead(iters, Path(tmp) / "run",
                                                                                       args.data, extra)}  # fmt: skip

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, report
+from common import BENCH_SHAPE, REPO, report
 
 from llm.config import load_config
 from llm.data.tokenizer import load_tokenizer
@@ -79,7 +79,7 @@ def main() -> None:
         raise SystemExit(
             f"{args.data}.idx missing: run scripts/quickstart.sh (or preprocess_data.py --builtin-corpus) first"
         )
-    iters, extra = (7, SMOKE) if args.smoke else (args.iters, [])
+    iters, extra = (7, SMOKE) if args.smoke else (args.iters, BENCH_SHAPE)
     with tempfile.TemporaryDirectory() as tmp:
         fw = statistics.median(framework_step_times(iters, Path(tmp), args.data, extra))
     bare = statistics.median(bare_step_times(iters, extra))

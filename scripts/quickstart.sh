@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+start=$SECONDS
 # DeepSpeed compiles a small C++ op on first use; keep it with this checkout's environment so two
 # checkouts (or a killed build's stale lock) never share one build directory.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
@@ -18,3 +19,4 @@ python scripts/evaluate.py --checkpoint runs/tiny_cpu/checkpoints --data "$PREFI
 python scripts/generate.py --checkpoint runs/tiny_cpu/checkpoints --prompt "The built-in function" \
   --max-new-tokens 60 --temperature 0.7 --top-k 40 --seed 0
 python scripts/plot_runs.py runs/tiny_cpu --output runs/tiny_cpu/curves.png
+echo "quickstart: data, training, evaluation, sample and curves in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s (after setup)"
