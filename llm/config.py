@@ -152,6 +152,12 @@ class ParallelConfig:
 class EvalConfig:
     eval_interval: int = 1000
     eval_iters: int = 10
+    # lm-evaluation-harness tasks during training (rank 0, TP 1, PP 1, ZeRO < 3; scripts/pretrain.py)
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_interval: int | None = None  # None = eval.eval_interval
+    lm_eval_limit: float | None = None  # examples per task (or a fraction)
+    lm_eval_num_fewshot: int | None = None
+    lm_eval_include_path: str | None = None  # a directory of task YAMLs
 
 
 @dataclass
@@ -466,6 +472,9 @@ _RANGES: dict[str, str] = {
     "parallel.timeout_minutes": "positive",
     "eval.eval_interval": "positive",
     "eval.eval_iters": "non-negative",
+    "eval.lm_eval_interval": "positive",
+    "eval.lm_eval_limit": "positive",
+    "eval.lm_eval_num_fewshot": "non-negative",
     "logging.log_interval": "positive",
     "checkpoint.save_interval": "positive",
     "checkpoint.keep_last": "positive",
@@ -557,6 +566,18 @@ def _check_parallel(cfg: Config) -> None:
         )
 
 
+def _check_lm_eval(cfg: Config) -> None:
+    tasks = cfg.eval.lm_eval_tasks
+    if not all(isinstance(t, str) and t.strip() for t in tasks):
+        raise ConfigError(f"eval.lm_eval_tasks: {tasks!r} must be a list of task names")
+    if tasks and (cfg.parallel.tensor_model_parallel_size > 1 or cfg.parallel.pipeline_model_parallel_size > 1):
+        raise ConfigError(
+            "eval.lm_eval_tasks during training needs parallel.tensor_model_parallel_size and "
+            "pipeline_model_parallel_size 1 (rank 0 scores its whole model); run scripts/evaluate.py --tasks "
+            "on the checkpoints instead"
+        )
+
+
 def _check_faults(cfg: Config) -> None:
     bad = [x for x in cfg.debug.inject_loss_spike_at if not isinstance(x, int) or isinstance(x, bool) or x < 1]
     if bad:
@@ -567,6 +588,7 @@ def validate(cfg: Config) -> None:
     """Checks everything that can be checked without knowing the world size."""
     _check_ranges(cfg)
     _check_faults(cfg)
+    _check_lm_eval(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:

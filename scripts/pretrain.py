@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from llm.training.pretrain import run_pretraining
 
-        state = run_pretraining(cfg)
+        periodic = None
+        if cfg.eval.lm_eval_tasks:  # lm-eval during training; training itself does not import eval
+            from llm.eval.harness import training_evaluator
+
+            periodic = training_evaluator(cfg)
+        state = run_pretraining(cfg, periodic_eval=periodic)
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -151,3 +151,45 @@ def reference_run(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def single_process_losses(reference_run: Path) -> list[float]:
     return train_losses(reference_run)
+
+
+LM_EVAL_TASKS = {
+    "llm_test_choice": """
+task: llm_test_choice
+dataset_path: json
+dataset_kwargs: {data_files: {test: DIR/choice.jsonl}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list: [{metric: acc}, {metric: acc_norm}]
+""",
+    "llm_test_rolling": """
+task: llm_test_rolling
+dataset_path: json
+dataset_kwargs: {data_files: {test: DIR/rolling.jsonl}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]
+""",
+}
+
+
+def write_lm_eval_tasks(directory: Path) -> tuple[Path, list[str]]:
+    """Two offline lm-eval tasks (`dataset_path: json` on files written here): multiple choice, and
+    rolling loglikelihood over texts longer and shorter than the tiny models' context."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in LM_EVAL_TASKS.items():
+        (directory / f"{name}.yaml").write_text(text.replace("DIR", str(directory)))
+    questions = [("The list type is a", [" mutable sequence.", " kind of fish.", " number."], 0),
+                 ("def f():\n    return", [" 1", " the", "!!"], 0),
+                 ("Python is a programming", [" language.", " cat.", " 12345"], 0)]  # fmt: skip
+    (directory / "choice.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                                    for q, c, a in questions))  # fmt: skip
+    long_text = "Lists are mutable sequences, typically used to store collections of items. " * 8
+    (directory / "rolling.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                                     ["x = [1, 2]", "The dict type maps keys to values.", long_text]))  # fmt: skip
+    return directory, list(LM_EVAL_TASKS)

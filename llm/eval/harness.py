@@ -164,3 +164,25 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
     return out
+
+
+def training_evaluator(cfg: Any) -> Any:
+    """The `periodic_eval` hook of `run_pretraining` for `eval.lm_eval_tasks`: scores the live model
+    (rank 0) and returns {"lm_eval/<task>/<metric>": value} for lm-eval's numeric metrics."""
+    require_lm_eval()
+    from llm.data.tokenizer import run_tokenizer
+
+    tokenizer = run_tokenizer(cfg.data.tokenizer, None)
+    e = cfg.eval
+
+    def evaluate(model: Any, iteration: int) -> dict[str, float]:
+        results = run_tasks(model, tokenizer, list(e.lm_eval_tasks), num_fewshot=e.lm_eval_num_fewshot,
+                            limit=e.lm_eval_limit, include_path=e.lm_eval_include_path)  # fmt: skip
+        return {
+            f"lm_eval/{task}/{metric.split(',')[0]}": float(value)
+            for task, metrics in results["results"].items()
+            for metric, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric
+        }
+
+    return evaluate

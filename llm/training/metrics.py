@@ -104,7 +104,7 @@ class MetricsLogger:
         for key, value in record.items():
             if key in ("iteration", "consumed_samples") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            tag = f"{group}/{key}"
+            tag = key if key.startswith("lm_eval/") else f"{group}/{key}"
             for split in ("val", "test"):
                 if key.startswith(f"{split}_"):
                     tag = f"{split}/{key[len(split) + 1:]}"

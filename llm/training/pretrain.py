@@ -30,7 +30,7 @@ from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import ClippedAdamW
 from llm.training.run_lock import RunLock, RunLockedError
-from llm.training.trainer import Trainer, TrainState, load_train_state
+from llm.training.trainer import PeriodicEval, Trainer, TrainState, load_train_state
 
 logger = logging.getLogger("llm")
 
@@ -125,9 +125,14 @@ def _datasets(cfg: Config) -> tuple[Any, Any, Any]:
     return ContinuedDataset(train, more), valid, test
 
 
-def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> TrainState:
+def run_pretraining(
+    cfg: Config, *, peak_memory: PeakMemory | None = None, periodic_eval: PeriodicEval | None = None
+) -> TrainState:
     """The whole run on this process. `peak_memory` measures the `peak_memory_gb` metric (default:
-    `PeakMemory`; benchmarks pass their own to leave out the interpreter's memory on CPU)."""
+    `PeakMemory`; benchmarks pass their own to leave out the interpreter's memory on CPU).
+    `periodic_eval(model, iteration)` -> {metric: value} runs on rank 0 every
+    eval.lm_eval_interval iterations and at the end (scripts/pretrain.py passes lm-eval's, built from
+    eval.lm_eval_tasks; training does not import eval)."""
     launch = init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
     setup_logging(launch.rank)
     validate_world(cfg, launch.world_size)  # before building groups: a bad TP x PP is one clear line
@@ -144,7 +149,7 @@ def run_pretraining(cfg: Config, *, peak_memory: PeakMemory | None = None) -> Tr
             write_effective_config(cfg, ds_config)
             (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
             logger.info("%s", layout.describe())
-        state = _train(cfg, ctx, ds_config, peak_memory or PeakMemory())
+        state = _train(cfg, ctx, ds_config, peak_memory or PeakMemory(), periodic_eval)
     finally:
         if lock is not None:
             lock.release()
@@ -195,7 +200,10 @@ def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) 
     return engine, rng, num_params
 
 
-def _train(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], peak_memory: PeakMemory) -> TrainState:
+def _train(
+    cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], peak_memory: PeakMemory,
+    periodic_eval: PeriodicEval | None,
+) -> TrainState:  # fmt: skip
     engine, rng, num_params = _build_engine(cfg, ctx, ds_config)
     peak_memory.reset()  # peak_memory_gb in the metrics: the model and optimizer, plus what training adds
     state, rng_state, changes = TrainState(), None, list[str]()
@@ -218,6 +226,7 @@ def _train(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], peak_me
     trainer = Trainer(
         cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test, metrics=metrics, state=state,
         num_params=num_params, peak_memory=peak_memory, tokenizer_fingerprint=fingerprint,
+        periodic_eval=periodic_eval,
     )  # fmt: skip
     if rng_state is not None:  # last, after everything that might draw random numbers during setup
         restore_rng_state(rng_state, rng)

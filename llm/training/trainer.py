@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llm.checkpoint.engine import choose_verified, load_checkpoint, save_checkpoint
 from llm.checkpoint.format import CheckpointError, checkpoint_bytes, complete_tags
 from llm.checkpoint.reshard import torch_optimizer
 from llm.checkpoint.rng import restore_rng_state
-from llm.config import Config, resolve_precision
+from llm.config import Config, ConfigError, resolve_precision
 from llm.data.loader import GlobalBatchSampler, make_loader
 from llm.errors import LLMError
 from llm.model.flops import gpu_peak_tflops, model_flops_per_token
@@ -33,6 +35,10 @@ logger = logging.getLogger("llm")
 
 class TrainingError(LLMError, RuntimeError):
     """Training cannot go on (for example a non-finite loss); the message says where and why."""
+
+
+# (model, iteration) -> {"lm_eval/<task>/<metric>": value}; see run_pretraining
+PeriodicEval = Callable[[torch.nn.Module, int], dict[str, float]]
 
 
 @dataclass
@@ -108,9 +114,16 @@ class Trainer:
         num_params: int,
         peak_memory: PeakMemory | None = None,
         tokenizer_fingerprint: str | None = None,
+        periodic_eval: PeriodicEval | None = None,
     ) -> None:
         self.cfg = cfg
         self.peak_memory = peak_memory
+        self.periodic_eval = periodic_eval
+        if periodic_eval is not None and engine.zero_optimization_stage() >= 3:
+            raise ConfigError(
+                "eval.lm_eval_tasks during training needs a ZeRO stage below 3 (rank 0 scores its whole "
+                "model); run scripts/evaluate.py --tasks on the checkpoints instead"
+            )
         self.ctx = ctx
         self.engine = engine
         self.train_data = train_data
@@ -270,6 +283,26 @@ class Trainer:
             "consumed_samples": self.state.consumed_samples,
         }
 
+    def _run_periodic_eval(self, iteration: int) -> None:
+        """Rank 0 scores the live model (TP 1, PP 1, ZeRO < 3: it holds all of it); the others wait."""
+        if self.ctx.rank == 0 and self.periodic_eval is not None:
+            start = time.perf_counter()
+            module = self.engine.module
+            rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                   torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)  # fmt: skip
+            try:  # lm-eval seeds the global generators: training's random streams must not notice
+                scores = self.periodic_eval(module, iteration)
+            finally:
+                random.setstate(rng[0])
+                np.random.set_state(rng[1])
+                torch.set_rng_state(rng[2])
+                if rng[3] is not None:
+                    torch.cuda.set_rng_state_all(rng[3])
+                module.train()
+            self.metrics.log({"iteration": iteration, **scores, "lm_eval_seconds": time.perf_counter() - start})
+            logger.info("lm-eval %6d | %s", iteration, " | ".join(f"{k.removeprefix('lm_eval/')} {v:.4f}" for k, v in scores.items()))
+        self.ctx.barrier()
+
     def _log_eval(self, data: Any | None, prefix: str = "val") -> None:
         if data is None:
             return
@@ -360,6 +393,10 @@ class Trainer:
                 losses, times = [], []
             if it % cfg.eval.eval_interval == 0 or it == cfg.train.train_iters:
                 self._log_eval(self.valid_data)
+            if self.periodic_eval is not None and (
+                it % (cfg.eval.lm_eval_interval or cfg.eval.eval_interval) == 0 or it == cfg.train.train_iters
+            ):
+                self._run_periodic_eval(it)
             if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
                 self._save()
                 saved_at = it

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_OVERRIDES, launch_cmd, run, script, train_losses
+from tests.conftest import TINY_OVERRIDES, launch_cmd, run, script, train_losses, write_lm_eval_tasks
 
 pytestmark = pytest.mark.integration
 
@@ -93,31 +93,6 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     assert len(losses) == 4 and losses[0] < train_losses(run_dir)[0] - 0.1
 
 
-LM_EVAL_TASKS = {
-    "llm_test_choice": """
-task: llm_test_choice
-dataset_path: json
-dataset_kwargs: {data_files: {test: DIR/choice.jsonl}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{question}}"
-doc_to_choice: "{{choices}}"
-doc_to_target: "{{answer}}"
-metric_list: [{metric: acc}, {metric: acc_norm}]
-""",
-    "llm_test_rolling": """
-task: llm_test_rolling
-dataset_path: json
-dataset_kwargs: {data_files: {test: DIR/rolling.jsonl}}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{text}}"
-metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]
-""",
-}
-
-
 def _check_lm_eval(checkpoint: Path, hf_dir: Path, tmp_path: Path) -> None:
     """lm-eval through evaluate.py on the TP2 x PP2 checkpoint, no export: a multiple-choice and a
     rolling-loglikelihood task written here, scored per document like lm-eval's own `hf` model on
@@ -128,19 +103,7 @@ def _check_lm_eval(checkpoint: Path, hf_dir: Path, tmp_path: Path) -> None:
     from llm.data.tokenizer import run_tokenizer
     from tests.conftest import script_main
 
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for name, text in LM_EVAL_TASKS.items():
-        (tasks / f"{name}.yaml").write_text(text.replace("DIR", str(tasks)))
-    questions = [("The list type is a", [" mutable sequence.", " kind of fish.", " number."], 0),
-                 ("def f():\n    return", [" 1", " the", "!!"], 0),
-                 ("Python is a programming", [" language.", " cat.", " 12345"], 0)]  # fmt: skip
-    (tasks / "choice.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
-                                                for q, c, a in questions))  # fmt: skip
-    long_text = "Lists are mutable sequences, typically used to store collections of items. " * 8
-    (tasks / "rolling.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
-                                                 ["x = [1, 2]", "The dict type maps keys to values.", long_text]))  # fmt: skip
-    names = list(LM_EVAL_TASKS)
+    tasks, names = write_lm_eval_tasks(tmp_path / "tasks")
     out = tmp_path / "lm_eval.json"
     argv = ["--checkpoint", str(checkpoint), "--tasks", ",".join(names), "--include-path", str(tasks),
             "--output", str(out), "--log-samples"]  # fmt: skip

@@ -26,6 +26,7 @@ from tests.conftest import (
     script_main,
     tiny_args,
     train_losses,
+    write_lm_eval_tasks,
 )
 
 pytestmark = pytest.mark.integration
@@ -54,9 +55,11 @@ def test_two_processes_with_zero3_offload_match_one(
 def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
     builtin_prefix: Path, tmp_path: Path
 ) -> None:
+    tasks, names = write_lm_eval_tasks(tmp_path / "tasks")
     args = _args(
         builtin_prefix, tmp_path, "train.train_iters=30", "checkpoint.save_interval=20",
         "logging.wandb_mode=offline", "eval.eval_interval=10", f"logging.tensorboard_dir={tmp_path / 'tb'}",
+        f"eval.lm_eval_tasks=[{','.join(names)}]", "eval.lm_eval_interval=15", f"eval.lm_eval_include_path={tasks}",
     )  # fmt: skip
     _check(run(deepspeed_cmd(1, *args), env={"WANDB_SILENT": "true"}))
     records = read_metrics(tmp_path)
@@ -88,6 +91,10 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
     assert [r["iteration"] for r in resumed][30:] == list(range(31, 37))
     assert resumed[-1]["consumed_samples"] == 36 * 8
     assert [r["iteration"] for r in read_metrics(tmp_path) if "resumed_from" in r] == [30]
+    scored = [r for r in read_metrics(tmp_path) if "lm_eval_seconds" in r]  # lm-eval on rank 0 during training
+    assert [r["iteration"] for r in scored] == [15, 30, 36]
+    assert all(r["lm_eval/llm_test_rolling/word_perplexity"] > 1 and 0 <= r["lm_eval/llm_test_choice/acc"] <= 1
+               for r in scored)  # fmt: skip
     _check_tensorboard_and_plot(tmp_path, resumed)
 
     result = _perplexity(ckpt, builtin_prefix)
@@ -136,6 +143,7 @@ def _check_tensorboard_and_plot(run_dir: Path, steps: list[dict]) -> None:
         tb.Tags()["scalars"]
     )
     assert "config/text_summary" in tb.Tags()["tensors"]
+    assert [e.step for e in tb.Scalars("lm_eval/llm_test_rolling/word_perplexity")] == [15, 30, 36]
     by_tokens = EventAccumulator(str(run_dir / "tb" / "by_tokens"))
     by_tokens.Reload()
     assert [e.step for e in by_tokens.Scalars("train/loss vs tokens")] == [i * 8 * 64 for i in range(1, 37)]
