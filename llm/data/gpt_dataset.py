@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,9 +124,14 @@ def cached_sample_index(
             return SampleIndex(*(np.load(p, mmap_mode="r") for p in paths))
         except (ValueError, OSError):
             logger.warning("index cache %s is unreadable; rebuilding it", directory)
+    start = time.perf_counter()
     index = build_sample_index(
         data.doc_lengths, documents, seq_length=seq_length, num_samples=num_samples, seed=seed
     )
+    logger.info(
+        "built the sample index of %s: %d samples over %d documents in %.1f s (cached in %s)",
+        data.prefix, num_samples, len(documents), time.perf_counter() - start, directory,
+    )  # fmt: skip
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{Path(data.prefix).name}.{key}.json").write_text(json.dumps(desc, indent=1))

@@ -35,6 +35,7 @@ from llm.config import Config, ModelConfig, replace_validated
 from llm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, run_tokenizer
 from llm.export.tokenizer import sentencepiece_to_hf
 from llm.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from llm.progress import Progress
 
 
 def export_checkpoint(
@@ -42,7 +43,9 @@ def export_checkpoint(
 ) -> Path:
     from transformers import AutoModelForCausalLM
 
+    progress = Progress(3, f"exporting {checkpoint} to {output}", unit="stages", interval=0.0)
     cfg, state, meta = load_model_state(checkpoint, verify=verify)
+    progress.update()  # read, verified and merged
     tok = run_tokenizer(cfg.data.tokenizer, tokenizer)
     config = hf_config(cfg.model)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
@@ -51,9 +54,12 @@ def export_checkpoint(
     missing = [m for m in missing if "rotary" not in m and not m.endswith("attn.bias") and m != "lm_head.weight"]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{checkpoint}' does not map onto {type(model).__name__}: {missing or unexpected}")
+    progress.update()  # mapped onto the transformers model
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    progress.update()
+    progress.close()
     _export_tokenizer(tok, out)
     (out / "llm_export.json").write_text(
         json.dumps({"checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "model": cfg.model.__dict__})
