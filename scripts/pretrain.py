@@ -9,19 +9,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from llm.config import load_config
 from llm.errors import LLMError
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes end like config mistakes: one `error:` line and exit status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (usage: pretrain.py [--config FILE] [section.key=value ...])")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults apply when omitted")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         cfg = load_config(args.config, args.overrides)
         from llm.training.pretrain import run_pretraining
