@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -46,11 +46,11 @@ class Progress:
         rate = self.done / elapsed
         count = f"{self.done}/{self.total}" if self.total else str(self.done)
         if final:
-            tail = f"done in {_duration(elapsed)}"
+            tail = f"done in {format_duration(elapsed)}"
         elif self.total and rate > 0:
-            tail = f"eta {_duration((self.total - self.done) / rate)}"
+            tail = f"eta {format_duration((self.total - self.done) / rate)}"
         else:
-            tail = f"{_duration(elapsed)} so far"
+            tail = f"{format_duration(elapsed)} so far"
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         print(f"{self.desc}: {count}{pct} {self.unit}, {rate:,.1f} {self.unit}/s, {tail}", file=self.stream, flush=True)
         self.lines += 1

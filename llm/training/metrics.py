@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import Config
+from llm.progress import format_duration
 
 logger = logging.getLogger("llm")
 
@@ -35,13 +36,6 @@ def _wandb_mode(cfg: Config) -> str:
         netrc.is_file() and "api.wandb.ai" in netrc.read_text()
     )
     return "online" if logged_in else "offline"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 class MetricsLogger:
