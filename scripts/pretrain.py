@@ -8,6 +8,7 @@ srun / mpirun ... python scripts/pretrain.py --config ...   (multi-node: scripts
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         state = run_pretraining(cfg, periodic_eval=periodic)
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
+        if getattr(e, "exit_at_once", False):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         print("interrupted: stopped without saving; the last complete checkpoint is kept", file=sys.stderr)

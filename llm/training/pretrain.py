@@ -101,6 +101,10 @@ def _resume_path(cfg: Config) -> str | None:
 class CollectiveTimeoutError(LLMError, RuntimeError):
     """Another rank stopped answering (hung, stopped or dead) for longer than parallel.timeout_minutes."""
 
+    # The process group's threads still wait on the dead peer; tearing them down at interpreter exit
+    # can abort the process (std::terminate, status -6): the entry script leaves at once instead.
+    exit_at_once = True
+
 
 def _timeout_message(cfg: Config, ctx: ParallelContext, iteration: int, error: BaseException) -> str:
     cause = str(error).strip().splitlines()[0].split("] ")[-1]
