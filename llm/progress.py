@@ -1,13 +1,26 @@
-"""Progress of long commands: a tqdm bar on a terminal, else one line every `interval` seconds with
-the count, rate and ETA (logs of batch jobs stay readable). Only the process that reports (rank 0)
-creates an enabled one."""
+"""Progress of long commands: a tqdm bar on a terminal, else one log line (logger `llm.progress`,
+INFO) every `interval` seconds with the count, rate and ETA, so logs of batch jobs stay readable.
+Only the process that reports (rank 0) creates an enabled one."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any
+
+logger = logging.getLogger("llm.progress")
+
+
+def show_progress_lines() -> None:
+    """For entry scripts that set up no logging of their own: progress lines to stderr."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def format_duration(seconds: float) -> str:
@@ -19,17 +32,16 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total: int | None, desc: str, *, unit: str = "it", enabled: bool = True,
-                 interval: float = 30.0, stream: TextIO | None = None) -> None:  # fmt: skip
+                 interval: float = 30.0) -> None:  # fmt: skip
         self.total, self.desc, self.unit, self.enabled, self.interval = total, desc, unit, enabled, interval
-        self.stream = stream or sys.stderr
         self.done = 0
         self.start = self.last = time.monotonic()
         self.lines = 0
         self.bar: Any = None
-        if enabled and self.stream.isatty():
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, mininterval=0.5)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -52,7 +64,7 @@ class Progress:
         else:
             tail = f"{format_duration(elapsed)} so far"
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        print(f"{self.desc}: {count}{pct} {self.unit}, {rate:,.1f} {self.unit}/s, {tail}", file=self.stream, flush=True)
+        logger.info("%s: %s%s %s, %s %s/s, %s", self.desc, count, pct, self.unit, f"{rate:,.1f}", self.unit, tail)
         self.lines += 1
 
     def close(self) -> None:

@@ -15,9 +15,11 @@ import sys
 from llm.config import load_config
 from llm.errors import LLMError
 from llm.export.hf import export_checkpoint, import_hf
+from llm.progress import show_progress_lines
 
 
 def main() -> int:
+    show_progress_lines()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="export: checkpoint dir (with 'latest') or one iter_* dir")

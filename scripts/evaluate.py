@@ -27,6 +27,7 @@ from llm.data.tokenizer import run_tokenizer
 from llm.errors import LLMError
 from llm.eval.loading import default_device, eval_context
 from llm.eval.perplexity import evaluate_stream, token_stream
+from llm.progress import show_progress_lines
 
 
 def _stream(args: argparse.Namespace, cfg) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -60,6 +61,7 @@ def _run_lm_eval(args: argparse.Namespace, cfg, model) -> int:  # type: ignore[n
 
 
 def main(argv: list[str] | None = None) -> int:
+    show_progress_lines()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -133,24 +133,32 @@ if register_model is not None:
     register_model("llm")(LLMHarness)
 
 
-def run_tasks(model: GPT, tokenizer: Any, tasks: list[str], *, num_fewshot: int | None = None,
-              limit: float | None = None, include_path: str | None = None, batch_size: int = 16,
-              log_samples: bool = False) -> dict[str, Any]:  # fmt: skip
-    """lm-eval's simple_evaluate on our model; returns its results dict."""
+def task_manager(tasks: list[str], include_path: str | None) -> Any:
+    """lm-eval's TaskManager that knows `tasks` (lm-eval's own ~15k task files take seconds to
+    index: only searched when `include_path` does not hold them all)."""
     require_lm_eval()
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
-    manager = None
-    if include_path:  # lm-eval's own ~15k task files take seconds to index: only when needed
-        manager = TaskManager(include_path=include_path, include_defaults=False)
-        if any(t not in manager.all_tasks for t in tasks):
-            manager = None
-    manager = manager or TaskManager(include_path=include_path)
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=include_path)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         where = f" or in --include-path '{include_path}'" if include_path else " (local task YAMLs: --include-path DIR)"
         raise HarnessError(f"lm-eval knows no task {', '.join(missing)}{where}")
+    return manager
+
+
+def run_tasks(model: GPT, tokenizer: Any, tasks: list[str], *, num_fewshot: int | None = None,
+              limit: float | None = None, include_path: str | None = None, batch_size: int = 16,
+              log_samples: bool = False, manager: Any = None) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's simple_evaluate on our model; returns its results dict. `manager`: a
+    `task_manager(tasks, include_path)` to reuse across calls."""
+    import lm_eval
+
+    manager = manager or task_manager(tasks, include_path)
     harness = LLMHarness(model, tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=harness, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=log_samples)  # fmt: skip
@@ -174,10 +182,12 @@ def training_evaluator(cfg: Any) -> Any:
 
     tokenizer = run_tokenizer(cfg.data.tokenizer, None)
     e = cfg.eval
+    tasks = list(e.lm_eval_tasks)
+    manager = task_manager(tasks, e.lm_eval_include_path)  # once: unknown tasks fail before training starts
 
     def evaluate(model: Any, iteration: int) -> dict[str, float]:
-        results = run_tasks(model, tokenizer, list(e.lm_eval_tasks), num_fewshot=e.lm_eval_num_fewshot,
-                            limit=e.lm_eval_limit, include_path=e.lm_eval_include_path)  # fmt: skip
+        results = run_tasks(model, tokenizer, tasks, num_fewshot=e.lm_eval_num_fewshot, limit=e.lm_eval_limit,
+                            include_path=e.lm_eval_include_path, manager=manager)  # fmt: skip
         return {
             f"lm_eval/{task}/{metric.split(',')[0]}": float(value)
             for task, metrics in results["results"].items()

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llm.checkpoint.engine import choose_verified, load_checkpoint, save_checkpoint
 from llm.checkpoint.format import CheckpointError, checkpoint_bytes, complete_tags
 from llm.checkpoint.reshard import torch_optimizer
-from llm.checkpoint.rng import restore_rng_state
+from llm.checkpoint.rng import restore_rng_state, rng_state
 from llm.config import Config, ConfigError, resolve_precision
 from llm.data.loader import GlobalBatchSampler, make_loader
 from llm.errors import LLMError
@@ -288,16 +286,12 @@ class Trainer:
         if self.ctx.rank == 0 and self.periodic_eval is not None:
             start = time.perf_counter()
             module = self.engine.module
-            rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                   torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)  # fmt: skip
+            tracker = getattr(module, "rng", None)
+            saved = rng_state(tracker)
             try:  # lm-eval seeds the global generators: training's random streams must not notice
                 scores = self.periodic_eval(module, iteration)
             finally:
-                random.setstate(rng[0])
-                np.random.set_state(rng[1])
-                torch.set_rng_state(rng[2])
-                if rng[3] is not None:
-                    torch.cuda.set_rng_state_all(rng[3])
+                restore_rng_state(saved, tracker)
                 module.train()
             self.metrics.log({"iteration": iteration, **scores, "lm_eval_seconds": time.perf_counter() - start})
             logger.info("lm-eval %6d | %s", iteration, " | ".join(f"{k.removeprefix('lm_eval/')} {v:.4f}" for k, v in scores.items()))

@@ -101,6 +101,7 @@ def _check_lm_eval(checkpoint: Path, hf_dir: Path, tmp_path: Path) -> None:
 
     from llm.checkpoint.merge import load_trained_model
     from llm.data.tokenizer import run_tokenizer
+    from llm.eval.harness import task_manager
     from tests.conftest import script_main
 
     tasks, names = write_lm_eval_tasks(tmp_path / "tasks")
@@ -117,7 +118,7 @@ def _check_lm_eval(checkpoint: Path, hf_dir: Path, tmp_path: Path) -> None:
     eos = run_tokenizer(cfg.data.tokenizer, None).eos_id
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},device=cpu,prefix_token_id={eos}",
                                      tasks=names,
-                                     task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks), include_defaults=False),
+                                     task_manager=task_manager(names, str(tasks)),
                                      log_samples=True)  # fmt: skip
     assert theirs is not None
     for name in names:
