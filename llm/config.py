@@ -286,6 +286,10 @@ def _unknown_key(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}; known keys here: {', '.join(sorted(known))}")
 
 
+# Megatron-LM's names for our keys (its --data-path, --data-cache-path), accepted as written.
+ALIASES = {"data.data_path": "train_data_path", "data.data_cache_path": "index_cache_dir"}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
@@ -294,6 +298,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in ALIASES:
+            key = ALIASES[full]
+            if key in data:
+                raise ConfigError(f"{full} is Megatron's name for {prefix}{key}; set only one of them")
+            full = f"{prefix}{key}"
         if key not in names:
             raise _unknown_key(full, names)
         tp = hints[key]

@@ -193,3 +193,34 @@ def write_lm_eval_tasks(directory: Path) -> tuple[Path, list[str]]:
     (directory / "rolling.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
                                                      ["x = [1, 2]", "The dict type maps keys to values.", long_text]))  # fmt: skip
     return directory, list(LM_EVAL_TASKS)
+
+
+def megatron_core_indexed():  # type: ignore[no-untyped-def]
+    """Megatron-Core's own indexed_dataset module (the real reader and writer of the format)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+@pytest.fixture(scope="session")
+def megatron_prefix(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in corpus rewritten by Megatron-Core's IndexedDatasetBuilder, each document as
+    sentence-like sequences of up to 40 tokens (as Megatron's --split-sentences makes), int32."""
+    import numpy as np
+    import torch
+
+    from llm.data.indexed_dataset import IndexedDataset
+
+    mi = megatron_core_indexed()
+    ours = IndexedDataset(builtin_prefix)
+    out = tmp_path_factory.mktemp("megatron") / "builtin_megatron"
+    builder = mi.IndexedDatasetBuilder(f"{out}.bin", dtype=np.int32)
+    for doc in range(len(ours)):
+        tokens = np.asarray(ours[doc], dtype=np.int64)
+        lengths = [min(40, len(tokens) - s) for s in range(0, len(tokens), 40)]
+        builder.add_document(torch.from_numpy(tokens), lengths)
+    builder.finalize(f"{out}.idx")
+    return out

@@ -11,26 +11,23 @@ token file):
 - `shuffle_idx`: a permutation of the samples.
 
 All three follow from (token file, document range, seq_length, num_samples, seed) alone. They are
-cached on disk as .npy files named by a hash of those parameters; each writer saves under a unique
-temporary name and renames it into place, so several ranks or nodes building the same index at
-once is safe (they compute identical arrays and the last rename wins).
+built vectorized and cached on disk as .npy files named by a hash of those parameters, once per
+node (`llm.data.index_cache`), and memory-mapped on load.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llm.config import parse_split
+from llm.data.index_cache import cached_index
 from llm.data.indexed_dataset import IndexedDataset
 from llm.errors import LLMError
 
@@ -89,13 +86,6 @@ def build_sample_index(
     return SampleIndex(doc_idx, sample_idx, shuffle_idx)
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def cached_sample_index(
     data: IndexedDataset,
     documents: np.ndarray,
@@ -105,7 +95,7 @@ def cached_sample_index(
     seed: int,
     cache_dir: str | Path | None,
 ) -> SampleIndex:
-    """Loads the indices from the cache, or builds them and stores them there."""
+    """Maps the indices from the cache, or builds them (once per node) and stores them there."""
     desc = {
         "version": INDEX_VERSION,
         "prefix": os.path.abspath(data.prefix),
@@ -115,31 +105,19 @@ def cached_sample_index(
         "num_samples": num_samples,
         "seed": seed,
     }
-    key = hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_dir) if cache_dir else Path(data.prefix).parent / "index-cache"
-    names = ("doc_idx", "sample_idx", "shuffle_idx")
-    paths = [directory / f"{Path(data.prefix).name}.{key}.{n}.npy" for n in names]
-    if all(p.is_file() for p in paths):
-        try:
-            return SampleIndex(*(np.load(p, mmap_mode="r") for p in paths))
-        except (ValueError, OSError):
-            logger.warning("index cache %s is unreadable; rebuilding it", directory)
-    start = time.perf_counter()
-    index = build_sample_index(
-        data.doc_lengths, documents, seq_length=seq_length, num_samples=num_samples, seed=seed
-    )
-    logger.info(
-        "built the sample index of %s: %d samples over %d documents in %.1f s (cached in %s)",
-        data.prefix, num_samples, len(documents), time.perf_counter() - start, directory,
+
+    def build() -> tuple[np.ndarray, ...]:
+        index = build_sample_index(
+            data.doc_lengths, documents, seq_length=seq_length, num_samples=num_samples, seed=seed
+        )
+        return index.doc_idx, index.sample_idx, index.shuffle_idx
+
+    arrays = cached_index(
+        directory, Path(data.prefix).name, ("doc_idx", "sample_idx", "shuffle_idx"), desc, build,
+        what=f"sample index of {data.prefix} ({num_samples} samples over {len(documents)} documents)",
     )  # fmt: skip
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"{Path(data.prefix).name}.{key}.json").write_text(json.dumps(desc, indent=1))
-        for p, arr in zip(paths, (index.doc_idx, index.sample_idx, index.shuffle_idx)):
-            _save_atomic(p, arr)
-    except OSError as e:
-        logger.warning("cannot write index cache in %s (%s); using the index from memory", directory, e)
-    return index
+    return SampleIndex(*arrays)
 
 
 class GPTDataset:

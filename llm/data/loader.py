@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,8 @@ def _mixture(
         _one_dataset(p, split, cfg, seq_length=seq_length, n=c, seed=seed + j)
         for j, ((_, p), c) in enumerate(zip(pairs, counts))
     ]
-    return BlendedDataset(parts, weights, n, names=[p for _, p in pairs], cache_dir=cfg.index_cache_dir)
+    cache_dir = cfg.index_cache_dir or Path(pairs[0][1]).parent / "index-cache"
+    return BlendedDataset(parts, weights, n, names=[p for _, p in pairs], cache_dir=cache_dir)
 
 
 def build_datasets(

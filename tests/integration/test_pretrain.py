@@ -53,11 +53,13 @@ def test_two_processes_with_zero3_offload_match_one(
 
 
 def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
-    builtin_prefix: Path, tmp_path: Path
+    builtin_prefix: Path, megatron_prefix: Path, tmp_path: Path
 ) -> None:
+    """Trains on the built-in corpus as Megatron-Core's own builder wrote it (int32 tokens,
+    documents of several sequences): data prepared by Megatron or GPT-NeoX trains as it is."""
     tasks, names = write_lm_eval_tasks(tmp_path / "tasks")
     args = _args(
-        builtin_prefix, tmp_path, "train.train_iters=30", "checkpoint.save_interval=20",
+        megatron_prefix, tmp_path, "train.train_iters=30", "checkpoint.save_interval=20",
         "logging.wandb_mode=offline", "eval.eval_interval=10", f"logging.tensorboard_dir={tmp_path / 'tb'}",
         f"eval.lm_eval_tasks=[{','.join(names)}]", "eval.lm_eval_interval=15", f"eval.lm_eval_include_path={tasks}",
     )  # fmt: skip

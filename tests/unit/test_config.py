@@ -173,3 +173,11 @@ def test_zero2_with_pipeline_is_refused_with_the_fix() -> None:
     ok = load_config(None, ["parallel.pipeline_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json",
                             "train.global_batch_size=8", "train.micro_batch_size=1"])  # fmt: skip
     assert build_deepspeed_config(ok, 4, cuda=False)["gradient_accumulation_steps"] == 4
+
+
+def test_megatron_data_key_names_are_accepted(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.data_path=0.3 /d/a 0.7 /d/b", "data.data_cache_path=/d/cache"])
+    assert cfg.data.train_data_path == "0.3 /d/a 0.7 /d/b" and cfg.data.index_cache_dir == "/d/cache"
+    (tmp_path / "c.yaml").write_text("data:\n  data_path: /d/a\n  train_data_path: /d/b\n")
+    with pytest.raises(ConfigError, match="data.data_path is Megatron's name for data.train_data_path; set only one"):
+        load_config(tmp_path / "c.yaml")
