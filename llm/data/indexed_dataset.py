@@ -33,6 +33,7 @@ a truncated, mismatched or corrupt pair fails at open with one message naming th
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
@@ -192,9 +193,10 @@ class IndexedDataset:
     """Zero-copy reader: `ds[i]` is document i as a read-only numpy view into the .bin mapping.
 
     `offsets` (int64, documents + 1) are the documents' token offsets in the .bin;
-    `sequence_lengths` and `document_indices` are the index's own arrays (Megatron's view)."""
+    `sequence_lengths` and `document_indices` are the index's own arrays (Megatron's view).
+    `random_access=True` (training) turns the kernel's read-ahead off for the .bin mapping."""
 
-    def __init__(self, prefix: str | Path) -> None:
+    def __init__(self, prefix: str | Path, *, random_access: bool = False) -> None:
         self.prefix = str(prefix)
         ipath, bpath = idx_path(prefix), bin_path(prefix)
         for p in (ipath, bpath):
@@ -209,10 +211,18 @@ class IndexedDataset:
             self._open_legacy(ipath, bpath, size)
         else:
             self._open_megatron(ipath, bpath, size, head)
-        # An empty .bin cannot be memory-mapped; an empty array stands in for it.
-        self.tokens: np.ndarray = (
-            np.memmap(bpath, dtype=self.dtype, mode="r") if self.num_tokens else np.zeros(0, dtype=self.dtype)
-        )
+        self.tokens: np.ndarray = self._map_tokens(bpath, random_access)
+
+    def _map_tokens(self, bpath: Path, random_access: bool) -> np.ndarray:
+        if not self.num_tokens:  # an empty .bin cannot be memory-mapped; an empty array stands in
+            return np.zeros(0, dtype=self.dtype)
+        with open(bpath, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if random_access and hasattr(mapping, "madvise"):
+            # Training reads windows at random places: no read-ahead. With it each first touch of a
+            # page pulls the device's whole read-ahead window (8 MB on some cloud disks) into memory.
+            mapping.madvise(mmap.MADV_RANDOM)
+        return np.frombuffer(mapping, dtype=self.dtype)
 
     def _open_megatron(self, ipath: Path, bpath: Path, size: int, head: bytes) -> None:
         if len(head) < HEADER.size:

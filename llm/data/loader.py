@@ -59,7 +59,7 @@ class SplitSizes:
 def _one_dataset(
     prefix: str, split: int | None, cfg: DataConfig, *, seq_length: int, n: int, seed: int
 ) -> GPTDataset:
-    data = IndexedDataset(prefix)
+    data = IndexedDataset(prefix, random_access=True)
     names = ("train", "valid", "test")
     doc_range = (0, len(data)) if split is None else split_ranges(len(data), cfg.split)[split]
     return GPTDataset(

@@ -26,7 +26,7 @@ def _report(stdout: str) -> dict:
 
 def test_every_benchmark_script_is_smoke_tested() -> None:
     assert BENCHMARKS == [
-        "checkpoint_io.py", "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
+        "checkpoint_io.py", "data_startup.py", "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
         "sample_read.py", "tp_comm.py",
     ]  # fmt: skip
 
@@ -60,6 +60,11 @@ def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
     if name == "checkpoint_io.py":
         assert report["hashing"]["xxh3_page_cache_gb_per_s"] > 0
         assert report["tiny_cpu_saves"]["save_seconds"] > report["tiny_cpu_saves"]["checksum_seconds"] > 0
+        return
+    if name == "data_startup.py":
+        assert report["blend_100000"]["build_s"] > 0 and report["python_loop_us_per_sample"] > 0
+        assert report["build_datasets_cold_s"] > report["build_datasets_warm_s"] > 0
+        assert report["pretrain_to_first_step_cold_s"] > 0 and report["documents"] > 0
         return
     positive = {
         "framework_overhead.py": ["pretrain_py_step_seconds", "bare_loop_step_seconds"],
