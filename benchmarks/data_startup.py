@@ -77,7 +77,7 @@ def time_blend(sizes: list[int], cache: Path) -> dict:
         int(di[-1])
         warm = time.perf_counter() - start
         out[f"blend_{n}"] = {"build_s": round(built, 3), "cold_cached_s": round(cold, 3), "warm_s": round(warm, 4)}
-        print(n, out[f"blend_{n}"], flush=True)
+        print(n, out[f"blend_{n}"], file=sys.stderr, flush=True)
     return out
 
 
@@ -148,7 +148,7 @@ def main() -> None:
             built, read = data_startup(prefixes, seq=args.seq_length, train=train, valid=train // 100, gbs=gbs)
             results[f"build_datasets_{label}_s"] = round(built, 2)
             results[f"first_batch_of_{gbs}_{label}_s"] = round(read, 2)
-            print(label, built, read, flush=True)
+            print(label, built, read, file=sys.stderr, flush=True)
         if not args.skip_pretrain:
             iters = train // 4
             for label in ("cold",) if args.smoke else ("cold", "warm"):
@@ -157,7 +157,7 @@ def main() -> None:
                 t, step = pretrain_first_step(prefixes, directory / f"run-{label}", seq=args.seq_length, iters=iters)
                 results[f"pretrain_to_first_step_{label}_s"] = round(t - step, 1)  # when step 1 starts
                 results[f"pretrain_first_step_compute_{label}_s"] = round(step, 1)
-                print("pretrain", label, t, step, flush=True)
+                print("pretrain", label, t, step, file=sys.stderr, flush=True)
         results["train_samples"] = train
     finally:
         if args.dir is None:
