@@ -138,6 +138,16 @@ class DataConfig:
     tokenizer: str | None = None
     index_cache_dir: str | None = None  # None = <prefix dir>/index-cache
     num_workers: int = 0
+    # Document-aware training (Megatron's names): attention stays inside each document of a sample,
+    # positions restart at each document, the loss of the prediction made at an EOD is not counted.
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
+    eod_token_id: int | None = None  # None = the tokenizer's EOS (what preprocessing appends)
+
+    @property
+    def document_aware(self) -> bool:
+        return self.reset_attention_mask or self.reset_position_ids or self.eod_mask_loss
 
 
 @dataclass
@@ -476,6 +486,7 @@ _RANGES: dict[str, str] = {
     "train.spike_detection.num_std": "positive",
     "train.spike_detection.min_ratio": "ratio>=1",
     "data.num_workers": "non-negative",
+    "data.eod_token_id": "non-negative",
     "parallel.tensor_model_parallel_size": "positive",
     "parallel.pipeline_model_parallel_size": "positive",
     "parallel.timeout_minutes": "positive",
@@ -587,6 +598,19 @@ def _check_lm_eval(cfg: Config) -> None:
         )
 
 
+def _check_documents(cfg: Config) -> None:
+    d = cfg.data
+    if d.document_aware and d.eod_token_id is None and d.tokenizer is None:
+        flags = [k for k in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss") if getattr(d, k)]
+        raise ConfigError(
+            f"data.{flags[0]} needs the id of the end-of-document token: set data.tokenizer or data.eod_token_id"
+        )
+    if d.eod_token_id is not None and cfg.model.vocab_size is not None and d.eod_token_id >= cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.eod_token_id = {d.eod_token_id} is outside the vocabulary (model.vocab_size = {cfg.model.vocab_size})"
+        )
+
+
 def _check_faults(cfg: Config) -> None:
     bad = [x for x in cfg.debug.inject_loss_spike_at if not isinstance(x, int) or isinstance(x, bool) or x < 1]
     if bad:
@@ -596,6 +620,7 @@ def _check_faults(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Checks everything that can be checked without knowing the world size."""
     _check_ranges(cfg)
+    _check_documents(cfg)
     _check_faults(cfg)
     _check_lm_eval(cfg)
     _check_model(cfg.model)

@@ -14,6 +14,7 @@ the layout and whatever the order of construction.
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from llm.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_
 from llm.parallel.random import RNGTracker, checkpoint_context_fn
 
 _OUTPUT_PROJECTIONS = ("attention.proj.weight", "mlp.proj.weight")
+IGNORE = -100  # a label that is not scored (F.cross_entropy's ignore_index), e.g. after an EOD
 
 
 class GPT(nn.Module):
@@ -57,10 +59,13 @@ class GPT(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight  # (V / tp, H)
 
-    def embed_tokens(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def embed_tokens(
+        self, input_ids: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = self.embed(input_ids)  # (B, S, H), replicated over TP
         if self.pos_embed is not None:
-            positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+            if positions is None:
+                positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
             x = x + self.pos_embed(positions)
         if self.sequence_parallel:
             x = scatter_to_sequence(x, self.ctx)  # (B, S / tp, H)
@@ -69,17 +74,27 @@ class GPT(nn.Module):
         return self.embed_dropout(x)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, *, offset: int = 0, caches: list[KVCache] | None = None
+        self,
+        input_ids: torch.Tensor,
+        *,
+        offset: int = 0,
+        caches: list[KVCache] | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KVCache] | None]:
-        x = self.embed_tokens(input_ids, offset)
+        """`positions` (B, S): each token's position (restarting per document) instead of
+        offset + 0..S-1; `doc_ids` (B, S): attention stays inside each token's document."""
+        x = self.embed_tokens(input_ids, offset, positions)
         new_caches: list[KVCache] | None = [] if caches is not None else None
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and caches is None:
                 x, _ = checkpoint(
-                    layer, x, use_reentrant=False, context_fn=lambda: checkpoint_context_fn(self.rng)
-                )
+                    partial(layer, positions=positions, doc_ids=doc_ids), x, use_reentrant=False,
+                    context_fn=lambda: checkpoint_context_fn(self.rng),
+                )  # fmt: skip
                 continue
-            x, c = layer(x, offset=offset, cache=caches[i] if caches is not None else None)
+            cache = caches[i] if caches is not None else None
+            x, c = layer(x, offset=offset, cache=cache, positions=positions, doc_ids=doc_ids)
             if new_caches is not None and c is not None:
                 new_caches.append(c)
         return self.final_norm(x), new_caches  # (B, S, H) or (B, S / tp, H) under SP
@@ -97,15 +112,22 @@ class GPT(nn.Module):
         return gather_from_tp(self.local_logits(hidden), self.ctx)[..., : self.vocab_size]
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean token cross-entropy; vocabulary-parallel when TP > 1 (full logits never gathered)."""
+        """Mean token cross-entropy over the labels that are not IGNORE (-100); vocabulary-parallel
+        when TP > 1 (full logits never gathered)."""
         if self.ctx.tp == 1:
             return F.cross_entropy(self.logits(hidden).float().flatten(0, 1), labels.flatten())
         return lm_loss(self.local_logits(hidden), labels, self.ctx, vocab_start=self.embed.vocab_start,
                        vocab_size=self.vocab_size)  # fmt: skip
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean token cross-entropy when `labels` is given, else logits (B, S, V)."""
-        hidden, _ = self.hidden_states(input_ids)
+        hidden, _ = self.hidden_states(input_ids, positions=positions, doc_ids=doc_ids)
         if labels is None:
             return self.logits(hidden)
         return self.loss(hidden, labels)
@@ -127,13 +149,16 @@ def lm_loss(
     vocab_start: int,
     vocab_size: int,
 ) -> torch.Tensor:
-    """Mean token cross-entropy from local logits; padded ids never take probability mass."""
+    """Mean token cross-entropy from local logits over the labels that are not IGNORE (-100, as in
+    `F.cross_entropy`); padded ids never take probability mass."""
     if ctx.tp == 1:
         return F.cross_entropy(local_logits[..., :vocab_size].float().flatten(0, 1), labels.flatten())
+    labels = labels.flatten()
     losses = vocab_parallel_cross_entropy(
-        local_logits.flatten(0, 1), labels.flatten(), ctx, vocab_start=vocab_start, vocab_size=vocab_size
+        local_logits.flatten(0, 1), labels, ctx, vocab_start=vocab_start, vocab_size=vocab_size
     )
-    return losses.mean()
+    valid = labels != IGNORE
+    return losses.masked_fill(~valid, 0.0).sum() / valid.sum()
 
 
 def _param_seed(seed: int, name: str) -> int:

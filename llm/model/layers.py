@@ -27,6 +27,62 @@ from llm.parallel.qkv import split_qkv
 from llm.parallel.random import RNGTracker
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+# Above this many attention calls per sample (documents per sample, on average) one block-diagonal
+# mask replaces the per-document calls.
+MAX_DOCUMENT_CALLS_PER_SAMPLE = 8
+
+
+def document_ids(input_ids: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """(B, S) token ids -> (B, S) index of the document each token belongs to inside its sample: an
+    EOD token ends its document, the token after it starts the next (Megatron's convention)."""
+    ends = (input_ids == eod_id).long()
+    return torch.cumsum(ends, dim=1) - ends
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> (B, S) position of each token inside its document."""
+    s = doc_ids.shape[1]
+    idx = torch.arange(s, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def document_spans(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(B, S) document ids -> per sample, the [start, end) of each document."""
+    spans = []
+    for row in doc_ids.tolist():
+        cuts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]] + [len(row)]
+        spans.append(list(zip(cuts[:-1], cuts[1:])))
+    return spans
+
+
+def _document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, *, dropout: float, gqa: bool
+) -> torch.Tensor:
+    """Causal attention within documents only: (B, heads, S, d) -> (B, nq, S, d). One causal SDPA
+    call per document (so the fastest kernel runs, no S x S mask); with many short documents, one
+    call with a block-diagonal causal mask instead."""
+    spans = document_spans(doc_ids)
+    b, s = doc_ids.shape
+    if all(len(x) == 1 for x in spans):  # no document boundary in the batch
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=s > 1, enable_gqa=gqa)
+    if sum(len(x) for x in spans) > MAX_DOCUMENT_CALLS_PER_SAMPLE * b:
+        same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # (B, S, S)
+        mask = (same & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()).unsqueeze(1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+    rows = []
+    for i, sample in enumerate(spans):
+        parts = [
+            F.scaled_dot_product_attention(
+                q[i : i + 1, :, lo:hi], k[i : i + 1, :, lo:hi], v[i : i + 1, :, lo:hi],
+                dropout_p=dropout, is_causal=hi - lo > 1, enable_gqa=gqa,
+            )  # fmt: skip
+            for lo, hi in sample
+        ]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 class RMSNorm(nn.Module):
@@ -81,15 +137,19 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", emb.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        # x: (B, heads, S, d)
+    def forward(self, x: torch.Tensor, offset: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, heads, S, d); positions (B, S) replace offset + arange(S) (positions restarting per document)
         seq = x.shape[-2]
         if offset + seq > self.cos.shape[0]:
             raise ValueError(
                 f"position {offset + seq} exceeds the rotary table ({self.cos.shape[0]} positions)"
             )
-        cos = self.cos[offset : offset + seq].to(x.dtype)  # (S, d)
-        sin = self.sin[offset : offset + seq].to(x.dtype)
+        if positions is not None:
+            cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, S, d)
+            sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        else:
+            cos = self.cos[offset : offset + seq].to(x.dtype)  # (S, d)
+            sin = self.sin[offset : offset + seq].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -135,13 +195,25 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, d)
 
     def forward(
-        self, x: torch.Tensor, *, offset: int = 0, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        offset: int = 0,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         qkv = self.qkv(x)  # (B, S, (nq + 2 g) d / tp); S is the full sequence also under SP
         b, s, _ = qkv.shape
         q, k, v = self._split_qkv(qkv)
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
+        if doc_ids is not None and cache is None:
+            with self.rng.fork():
+                out = _document_attention(q, k, v, doc_ids, dropout=self.dropout if self.training else 0.0,
+                                          gqa=self.num_groups != self.num_heads)  # fmt: skip
+            out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+            return self.proj(out), None
         new_cache: KVCache | None = None
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)  # (B, g, past + S, d)
@@ -217,9 +289,17 @@ class TransformerBlock(nn.Module):
         return self.dropout(x)
 
     def forward(
-        self, x: torch.Tensor, *, offset: int = 0, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        offset: int = 0,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
-        attn, new_cache = self.attention(self.input_norm(x), offset=offset, cache=cache)
+        attn, new_cache = self.attention(
+            self.input_norm(x), offset=offset, cache=cache, positions=positions, doc_ids=doc_ids
+        )
         x = x + self._drop(attn)  # (B, S, H), or (B, S / tp, H) under sequence parallelism
         x = x + self._drop(self.mlp(self.post_attention_norm(x)))
         return x, new_cache

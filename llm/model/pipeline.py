@@ -48,15 +48,21 @@ class EmbeddingPipe(nn.Module):
         self.embed_dropout = nn.Dropout(cfg.dropout)
         init_parameters(self, cfg, seed, ctx)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+        """ids (B, S), or (ids, positions, doc_ids) for document-aware training, passed on with the
+        hidden state to every block."""
+        input_ids, *docs = inputs if isinstance(inputs, tuple) else (inputs,)
         x = self.embed(input_ids)  # (B, S, H)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device))
+            positions = docs[0] if docs else torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = x + self.pos_embed(positions)
         if self.sequence_parallel:
             x = scatter_to_sequence(x, self.ctx)  # (B, S / tp, H)
             with self.rng.fork():
-                return self.embed_dropout(x)
-        return self.embed_dropout(x)
+                x = self.embed_dropout(x)
+        else:
+            x = self.embed_dropout(x)
+        return (x, *docs) if docs else x
 
 
 def tied_lm_head(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
@@ -75,7 +81,10 @@ class TransformerBlockPipe(TransformerBlock):
         super().__init__(cfg, layer_number, ctx, rng)
         init_parameters(self, cfg, seed, ctx, prefix=f"layers.{layer_number}.")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:  # type: ignore[override]
+        if isinstance(x, tuple):  # (hidden, positions, doc_ids)
+            hidden, positions, doc_ids = x
+            return super().forward(hidden, positions=positions, doc_ids=doc_ids)[0], positions, doc_ids
         return super().forward(x)[0]
 
 
@@ -85,8 +94,8 @@ class FinalNormPipe(nn.Module):
         self.final_norm = make_norm(cfg, ctx)
         init_parameters(self, cfg, seed, ctx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_norm(x)
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.final_norm(x[0] if isinstance(x, tuple) else x)
 
 
 class LMHeadPipe(nn.Module):

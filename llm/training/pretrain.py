@@ -49,17 +49,21 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_vocab(cfg: Config) -> Config:
-    """The config with model.vocab_size taken from the tokenizer (a new, validated config; the given
-    one is not changed); a model vocabulary smaller than the tokenizer's is an error."""
+    """The config with model.vocab_size (and, for document-aware training, data.eod_token_id) taken
+    from the tokenizer (a new, validated config; the given one is not changed); a model vocabulary
+    smaller than the tokenizer's is an error."""
     if cfg.data.tokenizer is None:
         if cfg.model.vocab_size is None:
             raise ConfigError("set data.tokenizer (or model.vocab_size) so the vocabulary size is known")
         return cfg
-    size = load_tokenizer(cfg.data.tokenizer).vocab_size
+    tok = load_tokenizer(cfg.data.tokenizer)
+    size = tok.vocab_size
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({size})"
         )
+    if cfg.data.document_aware and cfg.data.eod_token_id is None:  # documents end with the EOS
+        cfg = replace_validated(cfg, data=dataclasses.replace(cfg.data, eod_token_id=tok.eos_id))
     if cfg.model.vocab_size is not None:
         return cfg
     return replace_validated(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))

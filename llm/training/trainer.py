@@ -16,10 +16,12 @@ from llm.checkpoint.engine import choose_verified, load_checkpoint, save_checkpo
 from llm.checkpoint.format import CheckpointError, checkpoint_bytes, complete_tags
 from llm.checkpoint.reshard import torch_optimizer
 from llm.checkpoint.rng import restore_rng_state, rng_state
-from llm.config import Config, ConfigError, resolve_precision
+from llm.config import Config, ConfigError, DataConfig, resolve_precision
 from llm.data.loader import GlobalBatchSampler, make_loader
 from llm.errors import LLMError
 from llm.model.flops import gpu_peak_tflops, model_flops_per_token
+from llm.model.gpt import IGNORE
+from llm.model.layers import document_ids, document_positions
 from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
 from llm.training.faults import Spike, SpikeDetector, injected_loss_factor
@@ -167,7 +169,7 @@ class Trainer:
         the data-parallel group, on every stage. An injected spike changes only the reported loss
         here (the loss function runs inside DeepSpeed's schedule)."""
         self._lr = float(self.engine.get_lr()[0])
-        loss = self.engine.train_batch(data_iter=_pairs(batches))
+        loss = self.engine.train_batch(data_iter=_pairs(batches, self.cfg.data))
         if inject is not None:
             loss = loss * inject
         own = getattr(self.engine.optimizer, "last_grad_norm", None)  # ClippedAdamW (ZeRO 0)
@@ -182,7 +184,7 @@ class Trainer:
         self._lr = float(self.engine.get_lr()[0])
         for micro in range(self.accum):
             tokens = next(batches)  # (B, S + 1)
-            loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            loss = self.engine(*model_inputs(tokens, self.cfg.data))
             if inject is not None:
                 loss = loss * inject
             self.engine.backward(loss)
@@ -264,11 +266,11 @@ class Trainer:
         total = self.cfg.eval.eval_iters * self.cfg.train.global_batch_size
         batches = self._batches(data, 0, total)
         if self.pipeline:
-            pairs = _pairs(batches)
+            pairs = _pairs(batches, self.cfg.data)
             losses = [float(self.engine.eval_batch(pairs)) for _ in range(self.cfg.eval.eval_iters)]
             return sum(losses) / len(losses)  # already averaged over micro-batches and data parallel
         self.engine.eval()
-        losses = [float(self.engine(t[:, :-1], t[:, 1:])) for t in batches]
+        losses = [float(self.engine(*model_inputs(t, self.cfg.data))) for t in batches]
         self.engine.train()
         return self.ctx.mean_over_dp([sum(losses) / max(1, len(losses))])[0]
 
@@ -409,8 +411,40 @@ def _as_float(x: Any) -> float | None:
     return float(x.item() if isinstance(x, torch.Tensor) else x)
 
 
-def _pairs(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def model_inputs(tokens: torch.Tensor, data: DataConfig) -> tuple[torch.Tensor | None, ...]:
+    """(B, S + 1) tokens -> the model's (input_ids, labels[, positions, doc_ids]).
+
+    Document-aware settings (data.*, Megatron's names): `eod_mask_loss` leaves the prediction made
+    at an EOD token unscored (label IGNORE); `reset_position_ids` gives each token its position in
+    its document; `reset_attention_mask` gives the document ids that keep attention inside one."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    if not data.document_aware:
+        return inputs, labels
+    eod = data.eod_token_id  # set from the tokenizer by resolve_vocab
+    if eod is None:
+        raise ConfigError("document-aware training needs data.eod_token_id (or data.tokenizer)")
+    if data.eod_mask_loss:
+        labels = labels.masked_fill(inputs == eod, IGNORE)
+    if not (data.reset_position_ids or data.reset_attention_mask):
+        return inputs, labels
+    ids = document_ids(inputs, eod)
+    positions = document_positions(ids) if data.reset_position_ids else None
+    return inputs, labels, positions, ids if data.reset_attention_mask else None
+
+
+def _pairs(batches: Iterator[torch.Tensor], data: DataConfig) -> Iterator[tuple[Any, torch.Tensor]]:
     """(B, S + 1) token batches -> (inputs, labels) as DeepSpeed's pipeline expects: the first stage
-    reads the inputs, the last the labels."""
+    reads the inputs (with document-aware training: ids, positions, doc ids; each passed on from
+    stage to stage), the last the labels."""
     for tokens in batches:
-        yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        inputs, labels, *docs = model_inputs(tokens, data)
+        assert inputs is not None and labels is not None
+        if not docs:
+            yield inputs.contiguous(), labels.contiguous()
+            continue
+        positions, doc_ids = docs
+        if positions is None:
+            positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(inputs)
+        yield (inputs.contiguous(), positions.contiguous(), doc_ids.contiguous()), labels.contiguous()

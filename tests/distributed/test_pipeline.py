@@ -13,6 +13,7 @@ from llm.model.gpt import build_model, parameter_groups
 from llm.model.pipeline import build_pipeline_model, canonical_prefix
 from llm.parallel.context import ParallelContext
 from llm.parallel.random import RNGTracker
+from llm.training.trainer import _pairs, model_inputs
 from tests.distributed.harness import spawn
 
 pytestmark = pytest.mark.distributed
@@ -32,7 +33,7 @@ def _canonical(name: str, num_layers: int) -> str:
     return canonical_prefix(int(idx), num_layers) + rest
 
 
-def _run(rank: int, world: int, arch: str, zero: int) -> None:
+def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False) -> None:
     import deepspeed
 
     from llm.config import build_deepspeed_config
@@ -41,8 +42,10 @@ def _run(rank: int, world: int, arch: str, zero: int) -> None:
 
     cfg = load_config(
         None,
-        [*OVERRIDES, f"model.architecture={arch}", f"deepspeed_config=configs/deepspeed/zero{zero}.json"],
-    )
+        [*OVERRIDES, f"model.architecture={arch}", f"deepspeed_config=configs/deepspeed/zero{zero}.json",
+         *(["data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true",
+            "data.eod_token_id=7"] if docs else [])],
+    )  # fmt: skip
     ctx = ParallelContext.build(tp=1, pp=2)
     rng = RNGTracker()
     pipe = build_pipeline_model(cfg, ctx, rng)
@@ -58,8 +61,11 @@ def _run(rank: int, world: int, arch: str, zero: int) -> None:
     gen = torch.Generator().manual_seed(0)
     for _ in range(STEPS):
         micro = [torch.randint(0, VOCAB, (2, 17), generator=gen) for _ in range(2)]
-        loss = engine.train_batch(iter([(t[:, :-1], t[:, 1:]) for t in micro]))
-        ref_loss = sum(ref(t[:, :-1], t[:, 1:]) for t in micro) / 2
+        if docs:  # end-of-document tokens: (ids, positions, doc ids) travel through the stages
+            for t in micro:
+                t[:, [2, 8, 9]] = 7
+        loss = engine.train_batch(_pairs(iter(micro), cfg.data))
+        ref_loss = sum(ref(*model_inputs(t, cfg.data)) for t in micro) / 2
         ref_loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.train.clip_grad)
         ref_opt.step()
@@ -82,6 +88,7 @@ def _run(rank: int, world: int, arch: str, zero: int) -> None:
         assert torch.equal(both[0], both[1])
 
 
-@pytest.mark.parametrize("arch, zero", [("gpt2", 0), ("gpt2", 1), ("llama", 1)])
-def test_pipeline_matches_plain_model(arch: str, zero: int) -> None:
-    spawn(_run, 2, arch, zero)
+@pytest.mark.parametrize("arch, zero, docs", [("gpt2", 0, False), ("gpt2", 1, True), ("llama", 1, True)])
+def test_pipeline_matches_plain_model(arch: str, zero: int, docs: bool) -> None:
+    """docs: document-aware training (attention and positions per document, EOD loss masked)."""
+    spawn(_run, 2, arch, zero, docs)

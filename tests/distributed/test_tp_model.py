@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from llm.checkpoint.engine import parameter_layout
-from llm.config import ModelConfig
+from llm.config import DataConfig, ModelConfig
 from llm.model.gpt import build_model
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import merge_by_spec, partition_info
 from llm.parallel.random import RNGTracker
+from llm.training.trainer import model_inputs
 from tests.distributed.harness import spawn
 
 pytestmark = pytest.mark.distributed
@@ -48,7 +49,7 @@ def _expected_spec(name: str, cfg: ModelConfig, tp: int) -> dict | None:
     return None
 
 
-def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2) -> None:
+def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: bool = False) -> None:
     torch.manual_seed(0)
     ctx = ParallelContext.build(tp=world)
     cfg = _cfg(arch, sp, groups)
@@ -59,13 +60,19 @@ def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2) -> None
     assert recorded == {n: spec for n, spec in expected.items() if spec is not None}
     ref = build_model(dense_cfg, seed=7)  # layout-independent init: same full weights
     tokens = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
+    extra: dict = {}
+    if docs:  # document-aware: end-of-document tokens in every sample, attention and positions per document
+        tokens[:, [3, 4, 9]] = 7
+        _, _, positions, doc_ids = model_inputs(tokens, DataConfig(reset_attention_mask=True, reset_position_ids=True,
+                                                                   eod_token_id=7))  # fmt: skip
+        extra = {"positions": positions, "doc_ids": doc_ids}
     x, y = tokens[:, :-1], tokens[:, 1:]
     opt_tp = torch.optim.AdamW(tp_model.parameters(), lr=1e-3)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     for step in range(3):
         with torch.no_grad():
-            torch.testing.assert_close(tp_model(x), ref(x), atol=5e-5, rtol=1e-5)
-        loss_tp, loss_ref = tp_model(x, y), ref(x, y)
+            torch.testing.assert_close(tp_model(x, **extra), ref(x, **extra), atol=5e-5, rtol=1e-5)
+        loss_tp, loss_ref = tp_model(x, y, **extra), ref(x, y, **extra)
         torch.testing.assert_close(loss_tp, loss_ref, atol=2e-6, rtol=0)
         loss_tp.backward()
         loss_ref.backward()
@@ -89,6 +96,11 @@ def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2) -> None
 )
 def test_tensor_parallel_model_matches_single_process(world: int, arch: str, sp: bool) -> None:
     spawn(_parity, world, arch, sp)
+
+
+@pytest.mark.parametrize("arch, sp", [("gpt2", True), ("llama", False)])
+def test_document_aware_attention_under_tensor_parallelism(arch: str, sp: bool) -> None:
+    spawn(_parity, 2, arch, sp, 2, True)
 
 
 @pytest.mark.parametrize("world, groups, sp", [(2, 1, False), (4, 2, False), (4, 1, True)])

@@ -25,6 +25,9 @@ def test_defaults_and_dotted_overrides() -> None:
     [
         (["model.num_layer=3"], "unknown config key 'model.num_layer' \\(did you mean 'num_layers'\\?\\)"),
         (["modle.x=1"], "unknown config key 'modle'"),
+        (["data.eod_mask_loss=true"], "data.eod_mask_loss needs the id of the end-of-document token: set data.tokenizer"),
+        (["data.reset_position_ids=true", "data.eod_token_id=900", "model.vocab_size=800"],
+         "data.eod_token_id = 900 is outside the vocabulary"),
         (["model.num_layers=abc"], "model.num_layers: expected an integer"),
         (["model.architecture=bert"], "model.architecture = 'bert' is not valid"),
         (["model.hidden_size=100", "model.num_attention_heads=3"], "divisible by model.num_attention_heads"),
