@@ -7,7 +7,8 @@ forward+backward of the GPT (counted here by wrapping torch.distributed's collec
 without sequence parallelism: 4 all-reduces of B x S x H per layer (2 in forward after the
 row-parallel layers, 2 in backward before the column-parallel ones), plus the embedding's forward
 all-reduce and the LM head's backward all-reduce (2 B x S x H) and the vocab-parallel loss's three
-(B x S) all-reduces. Also the best forward+backward time of 5.
+(B x S) all-reduces. Also the best forward+backward time of 5. The parallel block (model.parallel_block)
+runs halve the layers' share: one reduction per layer in forward and one in backward.
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, sp: bool, out: dict) -> None:
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, sp: bool, parallel: bool, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     _count_collectives()
     ctx = ParallelContext.build(tp=world)
     cfg = ModelConfig(architecture="gpt2", num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
-                      seq_length=args.seq, vocab_size=8192, sequence_parallel=sp)  # fmt: skip
+                      seq_length=args.seq, vocab_size=8192, sequence_parallel=sp, parallel_block=parallel)  # fmt: skip
     model = build_model(cfg, seed=0, ctx=ctx)
     tokens = torch.randint(0, 8192, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
 
@@ -85,10 +86,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, sp: bool
     dist.destroy_process_group()
 
 
-def measure(world: int, args: argparse.Namespace, sp: bool) -> dict:
+def measure(world: int, args: argparse.Namespace, sp: bool, parallel: bool = False) -> dict:
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), args, sp, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), args, sp, parallel, out), nprocs=world, join=True)
         return dict(out)
 
 
@@ -107,15 +108,24 @@ def main() -> None:
     analytic_total = analytic_layers + 2 * bsh + 3 * args.batch * args.seq * 4
     results = {"shape": {k: v for k, v in vars(args).items() if k != "smoke"}, "analytic_megatron_bytes_layers": analytic_layers,
                "analytic_bytes_with_embedding_and_loss": analytic_total}  # fmt: skip
-    for name, world, sp in [("tp1", 1, False), ("tp2", 2, False), ("tp2_sequence_parallel", 2, True)]:
+    runs = [("tp1", 1, False, False), ("tp2", 2, False, False), ("tp2_sequence_parallel", 2, True, False),
+            ("tp2_parallel_block", 2, False, True), ("tp2_sequence_parallel_parallel_block", 2, True, True)]
+    if args.smoke:
+        runs = runs[:4]
+    for name, world, sp, parallel in runs:
         if world == 1:
             ctx_free = measure(1, args, False)
             results[name] = {"step_seconds": round(ctx_free["step_seconds"], 4)}
             continue
-        r = measure(world, args, sp)
+        r = measure(world, args, sp, parallel)
         results[name] = {"bytes": r["counted"], "total_bytes": sum(r["counted"].values()),
                          "step_seconds": round(r["step_seconds"], 4)}  # fmt: skip
     results["tp2_counted_over_analytic"] = round(results["tp2"]["total_bytes"] / analytic_total, 4)
+    # per transformer layer: what the layers add over the embedding and loss (the same in every run)
+    outside = analytic_total - analytic_layers
+    for name in ("tp2", "tp2_parallel_block", "tp2_sequence_parallel", "tp2_sequence_parallel_parallel_block"):
+        if name in results:
+            results[name]["bytes_per_layer"] = (results[name]["total_bytes"] - outside) // args.layers
     report("tp_comm", results)
 
 

@@ -54,6 +54,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM): one tensor-parallel reduction per layer
+    parallel_block: bool = False
+    parallel_block_norms: int = 1  # 2: GPT-NeoX's form, attention and MLP each with its own norm
+    compile: bool = False  # torch.compile each transformer block
 
     @property
     def kv_groups(self) -> int:
@@ -543,6 +547,10 @@ def _check_model(m: ModelConfig) -> None:
         raise ConfigError("model.max_position_embeddings must be at least model.seq_length")
     if m.architecture == "llama" and m.head_dim % 2:
         raise ConfigError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
+    if m.parallel_block_norms not in (1, 2):
+        raise ConfigError(f"model.parallel_block_norms = {m.parallel_block_norms}: use 1 (GPT-J, PaLM) or 2 (GPT-NeoX)")
+    if m.parallel_block_norms == 2 and not m.parallel_block:
+        raise ConfigError("model.parallel_block_norms = 2 needs model.parallel_block: true")
 
 
 def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:

@@ -13,7 +13,25 @@ from typing import Any
 import torch
 
 from llm.config import ModelConfig
+from llm.errors import LLMError
 from llm.parallel.qkv import join_qkv, split_qkv
+
+
+class NoHFClassError(LLMError, ValueError):
+    """A model setting that no transformers class reproduces; the message names it."""
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Refuses, in one line, a model that no transformers class computes exactly."""
+    if cfg.parallel_block:
+        preset = (
+            "llama preset (RMSNorm, SwiGLU)" if cfg.is_llama else "gpt2 preset (learned positions)"
+        )
+        raise NoHFClassError(
+            f"model.parallel_block has no transformers class for the {preset}: the parallel blocks there "
+            "(GPT-J, GPT-NeoX, Phi, Falcon) use rotary positions with LayerNorm and a GELU MLP. Evaluate and "
+            "sample with scripts/evaluate.py and scripts/generate.py instead"
+        )
 
 
 def _qkv_to_parts(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,6 +47,7 @@ def _parts_to_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelC
 def hf_config(cfg: ModelConfig) -> Any:
     from transformers import GPT2Config, LlamaConfig
 
+    check_exportable(cfg)
     vocab = int(cfg.vocab_size or 0)
     if cfg.is_llama:
         return LlamaConfig(

@@ -22,6 +22,8 @@ from llm.parallel.layers import (
     GroupedQKVParallelLinear,
     RowParallelLinear,
     sequence_parallel_param,
+    tp_input,
+    tp_output,
 )
 from llm.parallel.qkv import split_qkv
 from llm.parallel.random import RNGTracker
@@ -202,8 +204,11 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        gathered: bool = False,
+        reduce: bool = True,
     ) -> tuple[torch.Tensor, KVCache | None]:
-        qkv = self.qkv(x)  # (B, S, (nq + 2 g) d / tp); S is the full sequence also under SP
+        """`gathered`/`reduce`: see ColumnParallelLinear / RowParallelLinear (parallel blocks)."""
+        qkv = self.qkv(x, gathered=gathered)  # (B, S, (nq + 2 g) d / tp); S is the full sequence also under SP
         b, s, _ = qkv.shape
         q, k, v = self._split_qkv(qkv)
         if self.rotary is not None:
@@ -213,7 +218,7 @@ class Attention(nn.Module):
                 out = _document_attention(q, k, v, doc_ids, dropout=self.dropout if self.training else 0.0,
                                           gqa=self.num_groups != self.num_heads)  # fmt: skip
             out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-            return self.proj(out), None
+            return self.proj(out, reduce=reduce), None
         new_cache: KVCache | None = None
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)  # (B, g, past + S, d)
@@ -235,7 +240,7 @@ class Attention(nn.Module):
                 enable_gqa=self.num_groups != self.num_heads,
             )  # (B, nq, S, d)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # (B, S, nq d)
-        return self.proj(out), new_cache
+        return self.proj(out, reduce=reduce), new_cache
 
 
 class MLP(nn.Module):
@@ -254,18 +259,24 @@ class MLP(nn.Module):
             ffn, cfg.hidden_size, bias=not cfg.is_llama, ctx=ctx, sequence_parallel=sp
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)  # (B, S, F) or (B, S, 2F)
+    def forward(self, x: torch.Tensor, *, gathered: bool = False, reduce: bool = True) -> torch.Tensor:
+        h = self.fc(x, gathered=gathered)  # (B, S, F) or (B, S, 2F)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
-        return self.proj(h)  # (B, S, H)
+        return self.proj(h, reduce=reduce)  # (B, S, H)
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `model.parallel_block`: x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM; with
+    `parallel_block_norms: 2` each branch has its own norm, as GPT-NeoX). Under tensor parallelism
+    the two row-parallel partial sums are added before one all-reduce (one reduce-scatter under
+    sequence parallelism) and, with one norm, the column-parallel layers share one input gather /
+    one backward all-reduce: half the layer's TP communication.
 
     Residual dropout acts on the full residual stream, replicated across TP ranks (default RNG,
     the same mask everywhere), or on sequence shards under sequence parallelism (per-rank stream).
@@ -275,10 +286,15 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         self.rng = rng
+        self.ctx = ctx
         self.sharded_dropout = cfg.sequence_parallel
+        self.sequence_parallel = cfg.sequence_parallel
+        self.parallel = cfg.parallel_block
         self.input_norm = make_norm(cfg, ctx)
         self.attention = Attention(cfg, ctx, rng)
-        self.post_attention_norm = make_norm(cfg, ctx)
+        self.post_attention_norm = (
+            make_norm(cfg, ctx) if not cfg.parallel_block or cfg.parallel_block_norms == 2 else None
+        )
         self.mlp = MLP(cfg, ctx)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -297,12 +313,27 @@ class TransformerBlock(nn.Module):
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
-        attn, new_cache = self.attention(
-            self.input_norm(x), offset=offset, cache=cache, positions=positions, doc_ids=doc_ids
-        )
+        docs = {"offset": offset, "cache": cache, "positions": positions, "doc_ids": doc_ids}
+        if self.parallel:
+            return self._parallel_forward(x, docs)
+        attn, new_cache = self.attention(self.input_norm(x), **docs)
         x = x + self._drop(attn)  # (B, S, H), or (B, S / tp, H) under sequence parallelism
+        assert self.post_attention_norm is not None
         x = x + self._drop(self.mlp(self.post_attention_norm(x)))
         return x, new_cache
+
+    def _parallel_forward(self, x: torch.Tensor, docs: dict) -> tuple[torch.Tensor, KVCache | None]:
+        sp = self.sequence_parallel
+        if self.post_attention_norm is None:  # one norm: one gathered input for both branches
+            h = tp_input(self.input_norm(x), self.ctx, sp)
+            attn, new_cache = self.attention(h, gathered=True, reduce=False, **docs)
+            mlp = self.mlp(h, gathered=True, reduce=False)
+        else:
+            attn, new_cache = self.attention(self.input_norm(x), reduce=False, **docs)
+            mlp = self.mlp(self.post_attention_norm(x), reduce=False)
+        out = tp_output(attn + mlp, self.ctx, sp)  # (B, S, H), or (B, S / tp, H) under SP
+        out = self.mlp.proj.output_bias(self.attention.proj.output_bias(out))
+        return x + self._drop(out), new_cache
 
 
 def output_init_std(cfg: ModelConfig) -> float:

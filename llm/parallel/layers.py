@@ -102,6 +102,17 @@ def sequence_parallel_param(p: torch.Tensor, ctx: ParallelContext, enabled: bool
     return copy_to_tp(p, ctx) if enabled else p
 
 
+def tp_input(x: torch.Tensor, ctx: ParallelContext, sequence_parallel: bool) -> torch.Tensor:
+    """The input of column-parallel layers: sequence shards gathered (SP), or the replicated tensor
+    whose gradient is summed over the TP group in backward."""
+    return gather_from_sequence(x, ctx) if sequence_parallel else copy_to_tp(x, ctx)
+
+
+def tp_output(partial: torch.Tensor, ctx: ParallelContext, sequence_parallel: bool) -> torch.Tensor:
+    """Row-parallel partial sums -> the sum, all-reduced (or reduce-scattered along the sequence)."""
+    return reduce_scatter_to_sequence(partial, ctx) if sequence_parallel else reduce_from_tp(partial, ctx)
+
+
 def _divide(n: int, tp: int, what: str) -> int:
     if n % tp:
         raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({tp})")
@@ -143,8 +154,9 @@ class ColumnParallelLinear(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sequence(x, self.ctx) if self.sequence_parallel else copy_to_tp(x, self.ctx)
+    def forward(self, x: torch.Tensor, *, gathered: bool = False) -> torch.Tensor:
+        """`gathered`: x already went through `tp_input` (shared by several layers reading it)."""
+        x = x if gathered else tp_input(x, self.ctx, self.sequence_parallel)
         y = F.linear(x, self.weight, self.bias)  # (B, S, out / tp)
         return gather_from_tp(y, self.ctx) if self.gather_output else y
 
@@ -175,15 +187,18 @@ class RowParallelLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
+        """`reduce=False`: this rank's partial sums, without the bias (the caller adds several layers'
+        partial sums, calls `tp_output` once and adds their `output_bias`)."""
         y = F.linear(x, self.weight)  # (B, S, out) partial sums
-        if self.sequence_parallel:
-            y = reduce_scatter_to_sequence(y, self.ctx)  # (B, S / tp, out)
-        else:
-            y = reduce_from_tp(y, self.ctx)
-        if self.bias is not None:
-            y = y + sequence_parallel_param(self.bias, self.ctx, self.sequence_parallel)
-        return y
+        if not reduce:
+            return y
+        return self.output_bias(tp_output(y, self.ctx, self.sequence_parallel))
+
+    def output_bias(self, y: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return y
+        return y + sequence_parallel_param(self.bias, self.ctx, self.sequence_parallel)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -247,8 +262,8 @@ class GroupedQKVParallelLinear(nn.Module):
         self.weight = weight
         self.bias = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sequence(x, self.ctx) if self.sequence_parallel else copy_to_tp(x, self.ctx)
+    def forward(self, x: torch.Tensor, *, gathered: bool = False) -> torch.Tensor:
+        x = x if gathered else tp_input(x, self.ctx, self.sequence_parallel)
         q_w = self.weight[: self.q_rows]
         kv = gather_from_subgroup(
             self.weight[self.q_rows :], self.subgroup, size=self.share, index=self.index

@@ -33,7 +33,7 @@ def _canonical(name: str, num_layers: int) -> str:
     return canonical_prefix(int(idx), num_layers) + rest
 
 
-def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False) -> None:
+def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False, norms: int = 0) -> None:
     import deepspeed
 
     from llm.config import build_deepspeed_config
@@ -44,7 +44,8 @@ def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False) -> Non
         None,
         [*OVERRIDES, f"model.architecture={arch}", f"deepspeed_config=configs/deepspeed/zero{zero}.json",
          *(["data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true",
-            "data.eod_token_id=7"] if docs else [])],
+            "data.eod_token_id=7"] if docs else []),
+         *(["model.parallel_block=true", f"model.parallel_block_norms={norms}"] if norms else [])],
     )  # fmt: skip
     ctx = ParallelContext.build(tp=1, pp=2)
     rng = RNGTracker()
@@ -88,7 +89,10 @@ def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False) -> Non
         assert torch.equal(both[0], both[1])
 
 
-@pytest.mark.parametrize("arch, zero, docs", [("gpt2", 0, False), ("gpt2", 1, True), ("llama", 1, True)])
-def test_pipeline_matches_plain_model(arch: str, zero: int, docs: bool) -> None:
-    """docs: document-aware training (attention and positions per document, EOD loss masked)."""
-    spawn(_run, 2, arch, zero, docs)
+@pytest.mark.parametrize(
+    "arch, zero, docs, norms", [("gpt2", 0, False, 1), ("gpt2", 1, True, 0), ("llama", 1, True, 2)]
+)
+def test_pipeline_matches_plain_model(arch: str, zero: int, docs: bool, norms: int) -> None:
+    """docs: document-aware training (attention and positions per document, EOD loss masked);
+    norms: parallel attention + MLP blocks with that many norms (0: the sequential block)."""
+    spawn(_run, 2, arch, zero, docs, norms)

@@ -19,8 +19,11 @@ pytestmark = pytest.mark.distributed
 VOCAB = 300  # padded to 384 at TP 1 and 512 at TP 2/4: padding must not change anything
 
 
-def _cfg(arch: str, sp: bool, groups: int = 2) -> ModelConfig:
+def _cfg(arch: str, sp: bool, groups: int = 2, norms: int = 0) -> ModelConfig:
+    """norms: 0 = the sequential block, 1 or 2 = the parallel block with that many norms."""
     extra = {"num_query_groups": groups} if arch == "llama" else {}
+    if norms:
+        extra.update(parallel_block=True, parallel_block_norms=norms)
     return ModelConfig(architecture=arch, num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
                        vocab_size=VOCAB, sequence_parallel=sp, **extra)  # fmt: skip
 
@@ -49,11 +52,11 @@ def _expected_spec(name: str, cfg: ModelConfig, tp: int) -> dict | None:
     return None
 
 
-def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: bool = False) -> None:
+def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: bool = False, norms: int = 0) -> None:
     torch.manual_seed(0)
     ctx = ParallelContext.build(tp=world)
-    cfg = _cfg(arch, sp, groups)
-    dense_cfg = _cfg(arch, False, groups)
+    cfg = _cfg(arch, sp, groups, norms)
+    dense_cfg = _cfg(arch, False, groups, norms)
     tp_model = build_model(cfg, seed=7, ctx=ctx)
     expected = {n: _expected_spec(n, cfg, world) for n, _ in tp_model.named_parameters()}
     recorded = {n: e["spec"] for n, e in parameter_layout(tp_model, cfg.num_layers).items() if e["spec"]}
@@ -96,6 +99,12 @@ def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: b
 )
 def test_tensor_parallel_model_matches_single_process(world: int, arch: str, sp: bool) -> None:
     spawn(_parity, world, arch, sp)
+
+
+@pytest.mark.parametrize("world, arch, sp, norms", [(2, "gpt2", False, 1), (2, "llama", True, 1), (4, "gpt2", True, 2),
+                                                    (4, "llama", False, 2)])  # fmt: skip
+def test_parallel_block_matches_single_process(world: int, arch: str, sp: bool, norms: int) -> None:
+    spawn(_parity, world, arch, sp, 2, False, norms)
 
 
 @pytest.mark.parametrize("arch, sp", [("gpt2", True), ("llama", False)])
