@@ -66,5 +66,5 @@ for name, x, y in (("resume at 20 vs uninterrupted", a, b), ("two fresh runs", a
 EOF
 
 echo "== model step, bf16 autocast, ours vs transformers GPT-2"
-timeout 240 python3 benchmarks/model_throughput.py --device cuda --dtype bf16 --layers 12 --hidden 768 --heads 12 \
-  --seq 1024 --batch 16 --repeats 10 > "$out/model_throughput_125m.json" 2>&1; cat "$out/model_throughput_125m.json" | tail -20
+timeout 240 python3 benchmarks/model_throughput.py --device cuda --dtype bf16 --shape gpt2:12:768:12:1024:16 \
+  --repeats 10 > "$out/model_throughput_125m.json" 2>&1; cat "$out/model_throughput_125m.json" | tail -20

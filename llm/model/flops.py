@@ -18,10 +18,11 @@ def block_params(m: ModelConfig, tp: int) -> int:
     qkv_rows = (m.num_attention_heads + 2 * m.kv_groups) * d
     fc_rows = 2 * f if m.is_llama else f
     sharded = qkv_rows * h + h * h + fc_rows * h + f * h
+    norms = 1 if m.parallel_block and m.parallel_block_norms == 1 else 2
     if m.is_llama:
-        return sharded // tp + 2 * h  # two RMSNorm weights
+        return sharded // tp + norms * h  # RMSNorm weights
     column_biases = qkv_rows + f
-    return sharded // tp + column_biases // tp + 2 * h + 4 * h  # row biases + two LayerNorms
+    return sharded // tp + column_biases // tp + 2 * h + norms * 2 * h  # row biases + LayerNorms
 
 
 def pipeline_layer_params(m: ModelConfig, tp: int, vocab: int) -> list[int]:

@@ -55,7 +55,9 @@ class GPT(nn.Module):
             self.lm_head = VocabParallelEmbedding(padded, cfg.hidden_size, ctx=self.ctx)
         self.activation_checkpointing = cfg.activation_checkpointing
         self.sequence_parallel = cfg.sequence_parallel
-
+        if cfg.compile:
+            for layer in self.layers:
+                layer.compile()  # in place: parameter names (and checkpoints) stay those of eager
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight  # (V / tp, H)
 

@@ -9,6 +9,7 @@ dimension without reordering:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -60,6 +61,7 @@ def document_spans(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
+@torch.compiler.disable  # data-dependent spans: runs eagerly inside a compiled block
 def _document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, *, dropout: float, gqa: bool
 ) -> torch.Tensor:
@@ -213,10 +215,12 @@ class Attention(nn.Module):
         q, k, v = self._split_qkv(qkv)
         if self.rotary is not None:
             q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
+        dropout = self.dropout if self.training else 0.0
+        # Dropout draws from the model-parallel stream; without dropout nothing is drawn.
+        rng = self.rng.fork() if dropout > 0 else contextlib.nullcontext()
         if doc_ids is not None and cache is None:
-            with self.rng.fork():
-                out = _document_attention(q, k, v, doc_ids, dropout=self.dropout if self.training else 0.0,
-                                          gqa=self.num_groups != self.num_heads)  # fmt: skip
+            with rng:
+                out = _document_attention(q, k, v, doc_ids, dropout=dropout, gqa=self.num_groups != self.num_heads)
             out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
             return self.proj(out, reduce=reduce), None
         new_cache: KVCache | None = None
@@ -229,13 +233,13 @@ class Attention(nn.Module):
         if not causal and s > 1:
             total = k.shape[2]
             mask = torch.ones(s, total, dtype=torch.bool, device=x.device).tril(diagonal=total - s)
-        with self.rng.fork():
+        with rng:
             out = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
                 attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=dropout,
                 is_causal=causal and s > 1,
                 enable_gqa=self.num_groups != self.num_heads,
             )  # (B, nq, S, d)

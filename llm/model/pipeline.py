@@ -80,6 +80,8 @@ class TransformerBlockPipe(TransformerBlock):
     ) -> None:
         super().__init__(cfg, layer_number, ctx, rng)
         init_parameters(self, cfg, seed, ctx, prefix=f"layers.{layer_number}.")
+        if cfg.compile:
+            self.compile()
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:  # type: ignore[override]
         if isinstance(x, tuple):  # (hidden, positions, doc_ids)

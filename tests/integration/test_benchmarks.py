@@ -68,12 +68,15 @@ def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
         return
     positive = {
         "framework_overhead.py": ["pretrain_py_step_seconds", "bare_loop_step_seconds"],
-        "model_throughput.py": ["ours_tokens_per_sec", "hf_gpt2_tokens_per_sec", "matmul_peak_gflops"],
+        "model_throughput.py": ["matmul_peak_gflops"],
         "preprocess_throughput.py": ["raw_encode_tokens_per_sec"],
         "sample_read.py": ["bin_bytes", "samples", "us_per_sample_warm"],
         "tp_comm.py": ["analytic_bytes_with_embedding_and_loss"],
     }[name]
     for key in positive:
         assert report[key] > 0, (key, report)
+    if name == "model_throughput.py":  # every model of every shape was timed (their losses agreed first)
+        for shape in ("gpt2:1:64:2:32:2", "llama:1:64:4:32:2"):
+            assert all(v > 0 for v in report[shape]["tokens_per_sec"].values()) and report[shape]["ours_over_plain"] > 0
     if name == "tp_comm.py":  # bytes are counted from real collectives: the TP run moves some
         assert report["tp2"]["total_bytes"] > 0 and report["tp2_sequence_parallel"]["total_bytes"] > 0
