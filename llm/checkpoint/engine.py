@@ -189,15 +189,21 @@ def parameter_layout(module: torch.nn.Module, num_layers: int) -> dict[str, dict
 def write_rank_layout(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_layers: int) -> None:
     """This rank's coordinates, file names, optimizer parameter order and parameter layouts."""
     stage = int(engine.zero_optimization_stage())
-    groups = None  # ZeRO 1-3 files name their parameters; ZeRO 0's torch state dict counts them
-    if stage == 0:
+    # ZeRO 1-3 keep flat fp32 partitions in files that name their parameters; ZeRO 0's torch state
+    # dict counts them in its groups' order.
+    flat = stage > 0
+    groups = None
+    if not flat:
         names = {id(p): canonical_name(n, num_layers) for n, p in engine.module.named_parameters()}
-        groups = [[names[id(p)] for p in g["params"]] for g in engine.optimizer.param_groups]
+        # DeepSpeed's unfused mixed-precision wrapper (bf16 at ZeRO 0) keeps the module's parameters
+        # in `fp16_groups`, in the order of its fp32 masters and of the torch optimizer's state.
+        held = getattr(engine.optimizer, "fp16_groups", None) or [g["params"] for g in engine.optimizer.param_groups]
+        groups = [[names[id(p)] for p in g] for g in held]
     info = {
         "rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
         "zero_stage": stage, "bf16": bool(engine.bfloat16_enabled()),
         "model_file": Path(engine._get_ckpt_name(str(tag_dir.parent), tag_dir.name)).name,
-        "optim_file": Path(engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name)).name if stage else None,
+        "optim_file": Path(engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name)).name if flat else None,
         "groups": groups,
         "params": parameter_layout(engine.module, num_layers),
     }  # fmt: skip

@@ -97,19 +97,23 @@ def write_universal(
 
 
 def _shard_state_zero0(tag_dir: Path, info: dict[str, Any]) -> tuple[dict[str, Tensors], dict[str, Any]]:
-    """ZeRO 0: moments of one (PP, TP) shard from the torch state dict (weights come separately)."""
+    """ZeRO 0: moments of one (PP, TP) shard from the torch state dict; with bf16 (DeepSpeed's unfused
+    mixed-precision wrapper) also the fp32 master weights, which the bf16 module weights only round."""
     sd = load_tensor_file(tag_dir / info["model_file"])
     opt = sd.get("optimizer") or {}
-    if info.get("bf16") or "state" not in opt:
-        raise ReshardError(
-            f"'{tag_dir / info['model_file']}' holds no plain optimizer state (bf16 without ZeRO); resume it "
-            "at its own layout"
-        )
+    masters: list[torch.Tensor] = []
+    if "optimizer_state_dict" in opt:  # {"optimizer_state_dict": torch state, "fp32_groups": masters, loss scale}
+        masters = [t for group in opt.get("fp32_groups") or [] for t in group]
+        opt = opt["optimizer_state_dict"]
+    if "state" not in opt:
+        raise ReshardError(f"'{tag_dir / info['model_file']}' holds no optimizer state; resume it at its own layout")
     out: dict[str, Tensors] = {}
     flat_names = [n for g in info["groups"] for n in g]
     for idx, name in enumerate(flat_names):
         st = opt["state"].get(idx, {})
         out[name] = {k: st[k].float() for k in MOMENTS if k in st}
+        if masters:
+            out[name]["fp32"] = masters[idx].float()
     step = next((float(st["step"]) for st in opt["state"].values() if "step" in st), 0.0)
     return out, {"step": step}
 
@@ -242,6 +246,7 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
     opt = torch_optimizer(engine)
     if stage:
         _init_flat_state(engine, opt, step)
+    masters = _fp32_masters(engine)
     rows = cfg.model.padded_vocab_size(ctx.tp)
     for name, p in engine.module.named_parameters():
         cname = canonical_name(name, cfg.model.num_layers)
@@ -252,8 +257,11 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
         _set_param(p, local["fp32"], stage)
         moments = [k for k in MOMENTS if k in local]  # an import carries weights only: fresh AdamW state
         if stage == 0:
+            held = masters.get(id(p), p)  # bf16: the optimizer steps the fp32 master of p
+            if held is not p:
+                held.data.copy_(local["fp32"].to(held.device, held.dtype))
             if moments:
-                opt.state[p] = {"step": torch.tensor(step), **{k: local[k].to(p.device).clone() for k in moments}}
+                opt.state[held] = {"step": torch.tensor(step), **{k: local[k].to(p.device).clone() for k in moments}}
             continue
         safe_set_full_fp32_param(p, local["fp32"].to(p.device))
         for key in moments:
@@ -268,6 +276,16 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
             group["lr"] = lr  # the next step's rate; loading a state dict alone leaves the old one
     engine.global_steps = int(state.get("global_steps") or 0)
     engine.global_samples = int(state.get("global_samples") or 0)
+
+
+def _fp32_masters(engine: Any) -> dict[int, torch.Tensor]:
+    """id(module parameter) -> its fp32 master copy under DeepSpeed's unfused mixed-precision wrapper
+    (bf16 at ZeRO 0); empty where the optimizer steps the module's parameters themselves."""
+    opt = engine.optimizer
+    held, masters = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if not held or not masters:
+        return {}
+    return {id(p): m for g, mg in zip(held, masters) for p, m in zip(g, mg)}
 
 
 def fit_vocab_rows_entry(entry: Tensors, name: str, rows: int) -> Tensors:

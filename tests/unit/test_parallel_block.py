@@ -43,3 +43,25 @@ def test_export_is_refused_in_one_line() -> None:
         with pytest.raises(NoHFClassError, match="model.parallel_block has no transformers class") as e:
             hf_config(_cfg(arch, 1))
         assert "\n" not in str(e.value)
+
+
+def test_compiled_blocks_match_eager_with_checkpointing_and_documents() -> None:
+    """model.compile with activation checkpointing and document-aware attention (which runs eagerly
+    inside the compiled block): same loss and gradients as eager, same parameter names."""
+    from llm.config import DataConfig
+    from llm.training.trainer import model_inputs
+
+    kw = {"architecture": "llama", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+          "vocab_size": 300, "activation_checkpointing": True}  # fmt: skip
+    eager = build_model(ModelConfig(**kw), seed=1).train()
+    compiled = build_model(ModelConfig(**kw, compile=True), seed=1).train()
+    assert [n for n, _ in eager.named_parameters()] == [n for n, _ in compiled.named_parameters()]
+    tokens = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(0))
+    tokens[:, [5, 17]] = 7
+    docs = DataConfig(reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True, eod_token_id=7)
+    for _ in range(2):  # the second call runs the compiled code without recompiling
+        for m in (eager, compiled):
+            m.zero_grad()
+            m(*model_inputs(tokens, docs)).backward()
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
