@@ -10,7 +10,9 @@ dimension without reordering:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,32 +54,69 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - first
 
 
+def _segment_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> (N,) flat positions (b * S + t) where a document starts, in order;
+    every sample starts one."""
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return new.flatten().nonzero().flatten()
+
+
 def document_spans(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """(B, S) document ids -> per sample, the [start, end) of each document."""
-    spans = []
-    for row in doc_ids.tolist():
-        cuts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]] + [len(row)]
-        spans.append(list(zip(cuts[:-1], cuts[1:])))
+    b, s = doc_ids.shape
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(b)]
+    starts = _segment_starts(doc_ids).tolist() + [b * s]
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        spans[lo // s].append((lo % s, hi - (lo // s) * s))
     return spans
+
+
+def _varlen() -> tuple[Any, bool]:
+    """torch's variable-length flash attention where this torch has it with a causal window, and
+    whether it takes grouped-query K/V itself (torch 2.11's does not)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    params = inspect.signature(varlen_attn).parameters
+    return (varlen_attn if "window_size" in params else None), "enable_gqa" in params
+
+
+VARLEN, VARLEN_GQA = _varlen()
 
 
 @torch.compiler.disable  # data-dependent spans: runs eagerly inside a compiled block
 def _document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, *, dropout: float, gqa: bool
 ) -> torch.Tensor:
-    """Causal attention within documents only: (B, heads, S, d) -> (B, nq, S, d). One causal SDPA
-    call per document (so the fastest kernel runs, no S x S mask); with many short documents, one
-    call with a block-diagonal causal mask instead."""
-    spans = document_spans(doc_ids)
+    """Causal attention within documents only: (B, heads, S, d) -> (B, nq, S, d), contiguous.
+
+    GPU (bf16/fp16, no attention dropout): every document of the batch in one variable-length
+    flash-attention call. CPU: one causal SDPA call per document (no S x S mask; the calls are
+    cheap next to the compute). Otherwise (attention dropout, fp32 on GPU, or over
+    MAX_DOCUMENT_CALLS_PER_SAMPLE documents per sample on CPU): one SDPA call with a block-diagonal
+    causal mask."""
     b, s = doc_ids.shape
-    if all(len(x) == 1 for x in spans):  # no document boundary in the batch
+    starts = _segment_starts(doc_ids)
+    n = int(starts.numel())
+    if n == b:  # no document boundary in the batch
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=s > 1, enable_gqa=gqa)
-    if sum(len(x) for x in spans) > MAX_DOCUMENT_CALLS_PER_SAMPLE * b:
+    if q.is_cuda and VARLEN is not None and dropout == 0 and q.dtype in (torch.float16, torch.bfloat16):
+        cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        kw = {"enable_gqa": gqa} if VARLEN_GQA else {}
+        if gqa and not VARLEN_GQA:  # each query head's K/V group, repeated
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (q, k, v)]  # (B S, heads, d)
+        out = VARLEN(*flat, cu, cu, longest, longest, window_size=(-1, 0), **kw)
+        return out.view(b, s, q.shape[1], q.shape[3]).transpose(1, 2).contiguous()
+    if q.is_cuda or n > MAX_DOCUMENT_CALLS_PER_SAMPLE * b:
         same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # (B, S, S)
         mask = (same & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()).unsqueeze(1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
     rows = []
-    for i, sample in enumerate(spans):
+    for i, sample in enumerate(document_spans(doc_ids)):
         parts = [
             F.scaled_dot_product_attention(
                 q[i : i + 1, :, lo:hi], k[i : i + 1, :, lo:hi], v[i : i + 1, :, lo:hi],
@@ -85,7 +124,7 @@ def _document_attention(
             )  # fmt: skip
             for lo, hi in sample
         ]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0)
 
 
@@ -100,9 +139,8 @@ class RMSNorm(nn.Module):
         self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return sequence_parallel_param(self.weight, self.ctx, self.sequence_parallel) * normed.to(x.dtype)
+        w = sequence_parallel_param(self.weight, self.ctx, self.sequence_parallel)
+        return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), self.eps)  # fused where torch has a kernel
 
 
 class LayerNorm(nn.Module):
