@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify)
         stream = _stream(args, cfg)
-        result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx)
+        result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx,
+                                 data=cfg.data)
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm.config import DataConfig
 from llm.data.sources import InputError, Record, parse_record
-from llm.model.gpt import GPT
+from llm.model.gpt import GPT, IGNORE
+from llm.model.inputs import model_inputs
 from llm.parallel.context import ParallelContext
 from llm.progress import Progress
 
@@ -52,12 +54,20 @@ def windows(stream: np.ndarray, seq_length: int) -> Iterator[np.ndarray]:
 
 
 def evaluate_stream(
-    model: GPT, stream: np.ndarray, *, seq_length: int, batch_size: int = 8, ctx: ParallelContext | None = None
+    model: GPT,
+    stream: np.ndarray,
+    *,
+    seq_length: int,
+    batch_size: int = 8,
+    ctx: ParallelContext | None = None,
+    data: DataConfig | None = None,
 ) -> PerplexityResult:
     """With a context of several processes, each takes windows k with k % world == rank (a full
-    model per process) and the sums are all-reduced: the result equals one process's."""
+    model per process) and the sums are all-reduced: the result equals one process's. `data`: the
+    run's data settings, so a model trained document-aware is scored as it trained (positions and
+    attention per document, the predictions at EOD not counted with data.eod_mask_loss)."""
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-    local_nll, local_count = _local_totals(model, stream, seq_length, batch_size, rank, world)
+    local_nll, local_count = _local_totals(model, stream, seq_length, batch_size, rank, world, data)
     nll, count = local_nll, float(local_count)
     if ctx is not None and world > 1:
         nll, count = ctx.sum_over_world([nll, count])
@@ -68,8 +78,9 @@ def evaluate_stream(
 
 @torch.no_grad()
 def _local_totals(
-    model: GPT, stream: np.ndarray, seq_length: int, batch_size: int, rank: int, world: int
+    model: GPT, stream: np.ndarray, seq_length: int, batch_size: int, rank: int, world: int, data: DataConfig | None
 ) -> tuple[float, int]:
+    data = data if data is not None and data.document_aware else None
     model.eval()
     device = next(model.parameters()).device
     total_nll = 0.0
@@ -85,10 +96,12 @@ def _local_totals(
             return
         progress.update(len(batch))
         tokens = torch.from_numpy(np.stack(batch)).to(device)  # (B, L + 1)
-        logits = model(tokens[:, :-1]).float()  # (B, L, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+        inputs, labels, *docs = model_inputs(tokens, data) if data is not None else (tokens[:, :-1], tokens[:, 1:])
+        assert inputs is not None and labels is not None
+        logits = model(inputs, None, *docs).float()  # (B, L, V)
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=IGNORE)
         total_nll += float(nll)
-        count += tokens[:, 1:].numel()
+        count += int((labels != IGNORE).sum())
         batch.clear()
 
     for k, w in enumerate(windows(stream, seq_length)):

@@ -10,10 +10,11 @@ import torch.distributed as dist
 
 from llm.config import load_config
 from llm.model.gpt import build_model, parameter_groups
+from llm.model.inputs import model_inputs
 from llm.model.pipeline import build_pipeline_model, canonical_prefix
 from llm.parallel.context import ParallelContext
 from llm.parallel.random import RNGTracker
-from llm.training.trainer import _pairs, model_inputs
+from llm.training.trainer import _pairs
 from tests.distributed.harness import spawn
 
 pytestmark = pytest.mark.distributed

@@ -9,10 +9,10 @@ import torch
 from llm.checkpoint.engine import parameter_layout
 from llm.config import DataConfig, ModelConfig
 from llm.model.gpt import build_model
+from llm.model.inputs import model_inputs
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import merge_by_spec, partition_info
 from llm.parallel.random import RNGTracker
-from llm.training.trainer import model_inputs
 from tests.distributed.harness import spawn
 
 pytestmark = pytest.mark.distributed

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from llm.config import DataConfig, ModelConfig
 from llm.model import layers
 from llm.model.gpt import IGNORE, build_model
+from llm.model.inputs import model_inputs
 from llm.model.layers import document_ids, document_positions
-from llm.training.trainer import model_inputs
 
 EOD = 2
 DOCS = DataConfig(reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True, eod_token_id=EOD)
@@ -66,3 +66,19 @@ def test_eod_mask_loss_leaves_the_prediction_at_an_eod_unscored() -> None:
     keep = [0, 1, 3, 4, 6, 7]
     expected = F.cross_entropy(logits[keep], tokens[0, 1:][keep])
     torch.testing.assert_close(loss, expected)
+
+
+def test_perplexity_scores_a_document_aware_model_as_it_trained() -> None:
+    import numpy as np
+
+    from llm.eval.perplexity import evaluate_stream
+
+    model = _model("llama")
+    stream = np.array([5, 6, EOD, 7, 8, 9, EOD, 10, 11, 12, 13], dtype=np.int64)
+    result = evaluate_stream(model, stream, seq_length=10, batch_size=1, data=DOCS)
+    with torch.no_grad():
+        expected = model(*model_inputs(torch.from_numpy(stream)[None], DOCS))
+    assert result.tokens == 8  # 10 predictions, the 2 made at an EOD not scored
+    assert abs(result.loss - float(expected)) < 1e-6
+    plain = evaluate_stream(model, stream, seq_length=10, batch_size=1)  # without the settings: all 10, across documents
+    assert plain.tokens == 10 and abs(plain.loss - result.loss) > 1e-3

@@ -49,7 +49,7 @@ def test_compiled_blocks_match_eager_with_checkpointing_and_documents() -> None:
     """model.compile with activation checkpointing and document-aware attention (which runs eagerly
     inside the compiled block): same loss and gradients as eager, same parameter names."""
     from llm.config import DataConfig
-    from llm.training.trainer import model_inputs
+    from llm.model.inputs import model_inputs
 
     kw = {"architecture": "llama", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
           "vocab_size": 300, "activation_checkpointing": True}  # fmt: skip
