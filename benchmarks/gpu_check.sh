@@ -9,16 +9,7 @@
 # Environment: WHEELS=dir installs the wheels/sdists found there first (a machine without network).
 set -uo pipefail
 out="${1:-${OUT:-runs/gpu_check}}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/llm_torch_extensions}"
-if [ -n "${WHEELS:-}" ]; then
-  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
-  DS_BUILD_OPS=0 python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --no-compile \
-    --target /tmp/site "$WHEELS"/deepspeed-*.tar.gz > "$out/deepspeed_install.log" 2>&1 || { tail -20 "$out/deepspeed_install.log"; exit 1; }
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
 
 run_dir=/tmp/gpu_check_runs

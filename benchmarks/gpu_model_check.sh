@@ -8,16 +8,7 @@
 #   WHEELS=dir bash benchmarks/gpu_model_check.sh OUT_DIR     (repository root; needs data/builtin)
 set -uo pipefail
 out="${1:-${OUT:-runs/gpu_model_check}}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/llm_torch_extensions}"
-if [ -n "${WHEELS:-}" ]; then
-  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
-  DS_BUILD_OPS=0 python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --no-compile \
-    --target /tmp/site "$WHEELS"/deepspeed-*.tar.gz > "$out/deepspeed_install.log" 2>&1 || { tail -20 "$out/deepspeed_install.log"; exit 1; }
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"
 
 echo "== document attention: one variable-length flash call vs one causal call vs a block mask (bf16, B 8, 12 heads, S 2048, d 64)"
 timeout 120 python3 - <<'PY' 2>&1 | tee "$out/document_attention.txt"
