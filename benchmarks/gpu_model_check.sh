@@ -32,13 +32,13 @@ def causal():
 def per_doc():
     layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False).sum().backward()
 def dense():
-    old = layers.VARLEN; layers.VARLEN = None
+    layers.USE_VARLEN = False
     try: layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False).sum().backward()
-    finally: layers.VARLEN = old
-print("varlen:", layers.VARLEN, "documents per sample:", [len(s) for s in layers.document_spans(doc)])
+    finally: layers.USE_VARLEN = True
+print("varlen:", layers.varlen(), "documents per sample:", [len(s) for s in layers.document_spans(doc)])
 fast = layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False)
-old = layers.VARLEN; layers.VARLEN = None
-masked = layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False); layers.VARLEN = old
+layers.USE_VARLEN = False
+masked = layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False); layers.USE_VARLEN = True
 print("varlen vs block mask, max |difference|:", (fast.float() - masked.float()).abs().max().item())
 print(f"fwd+bwd ms: causal one call {timed(causal):.2f}, varlen per document {timed(per_doc):.2f}, "
       f"block-diagonal mask {timed(dense):.2f}")

@@ -10,6 +10,7 @@ dimension without reordering:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from typing import Any
@@ -72,9 +73,11 @@ def document_spans(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
-def _varlen() -> tuple[Any, bool]:
+@functools.cache
+def varlen() -> tuple[Any, bool]:
     """torch's variable-length flash attention where this torch has it with a causal window, and
-    whether it takes grouped-query K/V itself (torch 2.11's does not)."""
+    whether it takes grouped-query K/V itself (torch 2.11's does not). Imported at first use on a
+    GPU: the module pulls in torch._dynamo, over a second of start-up for every process otherwise."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -83,10 +86,16 @@ def _varlen() -> tuple[Any, bool]:
     return (varlen_attn if "window_size" in params else None), "enable_gqa" in params
 
 
-VARLEN, VARLEN_GQA = _varlen()
+USE_VARLEN = True  # False: the block-mask path on GPU too (benchmarks compare the two)
 
 
-@torch.compiler.disable  # data-dependent spans: runs eagerly inside a compiled block
+@functools.cache
+def document_attention() -> Any:
+    """`_document_attention`, run eagerly inside a compiled block (its spans depend on the data).
+    Wrapped at first use: `torch.compiler.disable` imports torch._dynamo."""
+    return torch.compiler.disable(_document_attention)
+
+
 def _document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, *, dropout: float, gqa: bool
 ) -> torch.Tensor:
@@ -102,14 +111,15 @@ def _document_attention(
     n = int(starts.numel())
     if n == b:  # no document boundary in the batch
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=s > 1, enable_gqa=gqa)
-    if q.is_cuda and VARLEN is not None and dropout == 0 and q.dtype in (torch.float16, torch.bfloat16):
+    fused, fused_gqa = varlen() if q.is_cuda and USE_VARLEN else (None, False)
+    if fused is not None and dropout == 0 and q.dtype in (torch.float16, torch.bfloat16):
         cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
         longest = int((cu[1:] - cu[:-1]).max())
-        kw = {"enable_gqa": gqa} if VARLEN_GQA else {}
-        if gqa and not VARLEN_GQA:  # each query head's K/V group, repeated
+        kw = {"enable_gqa": gqa} if fused_gqa else {}
+        if gqa and not fused_gqa:  # each query head's K/V group, repeated
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (q, k, v)]  # (B S, heads, d)
-        out = VARLEN(*flat, cu, cu, longest, longest, window_size=(-1, 0), **kw)
+        out = fused(*flat, cu, cu, longest, longest, window_size=(-1, 0), **kw)
         return out.view(b, s, q.shape[1], q.shape[3]).transpose(1, 2).contiguous()
     if q.is_cuda or n > MAX_DOCUMENT_CALLS_PER_SAMPLE * b:
         same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # (B, S, S)
@@ -258,7 +268,7 @@ class Attention(nn.Module):
         rng = self.rng.fork() if dropout > 0 else contextlib.nullcontext()
         if doc_ids is not None and cache is None:
             with rng:
-                out = _document_attention(q, k, v, doc_ids, dropout=dropout, gqa=self.num_groups != self.num_heads)
+                out = document_attention()(q, k, v, doc_ids, dropout=dropout, gqa=self.num_groups != self.num_heads)
             out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
             return self.proj(out, reduce=reduce), None
         new_cache: KVCache | None = None
