@@ -89,12 +89,6 @@ def varlen() -> tuple[Any, bool]:
 USE_VARLEN = True  # False: the block-mask path on GPU too (benchmarks compare the two)
 
 
-@functools.cache
-def document_attention() -> Any:
-    """`_document_attention`, run eagerly inside a compiled block (its spans depend on the data).
-    Wrapped at first use: `torch.compiler.disable` imports torch._dynamo."""
-    return torch.compiler.disable(_document_attention)
-
 
 def _document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, *, dropout: float, gqa: bool
@@ -240,6 +234,11 @@ class Attention(nn.Module):
             if cfg.is_llama
             else None
         )
+        # In a compiled block it runs eagerly (its spans depend on the data); wrapped only then, as
+        # torch.compiler.disable imports torch._dynamo (over a second of every process's start-up).
+        self.document_attention = (
+            torch.compiler.disable(_document_attention) if cfg.compile else _document_attention
+        )
 
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = split_qkv(qkv, heads=self.num_heads, groups=self.num_groups, head_dim=self.head_dim, dim=-1)
@@ -268,7 +267,7 @@ class Attention(nn.Module):
         rng = self.rng.fork() if dropout > 0 else contextlib.nullcontext()
         if doc_ids is not None and cache is None:
             with rng:
-                out = document_attention()(q, k, v, doc_ids, dropout=dropout, gqa=self.num_groups != self.num_heads)
+                out = self.document_attention(q, k, v, doc_ids, dropout=dropout, gqa=self.num_groups != self.num_heads)
             out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
             return self.proj(out, reduce=reduce), None
         new_cache: KVCache | None = None
