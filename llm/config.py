@@ -28,6 +28,9 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DecayStyle = Literal["cosine", "linear", "constant"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 PartitionMethod = Literal["parameters", "uniform", "type:TransformerBlock"]
+Optimizer = Literal["adamw", "sgd"]
+Exchange = Literal["fp32", "bf16", "fp16", "int8", "int4"]
+CommDtype = Literal["fp32", "bf16", "fp16"]
 
 
 class ConfigError(LLMError, ValueError):
@@ -120,6 +123,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
+    optimizer: Optimizer = "adamw"  # sgd: torch's SGD with train.sgd_momentum (e.g. DiLoCo's inner one)
+    sgd_momentum: float = 0.0
     clip_grad: float = 1.0
     seed: int = 1234
     precision: Precision = "auto"  # auto = bf16 on CUDA, fp32 on CPU
@@ -155,11 +160,34 @@ class DataConfig:
 
 
 @dataclass
+class DilocoConfig:
+    """DiLoCo islands (Douillard et al. 2023) and Streaming DiLoCo (2025): `islands` groups of ranks
+    train on their own for `inner_steps` steps, then average their outer gradient (start-of-round
+    weights minus current weights) across islands and apply it with Nesterov momentum. See
+    docs/diloco.md. islands = 1: ordinary synchronous training (the default)."""
+
+    islands: int = 1
+    inner_steps: int = 500  # H: inner optimizer steps per round
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    exchange: Exchange = "fp32"  # the outer gradient on the wire: fp32, bf16/fp16, int8 or int4 blockwise
+    quant_block_size: int = 128  # elements per scale of int8/int4
+    error_feedback: bool = True  # keep what quantization lost and add it to the next round's outer gradient
+    fragments: int = 1  # Streaming DiLoCo: fragments synchronized at staggered steps (1 = all at once)
+    delay: int = 0  # tau: inner steps the exchange overlaps before the outer update is applied
+    mixing: float = 0.5  # with delay > 0: new weights = mixing x local + (1 - mixing) x outer result
+
+
+@dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     pipeline_partition_method: PartitionMethod = "parameters"
     timeout_minutes: float = 30.0  # a collective waiting longer fails (a hung or stopped rank)
+    # DeepSpeed's gradient reduction dtype (its `communication_data_type`); None = the training dtype
+    communication_data_type: CommDtype | None = None
+    diloco: DilocoConfig = field(default_factory=DilocoConfig)
 
 
 @dataclass
@@ -223,13 +251,19 @@ class Config:
         return self.checkpoint.dir or str(Path(self.logging.dir) / "checkpoints")
 
     def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel ranks of one island (of the world without DiLoCo islands)."""
+        p = self.parallel
         return world_size // (
-            self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+            p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.diloco.islands
         )
 
     def grad_accumulation_steps(self, world_size: int) -> int:
-        dp = self.data_parallel_size(world_size)
+        dp = self.data_parallel_size(world_size) * self.parallel.diloco.islands
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def island_batch_size(self) -> int:
+        """The samples of one global batch that each island trains on (all of them without islands)."""
+        return self.train.global_batch_size // self.parallel.diloco.islands
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -494,6 +528,15 @@ _RANGES: dict[str, str] = {
     "parallel.tensor_model_parallel_size": "positive",
     "parallel.pipeline_model_parallel_size": "positive",
     "parallel.timeout_minutes": "positive",
+    "parallel.diloco.islands": "positive",
+    "parallel.diloco.inner_steps": "positive",
+    "parallel.diloco.outer_lr": "positive",
+    "parallel.diloco.outer_momentum": "fraction",
+    "parallel.diloco.quant_block_size": "positive",
+    "parallel.diloco.fragments": "positive",
+    "parallel.diloco.delay": "non-negative",
+    "parallel.diloco.mixing": "fraction",
+    "train.sgd_momentum": "fraction",
     "eval.eval_interval": "positive",
     "eval.eval_iters": "non-negative",
     "eval.lm_eval_interval": "positive",
@@ -594,6 +637,39 @@ def _check_parallel(cfg: Config) -> None:
         )
 
 
+def _check_diloco(cfg: Config) -> None:
+    d = cfg.parallel.diloco
+    if d.islands == 1:
+        return
+    if d.fragments > d.inner_steps:
+        raise ConfigError(
+            f"parallel.diloco.fragments ({d.fragments}) exceeds parallel.diloco.inner_steps ({d.inner_steps}): "
+            "each fragment needs at least one inner step of its own"
+        )
+    if d.fragments > cfg.model.num_layers:
+        raise ConfigError(
+            f"parallel.diloco.fragments ({d.fragments}) exceeds model.num_layers ({cfg.model.num_layers}): "
+            "fragments are runs of layers"
+        )
+    if d.delay >= d.inner_steps:
+        raise ConfigError(
+            f"parallel.diloco.delay ({d.delay}) must be smaller than parallel.diloco.inner_steps ({d.inner_steps}): "
+            "an exchange must land before its fragment's next round ends"
+        )
+    if cfg.train.global_batch_size % d.islands:
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+            f"parallel.diloco.islands ({d.islands}): each island trains on an equal slice of every global batch"
+        )
+    if cfg.train.precision == "fp16":
+        raise ConfigError("parallel.diloco with train.precision: fp16 is not supported; use bf16 or fp32")
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            "parallel.diloco islands with pipeline parallelism are not supported yet (DeepSpeed's pipeline "
+            "grid spans the whole world); use tensor and data parallelism inside each island"
+        )
+
+
 def _check_lm_eval(cfg: Config) -> None:
     tasks = cfg.eval.lm_eval_tasks
     if not all(isinstance(t, str) and t.strip() for t in tasks):
@@ -633,6 +709,7 @@ def validate(cfg: Config) -> None:
     _check_lm_eval(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)
+    _check_diloco(cfg)
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
         raise ConfigError("train.lr_warmup_iters must not exceed train.lr_decay_iters (or train.train_iters)")
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
@@ -645,14 +722,21 @@ def validate_world(cfg: Config, world_size: int) -> None:
     """Checks that need the number of processes."""
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
-    dp = cfg.data_parallel_size(world_size)
+    islands = cfg.parallel.diloco.islands
+    if world_size % (tp * pp * islands):
+        what = f"islands x TP x PP = {islands} x {tp} x {pp}" if islands > 1 else f"TP x PP = {tp} x {pp}"
+        raise ConfigError(f"world size {world_size} is not divisible by {what}")
+    dp = cfg.data_parallel_size(world_size) * islands
     per_step = cfg.train.micro_batch_size * dp
     if cfg.train.global_batch_size % per_step:
+        ranks = (
+            f"data-parallel size x islands ({dp // islands} x {islands})"
+            if islands > 1
+            else "data-parallel size"
+        )
         raise ConfigError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x data-parallel size ({cfg.train.micro_batch_size} x {dp} = {per_step})"
+            f"train.micro_batch_size x {ranks} ({cfg.train.micro_batch_size} x {dp} = {per_step})"
         )
 
 
@@ -673,7 +757,7 @@ def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str,
         )
     t = cfg.train
     return {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": cfg.island_batch_size(),  # DeepSpeed sees one island
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation_steps(world_size),
         "gradient_clipping": t.clip_grad,
@@ -686,23 +770,69 @@ def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str,
             "hysteresis": 2,
             "min_loss_scale": 1,
         },
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": t.lr,
-                "betas": [t.adam_beta1, t.adam_beta2],
-                "eps": t.adam_eps,
-                "weight_decay": t.weight_decay,
-                # torch's AdamW, with its fused CUDA kernel on a GPU: no DeepSpeed op compiled at start
-                # (DeepSpeed's FusedAdam is a JIT nvcc build that needs a compiler on every node).
-                "torch_adam": True,
-                **({"fused": True} if cuda else {}),
-            },
+        "optimizer": _optimizer_entry(t, cuda=cuda),
+    }
+
+
+def _optimizer_entry(t: TrainConfig, *, cuda: bool) -> dict[str, Any]:
+    if t.optimizer == "sgd":  # DeepSpeed builds torch.optim.<type> for names it does not know
+        return {
+            "type": "SGD",
+            "params": {"lr": t.lr, "momentum": t.sgd_momentum, "weight_decay": t.weight_decay},
+        }
+    return {
+        "type": "AdamW",
+        "params": {
+            "lr": t.lr,
+            "betas": [t.adam_beta1, t.adam_beta2],
+            "eps": t.adam_eps,
+            "weight_decay": t.weight_decay,
+            # torch's AdamW, with its fused CUDA kernel on a GPU: no DeepSpeed op compiled at start
+            # (DeepSpeed's FusedAdam is a JIT nvcc build that needs a compiler on every node).
+            "torch_adam": True,
+            **({"fused": True} if cuda else {}),
         },
     }
 
 
 _OWNED_KEYS = ("optimizer", "scheduler")
+
+
+# ZeRO++ (stage 3): quantized weights (qwZ), quantized gradients (qgZ), hierarchical partitioning (hpZ).
+_ZERO_PP = ("zero_quantized_weights", "zero_quantized_gradients", "zero_quantized_nontrainable_weights")
+
+
+def _check_communication(cfg: Config, ds: dict[str, Any], stage: int, *, cuda: bool) -> None:
+    """Compressed communication: `parallel.communication_data_type` becomes DeepSpeed's (gradient
+    reduction in fp16/bf16 at ZeRO 0-2); ZeRO++ knobs in the JSON pass through on a GPU at stage 3;
+    DiLoCo islands need ZeRO 0-2 (their outer step works on each rank's fp32 master weights)."""
+    comm = cfg.parallel.communication_data_type
+    if comm is not None:
+        if "communication_data_type" in ds and ds["communication_data_type"] != comm:
+            raise ConfigError(
+                f"parallel.communication_data_type = {comm} conflicts with communication_data_type = "
+                f"{ds['communication_data_type']!r} in '{cfg.deepspeed_config}'; keep one of them"
+            )
+        ds["communication_data_type"] = comm
+    zero = ds["zero_optimization"]
+    quantized = [k for k in _ZERO_PP if zero.get(k)] + (
+        ["zero_hpz_partition_size"] if int(zero.get("zero_hpz_partition_size", 1)) > 1 else []
+    )
+    if quantized and not cuda:
+        raise ConfigError(
+            f"ZeRO++ ({', '.join(quantized)} in '{cfg.deepspeed_config}') needs CUDA kernels and cannot run on CPU; "
+            "remove them, or compress gradients with parallel.communication_data_type: bf16"
+        )
+    if quantized and stage != 3:
+        raise ConfigError(
+            f"ZeRO++ ({', '.join(quantized)} in '{cfg.deepspeed_config}') works at ZeRO stage 3 only (this is stage "
+            f"{stage}); use configs/deepspeed/zero3.json or remove them"
+        )
+    if cfg.parallel.diloco.islands > 1 and stage == 3:
+        raise ConfigError(
+            "parallel.diloco islands need ZeRO stage 0, 1 or 2 inside each island (stage 3 shards the weights "
+            "the outer step updates); use configs/deepspeed/zero1.json or zero2.json"
+        )
 
 
 def _conflicts(user: Any, derived: Any, path: str) -> list[str]:
@@ -743,7 +873,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
     ds = _merge(user, derived)
     ds.setdefault("zero_optimization", {"stage": 0})
     offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
-    if offload and cuda:
+    if offload and cuda and cfg.train.optimizer == "adamw":
         # The optimizer steps on the CPU copy: DeepSpeedCPUAdam (a C++ op) is far faster there.
         ds["optimizer"]["params"] = {k: v for k, v in ds["optimizer"]["params"].items() if k != "fused"}
         ds["optimizer"]["params"]["torch_adam"] = False
@@ -765,6 +895,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
             "ZeRO stage 3 with tensor parallelism is not supported: use configs/deepspeed/zero1.json or "
             "zero2.json with parallel.tensor_model_parallel_size > 1"
         )
+    _check_communication(cfg, ds, stage, cuda=cuda)
     fp32 = resolve_precision(cfg.train.precision, cuda=cuda) == "fp32"
     if cfg.parallel.pipeline_model_parallel_size > 1 and stage == 0 and fp32:
         # DeepSpeed's fp32 clipping under pipeline parallelism miscounts the norm: llm's optimizer

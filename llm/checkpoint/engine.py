@@ -16,6 +16,7 @@ import torch
 from llm.checkpoint import reshard
 from llm.checkpoint.compat import require_tested_deepspeed
 from llm.checkpoint.format import (
+    DILOCO_DIR,
     LAYOUT_DIR,
     MANIFEST,
     RNG_DIR,
@@ -52,7 +53,14 @@ class CheckpointSaveError(CheckpointError):
     """A save that failed (no space, permission, I/O error); `latest` and earlier checkpoints are intact."""
 
 
-def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, ctx: ParallelContext) -> Path:
+def save_checkpoint(
+    engine: Any,
+    cfg: Config,
+    state: dict[str, Any],
+    *,
+    ctx: ParallelContext,
+    rank_state: dict[str, Any] | None = None,
+) -> Path:
     """Saves through DeepSpeed (every rank); the checkpoint becomes visible only when all ranks are done.
 
     Order: llm_meta.json, per-rank RNG and layout files, DeepSpeed's files; every rank then hashes
@@ -61,10 +69,18 @@ def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, ctx: Par
     previous checkpoint. A failure on any rank (no space, permission, I/O) is agreed on by all ranks
     at the next step of this sequence: the partial directory is removed and every rank raises
     CheckpointSaveError naming the directory and the cause, so none is left waiting.
+
+    `rank_state` (DiLoCo's outer state) goes to `diloco/rank_NNNNN.pt`. With DiLoCo islands, island
+    0's files are the checkpoint as any tool reads it (world_size in the meta is one island's) and
+    island k > 0 keeps its own DeepSpeed files under `island_k/` for an exact resume.
     """
     directory, rank = Path(cfg.checkpoint_dir), ctx.rank
     tag_dir = directory / tag_for(int(state["iteration"]))
-    meta = build_meta(state, cfg, zero_stage=int(engine.zero_optimization_stage()), world_size=ctx.world_size)
+    meta = build_meta(
+        state, cfg, zero_stage=int(engine.zero_optimization_stage()), world_size=ctx.island_size
+    )
+    if ctx.islands > 1:
+        meta["diloco_islands"] = ctx.islands
     previous = latest_tag(directory)
 
     def start() -> None:
@@ -76,8 +92,14 @@ def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, ctx: Par
     def write_rank_files() -> None:
         (tag_dir / RNG_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(getattr(engine.module, "rng", None)), tag_dir / RNG_DIR / f"rank_{rank:05d}.pt")
-        write_rank_layout(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
-        engine.save_checkpoint(str(directory), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
+        if rank_state is not None:
+            (tag_dir / DILOCO_DIR).mkdir(parents=True, exist_ok=True)
+            torch.save(rank_state, tag_dir / DILOCO_DIR / f"rank_{rank:05d}.pt")
+        if ctx.island == 0:
+            write_rank_layout(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
+        root = island_root(directory, tag_dir, ctx)
+        (root / tag_dir.name).mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
 
     _agreed(ctx, tag_dir, previous, start if rank == 0 else None)
     _agreed(ctx, tag_dir, previous, write_rank_files)
@@ -93,6 +115,12 @@ def save_checkpoint(engine: Any, cfg: Config, state: dict[str, Any], *, ctx: Par
 
     _agreed(ctx, tag_dir, previous, finish if rank == 0 else None)
     return tag_dir
+
+
+def island_root(directory: Path, tag_dir: Path, ctx: ParallelContext) -> Path:
+    """Where this rank's island keeps DeepSpeed's files: the checkpoint directory for island 0,
+    `<tag>/island_k/` (holding `<tag>/`) for the others (DeepSpeed's tags must agree on all ranks)."""
+    return directory if ctx.island == 0 else tag_dir / f"island_{ctx.island}"
 
 
 def _agreed(ctx: ParallelContext, tag_dir: Path, previous: str | None, step: Any) -> None:
@@ -222,10 +250,12 @@ def load_checkpoint(
     check_same_model(meta, cfg, tag_dir, tokenizer_fingerprint=tokenizer_fingerprint)
     saved = layout_of(meta)
     ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "zero": int(engine.zero_optimization_stage())}
+    _check_islands(meta, tag_dir, ctx, saved == ours)
     if saved != ours:
         return _load_resharded(engine, tag_dir, cfg, ctx, meta, saved, ours)
     try:
-        loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        root = island_root(tag_dir.parent, tag_dir, ctx)
+        loaded, client = engine.load_checkpoint(str(root), tag=tag_dir.name)
     except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"checkpoint '{tag_dir}' could not be read ({e}); use an earlier checkpoint") from None
     if loaded is None:
@@ -234,7 +264,28 @@ def load_checkpoint(
     rng_file = tag_dir / RNG_DIR / f"rank_{ctx.rank:05d}.pt"
     if rng_file.is_file():  # restored by the caller right before the first step
         out["rng_state"] = torch.load(rng_file, weights_only=False)
+    diloco_file = tag_dir / DILOCO_DIR / f"rank_{ctx.rank:05d}.pt"
+    if diloco_file.is_file():
+        out["diloco_state"] = torch.load(diloco_file, weights_only=False)
     return out
+
+
+def _check_islands(meta: dict[str, Any], tag_dir: Path, ctx: ParallelContext, same_layout: bool) -> None:
+    """A DiLoCo checkpoint resumes at its own islands and layout (each island's mid-round weights and
+    inner optimizer state are its own); a synchronous one cannot become islands midway either."""
+    saved = int(meta.get("diloco_islands", 1))
+    if saved == ctx.islands and (saved == 1 or same_layout):
+        return
+    if saved == ctx.islands:
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' was written by {saved} DiLoCo islands at another layout within each island; "
+            "resume it with the parallel settings and world size it was saved with"
+        )
+    raise CheckpointError(
+        f"checkpoint '{tag_dir}' was written with parallel.diloco.islands = {saved} and this run has {ctx.islands}: "
+        "a run keeps its number of islands; resume with the same value (evaluate.py and convert_to_hf.py read "
+        "island 0's weights of any DiLoCo checkpoint)"
+    )
 
 
 def _describe(layout: dict[str, int] | None) -> str:

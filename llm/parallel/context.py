@@ -8,6 +8,12 @@ tensor-parallel ("model") rank varying fastest, so
 and tensor-parallel groups are runs of consecutive ranks (the same node on a cluster). The
 object doubles as the `mpu` that `deepspeed.initialize` takes, so ZeRO shards over the
 data-parallel group only and gradient clipping counts tensor-sharded parameters once.
+
+DiLoCo islands (parallel.diloco) add the slowest axis: island k holds the global ranks
+[k x S, (k + 1) x S) with S = TP x PP x DP, each island one such grid. Every group above (and so
+DeepSpeed's all-reduce and ZeRO) stays inside an island; `island` groups join the ranks at the same
+place in every island (they hold the same parameter shard) and `data` groups join all ranks that
+read different data for the same parameters (DP x islands).
 """
 
 from __future__ import annotations
@@ -90,10 +96,20 @@ class ParallelContext:
     pp: int = 1
     groups: dict[str, Any] = field(default_factory=dict, repr=False)
     timeout: timedelta | None = None  # of the groups it creates (None: torch's default, 30 minutes)
+    islands: int = 1  # DiLoCo islands: the world is islands x PP x DP x TP
+
+    @property
+    def island_size(self) -> int:
+        return self.world_size // self.islands
+
+    @property
+    def island(self) -> int:
+        return self.rank // self.island_size
 
     @property
     def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
+        """Data-parallel ranks inside one island (DeepSpeed's data-parallel world)."""
+        return self.island_size // (self.tp * self.pp)
 
     @property
     def tp_rank(self) -> int:
@@ -105,10 +121,19 @@ class ParallelContext:
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return (self.rank % self.island_size) // (self.tp * self.dp)
 
-    def coord_to_rank(self, *, pp: int, dp: int, tp: int) -> int:
-        return pp * self.dp * self.tp + dp * self.tp + tp
+    @property
+    def data_rank(self) -> int:
+        """Which slice of every global batch this rank reads: islands x DP slices, island-major."""
+        return self.island * self.dp + self.dp_rank
+
+    @property
+    def data_size(self) -> int:
+        return self.islands * self.dp
+
+    def coord_to_rank(self, *, pp: int, dp: int, tp: int, island: int = 0) -> int:
+        return island * self.island_size + pp * self.dp * self.tp + dp * self.tp + tp
 
     @classmethod
     def single(cls) -> ParallelContext:
@@ -116,12 +141,17 @@ class ParallelContext:
         return cls(world_size=1, rank=0)
 
     @classmethod
-    def build(cls, *, tp: int = 1, pp: int = 1, timeout_minutes: float | None = None) -> ParallelContext:
+    def build(
+        cls, *, tp: int = 1, pp: int = 1, islands: int = 1, timeout_minutes: float | None = None
+    ) -> ParallelContext:
         """Creates every group; all ranks must call this in the same order."""
         timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
-        ctx = cls(world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp, timeout=timeout)
-        if ctx.world_size % (tp * pp):
-            raise ValueError(f"world size {ctx.world_size} is not divisible by TP x PP = {tp} x {pp}")
+        world = dist.get_world_size()
+        ctx = cls(world_size=world, rank=dist.get_rank(), tp=tp, pp=pp, timeout=timeout, islands=islands)
+        if world % (tp * pp * islands):
+            raise ValueError(
+                f"world size {world} is not divisible by islands x TP x PP = {islands} x {tp} x {pp}"
+            )
         grids = ctx.grid()
         for name, lists in grids.items():
             for ranks in lists:
@@ -132,14 +162,24 @@ class ParallelContext:
         return ctx
 
     def grid(self) -> dict[str, list[list[int]]]:
-        """Every group of each kind as lists of global ranks: tp, dp, pp and mp (= tp x pp)."""
-        tp, pp, dp, at = self.tp, self.pp, self.dp, self.coord_to_rank
-        return {
-            "tp": [[at(pp=p, dp=d, tp=t) for t in range(tp)] for p in range(pp) for d in range(dp)],
-            "dp": [[at(pp=p, dp=d, tp=t) for d in range(dp)] for p in range(pp) for t in range(tp)],
-            "pp": [[at(pp=p, dp=d, tp=t) for p in range(pp)] for d in range(dp) for t in range(tp)],
-            "mp": [[at(pp=p, dp=d, tp=t) for p in range(pp) for t in range(tp)] for d in range(dp)],
-        }
+        """Every group of each kind as lists of global ranks: tp, dp, pp and mp (= tp x pp) inside each
+        island; with islands also `island` (one rank per island, same place) and `data` (DP x islands)."""
+        tp, pp, dp, at, isl = self.tp, self.pp, self.dp, self.coord_to_rank, range(self.islands)
+        out = {
+            "tp": [[at(pp=p, dp=d, tp=t, island=i) for t in range(tp)] for i in isl for p in range(pp) for d in range(dp)],
+            "dp": [[at(pp=p, dp=d, tp=t, island=i) for d in range(dp)] for i in isl for p in range(pp) for t in range(tp)],
+            "pp": [[at(pp=p, dp=d, tp=t, island=i) for p in range(pp)] for i in isl for d in range(dp) for t in range(tp)],
+            "mp": [[at(pp=p, dp=d, tp=t, island=i) for p in range(pp) for t in range(tp)] for i in isl for d in range(dp)],
+        }  # fmt: skip
+        if self.islands > 1:
+            inner = range(self.island_size)
+            out["island"] = [[i * self.island_size + r for i in isl] for r in inner]
+            out["data"] = [
+                [at(pp=p, dp=d, tp=t, island=i) for i in isl for d in range(dp)]
+                for p in range(pp)
+                for t in range(tp)
+            ]
+        return out
 
     def tp_subgroup(self, size: int) -> Any:
         """The group of `size` consecutive ranks inside this rank's TP group (created on first use;
@@ -157,7 +197,12 @@ class ParallelContext:
         return self.groups[key]
 
     def describe(self) -> str:
-        return f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}"
+        grid = f"TP {self.tp} x PP {self.pp} x DP {self.dp}"
+        return (
+            f"world {self.world_size} = {self.islands} DiLoCo islands x {grid}"
+            if self.islands > 1
+            else f"world {self.world_size} = {grid}"
+        )
 
     # ---- the DeepSpeed mpu interface -------------------------------------------------------
     # As in Megatron-DeepSpeed, "model parallel" means tensor parallel here: DeepSpeed counts a
@@ -210,11 +255,13 @@ class ParallelContext:
 
     # ---- collectives the trainer needs (collectives live in llm/parallel only) ----------------
     def mean_over_dp(self, values: list[float]) -> list[float]:
+        """The mean over every rank that read other samples for the same parameters: the island's DP
+        group, and with DiLoCo islands every island's too (a loss over the whole global batch)."""
         t = torch.tensor(values, dtype=torch.float64)
-        if self.dp > 1:
+        if self.data_size > 1:
             t = t.to(_comm_device())
-            dist.all_reduce(t, group=self.groups["dp"])
-            t = t.cpu() / self.dp
+            dist.all_reduce(t, group=self.groups["data" if self.islands > 1 else "dp"])
+            t = t.cpu() / self.data_size
         return [float(x) for x in t]
 
     def max_over_world(self, value: float) -> float:

@@ -1,4 +1,4 @@
-"""AdamW with layout-aware global-norm clipping, for the one case DeepSpeed gets wrong.
+"""AdamW (or SGD) with layout-aware global-norm clipping, for the one case DeepSpeed gets wrong.
 
 With pipeline parallelism and ZeRO stage 0, DeepSpeed's fp32 clipping counts only the first
 stage's replicated parameters, so the clipping norm is not the model's norm. There we hand
@@ -18,13 +18,10 @@ from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
 
 
-class ClippedAdamW(torch.optim.AdamW):
-    def __init__(self, params: Any, cfg: TrainConfig, ctx: ParallelContext) -> None:
-        super().__init__(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                         weight_decay=cfg.weight_decay)  # fmt: skip
-        self.ctx = ctx
-        self.max_norm = cfg.clip_grad
-        self.last_grad_norm: float | None = None
+class _ClipsGlobalNorm(torch.optim.Optimizer):
+    ctx: ParallelContext
+    max_norm: float
+    last_grad_norm: float | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
@@ -37,3 +34,21 @@ class ClippedAdamW(torch.optim.AdamW):
                 if p.grad is not None:
                     p.grad.mul_(scale)
         return super().step(closure)
+
+
+class ClippedAdamW(_ClipsGlobalNorm, torch.optim.AdamW):
+    def __init__(self, params: Any, cfg: TrainConfig, ctx: ParallelContext) -> None:
+        super().__init__(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                         weight_decay=cfg.weight_decay)  # fmt: skip
+        self.ctx, self.max_norm = ctx, cfg.clip_grad
+
+
+class ClippedSGD(_ClipsGlobalNorm, torch.optim.SGD):
+    def __init__(self, params: Any, cfg: TrainConfig, ctx: ParallelContext) -> None:
+        super().__init__(params, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+        self.ctx, self.max_norm = ctx, cfg.clip_grad
+
+
+def clipped_optimizer(params: Any, cfg: TrainConfig, ctx: ParallelContext) -> torch.optim.Optimizer:
+    """train.optimizer with global-norm clipping (llm.parallel.grads)."""
+    return (ClippedSGD if cfg.optimizer == "sgd" else ClippedAdamW)(params, cfg, ctx)

@@ -25,10 +25,11 @@ from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, init_distributed, is_collective_timeout
 from llm.parallel.layout import gather_layout
 from llm.parallel.random import RNGTracker
+from llm.training.diloco import DiLoCo
 from llm.training.lr_schedule import make_scheduler
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
-from llm.training.optim import ClippedAdamW
+from llm.training.optim import clipped_optimizer
 from llm.training.run_lock import RunLock, RunLockedError
 from llm.training.trainer import PeriodicEval, Trainer, TrainState, load_train_state
 
@@ -146,7 +147,7 @@ def run_pretraining(
     validate_world(cfg, launch.world_size)  # before building groups: a bad TP x PP is one clear line
     ctx = ParallelContext.build(
         tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size,
-        timeout_minutes=cfg.parallel.timeout_minutes,
+        islands=cfg.parallel.diloco.islands, timeout_minutes=cfg.parallel.timeout_minutes,
     )  # fmt: skip
     lock = _lock_run(cfg, ctx)  # before anything is written into the run directory
     try:
@@ -199,7 +200,7 @@ def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) 
     groups = parameter_groups(model, cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(
         model=model,
-        optimizer=None if "optimizer" in ds_config else ClippedAdamW(groups, cfg.train, ctx),
+        optimizer=None if "optimizer" in ds_config else clipped_optimizer(groups, cfg.train, ctx),
         model_parameters=groups,  # type: ignore[arg-type]
         config=ds_config,
         lr_scheduler=make_scheduler(cfg.train),
@@ -213,13 +214,18 @@ def _train(
     periodic_eval: PeriodicEval | None,
 ) -> TrainState:  # fmt: skip
     engine, rng, num_params = _build_engine(cfg, ctx, ds_config)
+    diloco = (
+        DiLoCo(cfg.parallel.diloco, ctx, engine, num_layers=cfg.model.num_layers) if ctx.islands > 1 else None
+    )
     peak_memory.reset()  # peak_memory_gb in the metrics: the model and optimizer, plus what training adds
     state, rng_state, changes = TrainState(), None, list[str]()
     fingerprint = tokenizer_fingerprint(cfg.data.tokenizer)
     resume = _resume_path(cfg)
     if resume is not None:
         tag_dir = choose_verified(resume, ctx, fallback=cfg.checkpoint.resume == "auto", checksums=cfg.checkpoint.verify)
-        state, rng_state, changes = load_train_state(engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint)
+        state, rng_state, changes = load_train_state(
+            engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint, diloco=diloco
+        )
         logger.info("resumed from %s at iteration %d", tag_dir, state.iteration)
         for change in changes:
             logger.info("resume: %s", change)
@@ -234,7 +240,7 @@ def _train(
     trainer = Trainer(
         cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test, metrics=metrics, state=state,
         num_params=num_params, peak_memory=peak_memory, tokenizer_fingerprint=fingerprint,
-        periodic_eval=periodic_eval,
+        periodic_eval=periodic_eval, diloco=diloco,
     )  # fmt: skip
     if rng_state is not None:  # last, after everything that might draw random numbers during setup
         restore_rng_state(rng_state, rng)

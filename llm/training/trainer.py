@@ -23,6 +23,7 @@ from llm.model.flops import gpu_peak_tflops, model_flops_per_token
 from llm.model.inputs import model_inputs
 from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
+from llm.training.diloco import DiLoCo
 from llm.training.faults import Spike, SpikeDetector, injected_loss_factor
 from llm.training.lr_schedule import lr_at
 from llm.training.memory import PeakMemory
@@ -51,12 +52,23 @@ class TrainState:
 
 
 def load_train_state(
-    engine: Any, tag_dir: Any, cfg: Config, ctx: ParallelContext, *, tokenizer_fingerprint: str | None
-) -> tuple[TrainState, Any, list[str]]:
-    """Loads a checkpoint into the engine: (the saved training state, this rank's saved RNG state, the
-    settings that changed since the checkpoint as `train.lr: 0.0003 -> 0.0001`). The optimizer and LR
-    schedule then follow the run's config, not the saved one (see `apply_optimizer_settings`)."""
+    engine: Any, tag_dir: Any, cfg: Config, ctx: ParallelContext, *, tokenizer_fingerprint: str | None,
+    diloco: DiLoCo | None = None,
+) -> tuple[TrainState, Any, list[str]]:  # fmt: skip
+    """Loads a checkpoint into the engine (and DiLoCo's outer state): (the saved training state, this
+    rank's saved RNG state, the settings that changed since the checkpoint as `train.lr: 0.0003 ->
+    0.0001`). The optimizer and LR schedule then follow the run's config, not the saved one (see
+    `apply_optimizer_settings`)."""
     saved = load_checkpoint(engine, tag_dir, cfg, ctx, tokenizer_fingerprint=tokenizer_fingerprint)
+    if diloco is not None:
+        if "diloco_state" not in saved:
+            raise CheckpointError(
+                f"checkpoint '{tag_dir}' holds no DiLoCo state for rank {ctx.rank}; use an earlier one"
+            )
+        try:
+            diloco.load_state_dict(saved["diloco_state"])
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint '{tag_dir}': {e}") from None
     apply_optimizer_settings(engine, cfg)
     state = TrainState(
         iteration=int(saved["iteration"]), consumed_samples=int(saved["consumed_samples"]),
@@ -114,8 +126,10 @@ class Trainer:
         peak_memory: PeakMemory | None = None,
         tokenizer_fingerprint: str | None = None,
         periodic_eval: PeriodicEval | None = None,
+        diloco: DiLoCo | None = None,
     ) -> None:
         self.cfg = cfg
+        self.diloco = diloco
         self.peak_memory = peak_memory
         self.periodic_eval = periodic_eval
         if periodic_eval is not None and engine.zero_optimization_stage() >= 3:
@@ -156,8 +170,8 @@ class Trainer:
             consumed_samples=consumed,
             micro_batch_size=self.cfg.train.micro_batch_size,
             global_batch_size=self.cfg.train.global_batch_size,
-            dp_rank=self.ctx.dp_rank,
-            dp_size=self.ctx.dp,
+            dp_rank=self.ctx.data_rank,  # with DiLoCo islands: island-major slices of every global batch
+            dp_size=self.ctx.data_size,
         )
         for batch in make_loader(data, sampler, num_workers=self.cfg.data.num_workers):
             yield batch.to(self.device, non_blocking=True)
@@ -233,7 +247,12 @@ class Trainer:
             raise self._stop_for(spike, f" and no checkpoint can be reloaded ({e})") from None
         spike_at, skip_to = self.state.iteration, self.state.consumed_samples + cfg.train.skip_batches_on_rollback * G
         saved, rng_state, _ = load_train_state(
-            self.engine, tag_dir, cfg, self.ctx, tokenizer_fingerprint=self.tokenizer_fingerprint
+            self.engine,
+            tag_dir,
+            cfg,
+            self.ctx,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            diloco=self.diloco,
         )
         if rng_state is not None:
             restore_rng_state(rng_state, getattr(self.engine.module, "rng", None))
@@ -352,7 +371,8 @@ class Trainer:
         self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
         state = dict(asdict(self.state), tokenizer_fingerprint=self.tokenizer_fingerprint)
         start = time.perf_counter()
-        path = save_checkpoint(self.engine, self.cfg, state, ctx=self.ctx)
+        rank_state = self.diloco.state_dict() if self.diloco is not None else None
+        path = save_checkpoint(self.engine, self.cfg, state, ctx=self.ctx, rank_state=rank_state)
         seconds, size = time.perf_counter() - start, checkpoint_bytes(path)
         self.metrics.log({"iteration": self.state.iteration, "checkpoint_save_seconds": seconds,
                           "checkpoint_bytes": size})  # fmt: skip
@@ -381,6 +401,10 @@ class Trainer:
                 continue
             losses.append(loss)
             it = self.state.iteration
+            if self.diloco is not None:
+                outer = self.diloco.after_step(it, final=it == cfg.train.train_iters)
+                if outer is not None:
+                    self.metrics.log({"iteration": it, **outer})
             if it % cfg.logging.log_interval == 0 or it == stop_at:
                 record = self._step_record(losses, times)
                 self.metrics.log(record)
