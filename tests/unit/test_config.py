@@ -184,3 +184,58 @@ def test_megatron_data_key_names_are_accepted(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("data:\n  data_path: /d/a\n  train_data_path: /d/b\n")
     with pytest.raises(ConfigError, match="data.data_path is Megatron's name for data.train_data_path; set only one"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.diloco.islands=2", "parallel.diloco.inner_steps=4", "parallel.diloco.delay=4"],
+         "parallel.diloco.delay \\(4\\) must be smaller than parallel.diloco.inner_steps \\(4\\)"),
+        (["parallel.diloco.islands=2", "parallel.diloco.inner_steps=2", "parallel.diloco.fragments=3",
+          "model.num_layers=4"], "fragments \\(3\\) exceeds parallel.diloco.inner_steps"),
+        (["parallel.diloco.islands=2", "parallel.diloco.fragments=3", "model.num_layers=2"],
+         "fragments \\(3\\) exceeds model.num_layers"),
+        (["parallel.diloco.islands=3", "train.global_batch_size=32"], "multiple of parallel.diloco.islands \\(3\\)"),
+        (["parallel.diloco.islands=2", "parallel.pipeline_model_parallel_size=2"], "pipeline parallelism are not"),
+        (["parallel.diloco.islands=2", "train.precision=fp16"], "fp16 is not supported"),
+        (["parallel.diloco.outer_momentum=1"], "outer_momentum = 1.0 must lie in \\[0, 1\\)"),
+        (["parallel.diloco.exchange=int2"], "parallel.diloco.exchange"),
+        (["train.optimizer=lion"], "train.optimizer"),
+    ],
+)  # fmt: skip
+def test_invalid_diloco_settings_are_clear_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_islands_split_the_world_and_the_global_batch() -> None:
+    cfg = load_config(None, ["parallel.diloco.islands=2", "parallel.tensor_model_parallel_size=2",
+                             "train.global_batch_size=16", "train.micro_batch_size=2"])  # fmt: skip
+    ds = build_deepspeed_config(cfg, 8, cuda=False)  # 2 islands x TP 2 x DP 2
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2  # DeepSpeed sees one island
+    with pytest.raises(ConfigError, match="not divisible by islands x TP x PP = 2 x 2 x 1"):
+        validate_world(cfg, 6)
+    with pytest.raises(ConfigError, match="micro_batch_size x data-parallel size x islands \\(4 x 2\\)"):
+        validate_world(load_config(None, ["parallel.diloco.islands=2", "train.global_batch_size=24",
+                                          "train.micro_batch_size=2"]), 8)  # fmt: skip
+    with pytest.raises(ConfigError, match="ZeRO stage 0, 1 or 2 inside each island"):
+        build_deepspeed_config(load_config(None, ["parallel.diloco.islands=2",
+                                                  "deepspeed_config=configs/deepspeed/zero3.json"]), 2, cuda=False)  # fmt: skip
+
+
+def test_compressed_communication_settings(tmp_path: Path) -> None:
+    cfg = load_config(None, ["parallel.communication_data_type=bf16", "train.optimizer=sgd", "train.sgd_momentum=0.9"])
+    ds = build_deepspeed_config(cfg, 2, cuda=False)
+    assert ds["communication_data_type"] == "bf16"
+    assert ds["optimizer"] == {"type": "SGD", "params": {"lr": cfg.train.lr, "momentum": 0.9, "weight_decay": 0.1}}
+    zpp = tmp_path / "zpp.json"
+    zpp.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True,
+                                                     "zero_hpz_partition_size": 8}}))  # fmt: skip
+    with_zpp = load_config(None, [f"deepspeed_config={zpp}"])
+    with pytest.raises(ConfigError, match="ZeRO\\+\\+ \\(zero_quantized_gradients, zero_hpz_partition_size in .*\\) "
+                                          "needs CUDA kernels and cannot run on CPU"):  # fmt: skip
+        build_deepspeed_config(with_zpp, 8, cuda=False)
+    assert build_deepspeed_config(with_zpp, 8, cuda=True)["zero_optimization"]["zero_quantized_gradients"] is True
+    zpp.write_text(json.dumps({"zero_optimization": {"stage": 2, "zero_quantized_weights": True}}))
+    with pytest.raises(ConfigError, match="works at ZeRO stage 3 only \\(this is stage 2\\)"):
+        build_deepspeed_config(load_config(None, [f"deepspeed_config={zpp}"]), 8, cuda=True)
