@@ -28,25 +28,28 @@ class Layout:
     nodes: list[dict[str, Any]]
     groups: dict[str, list[list[int]]]
     warnings: list[str] = field(default_factory=list)
+    islands: int = 1  # DiLoCo islands (TP x PP x DP is one island's)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "launcher": self.launcher, "world_size": self.world_size, "tp": self.tp, "pp": self.pp,
-            "dp": self.dp, "nodes": self.nodes, "groups": self.groups, "warnings": self.warnings,
+            "dp": self.dp, "islands": self.islands, "nodes": self.nodes, "groups": self.groups,
+            "warnings": self.warnings,
         }  # fmt: skip
 
     def describe(self) -> str:
         per_node = sorted({len(n["ranks"]) for n in self.nodes})
         ranks_per_node = str(per_node[0]) if len(per_node) == 1 else "/".join(map(str, per_node))
+        islands = f"{self.islands} DiLoCo islands x " if self.islands > 1 else ""
         lines = [
             f"layout: {self.launcher}, {len(self.nodes)} node(s) x {ranks_per_node} rank(s) = world "
-            f"{self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}"
+            f"{self.world_size} = {islands}TP {self.tp} x PP {self.pp} x DP {self.dp}"
         ]
         for n in self.nodes[:8]:
             lines.append(f"  node {n['node']} ({n['host']}): ranks {_ranks(n['ranks'])}")
         if len(self.nodes) > 8:
             lines.append(f"  ... {len(self.nodes) - 8} more nodes")
-        for kind in ("tp", "pp", "dp"):
+        for kind in self.groups:
             groups = self.groups[kind]
             shown = " ".join(str(g) for g in groups[:SHOWN_GROUPS])
             more = f" ... ({len(groups)} in all)" if len(groups) > SHOWN_GROUPS else ""
@@ -82,11 +85,21 @@ def build_layout(ctx: ParallelContext, launcher: str, everyone: list[tuple[int |
         nodes[node_of[key]]["ranks"].append(rank)
         rank_node.append(node_of[key])
     grid = ctx.grid()
-    groups = {kind: grid[kind] for kind in ("tp", "pp", "dp")}
+    groups: dict[str, list[list[int]]] = {kind: grid[kind] for kind in ("tp", "pp", "dp", "island") if kind in grid}
     warnings = [
         f"tensor-parallel group {g} spans nodes {sorted({nodes[rank_node[r]]['node'] for r in g})}: its "
         "all-reduces run at every layer over the network; use TP <= GPUs per node"
         for g in groups["tp"]
         if len({rank_node[r] for r in g}) > 1
     ][:SHOWN_GROUPS]
-    return Layout(launcher, ctx.world_size, ctx.tp, ctx.pp, ctx.dp, nodes, groups, warnings)
+    warnings += [
+        f"DiLoCo island {i} (ranks {_ranks(g)}) spans nodes {sorted({nodes[rank_node[r]]['node'] for r in g})}: "
+        "DeepSpeed's all-reduces inside it cross the network every step; put each island on its own nodes"
+        for i, g in enumerate(_islands(ctx))
+        if ctx.islands > 1 and len({rank_node[r] for r in g}) > 1 and len(nodes) >= ctx.islands
+    ][:SHOWN_GROUPS]
+    return Layout(launcher, ctx.world_size, ctx.tp, ctx.pp, ctx.dp, nodes, groups, warnings, ctx.islands)
+
+
+def _islands(ctx: ParallelContext) -> list[list[int]]:
+    return [list(range(i * ctx.island_size, (i + 1) * ctx.island_size)) for i in range(ctx.islands)]

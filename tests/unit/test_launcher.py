@@ -83,3 +83,16 @@ def test_layout_report_names_nodes_groups_and_cross_node_tp() -> None:
     # two "nodes" on one host (node ranks from the launcher) are still two nodes
     two = build_layout(ParallelContext(world_size=2, rank=0), "torchrun", [(0, "h", 0), (1, "h", 0)])
     assert len(two.nodes) == 2
+
+
+def test_layout_of_diloco_islands() -> None:
+    """Islands are the slowest axis: island k holds ranks [k S, (k + 1) S); every group but `island`
+    stays inside one; an island spread over two nodes is flagged."""
+    ctx = ParallelContext(world_size=8, rank=5, tp=2, islands=2)
+    assert (ctx.island, ctx.dp, ctx.dp_rank, ctx.tp_rank, ctx.data_rank, ctx.data_size) == (1, 2, 0, 1, 2, 4)
+    layout = build_layout(ctx, "srun", [(r // 4, f"h{r // 4}", r % 4) for r in range(8)])
+    assert layout.groups["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]] and layout.groups["tp"][2] == [4, 5]
+    assert layout.groups["island"] == [[0, 4], [1, 5], [2, 6], [3, 7]] and ctx.grid()["data"][1] == [1, 3, 5, 7]
+    assert "world 8 = 2 DiLoCo islands x TP 2 x PP 1 x DP 2" in layout.describe() and not layout.warnings
+    spread = build_layout(ctx, "srun", [(r % 2, f"h{r % 2}", r // 2) for r in range(8)])
+    assert any("DiLoCo island 0 (ranks 0-3) spans nodes [0, 1]" in w for w in spread.warnings)
