@@ -136,20 +136,23 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=600)
     parser.add_argument("--data", type=Path, default=PREFIX)
     parser.add_argument("--only", nargs="*", default=None, help=f"some of {list(RUNS)}")
-    parser.add_argument("--smoke", action="store_true", help="16 iterations of sync_dp and diloco_h8_int4")
+    parser.add_argument("--islands-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra overrides for the island runs, e.g. parallel.diloco.outer_lr=1.0")
+    parser.add_argument("--smoke", action="store_true", help="8 iterations of sync_dp and diloco_h8_int4")
     args = parser.parse_args()
     names = ["sync_dp", "diloco_h8_int4"] if args.smoke else (args.only or list(RUNS))
-    iters = 16 if args.smoke else args.iters
+    iters = 8 if args.smoke else args.iters
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            results[name] = one_run(name, RUNS[name], iters, args.data, Path(tmp))
+            extra = RUNS[name] + (args.islands_set if RUNS[name] else [])
+            results[name] = one_run(name, extra, iters, args.data, Path(tmp))
     base = results.get("sync_dp")
     if base is not None:
         for r in results.values():
             r["bytes_reduction_vs_sync"] = base["bytes_per_token"] / r["bytes_per_token"]
             r["val_loss_vs_sync"] = r["val_loss"] / base["val_loss"] - 1
-    report("diloco", {"iters": iters, "tokens": iters * 16 * 64, "runs": results})
+    report("diloco", {"iters": iters, "tokens": iters * 16 * 64, "islands_set": args.islands_set, "runs": results})
 
 
 if __name__ == "__main__":

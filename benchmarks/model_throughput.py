@@ -194,9 +194,14 @@ def measure_shape(spec: str, args: argparse.Namespace, peak: float) -> dict:
     def hf_loss(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
         return m(input_ids=t[:, :-1], labels=t[:, :-1]).loss  # transformers shifts the labels itself
 
+    def hf_next_token_loss(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """The loss over the same predictions as ours (transformers' own loss drops the last one)."""
+        logits = m(input_ids=t[:, :-1]).logits
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), t[:, 1:].flatten())
+
     with torch.no_grad():  # all three compute the same loss on the same weights
         ref = float(ours_loss(ours, tokens))
-        for name, (m, f) in {"plain": (plain, plain_loss), "hf": (hf, hf_loss)}.items():
+        for name, (m, f) in {"plain": (plain, plain_loss), "hf": (hf, hf_next_token_loss)}.items():
             got = float(f(m, tokens))
             assert abs(got - ref) < 1e-3 * max(1.0, abs(ref)), f"{spec}: {name} loss {got} != ours {ref}"
     runners = {"ours": Runner(ours, ours_loss, device, dtype), "plain": Runner(plain, plain_loss, device, dtype),

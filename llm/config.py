@@ -163,8 +163,8 @@ class DataConfig:
 class DilocoConfig:
     """DiLoCo islands (Douillard et al. 2023) and Streaming DiLoCo (2025): `islands` groups of ranks
     train on their own for `inner_steps` steps, then average their outer gradient (start-of-round
-    weights minus current weights) across islands and apply it with Nesterov momentum. See
-    docs/diloco.md. islands = 1: ordinary synchronous training (the default)."""
+    weights minus current weights) across islands and apply it with Nesterov momentum (README, "DiLoCo
+    islands"). islands = 1: ordinary synchronous training (the default)."""
 
     islands: int = 1
     inner_steps: int = 500  # H: inner optimizer steps per round

@@ -26,7 +26,7 @@ def _report(stdout: str) -> dict:
 
 def test_every_benchmark_script_is_smoke_tested() -> None:
     assert BENCHMARKS == [
-        "checkpoint_io.py", "data_startup.py", "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
+        "checkpoint_io.py", "data_startup.py", "diloco.py", "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
         "sample_read.py", "tp_comm.py",
     ]  # fmt: skip
 
@@ -37,6 +37,7 @@ def smoke_runs(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -
     processes overlap well on two cores)."""
     out = tmp_path_factory.mktemp("bench")
     data = {"framework_overhead.py": ["--data", str(builtin_prefix)], "checkpoint_io.py": ["--data", str(builtin_prefix)],
+            "diloco.py": ["--data", str(builtin_prefix)],
             "plan_memory.py": ["--data", str(builtin_prefix), "--out", str(out)]}  # fmt: skip
 
     def smoke(name: str) -> Any:
@@ -65,6 +66,11 @@ def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
         assert report["blend_100000"]["build_s"] > 0 and report["python_loop_us_per_sample"] > 0
         assert report["build_datasets_cold_s"] > report["build_datasets_warm_s"] > 0
         assert report["pretrain_to_first_step_cold_s"] > 0 and report["documents"] > 0
+        return
+    if name == "diloco.py":  # bytes counted from the collectives; the islands' agree with what they report
+        sync, islands = report["runs"]["sync_dp"], report["runs"]["diloco_h8_int4"]
+        assert sync["bytes_per_token"] > islands["bytes_per_token"] > 0 and islands["val_loss"] > 0
+        assert islands["bytes_by_collective"]["all_gather"] >= islands["diloco_bytes_reported_per_rank"] > 0
         return
     positive = {
         "framework_overhead.py": ["pretrain_py_step_seconds", "bare_loop_step_seconds"],
