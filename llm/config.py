@@ -663,11 +663,6 @@ def _check_diloco(cfg: Config) -> None:
         )
     if cfg.train.precision == "fp16":
         raise ConfigError("parallel.diloco with train.precision: fp16 is not supported; use bf16 or fp32")
-    if cfg.parallel.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            "parallel.diloco islands with pipeline parallelism are not supported yet (DeepSpeed's pipeline "
-            "grid spans the whole world); use tensor and data parallelism inside each island"
-        )
 
 
 def _check_lm_eval(cfg: Config) -> None:

@@ -28,6 +28,7 @@ from llm.model.layers import TransformerBlock, make_norm
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import VocabParallelEmbedding
 from llm.parallel.mappings import scatter_to_sequence
+from llm.parallel.pipe_grid import keep_model_group_in_island, pipeline_module_class, pipeline_topology
 from llm.parallel.random import RNGTracker, checkpoint_context_fn
 
 PARTITION_METHODS = {
@@ -144,8 +145,7 @@ def canonical_name(name: str, num_layers: int) -> str:
 
 
 def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> Any:
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     m, seed = cfg.model, cfg.train.seed
     if m.tied:
@@ -170,16 +170,17 @@ def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> 
         LayerSpec(FinalNormPipe, m, ctx, seed),
         last,
     ]
-    topology = PipeModelDataParallelTopology(num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp)
-    return PipelineModule(
+    module = pipeline_module_class()(
         layers=specs,
-        topology=topology,
+        topology=pipeline_topology(ctx),  # with DiLoCo islands: one grid per island (llm.parallel.pipe_grid)
         loss_fn=PipelineLoss(m, ctx),
         partition_method=PARTITION_METHODS[cfg.parallel.pipeline_partition_method],
         activation_checkpoint_interval=1 if m.activation_checkpointing else 0,
         activation_checkpoint_func=partial(_checkpoint, rng),
         checkpointable_layers=["TransformerBlockPipe"],
     )
+    keep_model_group_in_island(module, ctx)
+    return module
 
 
 def _checkpoint(rng: RNGTracker, function: Any, *args: torch.Tensor) -> Any:

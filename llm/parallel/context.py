@@ -264,6 +264,14 @@ class ParallelContext:
             t = t.cpu() / self.data_size
         return [float(x) for x in t]
 
+    def mean_over_islands(self, value: float) -> float:
+        """The mean of `value` over the islands (the ranks at this rank's place in each)."""
+        if self.islands == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t, group=self.groups["island"])
+        return float(t.item()) / self.islands
+
     def max_over_world(self, value: float) -> float:
         """The largest `value` of any process."""
         if self.world_size == 1:

@@ -187,7 +187,7 @@ class Trainer:
             loss = loss * inject
         own = getattr(self.engine.optimizer, "last_grad_norm", None)  # ClippedAdamW (ZeRO 0)
         self._grad_norm = own if own is not None else _as_float(self.engine.get_global_grad_norm())
-        return float(loss)
+        return self.ctx.mean_over_islands(float(loss))
 
     def _train_step(self, batches: Iterator[torch.Tensor], inject: float | None) -> float:
         """One optimizer step over `accum` micro-batches; returns the loss averaged over the global batch.
@@ -286,7 +286,8 @@ class Trainer:
         if self.pipeline:
             pairs = _pairs(batches, self.cfg.data)
             losses = [float(self.engine.eval_batch(pairs)) for _ in range(self.cfg.eval.eval_iters)]
-            return sum(losses) / len(losses)  # already averaged over micro-batches and data parallel
+            # already averaged over micro-batches and the island's data-parallel ranks
+            return self.ctx.mean_over_islands(sum(losses) / len(losses))
         self.engine.eval()
         losses = [float(self.engine(*model_inputs(t, self.cfg.data))) for t in batches]
         self.engine.train()

@@ -1,4 +1,4 @@
-"""DiLoCo islands on 4 gloo processes (2 islands x TP 2, DeepSpeed inside each island) against a
+"""DiLoCo islands on 4 gloo processes (2 islands x TP 2, or x PP 2; DeepSpeed inside each island) against a
 single-process simulation of DiLoCo written here: two plain models with torch's AdamW, the outer
 Nesterov step, streaming fragments with delay and mixing, int8 blockwise quantization with error
 feedback. Losses of 3 outer rounds and the final model must agree to 1e-5."""
@@ -36,6 +36,8 @@ VARIANTS = {
     "zero1": ["deepspeed_config=configs/deepspeed/zero1.json"],
     # bf16 (the GPU default): the outer step works on the fp32 masters and refreshes the bf16 weights
     "bf16_zero1": ["deepspeed_config=configs/deepspeed/zero1.json", "train.precision=bf16"],
+    # 2 islands x PP 2: DeepSpeed's pipeline grid and tied embeddings inside each island
+    "pp2": ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"],
 }
 TOLERANCE = {"bf16_zero1": 3e-2}  # bf16 against the fp32 simulation; the others 1e-5
 
@@ -61,34 +63,45 @@ def _run(rank: int, world: int, out: str) -> None:
     import deepspeed
 
     from llm.config import build_deepspeed_config
+    from llm.model.pipeline import build_pipeline_model
     from llm.parallel.context import ParallelContext
     from llm.parallel.random import RNGTracker
     from llm.training.diloco import DiLoCo
     from llm.training.lr_schedule import make_scheduler
+    from llm.training.optim import clipped_optimizer
+    from llm.training.trainer import _pairs
 
     train, held_out = _data()
     results: dict[str, Any] = {}
     for variant in VARIANTS:
         cfg = _config(variant)
-        ctx = ParallelContext.build(tp=2, islands=ISLANDS)
+        p = cfg.parallel
+        ctx = ParallelContext.build(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, islands=ISLANDS)
         rng = RNGTracker()
-        rng.seed(seed=cfg.train.seed, tp_rank=ctx.tp_rank, pp_rank=0, device="cpu")
-        model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
+        rng.seed(seed=cfg.train.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, device="cpu")
+        pipe = ctx.pp > 1
+        model = build_pipeline_model(cfg, ctx, rng) if pipe else build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
         groups = parameter_groups(model, cfg.train.weight_decay)
+        ds = build_deepspeed_config(cfg, world, cuda=False)
         engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=groups, config=build_deepspeed_config(cfg, world, cuda=False),
-            lr_scheduler=make_scheduler(cfg.train), mpu=ctx,
+            model=model, model_parameters=groups, config=ds, lr_scheduler=make_scheduler(cfg.train),
+            optimizer=None if "optimizer" in ds else clipped_optimizer(groups, cfg.train, ctx),
+            mpu=None if pipe else ctx,
         )  # fmt: skip
         diloco = DiLoCo(cfg.parallel.diloco, ctx, engine, num_layers=cfg.model.num_layers)
         losses = []
         for step in range(STEPS):
-            micro_losses = []
-            for tokens in _island_micro_batches(train, step, ctx.island):
-                loss = engine(*model_inputs(tokens, cfg.data))
-                engine.backward(loss)
-                engine.step()
-                micro_losses.append(float(loss))
-            losses.append(ctx.mean_over_dp([sum(micro_losses) / len(micro_losses)])[0])
+            micro = _island_micro_batches(train, step, ctx.island)
+            if pipe:
+                losses.append(ctx.mean_over_islands(float(engine.train_batch(data_iter=_pairs(iter(micro), cfg.data)))))
+            else:
+                micro_losses = []
+                for tokens in micro:
+                    loss = engine(*model_inputs(tokens, cfg.data))
+                    engine.backward(loss)
+                    engine.step()
+                    micro_losses.append(float(loss))
+                losses.append(ctx.mean_over_dp([sum(micro_losses) / len(micro_losses)])[0])
             diloco.after_step(step + 1, final=step + 1 == STEPS)
         if cfg.train.precision == "bf16":  # the model's bf16 weights are the outer fp32 weights, rounded
             for p in engine.module.parameters():
@@ -96,7 +109,10 @@ def _run(rank: int, world: int, out: str) -> None:
                                    p._hp_mapping.hp_fragment.to(torch.bfloat16).view(-1))  # fmt: skip
         engine.eval()
         with torch.no_grad():
-            final = [float(engine(*model_inputs(held_out, cfg.data)))]
+            if pipe:  # two micro-batches of 2: the mean of their means is the batch's mean
+                final = [float(engine.eval_batch(_pairs(iter([held_out[:2], held_out[2:]]), cfg.data)))]
+            else:
+                final = [float(engine(*model_inputs(held_out, cfg.data)))]
         results[variant] = {"losses": losses, "final": final, "islands_final": ctx.all_gather_object(final[0])}
     if rank == 0:
         Path(out).write_text(json.dumps(results))

@@ -196,7 +196,6 @@ def test_megatron_data_key_names_are_accepted(tmp_path: Path) -> None:
         (["parallel.diloco.islands=2", "parallel.diloco.fragments=3", "model.num_layers=2"],
          "fragments \\(3\\) exceeds model.num_layers"),
         (["parallel.diloco.islands=3", "train.global_batch_size=32"], "multiple of parallel.diloco.islands \\(3\\)"),
-        (["parallel.diloco.islands=2", "parallel.pipeline_model_parallel_size=2"], "pipeline parallelism are not"),
         (["parallel.diloco.islands=2", "train.precision=fp16"], "fp16 is not supported"),
         (["parallel.diloco.outer_momentum=1"], "outer_momentum = 1.0 must lie in \\[0, 1\\)"),
         (["parallel.diloco.exchange=int2"], "parallel.diloco.exchange"),
