@@ -123,6 +123,8 @@ def one_run(name: str, extra: list[str], iters: int, data: Path, work: Path) -> 
         "bytes_per_rank": sent,
         "bytes_per_token": sent / tokens,
         "diloco_bytes_reported_per_rank": sum(r["diloco_bytes_sent"] for r in outer) if outer else None,
+        "diloco_wait_seconds": sum(r["diloco_wait_seconds"] for r in outer) if outer else None,
+        "outer_steps": len(outer),
         "bytes_by_collective": {k: sum(c.get(k, 0) for c in counts) / 2 for k in sorted({*counts[0], *counts[1]})},
         "seconds_per_step": sum(r["step_time"] for r in steps) / len(steps),
     }

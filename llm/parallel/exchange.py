@@ -88,7 +88,7 @@ class Exchange:
     device: torch.device
     wire_bytes: int  # sent by this rank (ring algorithms)
     payload: torch.Tensor  # what this rank sent
-    wait_seconds: float = 0.0
+    wait_seconds: float = 0.0  # training blocked on it: the whole collective, or only `wait()` in the background
 
     def sent(self) -> torch.Tensor:
         """This rank's tensor as every island reads it (fp32 on the tensor's device)."""
@@ -98,7 +98,7 @@ class Exchange:
         start = time.perf_counter()
         if self.work is not None:
             self.work.wait()
-        self.wait_seconds = time.perf_counter() - start
+        self.wait_seconds += time.perf_counter() - start
         if self.kind == "fp32":
             return (self.buffers[0] / self.islands).to(self.device)
         total = torch.zeros(self.numel, dtype=torch.float32)
@@ -118,6 +118,7 @@ def start_exchange(
     group = ctx.groups["island"]
     if values.numel() == 0:  # this rank holds nothing of the fragment (nor does its peer in any island)
         return Exchange(None, [payload * k], "fp32", 0, block, k, device, 0, payload)
+    start = time.perf_counter()
     if kind == "fp32":
         buffers = [payload.clone()]
         work = dist.all_reduce(buffers[0], group=group, async_op=background)
@@ -126,6 +127,5 @@ def start_exchange(
         buffers = [torch.empty_like(payload) for _ in range(k)]
         work = dist.all_gather(buffers, payload, group=group, async_op=background)
         wire = (k - 1) * payload.numel()
-    return Exchange(
-        work if background else None, buffers, kind, values.numel(), block, k, device, wire, payload
-    )
+    blocked = 0.0 if background else time.perf_counter() - start
+    return Exchange(work if background else None, buffers, kind, values.numel(), block, k, device, wire, payload, blocked)
