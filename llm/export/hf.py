@@ -24,6 +24,9 @@ import yaml
 from llm.checkpoint.format import (
     UNIVERSAL_FORM,
     CheckpointError,
+    config_from_meta,
+    read_meta,
+    resolve_checkpoint,
     set_latest,
     tag_for,
     write_manifest,
@@ -34,7 +37,7 @@ from llm.checkpoint.reshard import write_universal
 from llm.config import Config, ModelConfig, replace_validated
 from llm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, run_tokenizer
 from llm.export.tokenizer import sentencepiece_to_hf
-from llm.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from llm.model.hf import check_exportable, from_hf_state_dict, hf_config, to_hf_state_dict
 from llm.progress import Progress
 
 
@@ -43,6 +46,8 @@ def export_checkpoint(
 ) -> Path:
     from transformers import AutoModelForCausalLM
 
+    # a model no transformers class computes is refused before any weights are read
+    check_exportable(config_from_meta(read_meta(resolve_checkpoint(checkpoint))).model)
     progress = Progress(3, f"exporting {checkpoint} to {output}", unit="stages", interval=0.0)
     cfg, state, meta = load_model_state(checkpoint, verify=verify)
     progress.update()  # read, verified and merged

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,3 +67,19 @@ def test_compiled_blocks_match_eager_with_checkpointing_and_documents() -> None:
             m(*model_inputs(tokens, docs)).backward()
         for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
             torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_export_refuses_before_reading_any_weights(tmp_path: Path) -> None:
+    """A checkpoint of parallel blocks holding only its meta: the refusal names the model, not a missing
+    weight file (export reads the saved config before it loads and merges the weights)."""
+    from llm.checkpoint.format import build_meta, write_meta
+    from llm.config import load_config
+    from llm.export.hf import export_checkpoint
+
+    tag = tmp_path / "iter_0000001"
+    tag.mkdir()
+    cfg = load_config(None, ["model.parallel_block=true", "model.vocab_size=300"])
+    write_meta(tag, build_meta({"iteration": 1, "consumed_samples": 0}, cfg, zero_stage=0, world_size=1))
+    with pytest.raises(NoHFClassError, match="model.parallel_block has no transformers class"):
+        export_checkpoint(tag, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
