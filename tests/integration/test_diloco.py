@@ -17,16 +17,16 @@ ISLANDS = "parallel.diloco.islands=2"
 
 
 def test_one_inner_step_per_round_is_synchronous_data_parallel(builtin_prefix: Path, tmp_path: Path) -> None:
-    """2 islands, inner_steps 1, outer lr 1, no outer momentum: each round averages the islands'
+    """2 islands x PP 2, inner_steps 1, outer lr 1, no outer momentum: each round averages the islands'
     one-step updates. With SGD (and its momentum, which is linear in the gradients) as the inner
-    optimizer and no clipping that is exactly ordinary DP over the same 2 ranks. (With AdamW it is
-    not: the mean of two Adam updates is not the Adam update of the mean gradient.)"""
+    optimizer and no clipping that is exactly ordinary DP 2 x PP 2 over the same 4 ranks. (With AdamW
+    it is not: the mean of two Adam updates is not the Adam update of the mean gradient.)"""
     common = ["train.optimizer=sgd", "train.sgd_momentum=0.9", "train.lr=0.3", "train.clip_grad=0",
-              "train.train_iters=8"]  # fmt: skip
+              "train.train_iters=8", "parallel.pipeline_model_parallel_size=2"]  # fmt: skip
     sync, islands = tmp_path / "sync", tmp_path / "islands"
-    check(run(launch_cmd(2, *tiny_args(builtin_prefix, sync, *common))))
+    check(run(launch_cmd(4, *tiny_args(builtin_prefix, sync, *common))))
     diloco = [ISLANDS, "parallel.diloco.inner_steps=1", "parallel.diloco.outer_lr=1", "parallel.diloco.outer_momentum=0"]
-    check(run(launch_cmd(2, *tiny_args(builtin_prefix, islands, *common, *diloco))))
+    check(run(launch_cmd(4, *tiny_args(builtin_prefix, islands, *common, *diloco))))
     want, got = train_losses(sync), train_losses(islands)
     assert len(got) == len(want) == 8 and want[-1] < want[0] - 0.05  # it learns
     worst = max(abs(a - b) / b for a, b in zip(got, want))
