@@ -18,7 +18,7 @@ from llm.export.hf import export_checkpoint, import_hf
 from llm.progress import show_progress_lines
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     show_progress_lines()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="import: training settings to start from")
     parser.add_argument("--seq-length", type=int, help="import: training sequence length (default: the model's max)")
     parser.add_argument("--no-verify", action="store_true", help="export: skip the checkpoint's checksum verification")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         if args.checkpoint:
             out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer, verify=not args.no_verify)

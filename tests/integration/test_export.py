@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -16,6 +18,17 @@ pytestmark = pytest.mark.integration
 
 def _check(p) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _in_process(name: str, *argv: str) -> str:
+    """scripts/<name> run in this process (its command line is the llama test's subprocess and
+    test_pretrain's): what it printed."""
+    from tests.conftest import script_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert script_main(name)(list(argv)) == 0
+    return out.getvalue()
 
 
 def _hf_perplexity(model, tokenizer, texts: list[str], seq_length: int) -> tuple[float, int]:
@@ -45,8 +58,7 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
             "parallel.pipeline_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json"]  # fmt: skip
     _check(run(launch_cmd(4, *args)))
     hf_dir = tmp_path / "hf"
-    _check(run(["python", script("convert_to_hf.py"), "--checkpoint", str(run_dir / "checkpoints"),
-                "--output", str(hf_dir)]))  # fmt: skip
+    _in_process("convert_to_hf.py", "--checkpoint", str(run_dir / "checkpoints"), "--output", str(hf_dir))
     assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "tokenizer.json").is_file()
 
     texts = ["The list type is a mutable sequence.", "héllo wörld ✓ 😀 12345\n\n  indented  twice", "x = [1, 2]\n"]
@@ -65,10 +77,8 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
         diff = (ours(x)[..., : cfg.model.vocab_size] - model(x).logits).abs().max().item()
     assert diff < 1e-4
 
-    p = run(["python", script("evaluate.py"), "--checkpoint", str(run_dir / "checkpoints"), "--input",
-             str(held_out), "--json"])  # fmt: skip
-    _check(p)
-    got = json.loads(p.stdout.strip().splitlines()[-1])
+    printed = _in_process("evaluate.py", "--checkpoint", str(run_dir / "checkpoints"), "--input", str(held_out), "--json")
+    got = json.loads(printed.strip().splitlines()[-1])
     loss, tokens = _hf_perplexity(model, tokenizer, texts * 6, cfg.model.seq_length)
     assert tokens == got["tokens"] and abs(loss - got["loss"]) / got["loss"] < 1e-4
     assert abs(math.exp(loss) - got["perplexity"]) / got["perplexity"] < 1e-4
@@ -77,11 +87,10 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
 
     # import round trip: the transformers directory -> an llm checkpoint that evaluates the same and trains on
     imported = tmp_path / "imported"
-    _check(run(["python", script("convert_to_hf.py"), "--import", str(hf_dir), "--output", str(imported),
-                "--seq-length", str(cfg.model.seq_length)]))  # fmt: skip
-    p = run(["python", script("evaluate.py"), "--checkpoint", str(imported), "--input", str(held_out), "--json"])
-    _check(p)
-    assert abs(json.loads(p.stdout.strip().splitlines()[-1])["loss"] - got["loss"]) / got["loss"] < 1e-5
+    _in_process("convert_to_hf.py", "--import", str(hf_dir), "--output", str(imported), "--seq-length",
+                str(cfg.model.seq_length))  # fmt: skip
+    printed = _in_process("evaluate.py", "--checkpoint", str(imported), "--input", str(held_out), "--json")
+    assert abs(json.loads(printed.strip().splitlines()[-1])["loss"] - got["loss"]) / got["loss"] < 1e-5
     cont = tmp_path / "continued"
     resume = ["--config", str(imported / "config.yaml"), *TINY_OVERRIDES[4:], f"data.train_data_path={builtin_prefix}",
               f"logging.dir={cont}", "train.train_iters=4", f"checkpoint.resume={imported}"]  # fmt: skip
