@@ -766,6 +766,7 @@ def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str,
             "min_loss_scale": 1,
         },
         "optimizer": _optimizer_entry(t, cuda=cuda),
+        **({"communication_data_type": comm} if (comm := cfg.parallel.communication_data_type) else {}),
     }
 
 
@@ -797,18 +798,9 @@ _OWNED_KEYS = ("optimizer", "scheduler")
 _ZERO_PP = ("zero_quantized_weights", "zero_quantized_gradients", "zero_quantized_nontrainable_weights")
 
 
-def _check_communication(cfg: Config, ds: dict[str, Any], stage: int, *, cuda: bool) -> None:
-    """Compressed communication: `parallel.communication_data_type` becomes DeepSpeed's (gradient
-    reduction in fp16/bf16 at ZeRO 0-2); ZeRO++ knobs in the JSON pass through on a GPU at stage 3;
-    DiLoCo islands need ZeRO 0-2 (their outer step works on each rank's fp32 master weights)."""
-    comm = cfg.parallel.communication_data_type
-    if comm is not None:
-        if "communication_data_type" in ds and ds["communication_data_type"] != comm:
-            raise ConfigError(
-                f"parallel.communication_data_type = {comm} conflicts with communication_data_type = "
-                f"{ds['communication_data_type']!r} in '{cfg.deepspeed_config}'; keep one of them"
-            )
-        ds["communication_data_type"] = comm
+def _check_zero_stage_knobs(cfg: Config, ds: dict[str, Any], stage: int, *, cuda: bool) -> None:
+    """ZeRO++ knobs in the JSON pass through on a GPU at stage 3; DiLoCo islands need ZeRO 0-2 (their
+    outer step works on each rank's fp32 master weights)."""
     zero = ds["zero_optimization"]
     quantized = [k for k in _ZERO_PP if zero.get(k)] + (
         ["zero_hpz_partition_size"] if int(zero.get("zero_hpz_partition_size", 1)) > 1 else []
@@ -863,7 +855,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
         raise ConfigError(
             f"deepspeed_config '{cfg.deepspeed_config}' conflicts with values derived from our config: "
             + "; ".join(problems)
-            + ". Remove them from the JSON and set train.* instead"
+            + ". Remove them from the JSON and set train.* (or parallel.communication_data_type) instead"
         )
     ds = _merge(user, derived)
     ds.setdefault("zero_optimization", {"stage": 0})
@@ -890,7 +882,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
             "ZeRO stage 3 with tensor parallelism is not supported: use configs/deepspeed/zero1.json or "
             "zero2.json with parallel.tensor_model_parallel_size > 1"
         )
-    _check_communication(cfg, ds, stage, cuda=cuda)
+    _check_zero_stage_knobs(cfg, ds, stage, cuda=cuda)
     fp32 = resolve_precision(cfg.train.precision, cuda=cuda) == "fp32"
     if cfg.parallel.pipeline_model_parallel_size > 1 and stage == 0 and fp32:
         # DeepSpeed's fp32 clipping under pipeline parallelism miscounts the norm: llm's optimizer

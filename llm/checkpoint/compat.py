@@ -1,6 +1,6 @@
 """The DeepSpeed versions llm was tested with.
 
-engine.py and reshard.py read DeepSpeed's private checkpoint internals (file naming, ZeRO partition
+engine.py, reshard.py and llm/training/diloco.py read DeepSpeed's private internals (file naming, ZeRO partition
 layouts, fragment mappings), which change between releases without notice. Importing either with
 another DeepSpeed version fails at once with this message rather than misreading a checkpoint
 weeks into a run. LLM_ALLOW_UNTESTED_DEEPSPEED=1 downgrades it to a warning (at your own risk).

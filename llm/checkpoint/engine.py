@@ -54,12 +54,7 @@ class CheckpointSaveError(CheckpointError):
 
 
 def save_checkpoint(
-    engine: Any,
-    cfg: Config,
-    state: dict[str, Any],
-    *,
-    ctx: ParallelContext,
-    rank_state: dict[str, Any] | None = None,
+    engine: Any, cfg: Config, state: dict[str, Any], *, ctx: ParallelContext, rank_state: dict[str, Any] | None = None
 ) -> Path:
     """Saves through DeepSpeed (every rank); the checkpoint becomes visible only when all ranks are done.
 

@@ -80,7 +80,7 @@ def evaluate_stream(
 def _local_totals(
     model: GPT, stream: np.ndarray, seq_length: int, batch_size: int, rank: int, world: int, data: DataConfig | None
 ) -> tuple[float, int]:
-    data = data if data is not None and data.document_aware else None
+    data = data or DataConfig()  # no settings: plain next-token windows
     model.eval()
     device = next(model.parameters()).device
     total_nll = 0.0
@@ -96,7 +96,7 @@ def _local_totals(
             return
         progress.update(len(batch))
         tokens = torch.from_numpy(np.stack(batch)).to(device)  # (B, L + 1)
-        inputs, labels, *docs = model_inputs(tokens, data) if data is not None else (tokens[:, :-1], tokens[:, 1:])
+        inputs, labels, *docs = model_inputs(tokens, data)
         assert inputs is not None and labels is not None
         logits = model(inputs, None, *docs).float()  # (B, L, V)
         nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=IGNORE)

@@ -89,7 +89,6 @@ def varlen() -> tuple[Any, bool]:
 USE_VARLEN = True  # False: the block-mask path on GPU too (benchmarks compare the two)
 
 
-
 def _document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, *, dropout: float, gqa: bool
 ) -> torch.Tensor:

@@ -92,7 +92,7 @@ class Exchange:
 
     def sent(self) -> torch.Tensor:
         """This rank's tensor as every island reads it (fp32 on the tensor's device)."""
-        return decode(self.payload.cpu(), self.kind, numel=self.numel, block=self.block).to(self.device)
+        return decode(self.payload, self.kind, numel=self.numel, block=self.block).to(self.device)
 
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
@@ -101,9 +101,9 @@ class Exchange:
         self.wait_seconds += time.perf_counter() - start
         if self.kind == "fp32":
             return (self.buffers[0] / self.islands).to(self.device)
-        total = torch.zeros(self.numel, dtype=torch.float32)
+        total = torch.zeros(self.numel, dtype=torch.float32, device=self.buffers[0].device)
         for buf in self.buffers:  # island order: the same sum on every island
-            total += decode(buf.cpu(), self.kind, numel=self.numel, block=self.block)
+            total += decode(buf, self.kind, numel=self.numel, block=self.block)
         return (total / self.islands).to(self.device)
 
 

@@ -29,10 +29,13 @@ from typing import Any
 
 import torch
 
+from llm.checkpoint.compat import require_tested_deepspeed
 from llm.config import DilocoConfig
 from llm.model.pipeline import canonical_name
 from llm.parallel.context import ParallelContext
 from llm.parallel.exchange import Exchange, check_block, start_exchange
+
+require_tested_deepspeed()  # master_weights reads DeepSpeed's private fragment mappings
 
 
 @dataclass

@@ -247,12 +247,7 @@ class Trainer:
             raise self._stop_for(spike, f" and no checkpoint can be reloaded ({e})") from None
         spike_at, skip_to = self.state.iteration, self.state.consumed_samples + cfg.train.skip_batches_on_rollback * G
         saved, rng_state, _ = load_train_state(
-            self.engine,
-            tag_dir,
-            cfg,
-            self.ctx,
-            tokenizer_fingerprint=self.tokenizer_fingerprint,
-            diloco=self.diloco,
+            self.engine, tag_dir, cfg, self.ctx, tokenizer_fingerprint=self.tokenizer_fingerprint, diloco=self.diloco
         )
         if rng_state is not None:
             restore_rng_state(rng_state, getattr(self.engine.module, "rng", None))
