@@ -198,8 +198,8 @@ def test_megatron_data_key_names_are_accepted(tmp_path: Path) -> None:
         (["parallel.diloco.islands=3", "train.global_batch_size=32"], "multiple of parallel.diloco.islands \\(3\\)"),
         (["parallel.diloco.islands=2", "train.precision=fp16"], "fp16 is not supported"),
         (["parallel.diloco.outer_momentum=1"], "outer_momentum = 1.0 must lie in \\[0, 1\\)"),
-        (["parallel.diloco.exchange=int2"], "parallel.diloco.exchange"),
-        (["train.optimizer=lion"], "train.optimizer"),
+        (["parallel.diloco.exchange=int2"], "parallel.diloco.exchange = 'int2' is not valid; choose one of fp32, bf16"),
+        (["train.optimizer=lion"], "train.optimizer = 'lion' is not valid; choose one of adamw, sgd"),
     ],
 )  # fmt: skip
 def test_invalid_diloco_settings_are_clear_errors(overrides: list[str], message: str) -> None:
