@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from llm.checkpoint.format import (
     write_manifest,
     write_meta,
 )
+from llm.checkpoint.pickles import UnsafeCheckpointError, check_files, load_file, pickled_files
 from llm.checkpoint.rng import rng_state
 from llm.config import Config
 from llm.model.pipeline import canonical_name
@@ -79,9 +82,8 @@ def save_checkpoint(
     previous = latest_tag(directory)
 
     def start() -> None:
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        (tag_dir / MANIFEST).unlink(missing_ok=True)  # a re-save of the same tag is incomplete until done
-        shutil.rmtree(tag_dir / UNIVERSAL_DIR, ignore_errors=True)
+        _clear_tag(tag_dir)
+        tag_dir.mkdir(parents=True)
         write_meta(tag_dir, meta)
 
     def write_rank_files() -> None:
@@ -112,6 +114,25 @@ def save_checkpoint(
     return tag_dir
 
 
+REPLACED_DIR = "replaced"
+
+
+def _clear_tag(tag_dir: Path) -> None:
+    """Makes room for a save to `tag_dir`. A complete checkpoint there (one that a resume skipped as
+    damaged, or that this run went back past) is never replaced in place: it is moved to
+    `replaced/<tag>.<time>/` beside the checkpoints, with a warning. An incomplete one (an interrupted
+    save) is removed, so that none of its files can enter the new MANIFEST."""
+    if not tag_dir.exists():
+        return
+    if (tag_dir / MANIFEST).is_file():
+        aside = tag_dir.parent / REPLACED_DIR / f"{tag_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(tag_dir, aside)
+        logger.warning("checkpoint %s already existed: it was moved to %s, not overwritten", tag_dir, aside)
+    else:
+        shutil.rmtree(tag_dir)
+
+
 def island_root(directory: Path, tag_dir: Path, ctx: ParallelContext) -> Path:
     """Where this rank's island keeps DeepSpeed's files: the checkpoint directory for island 0,
     `<tag>/island_k/` (holding `<tag>/`) for the others (DeepSpeed's tags must agree on all ranks)."""
@@ -128,8 +149,8 @@ def _agreed(ctx: ParallelContext, tag_dir: Path, previous: str | None, step: Any
             error = e
     if not ctx.any_rank(error is not None):
         return
-    if ctx.rank == 0 and tag_dir.name != previous:
-        shutil.rmtree(tag_dir, ignore_errors=True)  # never a half-written checkpoint left behind
+    if ctx.rank == 0:  # never a half-written checkpoint left behind (a complete one there was moved aside)
+        shutil.rmtree(tag_dir, ignore_errors=True)
     if error is None:
         raise CheckpointSaveError(
             f"saving checkpoint '{tag_dir}' failed on another rank (its message names the cause); "
@@ -197,6 +218,19 @@ def verify_distributed(tag_dir: Path, ctx: ParallelContext, *, checksums: bool =
         raise CheckpointError(messages[0])
 
 
+def check_pickles_distributed(tag_dir: Path, ctx: ParallelContext) -> None:
+    """pickles.check_files over every torch file of the checkpoint, split over the ranks; every rank
+    raises the first refusal any rank found."""
+    error: str | None = None
+    try:
+        check_files(share(pickled_files(tag_dir), ctx.rank, ctx.world_size))
+    except UnsafeCheckpointError as e:
+        error = str(e)
+    messages = [m for m in ctx.all_gather_object(error) if m]
+    if messages:
+        raise UnsafeCheckpointError(messages[0])
+
+
 def parameter_layout(module: torch.nn.Module, num_layers: int) -> dict[str, dict[str, Any]]:
     """Plain-model name -> how this rank holds the parameter: its tensor-parallel split (the layer's
     own `partition_info`: dimension and stride, or the grouped-QKV layout with KV rows shared by
@@ -243,6 +277,9 @@ def load_checkpoint(
     state is resharded (reshard.py)."""
     meta = read_meta(tag_dir)
     check_same_model(meta, cfg, tag_dir, tokenizer_fingerprint=tokenizer_fingerprint)
+    trust = cfg.checkpoint.trust_pickles
+    if not trust:  # before DeepSpeed's loader, which unpickles without restriction, sees any file
+        check_pickles_distributed(tag_dir, ctx)
     saved = layout_of(meta)
     ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "zero": int(engine.zero_optimization_stage())}
     _check_islands(meta, tag_dir, ctx, saved == ours)
@@ -258,10 +295,10 @@ def load_checkpoint(
     out = dict(client["llm"]) if client and "llm" in client else meta
     rng_file = tag_dir / RNG_DIR / f"rank_{ctx.rank:05d}.pt"
     if rng_file.is_file():  # restored by the caller right before the first step
-        out["rng_state"] = torch.load(rng_file, weights_only=False)
+        out["rng_state"] = load_file(rng_file, trust=trust)
     diloco_file = tag_dir / DILOCO_DIR / f"rank_{ctx.rank:05d}.pt"
     if diloco_file.is_file():
-        out["diloco_state"] = torch.load(diloco_file, weights_only=False)
+        out["diloco_state"] = load_file(diloco_file, trust=trust)
     return out
 
 

@@ -42,14 +42,15 @@ from llm.progress import Progress
 
 
 def export_checkpoint(
-    checkpoint: str | Path, output: str | Path, *, tokenizer: str | None = None, verify: bool = True
+    checkpoint: str | Path, output: str | Path, *, tokenizer: str | None = None, verify: bool = True,
+    trust_pickles: bool = False,
 ) -> Path:
     from transformers import AutoModelForCausalLM
 
     # a model no transformers class computes is refused before any weights are read
     check_exportable(config_from_meta(read_meta(resolve_checkpoint(checkpoint))).model)
     progress = Progress(3, f"exporting {checkpoint} to {output}", unit="stages", interval=0.0)
-    cfg, state, meta = load_model_state(checkpoint, verify=verify)
+    cfg, state, meta = load_model_state(checkpoint, verify=verify, trust_pickles=trust_pickles)
     progress.update()  # read, verified and merged
     tok = run_tokenizer(cfg.data.tokenizer, tokenizer)
     config = hf_config(cfg.model)
@@ -122,8 +123,13 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     state = from_hf_state_dict(hf.state_dict(), model_cfg)
     has_tokenizer = (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file()
     data = dataclasses.replace(base.data, tokenizer=str(src.resolve())) if has_tokenizer else base.data
-    cfg = replace_validated(base, model=model_cfg, data=data)
     directory = Path(output)
+    # The config trains into the import's own run directory (its checkpoints are the import's), never
+    # into the base config's: `pretrain.py --config <output>/config.yaml` continues from iteration 0.
+    run_dir = directory.parent if directory.name == "checkpoints" else directory
+    logging_cfg = dataclasses.replace(base.logging, dir=str(run_dir))
+    checkpoint_cfg = dataclasses.replace(base.checkpoint, dir=str(directory), resume="auto")
+    cfg = replace_validated(base, model=model_cfg, data=data, logging=logging_cfg, checkpoint=checkpoint_cfg)
     tag_dir = directory / tag_for(0)
     shutil.rmtree(tag_dir, ignore_errors=True)
     tag_dir.mkdir(parents=True)

@@ -30,6 +30,7 @@ from llm.training.lr_schedule import make_scheduler
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import clipped_optimizer
+from llm.training.run_dir import RunDirectoryError, check_run_directory
 from llm.training.run_lock import RunLock, RunLockedError
 from llm.training.trainer import PeriodicEval, Trainer, TrainState, load_train_state
 
@@ -149,7 +150,7 @@ def run_pretraining(
         tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size,
         islands=cfg.parallel.diloco.islands, timeout_minutes=cfg.parallel.timeout_minutes,
     )  # fmt: skip
-    lock = _lock_run(cfg, ctx)  # before anything is written into the run directory
+    lock = _claim_run(cfg, ctx)  # before anything is written into the run directory
     try:
         layout = gather_layout(ctx, launch)
         cfg = resolve_vocab(cfg)
@@ -166,17 +167,21 @@ def run_pretraining(
     return state
 
 
-def _lock_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
-    """Rank 0 locks the run and checkpoint directories; every rank stops when that fails."""
+def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
+    """Rank 0 locks the run and checkpoint directories and checks that they are this run's to write
+    (run_dir.py); every rank stops when either fails."""
     lock, failed = None, None
     if ctx.rank == 0:
         lock = RunLock([Path(cfg.logging.dir), Path(cfg.checkpoint_dir)], force=cfg.checkpoint.break_lock)
         try:
             lock.acquire()
-        except RunLockedError as e:
+            check_run_directory(cfg)
+        except (RunLockedError, RunDirectoryError) as e:
             failed = e
+            if isinstance(e, RunDirectoryError):
+                lock.release()
     if ctx.any_rank(failed is not None):
-        raise failed or RunLockedError("the run directory is in use by another run (rank 0's message names it)")
+        raise failed or RunLockedError("the run directory cannot be used (rank 0's message says why)")
     return lock
 
 

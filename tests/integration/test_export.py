@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.config import load_config
 from tests.conftest import TINY_OVERRIDES, launch_cmd, run, script, train_losses, write_lm_eval_tasks
 
 pytestmark = pytest.mark.integration
@@ -89,6 +90,8 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     imported = tmp_path / "imported"
     _in_process("convert_to_hf.py", "--import", str(hf_dir), "--output", str(imported), "--seq-length",
                 str(cfg.model.seq_length))  # fmt: skip
+    saved = load_config(imported / "config.yaml")  # it trains into the import's directory, not tiny_cpu's run
+    assert (saved.logging.dir, saved.checkpoint_dir, saved.checkpoint.resume) == (str(imported), str(imported), "auto")
     printed = _in_process("evaluate.py", "--checkpoint", str(imported), "--input", str(held_out), "--json")
     assert abs(json.loads(printed.strip().splitlines()[-1])["loss"] - got["loss"]) / got["loss"] < 1e-5
     cont = tmp_path / "continued"

@@ -54,6 +54,7 @@ def test_a_corrupt_same_size_file_is_detected_named_and_skipped(builtin_prefix: 
     ckpt = tmp_path / "checkpoints"
     damaged = ckpt / "iter_0000010" / "mp_rank_00_model_states.pt"
     _overwrite_middle(damaged)
+    damaged_bytes = damaged.read_bytes()
 
     p = run(["python", script("verify_checkpoint.py"), str(ckpt)])
     assert p.returncode == 1
@@ -75,6 +76,11 @@ def test_a_corrupt_same_size_file_is_detected_named_and_skipped(builtin_prefix: 
     assert f"skipping checkpoint: checkpoint file '{damaged}' is damaged: xxh3_64" in out
     assert f"resumed from {ckpt / 'iter_0000005'} at iteration 5" in out
     assert all(r["loss"] < 20 for r in read_metrics(tmp_path) if "loss" in r)  # no garbage weights loaded
+    # the new save at iteration 10 did not overwrite the damaged checkpoint: it was moved aside, bytes intact
+    (aside,) = (ckpt / "replaced").glob("iter_0000010.*")
+    assert f"checkpoint {ckpt / 'iter_0000010'} already existed: it was moved to {aside}" in out
+    assert (aside / damaged.name).read_bytes() == damaged_bytes
+    assert run(["python", script("verify_checkpoint.py"), str(ckpt)]).returncode == 0  # the new ones are whole
 
 
 def _tmpfs_run(mount: Path, size_bytes: int, command: list[str], after: str) -> subprocess.CompletedProcess:

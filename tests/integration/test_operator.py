@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,39 @@ def test_a_resume_with_a_new_learning_rate_uses_it(builtin_prefix: Path, tmp_pat
     assert used[7] != pytest.approx(lr_at(6, old))  # what keeping the saved schedule would have given
     history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["iteration"] == 6 and "train.lr: 0.002 -> 0.001" in history[-1]["changes"]
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(directory)): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def test_a_run_never_writes_into_another_runs_directory(builtin_prefix: Path, tmp_path: Path) -> None:
+    """The README's import-and-continue case: a run resumed from elsewhere must not train into a run
+    directory that holds another run (it wrote iter_* there, moved `latest`, appended its metrics);
+    nor may a fresh start or a resume to an older checkpoint replace newer checkpoints."""
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    check(run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, ours, "train.train_iters=4",
+                                                           "checkpoint.save_interval=2")]))  # fmt: skip
+    shutil.copytree(ours / "checkpoints", other / "checkpoints")  # another run's checkpoints (or an import)
+    before = _snapshot(ours)
+    cases = {
+        f"checkpoint.resume={other / 'checkpoints'}": f"checkpoint.dir '{ours / 'checkpoints'}' holds another run's "
+        f"checkpoints (iter_0000004, iter_0000002); resuming from '{other / 'checkpoints'}' would write this run's "
+        "checkpoints among them: set logging.dir (or checkpoint.dir) to a new directory",
+        "checkpoint.resume=none": "checkpoint.resume=none starts a new run, but checkpoint.dir "
+        f"'{ours / 'checkpoints'}' holds checkpoints (iter_0000004, iter_0000002) that its saves would replace",
+        f"checkpoint.resume={ours / 'checkpoints' / 'iter_0000002'}": "goes back past newer checkpoints of this "
+        f"run (iter_0000004) that its saves would replace: move them out of '{ours / 'checkpoints'}' first",
+    }
+    for override, message in cases.items():
+        p = run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, ours, "train.train_iters=8", override)])
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert p.stderr.count("error: ") == 1 and message in p.stderr, p.stderr[-3000:]
+        assert _snapshot(ours) == before  # not a byte written: checkpoints, latest, metrics, config
+    # metrics of a run that never saved belong to it too
+    (ours / "checkpoints").rename(tmp_path / "moved")
+    p = run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, ours, f"checkpoint.resume={other / 'checkpoints'}")])
+    assert p.returncode == 1 and f"logging.dir '{ours}' holds another run's metrics" in p.stderr, p.stderr[-3000:]
 
 
 def _descendants(pid: int) -> list[int]:
