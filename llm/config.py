@@ -221,6 +221,8 @@ class CheckpointConfig:
     keep_last: int | None = None
     verify: bool = True  # check every file's checksum before resuming
     break_lock: bool = False  # take over a run directory another host's run seems to hold
+    # unpickle checkpoint files without restriction (they could run code): only for a checkpoint you trust
+    trust_pickles: bool = False
 
 
 @dataclass
@@ -706,7 +708,12 @@ def validate(cfg: Config) -> None:
     _check_parallel(cfg)
     _check_diloco(cfg)
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
-        raise ConfigError("train.lr_warmup_iters must not exceed train.lr_decay_iters (or train.train_iters)")
+        t = cfg.train
+        decay = f"train.lr_decay_iters = {t.lr_decay_iters}" if t.lr_decay_iters else f"train.train_iters = {t.train_iters}"
+        raise ConfigError(
+            f"train.lr_warmup_iters = {t.lr_warmup_iters} must not exceed {decay}: lower train.lr_warmup_iters "
+            f"(e.g. train.lr_warmup_iters={max(t.decay_iters // 10, 0)}) or train longer"
+        )
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(
             f"deepspeed_config '{cfg.deepspeed_config}' does not exist; use one of configs/deepspeed/*.json"

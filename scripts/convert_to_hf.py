@@ -29,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="import: training settings to start from")
     parser.add_argument("--seq-length", type=int, help="import: training sequence length (default: the model's max)")
     parser.add_argument("--no-verify", action="store_true", help="export: skip the checkpoint's checksum verification")
+    parser.add_argument("--trust-pickles", action="store_true",
+                        help="export: unpickle the checkpoint without restriction (it could run code): only one you trust")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.checkpoint:
-            out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer, verify=not args.no_verify)
+            out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer, verify=not args.no_verify,
+                                    trust_pickles=args.trust_pickles)
             print(f"exported {args.checkpoint} -> {out}")
         else:
             tag = import_hf(args.import_dir, args.output, base=load_config(args.config), seq_length=args.seq_length)

@@ -85,18 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print a JSON line last")
     parser.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksum verification")
+    parser.add_argument("--trust-pickles", action="store_true",
+                        help="unpickle the checkpoint without restriction (it could run code): only one you trust")  # fmt: skip
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by `deepspeed`
     args = parser.parse_args(argv)
     if args.tasks:
         try:
-            cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify)
+            cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify,
+                                            trust_pickles=args.trust_pickles)
             return _run_lm_eval(args, cfg, model)
         except LLMError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     ctx = eval_context()  # several processes (torchrun / deepspeed / srun) split the windows
     try:
-        cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify)
+        cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify,
+                                            trust_pickles=args.trust_pickles)
         stream = _stream(args, cfg)
         result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx,
                                  data=cfg.data)

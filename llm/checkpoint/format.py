@@ -13,7 +13,7 @@ import mmap
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import xxhash
 
@@ -29,6 +29,7 @@ UNIVERSAL_FORM = "universal"  # meta["form"] of a checkpoint that holds only uni
 CHECKSUM = "xxh3_64"
 MANIFEST_VERSION = 2  # 1: {name: size}; 2: {"files": {name: {"size", "xxh3_64"}}}
 _CHUNK = 16 << 20
+T = TypeVar("T")
 
 
 class CheckpointError(LLMError, ValueError):
@@ -149,7 +150,7 @@ def checkpoint_files(tag_dir: Path) -> list[str]:
     )  # fmt: skip
 
 
-def share(names: list[str], rank: int, world: int) -> list[str]:
+def share(names: list[T], rank: int, world: int) -> list[T]:
     """This rank's part of the files to hash: every world-th, starting at `rank`."""
     return names[rank::world]
 

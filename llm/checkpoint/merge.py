@@ -27,6 +27,7 @@ from llm.checkpoint.format import (
     resolve_checkpoint,
     verify_checkpoint,
 )
+from llm.checkpoint.pickles import check_files, load_file, pickled_files
 from llm.config import Config, replace_validated
 from llm.model.gpt import GPT
 from llm.model.pipeline import canonical_prefix
@@ -35,12 +36,13 @@ from llm.parallel.layers import merge_by_spec
 Tensors = dict[str, torch.Tensor]
 
 
-def load_tensor_file(file: Path) -> Any:
-    """torch.load of one checkpoint file; a missing or unreadable file is a CheckpointError naming it."""
+def load_tensor_file(file: Path, *, trust: bool = False) -> Any:
+    """torch.load of one checkpoint file, restricted to the types checkpoints hold (pickles.py; `trust`:
+    unrestricted); a missing or unreadable file is a CheckpointError naming it."""
     if not file.is_file():
         raise CheckpointError(f"checkpoint file '{file}' is missing: the checkpoint is incomplete; use an earlier one")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return load_file(file, trust=trust)
     except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"checkpoint file '{file}' is damaged ({e}); use an earlier checkpoint") from None
 
@@ -58,14 +60,14 @@ def fit_vocab_rows(state: Tensors, rows: int) -> Tensors:
     return out
 
 
-def _read_model_file(file: Path) -> Tensors:
-    sd = load_tensor_file(file)
+def _read_model_file(file: Path, *, trust: bool) -> Tensors:
+    sd = load_tensor_file(file, trust=trust)
     if "module" not in sd:
         raise CheckpointError(f"model file '{file}' holds no model weights; use an earlier checkpoint")
     return dict(sd["module"])
 
 
-def _read_pipeline_layers(tag_dir: Path, tp_rank: int, num_layers: int) -> Tensors:
+def _read_pipeline_layers(tag_dir: Path, tp_rank: int, num_layers: int, *, trust: bool) -> Tensors:
     """DeepSpeed's per-layer files of one tensor-parallel rank -> plain-model names."""
     files = sorted(tag_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt"))
     if not files:
@@ -74,7 +76,7 @@ def _read_pipeline_layers(tag_dir: Path, tp_rank: int, num_layers: int) -> Tenso
     for file in files:
         idx = int(file.name.split("-")[0].removeprefix("layer_"))
         prefix = canonical_prefix(idx, num_layers)
-        for k, v in load_tensor_file(file).items():  # the first stage's copy of the tied embedding wins
+        for k, v in load_tensor_file(file, trust=trust).items():  # the first stage's copy of the tied embedding wins
             state.setdefault(prefix + k, v)
     return state
 
@@ -90,39 +92,47 @@ def merge_tensor_parallel(shards: list[Tensors], specs: dict[str, dict[str, Any]
     return out
 
 
-def read_universal_weights(tag_dir: Path) -> Tensors:
+def read_universal_weights(tag_dir: Path, *, trust: bool = False) -> Tensors:
     files = sorted((tag_dir / UNIVERSAL_DIR).glob("*.pt"))
-    return {f.stem: load_tensor_file(f)["fp32"] for f in files if f.name != "state.pt"}
+    return {f.stem: load_tensor_file(f, trust=trust)["fp32"] for f in files if f.name != "state.pt"}
 
 
-def load_model_state(path: str | Path, *, verify: bool = True) -> tuple[Config, Tensors, dict[str, Any]]:
+def load_model_state(
+    path: str | Path, *, verify: bool = True, trust_pickles: bool = False
+) -> tuple[Config, Tensors, dict[str, Any]]:
     """Full (unsharded) fp32 model weights of a checkpoint: (config, state, meta). With `verify`, every
-    file is first checked against the MANIFEST's sizes and checksums (a damaged one is named)."""
+    file is first checked against the MANIFEST's sizes and checksums (a damaged one is named). Files
+    are unpickled only as pickles.py allows, unless `trust_pickles`."""
     tag_dir = resolve_checkpoint(path)
     if verify:
         verify_checkpoint(tag_dir)
+    trust = trust_pickles
     meta = read_meta(tag_dir)
     cfg = config_from_meta(meta, source=str(tag_dir))
     tp, pp = int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1))
     if is_universal_only(meta):
-        state = read_universal_weights(tag_dir)
+        state = read_universal_weights(tag_dir, trust=trust)
     elif int(meta.get("zero_stage", 0)) == 3:  # no tensor parallelism with ZeRO 3 (config check)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        if not trust:  # DeepSpeed's reader unpickles without restriction: every file is checked first
+            check_files(pickled_files(tag_dir))
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
         if pp > 1:
-            shards = [_read_pipeline_layers(tag_dir, r, cfg.model.num_layers) for r in range(tp)]
+            shards = [_read_pipeline_layers(tag_dir, r, cfg.model.num_layers, trust=trust) for r in range(tp)]
         else:
-            shards = [_read_model_file(tag_dir / f"mp_rank_{r:02d}_model_states.pt") for r in range(tp)]
+            shards = [_read_model_file(tag_dir / f"mp_rank_{r:02d}_model_states.pt", trust=trust) for r in range(tp)]
         specs = parameter_specs(read_rank_layouts(tag_dir)) if tp > 1 else {}
         state = merge_tensor_parallel(shards, specs)
     return cfg, {k: v.float() for k, v in state.items()}, meta
 
 
-def load_trained_model(checkpoint: str | Path, *, device: str = "cpu", verify: bool = True) -> tuple[Config, GPT]:
+def load_trained_model(
+    checkpoint: str | Path, *, device: str = "cpu", verify: bool = True, trust_pickles: bool = False
+) -> tuple[Config, GPT]:
     """The checkpoint's model as one plain GPT in one process (evaluation, generation), in eval mode."""
-    cfg, state, _ = load_model_state(checkpoint, verify=verify)
+    cfg, state, _ = load_model_state(checkpoint, verify=verify, trust_pickles=trust_pickles)
     cfg = replace_validated(  # one process: no tensor or pipeline parallelism
         cfg,
         model=dataclasses.replace(cfg.model, sequence_parallel=False),

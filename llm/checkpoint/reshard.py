@@ -96,10 +96,10 @@ def write_universal(
 # ----------------------------------------------------------------------------- convert
 
 
-def _shard_state_zero0(tag_dir: Path, info: dict[str, Any]) -> tuple[dict[str, Tensors], dict[str, Any]]:
+def _shard_state_zero0(tag_dir: Path, info: dict[str, Any], *, trust: bool) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 0: moments of one (PP, TP) shard from the torch state dict; with bf16 (DeepSpeed's unfused
     mixed-precision wrapper) also the fp32 master weights, which the bf16 module weights only round."""
-    sd = load_tensor_file(tag_dir / info["model_file"])
+    sd = load_tensor_file(tag_dir / info["model_file"], trust=trust)
     opt = sd.get("optimizer") or {}
     masters: list[torch.Tensor] = []
     if "optimizer_state_dict" in opt:  # {"optimizer_state_dict": torch state, "fp32_groups": masters, loss scale}
@@ -119,13 +119,13 @@ def _shard_state_zero0(tag_dir: Path, info: dict[str, Any]) -> tuple[dict[str, T
 
 
 def _shard_state_zero12(
-    tag_dir: Path, infos: list[dict[str, Any]], groups: list[dict[str, torch.Size]], num_layers: int
+    tag_dir: Path, infos: list[dict[str, Any]], groups: list[dict[str, torch.Size]], num_layers: int, *, trust: bool
 ) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 1/2: concatenate each parameter's fragments over the DP ranks of one (PP, TP) shard."""
     pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     step = 0.0
     for info in sorted(infos, key=lambda i: i["dp_rank"]):
-        osd = load_tensor_file(tag_dir / info["optim_file"])["optimizer_state_dict"]
+        osd = load_tensor_file(tag_dir / info["optim_file"], trust=trust)["optimizer_state_dict"]
         base = osd["base_optimizer_state"]["state"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **{k: base[g][k] for k in MOMENTS}}
@@ -142,7 +142,7 @@ def _shard_state_zero12(
 
 
 def _shard_state_zero3(
-    tag_dir: Path, infos: list[dict[str, Any]], groups: list[dict[str, torch.Size]], num_layers: int
+    tag_dir: Path, infos: list[dict[str, Any]], groups: list[dict[str, torch.Size]], num_layers: int, *, trust: bool
 ) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 3: each parameter is DP equal pieces (last padded), laid out in parameter order per group."""
     infos = sorted(infos, key=lambda i: i["dp_rank"])
@@ -150,7 +150,7 @@ def _shard_state_zero3(
     pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     step = 0.0
     for info in infos:
-        osd = load_tensor_file(tag_dir / info["optim_file"])["optimizer_state_dict"]
+        osd = load_tensor_file(tag_dir / info["optim_file"], trust=trust)["optimizer_state_dict"]
         base = osd["optimizer_state_dict"]["state"]
         for g, shapes in enumerate(groups):
             flat = {"fp32": osd["fp32_flat_groups"][g], **{k: base[g][k] for k in MOMENTS}}
@@ -169,9 +169,9 @@ def _shard_state_zero3(
     return out, {"step": step}
 
 
-def _param_shapes(tag_dir: Path, info: dict[str, Any], num_layers: int) -> list[dict[str, torch.Size]]:
+def _param_shapes(tag_dir: Path, info: dict[str, Any], num_layers: int, *, trust: bool) -> list[dict[str, torch.Size]]:
     """Per optimizer group, plain-model name -> shape, in the group's order (DeepSpeed's `param_shapes`)."""
-    sd = load_tensor_file(tag_dir / info["model_file"])
+    sd = load_tensor_file(tag_dir / info["model_file"], trust=trust)
     return [{canonical_name(n, num_layers): s for n, s in g.items()} for g in sd.get("param_shapes") or []]
 
 
@@ -179,7 +179,7 @@ def _stage_state(
     tag_dir: Path, infos: list[dict[str, Any]], cfg: Config, tp: int, specs: dict[str, Any]
 ) -> tuple[dict[str, Tensors], float]:
     """Full (TP-merged) moments, and fp32 weights where the optimizer keeps them, of one pipeline stage."""
-    L = cfg.model.num_layers
+    L, trust = cfg.model.num_layers, cfg.checkpoint.trust_pickles
     by_tp: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for info in infos:
         by_tp[info["tp_rank"]].append(info)
@@ -188,10 +188,10 @@ def _stage_state(
         group = by_tp[t]
         stage = group[0]["zero_stage"]
         if stage == 0:
-            state, extra = _shard_state_zero0(tag_dir, next(i for i in group if i["dp_rank"] == 0))
+            state, extra = _shard_state_zero0(tag_dir, next(i for i in group if i["dp_rank"] == 0), trust=trust)
         else:
             reader = _shard_state_zero3 if stage == 3 else _shard_state_zero12
-            state, extra = reader(tag_dir, group, _param_shapes(tag_dir, group[0], L), L)
+            state, extra = reader(tag_dir, group, _param_shapes(tag_dir, group[0], L, trust=trust), L, trust=trust)
         shards.append(state)
         step = extra["step"]
     merged: dict[str, Tensors] = {}
@@ -211,11 +211,12 @@ def convert(tag_dir: Path, cfg: Config, meta: dict[str, Any]) -> Path:
     layouts = read_rank_layouts(tag_dir)
     tp = int(meta.get("tensor_parallel", 1))
     specs = parameter_specs(layouts) if tp > 1 else {}
-    _, weights, _ = load_model_state(tag_dir, verify=False)  # verified before resuming; full fp32 weights (the master copy in fp32 training)
+    trust = cfg.checkpoint.trust_pickles
+    _, weights, _ = load_model_state(tag_dir, verify=False, trust_pickles=trust)  # verified before resuming; full fp32 weights (the master copy in fp32 training)
     by_stage: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for info in layouts:
         by_stage[info["pp_rank"]].append(info)
-    model = load_tensor_file(tag_dir / layouts[0]["model_file"])
+    model = load_tensor_file(tag_dir / layouts[0]["model_file"], trust=trust)
     counters = {"lr_scheduler": model.get("lr_scheduler"), "global_steps": int(model.get("global_steps") or 0),
                 "global_samples": int(model.get("global_samples") or 0)}  # fmt: skip
 
@@ -241,7 +242,8 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     stage = int(engine.zero_optimization_stage())
-    state = load_tensor_file(universal / STATE_FILE)
+    trust = cfg.checkpoint.trust_pickles
+    state = load_tensor_file(universal / STATE_FILE, trust=trust)
     step = float(state["step"])
     opt = torch_optimizer(engine)
     if stage:
@@ -250,7 +252,7 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
     rows = cfg.model.padded_vocab_size(ctx.tp)
     for name, p in engine.module.named_parameters():
         cname = canonical_name(name, cfg.model.num_layers)
-        entry = fit_vocab_rows_entry(load_tensor_file(universal / f"{cname}.pt"), cname, rows)
+        entry = fit_vocab_rows_entry(load_tensor_file(universal / f"{cname}.pt", trust=trust), cname, rows)
         spec = partition_info(p)  # the split of the running layout's parameter
         local = {k: full if spec is None else shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
                  for k, full in entry.items()}  # fmt: skip
