@@ -391,6 +391,26 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _canonical_names(tree: dict[str, Any]) -> dict[str, Any]:
+    """One source's settings (a YAML file, or the overrides) with Megatron's names (ALIASES) turned
+    into ours, so that an override by either name replaces the file's value by either name. Both
+    names in one source is an error, unless one of them is null (unset)."""
+    out = dict(tree)
+    for alias, key in ALIASES.items():
+        section, name = alias.split(".")
+        node = out.get(section)
+        if not isinstance(node, dict) or name not in node:
+            continue
+        node = dict(node)
+        value = node.pop(name)
+        if node.get(key) is not None and value is not None:
+            raise ConfigError(f"{alias} is Megatron's name for {section}.{key}; set only one of them")
+        if value is not None or key not in node:
+            node[key] = value
+        out[section] = node
+    return out
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -455,7 +475,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file '{path}' is empty; copy one from configs/ or omit --config for the defaults")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}': the top level must be a mapping of sections (model:, train:, ...)")
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = _merge(_canonical_names(raw), _canonical_names(parse_overrides(overrides or [])))
     cfg: Config = _build(Config, raw, "")
     if cfg.deepspeed_config is not None and path is not None and not Path(cfg.deepspeed_config).exists():
         # Relative DeepSpeed paths: from the working directory, beside the YAML, or its parent.

@@ -20,13 +20,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llm.data.files import temporary_file
 
 logger = logging.getLogger(__name__)
 WAIT_NOTICE_S = 5.0
@@ -37,7 +38,7 @@ def index_key(desc: dict[str, Any]) -> str:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_file(path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)

@@ -36,12 +36,12 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from llm.data.files import temporary_file
 from llm.errors import LLMError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -86,9 +86,9 @@ def dataset_exists(prefix: str | Path) -> bool:
 
 
 def _tmp(directory: Path, name: str, suffix: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix + ".tmp", dir=directory)
+    fd, tmp = temporary_file(directory, prefix=f".{name}.", suffix=suffix + ".tmp")
     os.close(fd)
-    return Path(tmp)
+    return tmp
 
 
 def write_index(

@@ -17,8 +17,9 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from llm.data.files import temporary_file
 
 logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "blend_index.c"
@@ -50,7 +51,7 @@ def blend_library() -> ctypes.CDLL | None:
         tmp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+            fd, tmp = temporary_file(target.parent, prefix=target.name + ".", suffix=".tmp", executable=True)
             os.close(fd)
             subprocess.run(
                 [compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True

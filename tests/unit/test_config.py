@@ -184,6 +184,14 @@ def test_megatron_data_key_names_are_accepted(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("data:\n  data_path: /d/a\n  train_data_path: /d/b\n")
     with pytest.raises(ConfigError, match="data.data_path is Megatron's name for data.train_data_path; set only one"):
         load_config(tmp_path / "c.yaml")
+    # An override by Megatron's name replaces the file's value by ours (every shipped config sets
+    # data.train_data_path), and the other way round; null leaves the other name in charge.
+    for config in [REPO / "configs" / "tiny_cpu.yaml", *sorted((REPO / "configs").glob("*/*.yaml"))]:
+        assert load_config(config, ["data.data_path=/d/x"]).data.train_data_path == "/d/x", config
+    assert load_config(config, ["data.train_data_path=null", "data.data_path=/d/y"]).data.train_data_path == "/d/y"
+    (tmp_path / "m.yaml").write_text("data:\n  data_path: /d/a\n  data_cache_path: /d/c\n")
+    cfg = load_config(tmp_path / "m.yaml", ["data.train_data_path=/d/b", "data.index_cache_dir=/d/e"])
+    assert (cfg.data.train_data_path, cfg.data.index_cache_dir) == ("/d/b", "/d/e")
 
 
 @pytest.mark.parametrize(

@@ -65,3 +65,27 @@ def test_a_builder_killed_while_holding_the_lock_does_not_block_the_others(tmp_p
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_token_files_and_index_caches_are_readable_as_the_umask_allows(tmp_path: Path, tokenizer_path: Path) -> None:
+    """A temporary file renamed into place keeps mkstemp's 0600: on a shared filesystem the rest of a
+    team could not read the corpus. Files get what open() would give them: 0666 minus the umask."""
+    import os
+    import stat
+
+    from llm.data.preprocess import preprocess
+    from llm.data.sources import Record
+
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            out = tmp_path / f"u{umask:o}" / "corpus"
+            out.parent.mkdir()
+            records = (Record("str", f"document {i} of the corpus", "test", i) for i in range(20))
+            preprocess(records, tokenizer=str(tokenizer_path), output_prefix=out, workers=1, progress=False)
+            cached_index(out.parent / "cache", "x", ("a",), {"n": umask}, lambda: (np.arange(5),), what="test index")
+        finally:
+            os.umask(old)
+        written = [out.with_suffix(".bin"), out.with_suffix(".idx"), *(out.parent / "cache").glob("x.*.npy")]
+        assert len(written) == 3
+        assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in written} == {f.name: oct(mode) for f in written}
