@@ -14,8 +14,11 @@ Needs the `eval` extra (`pip install -e ".[eval]"`).
 from __future__ import annotations
 
 import json
+import re
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -160,11 +163,41 @@ def run_tasks(model: GPT, tokenizer: Any, tasks: list[str], *, num_fewshot: int 
 
     manager = manager or task_manager(tasks, include_path)
     harness = LLMHarness(model, tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=harness, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=log_samples)  # fmt: skip
+    offline = _go_offline_unless_the_hub_answers()
+    try:
+        results = lm_eval.simple_evaluate(model=harness, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=log_samples)  # fmt: skip
+    except ConnectionError as e:  # datasets' "Couldn't reach 'owner/name' on the Hub"
+        found = re.search(r"'([\w.-]+(?:/[\w.-]+)?)' on the Hub", str(e))
+        dataset = f"dataset '{found.group(1)}'" if found else "dataset"
+        why = "the hub is not reachable from here" if offline else "the hub did not answer"
+        raise HarnessError(
+            f"lm-eval task {', '.join(tasks)} needs its {dataset} from the Hugging Face hub, {why} and it is not in "
+            "the local cache (HF_HOME): run it once where the hub is reachable (the cache then serves it offline), "
+            "or use a task on local files (dataset_path: json; an example: examples/lm_eval_tasks, --include-path)"
+        ) from None
     if results is None:  # only on ranks other than lm-eval's rank 0
         raise HarnessError("lm-eval returned no results")
     return dict(results)
+
+
+def _go_offline_unless_the_hub_answers(timeout: float = 3.0) -> bool:
+    """Puts `datasets` and `huggingface_hub` in offline mode (the local cache only) when the hub does not
+    answer within `timeout` seconds, or when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say so; returns
+    whether it is offline. Without this, every dataset lookup retries for half a minute first."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    offline = bool(datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.HF_HUB_OFFLINE)
+    if not offline:
+        host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError:
+            offline = True
+    if offline:  # both libraries read these at call time
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    return offline
 
 
 def write_results(results: dict[str, Any], path: str | Path) -> Path:

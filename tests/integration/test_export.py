@@ -160,3 +160,37 @@ def test_llama_export_loads_as_llama_and_agrees(builtin_prefix: Path, tmp_path: 
     x = torch.randint(0, cfg.model.vocab_size or 1, (2, 32))
     with torch.no_grad():
         assert (ours(x)[..., : cfg.model.vocab_size] - model(x).logits).abs().max().item() < 1e-4
+
+
+def test_lm_eval_runs_the_shipped_local_task_and_a_hub_task_offline_is_one_line(
+    reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The README's `--include-path` example is shipped and runs offline; a task whose dataset lives
+    on the hub, offline and not cached, ends in one line saying so (it used to retry for half a
+    minute and end in a 45-line traceback)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from tests.conftest import REPO, script_main
+
+    monkeypatch.chdir(REPO)  # the example's data_files are relative to the repository root
+    checkpoint = str(reference_run / "checkpoints")
+    out = tmp_path / "example.json"
+    evaluate = script_main("evaluate.py")
+    assert evaluate(["--checkpoint", checkpoint, "--tasks", "llm_example", "--include-path", "examples/lm_eval_tasks",
+                     "--output", str(out)]) == 0  # fmt: skip
+    assert 0 <= json.loads(out.read_text())["results"]["llm_example"]["acc,none"] <= 1
+
+    tasks = tmp_path / "hub_tasks"
+    tasks.mkdir()
+    (tasks / "hub_task.yaml").write_text(
+        (REPO / "examples/lm_eval_tasks/llm_example.yaml").read_text().replace("task: llm_example", "task: hub_task")
+        .replace("dataset_path: json", "dataset_path: llm-tests/no-such-dataset")
+    )  # fmt: skip
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as on a machine without internet
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    capsys.readouterr()
+    assert evaluate(["--checkpoint", checkpoint, "--tasks", "hub_task", "--include-path", str(tasks)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: lm-eval task hub_task needs its dataset 'llm-tests/no-such-dataset' from the "
+                          "Hugging Face hub, the hub is not reachable from here") and err.count("\n") == 1, err  # fmt: skip
