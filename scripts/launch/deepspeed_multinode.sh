@@ -31,5 +31,5 @@ if [ -n "${NODE_RANK:-}" ]; then
   ARGS+=(--no_ssh --node_rank "$NODE_RANK")
 fi
 [ -n "${MASTER_ADDR:-}" ] && ARGS+=(--master_addr "$MASTER_ADDR")
-set -x
+echo "+ deepspeed ${ARGS[*]} scripts/pretrain.py --config $CONFIG $*" >&2  # the command, once
 exec deepspeed "${ARGS[@]}" scripts/pretrain.py --config "$CONFIG" "$@"

@@ -28,8 +28,9 @@ if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   echo "error: NNODES=$NNODES: set MASTER_ADDR to the host of NODE_RANK 0" >&2
   exit 2
 fi
-set -x
-run_forwarding_stop_signals torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}" \
-  --signals-to-handle SIGINT,SIGHUP,SIGQUIT \
-  scripts/pretrain.py --config "$CONFIG" "$@"
+CMD=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE"
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}"
+  --signals-to-handle SIGINT,SIGHUP,SIGQUIT
+  scripts/pretrain.py --config "$CONFIG" "$@")
+echo "+ ${CMD[*]}" >&2  # the command, once (set -x also traced the signal forwarding's loop)
+run_forwarding_stop_signals "${CMD[@]}"
