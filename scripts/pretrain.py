@@ -13,7 +13,7 @@ import sys
 from typing import NoReturn
 
 from llm.config import load_config
-from llm.errors import LLMError
+from llm.errors import LLMError, on_every_rank
 
 
 class _UsageError(Exception):
@@ -27,6 +27,15 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (usage: pretrain.py [--config FILE] [section.key=value ...])")
 
 
+def _rank() -> int:
+    from llm.parallel.launcher import detect_launch
+
+    try:
+        return detect_launch().rank
+    except LLMError:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults apply when omitted")
@@ -38,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        cfg = load_config(args.config, args.overrides)
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except LLMError as e:
+            raise on_every_rank(e) from None
         from llm.training.pretrain import run_pretraining
 
         periodic = None
@@ -48,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             periodic = training_evaluator(cfg)
         state = run_pretraining(cfg, periodic_eval=periodic)
     except LLMError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not (e.rank_zero_only and _rank() != 0):
+            print(f"error: {e}", file=sys.stderr)
         if getattr(e, "exit_at_once", False):
             sys.stdout.flush()
             sys.stderr.flush()

@@ -20,7 +20,7 @@ from llm.config import Config, ConfigError, build_deepspeed_config, replace_vali
 from llm.data.gpt_dataset import GPTDataset
 from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from llm.errors import LLMError
+from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, init_distributed, is_collective_timeout
 from llm.parallel.layout import gather_layout
@@ -145,7 +145,10 @@ def run_pretraining(
     eval.lm_eval_tasks; training does not import eval)."""
     launch = init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
     setup_logging(launch.rank)
-    validate_world(cfg, launch.world_size)  # before building groups: a bad TP x PP is one clear line
+    try:  # before building groups: a bad TP x PP is one clear line
+        validate_world(cfg, launch.world_size)
+    except ConfigError as e:
+        raise on_every_rank(e) from None
     ctx = ParallelContext.build(
         tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size,
         islands=cfg.parallel.diloco.islands, timeout_minutes=cfg.parallel.timeout_minutes,
@@ -181,7 +184,7 @@ def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
             if isinstance(e, RunDirectoryError):
                 lock.release()
     if ctx.any_rank(failed is not None):
-        raise failed or RunLockedError("the run directory cannot be used (rank 0's message says why)")
+        raise failed or on_every_rank(RunLockedError("the run directory cannot be used (rank 0's message says why)"))
     return lock
 
 
@@ -232,6 +235,12 @@ def _train(
             engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint, diloco=diloco
         )
         logger.info("resumed from %s at iteration %d", tag_dir, state.iteration)
+        if state.iteration >= cfg.train.train_iters:
+            logger.warning(
+                "nothing to train: the checkpoint is at iteration %d, train.train_iters = %d. To train on, raise "
+                "train.train_iters; to start a new run, set logging.dir to a new directory", state.iteration,
+                cfg.train.train_iters,
+            )  # fmt: skip
         for change in changes:
             logger.info("resume: %s", change)
     train, valid, test = _datasets(cfg)

@@ -62,6 +62,12 @@ def test_a_resume_with_a_new_learning_rate_uses_it(builtin_prefix: Path, tmp_pat
     assert used[7] != pytest.approx(lr_at(6, old))  # what keeping the saved schedule would have given
     history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["iteration"] == 6 and "train.lr: 0.002 -> 0.001" in history[-1]["changes"]
+    # rerunning a finished run with fewer iterations says why nothing happens (it was silent)
+    p = run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, tmp_path, "train.train_iters=8",
+                                                         "train.lr=1e-3", "train.min_lr=1e-4")])  # fmt: skip
+    check(p)
+    assert "nothing to train: the checkpoint is at iteration 10, train.train_iters = 8" in p.stdout + p.stderr
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000010"
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
@@ -158,3 +164,12 @@ def test_sigterm_and_ctrl_c_through_the_deepspeed_launcher_save_and_leave_no_pro
         assert not (run_dir / ".llm.lock").exists()
     # Every worker exited 0: the per-node launcher reports it for the SIGTERM run.
     assert outputs["SIGTERM"].count("exits successfully") == 2 and "exits with return code" not in outputs["SIGTERM"]
+
+
+def test_a_config_mistake_on_two_processes_is_printed_once(builtin_prefix: Path, tmp_path: Path) -> None:
+    from tests.conftest import launch_cmd
+
+    p = run(launch_cmd(2, *tiny_args(builtin_prefix, tmp_path, "train.global_batch_size=6")))
+    assert p.returncode != 0
+    assert p.stderr.count("error: train.global_batch_size (6) must be a multiple of") == 1, p.stderr[-3000:]
+    assert not (tmp_path / "config.yaml").exists()
