@@ -29,14 +29,19 @@ def fit_context(
         raise ContextLengthError(f"--max-new-tokens is {max_new_tokens}; ask for at least 1 token")
     warnings: list[str] = []
     drop = 0
-    if prompt_len > context:
-        if not truncate_prompt:
-            raise ContextLengthError(
-                f"the prompt is {prompt_len} tokens but the model's context is {context} (model.seq_length); "
-                f"shorten it, or pass --truncate-prompt to keep its last {context} tokens"
+    if prompt_len > context and not truncate_prompt:
+        raise ContextLengthError(
+            f"the prompt is {prompt_len} tokens but the model's context is {context} (model.seq_length); "
+            f"shorten it, or pass --truncate-prompt to keep its last tokens"
+        )
+    if truncate_prompt:  # keep what leaves room for every new token (the last new one is not fed back)
+        keep = max(1, min(prompt_len, context - max_new_tokens + 1))
+        drop = prompt_len - keep
+        if drop:
+            warnings.append(
+                f"the prompt was truncated from the left to its last {keep} tokens ({drop} dropped) to leave room "
+                f"for {max_new_tokens} new tokens in the context of {context}"
             )
-        drop = prompt_len - context
-        warnings.append(f"the prompt was truncated from the left to its last {context} tokens ({drop} dropped)")
     kept = prompt_len - drop
     # The last new token is never fed back: the model sees at most kept + max_new_tokens - 1 tokens.
     needed = kept + max_new_tokens - 1

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +189,25 @@ def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
     return lock
 
 
+def _filter_known_warnings() -> None:
+    """Warnings a user cannot act on, which the pinned torch and DeepSpeed print on every rank:
+    - DeepSpeed 0.19.8's ZeRO calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor,
+      deprecated in the pinned torch (a FutureWarning; DeepSpeed's to change);
+    - its pipeline engine receives activations into a buffer by an in-place broadcast_ that autograd
+      then walks (torch's "c10d::broadcast_: an autograd kernel was not registered" UserWarning); the
+      engine sends the gradients back itself, and the pipeline tests show every layout computes what
+      one process computes."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            r"is deprecated", category=FutureWarning)  # fmt: skip
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered",
+                            category=UserWarning)  # fmt: skip
+
+
 def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> tuple[Any, RNGTracker, int]:
     """The model (plain, or a PipelineModule when pipeline > 1) inside DeepSpeed's engine."""
     import deepspeed
 
+    _filter_known_warnings()
     seed_everything(cfg.train.seed)
     rng = RNGTracker()
     device = "cuda" if torch.cuda.is_available() else "cpu"

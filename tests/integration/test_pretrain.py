@@ -118,13 +118,16 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
     # Past the context (64 tokens here): refused with the way out, or done as asked and said so.
     generate_main, long_prompt = script_main("generate.py"), "The list type is a sequence. " * 20
     for flags, status, says in [
-        ([], 1, "error: the prompt is"),
-        (["--truncate-prompt"], 1, "error: the prompt (64 tokens) and --max-new-tokens 10 need 73 positions"),
-        (["--truncate-prompt", "--sliding-window"], 0, "warning: the prompt was truncated from the left"),
-    ]:
+        (["--max-new-tokens", "10"], 1, "error: the prompt is"),
+        (["--max-new-tokens", "10", "--truncate-prompt"], 0,  # room left for all 10 new tokens
+         "warning: the prompt was truncated from the left to its last 55 tokens"),
+        (["--max-new-tokens", "70", "--truncate-prompt"], 1, "error: the prompt (1 tokens) and --max-new-tokens 70"),
+        (["--max-new-tokens", "70", "--truncate-prompt", "--sliding-window"], 0,
+         "warning: the prompt was truncated from the left to its last 1 tokens"),
+    ]:  # fmt: skip
         err, out = io.StringIO(), io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            argv = ["--checkpoint", str(ckpt), "--prompt", long_prompt, "--max-new-tokens", "10", *flags]
+            argv = ["--checkpoint", str(ckpt), "--prompt", long_prompt, *flags]
             assert generate_main(argv) == status
         assert err.getvalue().startswith(says), err.getvalue()
     assert "sliding window" in err.getvalue() and out.getvalue().strip()
@@ -260,7 +263,11 @@ def test_pipeline_layouts_match_one_process(
     nproc: int, extra: list[str], builtin_prefix: Path, tmp_path: Path, reference_run: Path,
     single_process_losses: list[float],
 ) -> None:  # fmt: skip
-    _check(run(launch_cmd(nproc, *_args(builtin_prefix, tmp_path, *extra))))
+    p = run(launch_cmd(nproc, *_args(builtin_prefix, tmp_path, *extra)))
+    _check(p)
+    # warnings a user cannot act on (torch's about DeepSpeed's pipeline broadcast and its deprecated
+    # ZeRO collectives) are filtered at their source
+    assert "c10d::broadcast_" not in p.stderr and "is deprecated" not in p.stderr, p.stderr[-3000:]
     _assert_same_curve(train_losses(tmp_path), single_process_losses, 1e-4)
     ref_val = [r["val_loss"] for r in read_metrics(reference_run) if "val_loss" in r]
     _assert_same_curve([r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r], ref_val, 1e-4)

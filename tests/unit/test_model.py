@@ -134,9 +134,13 @@ def test_generation_past_the_context_is_refused_or_slides_explicitly(arch: str) 
     with pytest.raises(ContextLengthError, match="lower --max-new-tokens to 3, or pass --sliding-window"):
         generate(model, prompt[:30], max_new_tokens=10)
     assert len(generate(model, prompt[:30], max_new_tokens=3, temperature=0.0)) == 3  # 32 positions: fits
-    drop, warnings = fit_context(40, 10, 32, truncate_prompt=True, sliding_window=True)
-    assert drop == 8 and "truncated from the left to its last 32 tokens (8 dropped)" in warnings[0]
-    assert "from new token 2 on" in warnings[1]
+    # truncation leaves room for every new token: 23 prompt tokens + 10 new (the last not fed back) = 32
+    drop, warnings = fit_context(40, 10, 32, truncate_prompt=True, sliding_window=False)
+    assert drop == 17 and warnings == ["the prompt was truncated from the left to its last 23 tokens (17 dropped) "
+                                       "to leave room for 10 new tokens in the context of 32"]  # fmt: skip
+    drop, warnings = fit_context(32, 10, 32, truncate_prompt=False, sliding_window=True)
+    assert drop == 0 and len(warnings) == 1 and "from new token 2 on" in warnings[0]
+    drop = 8  # the 32-token prompt prompt[8:] generates past the context
     for use_cache in (True, False):
         out = generate(model, prompt[drop:], max_new_tokens=10, temperature=0.0, sliding_window=True,
                        use_cache=use_cache)  # fmt: skip
