@@ -33,10 +33,19 @@ class RunCurves:
     rollbacks: list[int] = field(default_factory=list)
 
     def tokens_at(self, iterations: list[int]) -> np.ndarray:
-        """Tokens trained at each iteration (interpolated between logged steps)."""
-        its = [r["iteration"] for r in self.steps]
-        samples = [r["consumed_samples"] for r in self.steps]
-        return np.interp(iterations, its, samples) * self.seq_length
+        """Tokens trained at each iteration: interpolated between logged steps, from iteration 0 (no
+        tokens) to the first, and extrapolated at the last steps' rate past the last (an evaluation
+        before the first logged step is drawn where it happened, not at that step's tokens)."""
+        its = [float(r["iteration"]) for r in self.steps]
+        samples = [float(r["consumed_samples"]) for r in self.steps]
+        if its[0] > 0:
+            its, samples = [0.0, *its], [0.0, *samples]
+        at = np.asarray(iterations, dtype=float)
+        out = np.interp(at, its, samples)
+        if len(its) > 1:
+            rate = (samples[-1] - samples[-2]) / (its[-1] - its[-2])
+            out = np.where(at > its[-1], samples[-1] + (at - its[-1]) * rate, out)
+        return out * self.seq_length
 
 
 def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
