@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,9 +46,27 @@ def free_port() -> int:
 def run(
     cmd: list[str], *, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
+    """`cmd` in the repository with a deadline. It runs in a session of its own, so that on the
+    deadline (or any failure of the test while it runs) the whole tree is killed: a launcher's
+    workers too, which killing the launcher alone would leave running."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     full_env["PATH"] = f"{BIN}:{full_env.get('PATH', '')}"
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:  # the deadline, or Ctrl-C / pytest-timeout in the test
+            kill_session(proc.pid)
+            proc.communicate()
+            raise
+        kill_session(proc.pid)  # anything it left behind
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_session(leader: int) -> None:
+    """SIGKILL to every process of the session (process group) that `leader` started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader, signal.SIGKILL)
 
 
 def script(name: str) -> str:
