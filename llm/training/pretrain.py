@@ -31,7 +31,7 @@ from llm.training.lr_schedule import make_scheduler
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import clipped_optimizer
-from llm.training.run_dir import RunDirectoryError, check_run_directory
+from llm.training.run_dir import RunDirectoryError, check_run_directory, check_writable, run_directories
 from llm.training.run_lock import RunLock, RunLockedError
 from llm.training.trainer import PeriodicEval, Trainer, TrainState, load_train_state
 
@@ -172,8 +172,19 @@ def run_pretraining(
 
 
 def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
-    """Rank 0 locks the run and checkpoint directories and checks that they are this run's to write
-    (run_dir.py); every rank stops when either fails."""
+    """Every directory the run writes is probed (rank 0 all, every other rank the checkpoint
+    directory, where it writes too); then rank 0 locks the run and checkpoint directories and checks
+    that they are this run's to write (run_dir.py). Every rank stops when any of it fails."""
+    probe_error = None
+    try:
+        for setting, path in run_directories(cfg).items():
+            if ctx.rank == 0 or setting == "checkpoint.dir":
+                check_writable(path, setting)
+    except RunDirectoryError as e:
+        probe_error = f"rank {ctx.rank}: {e}" if ctx.rank else str(e)
+    found = [m for m in ctx.all_gather_object(probe_error) if m]
+    if found:
+        raise on_every_rank(RunDirectoryError(found[0]))
     lock, failed = None, None
     if ctx.rank == 0:
         lock = RunLock([Path(cfg.logging.dir), Path(cfg.checkpoint_dir)], force=cfg.checkpoint.break_lock)

@@ -12,10 +12,18 @@ Checked on rank 0 under the run lock, before anything is written:
   them one by one).
 
 `checkpoint.resume=auto` continues the run that the directory holds, so it always passes.
+
+Before that, every directory the run will write is probed (`check_writable`): created if missing, a
+small file written, synced and removed. A read-only mount, a file where a directory should be, a
+missing permission or a full disk is then one line naming the setting, the path and the cause at
+start, not an OSError traceback from the run lock or a failed save hours later.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 from pathlib import Path
 
 from llm.checkpoint.format import META, complete_tags, latest_tag
@@ -24,6 +32,47 @@ from llm.config import Config, ConfigError
 
 class RunDirectoryError(ConfigError):
     """A run would write over another run's files (or replace its own newer checkpoints)."""
+
+
+_CAUSES = {
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EEXIST: "a file of that name is in the way",
+}
+
+
+def check_writable(path: Path, setting: str) -> None:
+    """Creates `path` if needed and writes, syncs and removes a small file in it; raises
+    RunDirectoryError naming the setting, the path and the cause when that fails."""
+    probe = path / f".llm-write-probe-{os.uname().nodename}-{os.getpid()}"
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        with probe.open("wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        cause = "it is a file, not a directory" if path.is_file() else _CAUSES.get(e.errno or 0, e.strerror or str(e))
+        raise RunDirectoryError(
+            f"{setting} '{path}' cannot be written: {cause}; choose a writable directory (or fix this one)"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):  # nothing to remove where nothing could be written
+            probe.unlink(missing_ok=True)
+
+
+def run_directories(cfg: Config) -> dict[str, Path]:
+    """Setting -> directory, for every directory rank 0 writes (wandb writes into logging.dir)."""
+    out = {"logging.dir": Path(cfg.logging.dir), "checkpoint.dir": Path(cfg.checkpoint_dir)}
+    if cfg.logging.tensorboard_dir:
+        out["logging.tensorboard_dir"] = Path(cfg.logging.tensorboard_dir)
+    return out
 
 
 def _same(a: Path, b: Path) -> bool:

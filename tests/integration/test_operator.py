@@ -173,3 +173,38 @@ def test_a_config_mistake_on_two_processes_is_printed_once(builtin_prefix: Path,
     assert p.returncode != 0
     assert p.stderr.count("error: train.global_batch_size (6) must be a multiple of") == 1, p.stderr[-3000:]
     assert not (tmp_path / "config.yaml").exists()
+
+
+def _in_read_only_mount(directory: Path, command: list[str]) -> subprocess.CompletedProcess:
+    """`command` with `directory` bind-mounted read-only onto itself, in a private user and mount
+    namespace (a real read-only filesystem; works without root, and root's permission bypass does
+    not apply to it)."""
+    quoted = " ".join(f"'{c}'" for c in command)
+    shell = f"mount --bind '{directory}' '{directory}' && mount -o remount,ro,bind '{directory}' || exit 99; {quoted}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_directories_that_cannot_be_written_are_one_line_at_start(builtin_prefix: Path, tmp_path: Path) -> None:
+    """A file where a directory should be, a read-only mount: named with the setting and the cause
+    before any work (it was an OSError traceback from the run lock, or a failed save hours later)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    pretrain = ["python", script("pretrain.py")]
+    cases = [
+        (tiny_args(builtin_prefix, blocker), f"error: logging.dir '{blocker}' cannot be written: it is a file, not a directory"),
+        (tiny_args(builtin_prefix, tmp_path / "run1", f"logging.tensorboard_dir={blocker}/tb"),
+         f"error: logging.tensorboard_dir '{blocker}/tb' cannot be written: a part of the path is a file"),
+    ]  # fmt: skip
+    for args, message in cases:
+        p = run([*pretrain, *args])
+        assert p.returncode == 1 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr[-3000:]
+    read_only = tmp_path / "ro"
+    (read_only / "checkpoints").mkdir(parents=True)
+    p = _in_read_only_mount(read_only, [str(BIN / "python"), script("pretrain.py"), *tiny_args(
+        builtin_prefix, tmp_path / "run2", f"checkpoint.dir={read_only / 'checkpoints'}")])  # fmt: skip
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stderr.startswith(f"error: checkpoint.dir '{read_only / 'checkpoints'}' cannot be written: the "
+                               "filesystem is read-only; choose a writable directory") and "Traceback" not in p.stderr
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()  # before any work
