@@ -153,6 +153,8 @@ class DataConfig:
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
     eod_token_id: int | None = None  # None = the tokenizer's EOS (what preprocessing appends)
+    # resume on data other than the checkpoint's (other files, blend, split or seed): announced, not refused
+    allow_changed_data: bool = False
 
     @property
     def document_aware(self) -> bool:

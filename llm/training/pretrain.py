@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import torch
 import yaml
 
 from llm.checkpoint.engine import choose_verified
-from llm.checkpoint.format import complete_tags, latest_tag
+from llm.checkpoint.format import complete_tags, latest_tag, read_meta
 from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, ConfigError, build_deepspeed_config, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
+from llm.data.identity import data_identity, identity_differences
 from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from llm.errors import LLMError, on_every_rank
@@ -160,10 +162,14 @@ def run_pretraining(
         cfg = resolve_vocab(cfg)
         ds_config = build_deepspeed_config(cfg, launch.world_size, cuda=torch.cuda.is_available())
         if ctx.rank == 0:
-            write_effective_config(cfg, ds_config)
-            (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
             logger.info("%s", layout.describe())
-        state = _train(cfg, ctx, ds_config, peak_memory or PeakMemory(), periodic_eval)
+
+        def write_run_files() -> None:  # once the resume is settled: a refused one leaves the files as they were
+            if ctx.rank == 0:
+                write_effective_config(cfg, ds_config)
+                (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
+
+        state = _train(cfg, ctx, ds_config, peak_memory or PeakMemory(), periodic_eval, write_run_files)
     finally:
         if lock is not None:
             lock.release()
@@ -246,7 +252,7 @@ def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) 
 
 def _train(
     cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], peak_memory: PeakMemory,
-    periodic_eval: PeriodicEval | None,
+    periodic_eval: PeriodicEval | None, write_run_files: Callable[[], None],
 ) -> TrainState:  # fmt: skip
     engine, rng, num_params = _build_engine(cfg, ctx, ds_config)
     diloco = (
@@ -255,12 +261,15 @@ def _train(
     peak_memory.reset()  # peak_memory_gb in the metrics: the model and optimizer, plus what training adds
     state, rng_state, changes = TrainState(), None, list[str]()
     fingerprint = tokenizer_fingerprint(cfg.data.tokenizer)
+    identity = data_identity(cfg.data, seed=cfg.train.seed)
     resume = _resume_path(cfg)
     if resume is not None:
         tag_dir = choose_verified(resume, ctx, fallback=cfg.checkpoint.resume == "auto", checksums=cfg.checkpoint.verify)
+        data_changes = _data_changes(cfg, tag_dir, identity)  # before the (long) load
         state, rng_state, changes = load_train_state(
             engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint, diloco=diloco
         )
+        changes += data_changes
         logger.info("resumed from %s at iteration %d", tag_dir, state.iteration)
         if state.iteration >= cfg.train.train_iters:
             logger.warning(
@@ -270,6 +279,8 @@ def _train(
             )  # fmt: skip
         for change in changes:
             logger.info("resume: %s", change)
+    state.data_identity = identity  # what the checkpoints of this run record from now on
+    write_run_files()
     train, valid, test = _datasets(cfg)
     _check_token_range(train, int(cfg.model.vocab_size or 0))
     metrics = MetricsLogger(cfg, enabled=ctx.rank == 0, run_id=state.wandb_run_id,
@@ -293,6 +304,24 @@ def _train(
         raise CollectiveTimeoutError(_timeout_message(cfg, ctx, trainer.state.iteration, e)) from None
     finally:
         metrics.finish()
+
+
+class DataChangedError(ConfigError):
+    """A resume on other data than the checkpoint was trained on (data.allow_changed_data: false)."""
+
+
+def _data_changes(cfg: Config, tag_dir: Path, identity: dict[str, Any]) -> list[str]:
+    """How the data differs from the checkpoint's (`data: ...` entries for the resume changes);
+    refused unless data.allow_changed_data. A checkpoint written before data identities: nothing."""
+    saved = read_meta(tag_dir).get("data_identity")
+    diffs = identity_differences(saved, identity) if saved else []
+    if diffs and not cfg.data.allow_changed_data:
+        raise on_every_rank(DataChangedError(
+            f"the data differs from what checkpoint '{tag_dir}' was trained on: {'; '.join(diffs)}. The data order "
+            "after the resume would not be the run's: resume with the same data, or set data.allow_changed_data=true "
+            "to train on with this data (recorded as a resume change)"
+        ))  # fmt: skip
+    return [f"data: {d}" for d in diffs]
 
 
 def _record_changes(cfg: Config, metrics: MetricsLogger, iteration: int, changes: list[str], *, rank: int) -> None:

@@ -49,6 +49,7 @@ class TrainState:
     stopped_by: str | None = None  # set when a run stops before train_iters (signal, exit_interval)
     skipped_samples: int = 0  # skipped in total by loss-spike rollbacks
     rollbacks: int = 0
+    data_identity: dict[str, Any] | None = None  # what the run trains on (llm.data.identity)
 
 
 def load_train_state(
@@ -73,7 +74,7 @@ def load_train_state(
     state = TrainState(
         iteration=int(saved["iteration"]), consumed_samples=int(saved["consumed_samples"]),
         wandb_run_id=saved.get("wandb_run_id"), skipped_samples=int(saved.get("skipped_samples", 0)),
-        rollbacks=int(saved.get("rollbacks", 0)),
+        rollbacks=int(saved.get("rollbacks", 0)), data_identity=saved.get("data_identity"),
     )  # fmt: skip
     return state, saved.get("rng_state"), changed_settings(saved.get("config", {}), cfg)
 

@@ -208,3 +208,45 @@ def test_directories_that_cannot_be_written_are_one_line_at_start(builtin_prefix
     assert p.stderr.startswith(f"error: checkpoint.dir '{read_only / 'checkpoints'}' cannot be written: the "
                                "filesystem is read-only; choose a writable directory") and "Traceback" not in p.stderr
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()  # before any work
+
+
+def test_a_resume_on_other_data_is_refused_unless_allowed(builtin_prefix: Path, tmp_path: Path) -> None:
+    """The corpus replaced under the same prefix (or a dataset added to the blend): the data order
+    after the resume would mean nothing, so it is refused naming what changed; allowed, it is
+    announced and recorded like any resume change."""
+    from llm.data.builtin_corpus import iter_documents
+    from llm.data.preprocess import preprocess
+    from llm.data.sources import Record
+    from tests.conftest import TOKENIZER
+
+    data = tmp_path / "data"
+    data.mkdir()
+    prefix = data / "corpus"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{builtin_prefix}{suffix}", f"{prefix}{suffix}")
+    run_dir = tmp_path / "run"
+    check(run(["python", script("pretrain.py"), *tiny_args(prefix, run_dir, "train.train_iters=4")]))
+    meta = json.loads((run_dir / "checkpoints" / "iter_0000004" / "llm_meta.json").read_text())
+    assert meta["data_identity"]["train"][0]["tokens"] > 0 and meta["data_identity"]["seed"] == 1234
+
+    records = (Record("str", t, "other", i) for i, t in enumerate(list(iter_documents())[::2], 1))
+    preprocess(records, tokenizer=str(TOKENIZER), output_prefix=prefix, workers=1, progress=False)  # same name
+    before = _snapshot(run_dir)
+    p = run(["python", script("pretrain.py"), *tiny_args(prefix, run_dir, "train.train_iters=6")])
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert (f"error: the data differs from what checkpoint '{run_dir / 'checkpoints' / 'iter_0000004'}' was "
+            f"trained on: train dataset 1 ('{prefix}'): tokens ") in p.stderr and p.stderr.count("error: ") == 1
+    assert "documents " in p.stderr and "data.allow_changed_data=true" in p.stderr
+    blend = f"data.train_data_path=[0.5, {builtin_prefix}, 0.5, {prefix}]"
+    p = run(["python", script("pretrain.py"), *tiny_args(prefix, run_dir, "train.train_iters=6", blend)])
+    assert p.returncode == 1 and f"train dataset 2 ('{prefix}') added" in p.stderr, p.stderr[-3000:]
+    assert _snapshot(run_dir) == before  # refused before anything was written
+
+    p = run(["python", script("pretrain.py"), *tiny_args(prefix, run_dir, "train.train_iters=6",
+                                                         "data.allow_changed_data=true")])  # fmt: skip
+    check(p)
+    assert f"resume: data: train dataset 1 ('{prefix}'): tokens " in p.stdout + p.stderr
+    history = [json.loads(x) for x in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert any(c.startswith("data: train dataset 1") for c in history[-1]["changes"])
+    saved = json.loads((run_dir / "checkpoints" / "iter_0000006" / "llm_meta.json").read_text())["data_identity"]
+    assert saved["train"][0]["tokens"] != meta["data_identity"]["train"][0]["tokens"]  # the new data, from now on
