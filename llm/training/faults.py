@@ -52,9 +52,10 @@ class SpikeDetector:
         self.history.append(loss)
         return None
 
-    def reset(self) -> None:
-        """After a rollback: the window refills from the restored weights' losses."""
+    def restore(self, history: list[float]) -> None:
+        """The window as a checkpoint saved it (its last `window` losses), on resume and rollback."""
         self.history.clear()
+        self.history.extend(history)
 
 
 def injected_loss_factor(cfg: DebugConfig, batch_index: int) -> float | None:

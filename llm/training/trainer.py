@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class TrainState:
     skipped_samples: int = 0  # skipped in total by loss-spike rollbacks
     rollbacks: int = 0
     data_identity: dict[str, Any] | None = None  # what the run trains on (llm.data.identity)
+    spike_history: list[float] = field(default_factory=list)  # the spike detector's window at the save
 
 
 def load_train_state(
@@ -75,6 +76,7 @@ def load_train_state(
         iteration=int(saved["iteration"]), consumed_samples=int(saved["consumed_samples"]),
         wandb_run_id=saved.get("wandb_run_id"), skipped_samples=int(saved.get("skipped_samples", 0)),
         rollbacks=int(saved.get("rollbacks", 0)), data_identity=saved.get("data_identity"),
+        spike_history=[float(x) for x in saved.get("spike_history", [])],
     )  # fmt: skip
     return state, saved.get("rng_state"), changed_settings(saved.get("config", {}), cfg)
 
@@ -163,6 +165,7 @@ class Trainer:
         self._lr = 0.0
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.spikes = SpikeDetector(cfg.train.spike_detection)
+        self.spikes.restore(state.spike_history)  # a resumed run sees spikes from its first step
 
     # ----------------------------------------------------------------------------- batches
     def _batches(self, data: Any, consumed: int, total: int) -> Iterator[torch.Tensor]:
@@ -256,7 +259,7 @@ class Trainer:
         self.state.iteration, self.state.consumed_samples = saved.iteration, skip_to
         self.state.skipped_samples = saved.skipped_samples + skipped
         self.state.rollbacks += 1
-        self.spikes.reset()
+        self.spikes.restore(saved.spike_history)  # the window as it was at the checkpoint
         record = {"iteration": spike_at, "rollback": self.state.rollbacks, "spike_loss": spike.loss,
                   "spike_threshold": spike.threshold, "rollback_to_iteration": saved.iteration,
                   "checkpoint": str(tag_dir), "skipped_samples": skipped,
@@ -366,6 +369,7 @@ class Trainer:
 
     def _save(self) -> None:
         self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
+        self.state.spike_history = list(self.spikes.history)
         state = dict(asdict(self.state), tokenizer_fingerprint=self.tokenizer_fingerprint)
         start = time.perf_counter()
         rank_state = self.diloco.state_dict() if self.diloco is not None else None

@@ -247,3 +247,18 @@ def test_resume_refuses_another_model_naming_each_setting(
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"config '{other}'" in p.stderr and "a different tokenizer" in p.stderr
     # settings that may change (activation checkpointing, dropout, ...): tests/unit/test_faults.py
+
+
+def test_the_spike_window_survives_a_restart(builtin_prefix: Path, tmp_path: Path) -> None:
+    """The detector's window is in the checkpoint: a resumed run sees a spike in its first step (it
+    needed `window` new losses first, so a huge loss right after a restart trained into the weights)."""
+    window = ["train.spike_detection.window=3", "checkpoint.save_interval=3"]
+    check(run(_pretrain(builtin_prefix, tmp_path, *window, "train.train_iters=6")))
+    meta = json.loads((tmp_path / "checkpoints" / "iter_0000006" / "llm_meta.json").read_text())
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert meta["spike_history"] == losses[-3:]
+    check(run(_pretrain(builtin_prefix, tmp_path, *window, "train.train_iters=8", "debug.inject_loss_spike_at=[7]",
+                        "debug.inject_loss_value=huge")))  # fmt: skip
+    (event,) = _rollbacks(tmp_path)
+    assert event["iteration"] == 7 and event["rollback_to_iteration"] == 6 and event["spike_loss"] > 1e6
+    assert all(r["loss"] < 20 for r in read_metrics(tmp_path) if "loss" in r and r["iteration"] > 6)
