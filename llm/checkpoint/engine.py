@@ -3,6 +3,7 @@ RNG streams and layouts, MANIFEST, `latest`), and resuming at another layout thr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -10,6 +11,7 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from llm.checkpoint.format import (
 from llm.checkpoint.pickles import UnsafeCheckpointError, check_files, load_file, pickled_files
 from llm.checkpoint.rng import rng_state
 from llm.config import Config
+from llm.errors import on_every_rank
 from llm.model.pipeline import canonical_name
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import full_shape_of, partition_info
@@ -96,12 +99,24 @@ def save_checkpoint(
             write_rank_layout(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
         root = island_root(directory, tag_dir, ctx)
         (root / tag_dir.name).mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
+
+    def write_deepspeed_files() -> None:
+        root = island_root(directory, tag_dir, ctx)
+        with _failures_kept(engine) as kept:  # through DeepSpeed's barriers; the ranks agree afterwards
+            engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
+        if kept.error is not None:
+            raise kept.error
+
+    mine: dict[str, Any] = {}
+
+    def hash_share() -> None:  # everyone has written: the same list of files on every rank
+        mine.update(describe_files(tag_dir, share(checkpoint_files(tag_dir), rank, ctx.world_size)))
 
     _agreed(ctx, tag_dir, previous, start if rank == 0 else None)
     _agreed(ctx, tag_dir, previous, write_rank_files)
-    names = checkpoint_files(tag_dir)  # everyone has written: the same list on every rank
-    shares = ctx.all_gather_object(describe_files(tag_dir, share(names, rank, ctx.world_size)))
+    _agreed(ctx, tag_dir, previous, write_deepspeed_files)
+    _agreed(ctx, tag_dir, previous, hash_share)
+    shares = ctx.all_gather_object(mine)
 
     def finish() -> None:
         write_manifest(tag_dir, {name: entry for part in shares for name, entry in part.items()})
@@ -140,23 +155,67 @@ def island_root(directory: Path, tag_dir: Path, ctx: ParallelContext) -> Path:
 
 
 def _agreed(ctx: ParallelContext, tag_dir: Path, previous: str | None, step: Any) -> None:
-    """Runs this rank's `step` (None: nothing to do here), then all ranks learn whether any failed."""
-    error: BaseException | None = None
+    """Runs this rank's `step` (None: nothing to do here), then all ranks learn whether any failed:
+    each raises the same CheckpointSaveError, naming the first failing rank, its path and cause."""
+    failure: str | None = None
     if step is not None:
         try:
             step()
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-            error = e
-    if not ctx.any_rank(error is not None):
+            failure = _save_failure(tag_dir, previous, e)
+    failures = [(r, m) for r, m in enumerate(ctx.all_gather_object(failure)) if m]
+    if not failures:
         return
-    if ctx.rank == 0:  # never a half-written checkpoint left behind (a complete one there was moved aside)
-        shutil.rmtree(tag_dir, ignore_errors=True)
-    if error is None:
-        raise CheckpointSaveError(
-            f"saving checkpoint '{tag_dir}' failed on another rank (its message names the cause); "
-            f"'latest' still names {previous or 'no checkpoint'}"
-        )
-    raise CheckpointSaveError(_save_failure(tag_dir, previous, error)) from None
+    # never a half-written checkpoint left behind (a complete one there was moved aside); every rank
+    # removes what it sees, for a directory that is not shared by all
+    shutil.rmtree(tag_dir, ignore_errors=True)
+    r, message = failures[0]
+    raise on_every_rank(CheckpointSaveError(message if ctx.world_size == 1 else f"rank {r}: {message}"))
+
+
+class _KeptFailure:
+    """DeepSpeed's checkpoint engine during one save, with a failed write kept instead of raised.
+
+    A rank whose write raises inside `engine.save_checkpoint` leaves it before DeepSpeed's closing
+    barrier, where the other ranks would then wait until the collective timeout (a node-local disk
+    full on one node). Kept, the failure lets the rank go through DeepSpeed's barriers like the
+    others (writing nothing more), and `_agreed` stops every rank right after."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.error = inner, None  # type: Any, BaseException | None
+
+    def _kept(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            self.error = e
+            return None
+
+    def save(self, state_dict: Any, path: str) -> Any:
+        return self._kept(self.inner.save, state_dict, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> Any:
+        return self._kept(self.inner.makedirs, path, exist_ok=exist_ok)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def _failures_kept(engine: Any) -> Iterator[_KeptFailure]:
+    """`engine.checkpoint_engine` (every file DeepSpeed writes: model, ZeRO and pipeline layer states)
+    and its copy of the zero_to_fp32 scripts wrapped by one _KeptFailure for the duration."""
+    kept = _KeptFailure(engine.checkpoint_engine)
+    copy_scripts = engine._copy_recovery_script
+    engine.checkpoint_engine = kept
+    engine._copy_recovery_script = lambda path: kept._kept(copy_scripts, path)
+    try:
+        yield kept
+    finally:
+        engine.checkpoint_engine = kept.inner
+        del engine._copy_recovery_script  # the class's method again
 
 
 def _is_disk_full(error: BaseException) -> bool:

@@ -55,7 +55,20 @@ def init_distributed(*, backend: str | None = None, timeout_minutes: float | Non
             _init_on_agent_store(launch, chosen, timeout)
         extra = {} if timeout is None else {"timeout": timeout}
         deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, **extra)  # adopts that group
+        if timeout is not None:
+            _default_group_timeout(timeout)
     return launch
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Groups made later by `new_group` without a timeout (DeepSpeed's pipeline, data, model and
+    tied-weight groups) get torch's module default (30 minutes), not the default group's: that default
+    becomes `timeout`, so a collective in any group gives up after parallel.timeout_minutes."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def _init_on_agent_store(launch: LaunchEnv, backend: str, timeout: timedelta | None) -> None:

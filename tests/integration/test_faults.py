@@ -5,6 +5,7 @@ SIGSTOP, and a resume with another model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -197,8 +198,12 @@ def test_a_sigkilled_rank_restarts_under_torchrun_and_matches(builtin_prefix: Pa
 
 
 @pytest.mark.distributed
-def test_a_stopped_rank_makes_the_others_exit_within_the_timeout(builtin_prefix: Path, tmp_path: Path) -> None:
-    args = tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000", "parallel.timeout_minutes=0.25")
+@pytest.mark.parametrize("layout", [[], ["parallel.pipeline_model_parallel_size=2"]], ids=["dp2", "pp2"])
+def test_a_stopped_rank_makes_the_others_exit_within_the_timeout(
+    builtin_prefix: Path, tmp_path: Path, layout: list[str]
+) -> None:
+    """Also under pipeline parallelism, whose groups DeepSpeed makes (they kept torch's 30 minutes)."""
+    args = tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000", "parallel.timeout_minutes=0.25", *layout)
     port = str(free_port())
     procs = []
     for rank in (0, 1):
@@ -262,3 +267,41 @@ def test_the_spike_window_survives_a_restart(builtin_prefix: Path, tmp_path: Pat
     (event,) = _rollbacks(tmp_path)
     assert event["iteration"] == 7 and event["rollback_to_iteration"] == 6 and event["spike_loss"] > 1e6
     assert all(r["loss"] < 20 for r in read_metrics(tmp_path) if "loss" in r and r["iteration"] > 6)
+
+
+def test_a_save_failing_on_one_node_stops_every_rank_at_once(builtin_prefix: Path, tmp_path: Path) -> None:
+    """Two "nodes" of one rank each; node 1's checkpoint directory is a node-local disk (a 512 KB
+    tmpfs in its own mount namespace) too small for its ZeRO shard. Every rank stops with one line
+    naming rank 1, the path and the cause, long before parallel.timeout_minutes (10): rank 0 used to
+    wait in DeepSpeed's closing barrier of the save until the collective timeout."""
+    if shutil.which("unshare") is None:
+        pytest.fail("util-linux's unshare is needed for this test")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    args = [script("pretrain.py"), *tiny_args(builtin_prefix, tmp_path / "run", "train.train_iters=4",
+            "checkpoint.save_interval=2", f"checkpoint.dir={ckpt}", "deepspeed_config=configs/deepspeed/zero1.json",
+            "parallel.timeout_minutes=10")]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_RANK="0")  # fmt: skip
+    python = str(BIN / "python")
+    node1 = f"mount -t tmpfs -o size=524288 tmpfs '{ckpt}' || exit 99; exec {python} " + " ".join(f"'{a}'" for a in args)
+    procs = [
+        subprocess.Popen([python, *args], cwd=REPO, env=dict(env, RANK="0", NODE_RANK="0"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True),
+        subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", node1], cwd=REPO,
+                         env=dict(env, RANK="1", NODE_RANK="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True),
+    ]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    assert procs[1].returncode != 99, "mounting a tmpfs in a user namespace failed: " + outs[1][1]
+    assert [p.returncode for p in procs] == [1, 1], outs[0][1][-3000:] + outs[1][1][-3000:]
+    errors = [line for _, err in outs for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in outs[0][1] + outs[1][1], errors
+    assert errors[0].startswith(f"error: rank 1: saving checkpoint '{ckpt / 'iter_0000002'}' failed: no space left "
+                                f"on the device of '{ckpt}'")  # fmt: skip
+    assert not (ckpt / "iter_0000002").exists() and not (ckpt / "latest").exists()  # rank 0's side: no partial
