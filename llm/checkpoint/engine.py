@@ -318,6 +318,9 @@ def write_rank_layout(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_l
     info = {
         "rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
         "zero_stage": stage, "bf16": bool(engine.bfloat16_enabled()),
+        # what the engine really runs in (a silent fp32 run would pass a test that reads the config)
+        "param_dtype": str(next(engine.module.parameters()).dtype),
+        "communication_dtype": str(engine.communication_data_type),
         "model_file": Path(engine._get_ckpt_name(str(tag_dir.parent), tag_dir.name)).name,
         "optim_file": Path(engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name)).name if flat else None,
         "groups": groups,

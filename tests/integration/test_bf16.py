@@ -6,9 +6,11 @@ bf16-rounded weights)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import assert_same_curve, check, launch_cmd, read_metrics, run, tiny_args, train_losses
 
@@ -24,6 +26,19 @@ def _train(nproc: int, prefix: Path, run_dir: Path, *extra: str) -> str:
     return p.stdout + p.stderr
 
 
+def _assert_bf16(tag_dir: Path, nproc: int) -> None:
+    """What the engine ran in, as every rank recorded it, and the dtype of the saved weights."""
+    layouts = [json.loads(f.read_text()) for f in sorted((tag_dir / "layout").glob("rank_*.json"))]
+    assert len(layouts) == nproc
+    for info in layouts:
+        assert (info["bf16"], info["param_dtype"], info["communication_dtype"]) == (True, "torch.bfloat16", "torch.bfloat16")
+    files = sorted(tag_dir.glob("layer_*-model_states.pt")) or [tag_dir / "mp_rank_00_model_states.pt"]
+    for file in files:
+        state = torch.load(file, weights_only=False)
+        weights = state.get("module", state)
+        assert {str(t.dtype) for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()} == {"torch.bfloat16"}
+
+
 @pytest.mark.parametrize(
     "first, other",
     [((1, []), (2, [ZERO(2)])), ((2, [PP2, ZERO(1)]), (1, []))],
@@ -32,16 +47,21 @@ def _train(nproc: int, prefix: Path, run_dir: Path, *extra: str) -> str:
 def test_bf16_resumes_exactly_and_at_another_layout(
     first: tuple[int, list[str]], other: tuple[int, list[str]], builtin_prefix: Path, tmp_path: Path
 ) -> None:
-    """Six iterations straight, saving at three; from that checkpoint the same layout trains four to
-    six bit for bit, another layout within 5e-5 (bf16 sums in another order: measured 4e-6 to 6e-6;
+    """Six iterations straight, saving at three, really in bf16 (the engine's parameter and gradient
+    communication dtypes, the saved weights) and within 1% of the same steps in fp32; from that
+    checkpoint the same layout trains four to six bit for bit, another layout within 5e-5 (bf16 sums in another order: measured 4e-6 to 6e-6;
     continuing from the bf16-rounded weights instead of the fp32 masters is 2e-4 off)."""
     (n1, a1), (n2, a2) = first, other
     straight = tmp_path / "straight"
     _train(n1, builtin_prefix, straight, *a1, "checkpoint.save_interval=3")
+    _assert_bf16(straight / "checkpoints" / "iter_0000006", n1)
+    fp32 = tmp_path / "fp32"  # the same steps in fp32: bf16 follows the curve within 1%
+    check(run(launch_cmd(n1, *tiny_args(builtin_prefix, fp32, "train.train_iters=6", *a1))))
+    assert_same_curve(train_losses(straight), train_losses(fp32), 1e-2)
+    assert train_losses(straight) != train_losses(fp32)  # and it is not fp32
     ckpt = f"checkpoint.resume={straight / 'checkpoints' / 'iter_0000003'}"
-    if n1 == 1:  # the pipeline's exact resume is test_pretrain's [pp2] (fp32: the same engine and files)
-        _train(n1, builtin_prefix, tmp_path / "same", *a1, ckpt)
-        assert train_losses(tmp_path / "same") == train_losses(straight)[3:]
+    _train(n1, builtin_prefix, tmp_path / "same", *a1, ckpt)  # the same layout: bit for bit
+    assert train_losses(tmp_path / "same") == train_losses(straight)[3:]
     log = _train(n2, builtin_prefix, tmp_path / "moved", *a2, ckpt)
     assert "resharding model and optimizer state" in log
     assert [r["consumed_samples"] for r in read_metrics(tmp_path / "moved") if "loss" in r] == [32, 40, 48]
