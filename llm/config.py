@@ -132,10 +132,23 @@ class TrainConfig:
     spike_detection: SpikeDetectionConfig = field(default_factory=SpikeDetectionConfig)
     max_rollbacks: int = 3  # reloads of the latest checkpoint after spikes before the run stops
     skip_batches_on_rollback: int = 0  # global batches skipped after the spiking one, besides those up to it
+    # Global batches never to train, as "a-b" or "a": numbered as the iterations of an uninterrupted
+    # run that train them (what a rollback skips automatically, given by hand: the data around a spike
+    # seen in an earlier run). Steps go on with the next batch; the iteration count does not jump.
+    skip_batches: list[str] = field(default_factory=list)
 
     @property
     def decay_iters(self) -> int:
         return self.lr_decay_iters or self.train_iters
+
+    @property
+    def skip_ranges(self) -> list[tuple[int, int]]:
+        """train.skip_batches as (first, last) batch numbers, 1-based and inclusive."""
+        out = []
+        for item in self.skip_batches:
+            first, _, last = str(item).partition("-")
+            out.append((int(first), int(last or first)))
+        return out
 
 
 @dataclass
@@ -729,6 +742,12 @@ def validate(cfg: Config) -> None:
     _check_model(cfg.model)
     _check_parallel(cfg)
     _check_diloco(cfg)
+    for item in cfg.train.skip_batches:
+        first, _, last = str(item).partition("-")
+        if not (first.isdigit() and (last.isdigit() or not last) and 1 <= int(first) <= int(last or first)):
+            raise ConfigError(
+                f"train.skip_batches: '{item}' is not a range of batch numbers like '120-135' (or one number, 1 or more)"
+            )
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
         t = cfg.train
         decay = f"train.lr_decay_iters = {t.lr_decay_iters}" if t.lr_decay_iters else f"train.train_iters = {t.train_iters}"

@@ -117,17 +117,19 @@ class LMHeadPipe(nn.Module):
 
 
 class PipelineLoss:
-    """loss_fn(local logits, labels) for the last stage: the plain model's loss."""
+    """loss_fn(local logits, labels) for the last stage: the plain model's loss. `factor` (set by the
+    trainer for one step: debug.inject_loss_spike_at) multiplies it before backward, so an injected
+    spike reaches the weights under the pipeline engine as it does without one."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
         self.ctx = ctx
         self.vocab_size = int(cfg.vocab_size or 0)
         self.vocab_start = ctx.tp_rank * (cfg.padded_vocab_size(ctx.tp) // ctx.tp)
+        self.factor: float | None = None
 
     def __call__(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return lm_loss(
-            local_logits, labels, self.ctx, vocab_start=self.vocab_start, vocab_size=self.vocab_size
-        )
+        loss = lm_loss(local_logits, labels, self.ctx, vocab_start=self.vocab_start, vocab_size=self.vocab_size)
+        return loss if self.factor is None else loss * self.factor
 
 
 def canonical_prefix(layer_idx: int, num_layers: int) -> str:

@@ -320,6 +320,14 @@ class ParallelContext:
             dist.barrier()
             dist.destroy_process_group()
 
+    def release(self) -> None:
+        """On an error every rank stops at (a config mistake, an agreed save failure, a divergence):
+        tear this rank's process groups down without meeting, so that their threads are stopped before
+        the interpreter exits (left to interpreter shutdown, they abort the process now and then:
+        "terminate called without an active exception")."""
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""
         if self.world_size == 1:

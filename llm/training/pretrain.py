@@ -170,6 +170,10 @@ def run_pretraining(
                 (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
 
         state = _train(cfg, ctx, ds_config, peak_memory or PeakMemory(), periodic_eval, write_run_files)
+    except LLMError as e:
+        if not getattr(e, "exit_at_once", False):  # a hung peer's threads cannot be torn down: exit at once
+            ctx.release()
+        raise
     finally:
         if lock is not None:
             lock.release()

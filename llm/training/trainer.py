@@ -183,12 +183,15 @@ class Trainer:
     # ------------------------------------------------------------------------------- steps
     def _pipeline_step(self, batches: Iterator[torch.Tensor], inject: float | None) -> float:
         """PipelineEngine: one call runs all micro-batches; the loss comes back averaged over them and
-        the data-parallel group, on every stage. An injected spike changes only the reported loss
-        here (the loss function runs inside DeepSpeed's schedule)."""
+        the data-parallel group, on every stage. An injected spike scales the loss inside the last
+        stage's loss function, before backward (the loss function runs inside DeepSpeed's schedule)."""
         self._lr = float(self.engine.get_lr()[0])
-        loss = self.engine.train_batch(data_iter=_pairs(batches, self.cfg.data))
-        if inject is not None:
-            loss = loss * inject
+        loss_fn = self.engine.module.loss_fn
+        loss_fn.factor = inject
+        try:
+            loss = self.engine.train_batch(data_iter=_pairs(batches, self.cfg.data))
+        finally:
+            loss_fn.factor = None
         own = getattr(self.engine.optimizer, "last_grad_norm", None)  # ClippedAdamW (ZeRO 0)
         self._grad_norm = own if own is not None else _as_float(self.engine.get_global_grad_norm())
         return self.ctx.mean_over_islands(float(loss))
@@ -270,6 +273,24 @@ class Trainer:
             "(%d global batches)", self.state.rollbacks, cfg.train.max_rollbacks, spike.describe(), spike_at,
             tag_dir, saved.iteration, saved.consumed_samples, skip_to, skipped // G,
         )  # fmt: skip
+        return self._train_batches()
+
+    def _skip_to(self) -> int | None:
+        """The data position after the range of train.skip_batches that the next batch is in, or None."""
+        G = self.cfg.train.global_batch_size
+        batch = self.state.consumed_samples // G + 1  # numbered as the iteration that trains it uninterrupted
+        ends = [last for first, last in self.cfg.train.skip_ranges if first <= batch <= last]
+        return max(ends) * G if ends else None
+
+    def _skip(self, skip_to: int) -> Iterator[torch.Tensor]:
+        """Moves the data position to `skip_to` (train.skip_batches), as a rollback does; a new iterator."""
+        G, start = self.cfg.train.global_batch_size, self.state.consumed_samples
+        self.state.consumed_samples = skip_to
+        self.state.skipped_samples += skip_to - start
+        self.metrics.log({"iteration": self.state.iteration, "skipped_samples": skip_to - start,
+                          "skipped_sample_range": [start, skip_to]})  # fmt: skip
+        logger.info("train.skip_batches: skipped global batches %d-%d (samples [%d, %d)) before iteration %d",
+                    start // G + 1, skip_to // G, start, skip_to, self.state.iteration + 1)  # fmt: skip
         return self._train_batches()
 
     def _train_batches(self) -> Iterator[torch.Tensor]:
@@ -388,6 +409,9 @@ class Trainer:
         times: list[float] = []
         saved_at = self.state.iteration  # nothing new to save if no step runs
         while self.state.iteration < stop_at:
+            skip_to = self._skip_to()
+            if skip_to is not None:
+                batches = self._skip(skip_to)
             start = time.perf_counter()
             inject = injected_loss_factor(cfg.debug, self.state.consumed_samples // cfg.train.global_batch_size)
             step = self._pipeline_step if self.pipeline else self._train_step

@@ -124,23 +124,54 @@ def _rollbacks(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.distributed
-def test_an_injected_nan_rolls_back_on_every_rank_and_skips_the_batches(builtin_prefix: Path, tmp_path: Path) -> None:
-    """Two data-parallel ranks; the NaN reaches the weights at iteration 5; both reload iteration 3
-    and skip samples [24, 40): the batches of iterations 4 and 5 (global batch 8)."""
-    args = tiny_args(builtin_prefix, tmp_path, "checkpoint.save_interval=3", "debug.inject_loss_spike_at=[5]")
-    p = run(launch_cmd(2, *args))
+@pytest.mark.parametrize(
+    "layout", [[], ["deepspeed_config=configs/deepspeed/zero1.json"], ["parallel.pipeline_model_parallel_size=2"]],
+    ids=["dp2_zero0", "dp2_zero1", "pp2"],
+)
+def test_an_injected_nan_rolls_back_on_every_rank_and_skips_the_batches(
+    builtin_prefix: Path, tmp_path: Path, layout: list[str]
+) -> None:
+    """Two ranks; the NaN reaches the weights at iteration 5 (under the pipeline too: it is injected
+    in the last stage's loss function); both reload iteration 3 and skip samples [24, 40): the batches
+    of iterations 4 and 5 (global batch 8). The run afterwards equals, bit for bit, a run resumed
+    from that checkpoint told to skip the same batches (train.skip_batches): weights, optimizer, random
+    streams (dropout is on) and data position were all restored."""
+    run_dir = tmp_path / "rolled_back"
+    common = ["model.dropout=0.1", *layout]
+    p = run(launch_cmd(2, *tiny_args(builtin_prefix, run_dir, "checkpoint.save_interval=3",
+                                     "debug.inject_loss_spike_at=[5]", *common)))  # fmt: skip
     check(p)
-    (event,) = _rollbacks(tmp_path)
+    (event,) = _rollbacks(run_dir)
     assert event["iteration"] == 5 and event["rollback_to_iteration"] == 3 and event["spike_loss"] is None
     assert event["skipped_sample_range"] == [24, 40] and event["skipped_samples"] == 16
-    assert event["checkpoint"] == str(tmp_path / "checkpoints" / "iter_0000003")
+    assert event["checkpoint"] == str(run_dir / "checkpoints" / "iter_0000003")
     assert "rollback 1/3: loss is nan at iteration 5; reloaded" in p.stdout + p.stderr
-    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
     after = records[records.index(next(r for r in records if r["iteration"] == 4 and r["consumed_samples"] > 32)):]
     assert [(r["iteration"], r["consumed_samples"]) for r in after] == [(i, 8 * i + 16) for i in range(4, ITERS + 1)]
-    assert all(r["loss"] == r["loss"] and r["loss"] < 20 for r in after)  # finite: the weights were restored
-    meta = json.loads((tmp_path / "checkpoints" / "iter_0000010" / "llm_meta.json").read_text())
+    meta = json.loads((run_dir / "checkpoints" / "iter_0000010" / "llm_meta.json").read_text())
     assert meta["skipped_samples"] == 16 and meta["consumed_samples"] == 96 and meta["rollbacks"] == 1
+
+    resumed = tmp_path / "resumed"
+    check(run(launch_cmd(2, *tiny_args(builtin_prefix, resumed, "train.skip_batches=[4-5]", *common,
+                                       f"checkpoint.resume={run_dir / 'checkpoints' / 'iter_0000003'}"))))  # fmt: skip
+    assert [r["loss"] for r in after] == train_losses(resumed)
+    assert all(r["loss"] < 20 for r in after)  # finite and sane
+    if layout and "pipeline" in layout[0]:
+        _assert_injection_reaches_the_weights(builtin_prefix, tmp_path, layout)
+
+
+def _assert_injection_reaches_the_weights(prefix: Path, tmp_path: Path, layout: list[str]) -> None:
+    """Under the pipeline engine the injected spike changes the weights, not only the reported loss: a
+    huge loss at iteration 3, undetected (window 0: non-finite losses only) and unclipped, leaves
+    Adam's second moment swamped, so the steps after it differ from a run without it."""
+    args = ["train.train_iters=5", "train.spike_detection.window=0", "train.clip_grad=0", *layout]
+    check(run(launch_cmd(2, *tiny_args(prefix, tmp_path / "plain", *args))))
+    check(run(launch_cmd(2, *tiny_args(prefix, tmp_path / "spiked", *args, "debug.inject_loss_spike_at=[3]",
+                                       "debug.inject_loss_value=huge"))))  # fmt: skip
+    plain, spiked = train_losses(tmp_path / "plain"), train_losses(tmp_path / "spiked")
+    assert plain[:2] == spiked[:2] and spiked[2] > 1e6 * plain[2]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(plain[3:], spiked[3:])), (plain, spiked)
 
 
 def test_a_huge_finite_spike_is_detected_and_the_margin_skipped(builtin_prefix: Path, tmp_path: Path) -> None:
