@@ -87,6 +87,25 @@ PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient nor
 def plot_runs(runs: list[RunCurves], output: str | Path, *, log_x: bool = False, size: tuple[int, int] = (1600, 1000),
               title: str | None = None) -> Path:  # fmt: skip
     """Writes the figure; the format follows the extension (.png, .svg, .pdf)."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(runs, log_x=log_x, size=size, title=title)
+    out = Path(output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=fig.dpi)
+    except (OSError, ValueError) as e:
+        raise PlotError(f"cannot write '{out}': {e}") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def build_figure(runs: list[RunCurves], *, log_x: bool = False, size: tuple[int, int] = (1600, 1000),
+                 title: str | None = None) -> Any:  # fmt: skip
+    """The matplotlib Figure: four panels (PANELS) against tokens; per run a training line labelled
+    `<name> (train)` (`<name>` on the other panels), validation points `<name> (validation)`, and on
+    the loss panel vertical lines `<name> resume` / `<name> rollback`. The caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,12 +141,4 @@ def plot_runs(runs: list[RunCurves], output: str | Path, *, log_x: bool = False,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(output)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=dpi)
-    except (OSError, ValueError) as e:
-        raise PlotError(f"cannot write '{out}': {e}") from None
-    finally:
-        plt.close(fig)
-    return out
+    return fig

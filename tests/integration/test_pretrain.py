@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -158,12 +159,76 @@ def _check_tensorboard_and_plot(run_dir: Path, steps: list[dict]) -> None:
     lines = [json.dumps({k: v for k, v in r.items() if k != "grad_norm"}) for r in steps]
     lines.insert(10, json.dumps({"iteration": 10, "rollback": 1, "spike_loss": None}))
     (other / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (other / "config.yaml").write_text((run_dir / "config.yaml").read_text())  # its seq_length: tokens
     png = run_dir / "curves.png"
     argv = [str(run_dir), str(other), "--output", str(png), "--size", "800x600", "--log-x", "--names", "a,b"]
     assert script_main("plot_runs.py")(argv) == 0
     head = png.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
     assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (800, 600)
+    _check_figure_data(run_dir, other, steps)
+
+
+def _check_figure_data(run_dir: Path, other: Path, steps: list[dict]) -> None:
+    """What the figure draws, read from its lines: per run the training curve at each step's tokens,
+    the validation points, the resume (run a, at iteration 30) and rollback (run b, iteration 10)
+    markers; run b has no grad-norm line."""
+    import matplotlib.pyplot as plt
+
+    from llm.eval.plots import build_figure, read_run
+
+    fig = build_figure([read_run(run_dir, "a"), read_run(other, "b")])
+    try:
+        loss_ax, _, grad_ax, _ = fig.axes
+        lines = {line.get_label(): line for line in loss_ax.get_lines()}
+        tokens = [r["consumed_samples"] * 64 for r in steps]
+        for name in ("a", "b"):
+            x, y = lines[f"{name} (train)"].get_data()
+            assert list(x) == pytest.approx(tokens) and list(y) == pytest.approx([r["loss"] for r in steps])
+        assert list(lines["a (validation)"].get_data()[0]) == pytest.approx([i * 8 * 64 for i in (10, 20, 30, 36)])
+        assert list(lines["a resume"].get_xdata()) == pytest.approx([30 * 8 * 64] * 2)
+        assert list(lines["b rollback"].get_xdata()) == pytest.approx([10 * 8 * 64] * 2)
+        assert "b resume" not in lines and "a rollback" not in lines
+        assert [line.get_label() for line in grad_ax.get_lines()] == ["a"]
+    finally:
+        plt.close(fig)
+
+
+def test_lm_eval_during_training_leaves_the_losses_bitwise_equal(builtin_prefix: Path, tmp_path: Path) -> None:
+    """lm-eval seeds the global random generators; training's streams are saved and restored around
+    it, so with dropout on the losses equal those of the same run without it, bit for bit."""
+    tasks, names = write_lm_eval_tasks(tmp_path / "tasks")
+    common = ["train.train_iters=6", "model.dropout=0.1", "model.attention_dropout=0.1"]
+    _check(run(launch_cmd(1, *_args(builtin_prefix, tmp_path / "plain", *common))))
+    _check(run(launch_cmd(1, *_args(builtin_prefix, tmp_path / "scored", *common, "eval.lm_eval_interval=2",
+                                    f"eval.lm_eval_tasks=[{','.join(names)}]", f"eval.lm_eval_include_path={tasks}",
+                                    "eval.lm_eval_limit=2"))))  # fmt: skip
+    assert [r["iteration"] for r in read_metrics(tmp_path / "scored") if "lm_eval_seconds" in r] == [2, 4, 6]
+    assert train_losses(tmp_path / "scored") == train_losses(tmp_path / "plain")
+
+
+def test_a_resume_from_an_older_checkpoint_leaves_each_tensorboard_step_once(builtin_prefix: Path, tmp_path: Path) -> None:
+    """A crash after iteration 6's events were written but before its checkpoint: the resume from
+    iteration 3 (with another learning rate, so the values differ) retrains 4-6, and TensorBoard's
+    reader shows each step once, with the new values (the writers purge what follows the resume)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = _args(builtin_prefix, tmp_path, "train.train_iters=6", "checkpoint.save_interval=3",
+                 f"logging.tensorboard_dir={tmp_path / 'tb'}")  # fmt: skip
+    _check(run(launch_cmd(1, *args)))
+    first = {r["iteration"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}
+    shutil.rmtree(tmp_path / "checkpoints" / "iter_0000006")
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000003")
+    _check(run(launch_cmd(1, *args, "train.lr=1e-3")))
+    last = {r["iteration"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}  # later records win
+    # iteration 4 runs on the weights of iteration 3 again (the new rate acts from its update on)
+    assert all(last[i] != first[i] for i in (5, 6)) and all(last[i] == first[i] for i in (1, 2, 3, 4))
+    for directory, tag, step in ((tmp_path / "tb", "train/loss", 1), (tmp_path / "tb" / "by_tokens", "train/loss vs tokens", 8 * 64)):
+        tb = EventAccumulator(str(directory))
+        tb.Reload()
+        events = tb.Scalars(tag)
+        assert [e.step for e in events] == [i * step for i in range(1, 7)], directory
+        assert [e.value for e in events] == pytest.approx([last[i] for i in range(1, 7)], rel=1e-6)
 
 
 def test_zero3_checkpoint_loads_for_evaluation(builtin_prefix: Path, tmp_path: Path) -> None:
