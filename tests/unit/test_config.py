@@ -63,7 +63,10 @@ def test_defaults_and_dotted_overrides() -> None:
         (["train.min_lr=1", "train.lr=0.1"], "train.min_lr"),
         (["train.precision=fp8"], "train.precision"),
         (["deepspeed_config=nope.json"], "does not exist"),
-        (["train.lr_warmup_iters=5000", "train.train_iters=100"], "lr_warmup_iters"),
+        (["train.lr_warmup_iters=5000", "train.train_iters=100"],
+         "^train.lr_warmup_iters = 5000 must not exceed train.train_iters = 100: lower train.lr_warmup_iters "
+         "\\(e.g. train.lr_warmup_iters=10\\) or train longer$"),
+        (["train.skip_batches=[5-3]"], "train.skip_batches: '5-3' is not a range of batch numbers"),
         (["parallel.tensor_model_parallel_size=0"], "must be positive"),
         (["nosep"], "section.key=value"),
         (["train.lr=-1e-4"], "^train.lr = -0.0001 must be 0 or more$"),
