@@ -20,8 +20,12 @@ def test_spikes_are_non_finite_or_far_above_the_window() -> None:
     assert det.check(6.0) is None  # below 1.5 x mean, although far above mean + 3 std
     spike = det.check(1e7)
     assert spike is not None and spike.loss == 1e7 and spike.threshold == det.threshold()
-    det.reset()
-    assert det.threshold() is None and det.check(1e7) is None  # a fresh window after a rollback
+    saved = list(det.history)  # what a checkpoint records (spike_history)
+    det.restore([])  # a checkpoint written before windows were saved: the window refills first
+    assert det.threshold() is None and det.check(1e7) is None
+    det.restore(saved)  # resume, restart, rollback: the saved window sees a spike at once
+    assert det.threshold() == max(statistics.fmean(saved) + 3.0 * statistics.pstdev(saved), 1.5 * statistics.fmean(saved))
+    assert det.check(1e7) is not None
 
 
 def test_window_zero_reacts_to_non_finite_losses_only() -> None:
