@@ -18,11 +18,12 @@ import yaml
 from llm.checkpoint.engine import choose_verified
 from llm.checkpoint.format import complete_tags, latest_tag, read_meta
 from llm.checkpoint.rng import restore_rng_state
-from llm.config import Config, ConfigError, build_deepspeed_config, replace_validated, validate_world
+from llm.config import Config, ConfigError, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
 from llm.data.identity import data_identity, identity_differences
 from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from llm.engine.deepspeed_config import build_deepspeed_config
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, init_distributed, is_collective_timeout

@@ -62,7 +62,7 @@ def _island_micro_batches(train: torch.Tensor, step: int, island: int) -> list[t
 def _run(rank: int, world: int, out: str) -> None:
     import deepspeed
 
-    from llm.config import build_deepspeed_config
+    from llm.engine.deepspeed_config import build_deepspeed_config
     from llm.model.pipeline import build_pipeline_model
     from llm.parallel.context import ParallelContext
     from llm.parallel.random import RNGTracker
@@ -219,7 +219,7 @@ def test_islands_match_a_simulation_of_diloco(tmp_path: Path) -> None:
 def _reduce_in(rank: int, world: int, out: str) -> None:
     import deepspeed
 
-    from llm.config import build_deepspeed_config
+    from llm.engine.deepspeed_config import build_deepspeed_config
     from llm.parallel.context import ParallelContext
 
     train, _ = _data()

@@ -37,7 +37,7 @@ def _canonical(name: str, num_layers: int) -> str:
 def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False, norms: int = 0) -> None:
     import deepspeed
 
-    from llm.config import build_deepspeed_config
+    from llm.engine.deepspeed_config import build_deepspeed_config
     from llm.training.lr_schedule import make_scheduler
     from llm.training.optim import ClippedAdamW
 

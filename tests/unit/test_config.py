@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from llm.config import ConfigError, build_deepspeed_config, load_config, validate_world
+from llm.config import ConfigError, load_config, validate_world
+from llm.engine.deepspeed_config import build_deepspeed_config
 from tests.conftest import REPO
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

@@ -3,7 +3,7 @@ ones inside functions) goes down the layers, and no modules import each other in
 
 Layers, lowest first (docs/architecture.md):
 
-    errors, progress < config < parallel < model, data < checkpoint < training, eval, export, planner
+    errors, progress < config < parallel < model, data, engine < checkpoint < training, eval, export, planner
 
 A module may import its own package and packages of lower layers; packages of the same layer do not
 import each other (eval and export do not import training; model does not import data).
@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "errors": 0, "progress": 0,
     "config": 1,
     "parallel": 2,
-    "model": 3, "data": 3,
+    "model": 3, "data": 3, "engine": 3,
     "checkpoint": 4,
     "training": 5, "eval": 5, "export": 5, "planner": 5,
 }  # fmt: skip
@@ -140,6 +140,33 @@ def test_the_checks_catch_the_cycles_they_were_written_for() -> None:
 
 def test_architecture_doc_names_the_same_layers() -> None:
     doc = (REPO / "docs" / "architecture.md").read_text()
-    assert "errors, progress < config < parallel < model, data < checkpoint < training, eval, export, planner" in doc
+    assert "errors, progress < config < parallel < model, data, engine < checkpoint < training, eval, export, planner" in doc
     for package in LAYERS:
         assert f"`llm/{package}" in doc, package
+
+
+# Modules outside the DeepSpeed seam (llm/engine/) that still import deepspeed, until they move there
+# (the mesh-and-seam issue). The list only shrinks: a new `import deepspeed` elsewhere fails the test;
+# model/pipeline.py may keep DeepSpeed's public LayerSpec/PipelineModule.
+DEEPSPEED_OUTSIDE_THE_SEAM = {
+    "llm.model.pipeline",  # allowed for good: LayerSpec / TiedLayerSpec
+    "llm.training.pretrain", "llm.planner.memory", "llm.parallel.pipe_grid", "llm.parallel.context",
+    "llm.checkpoint.reshard", "llm.checkpoint.merge",
+}  # fmt: skip
+
+
+def deepspeed_importers(root: Path) -> set[str]:
+    """Modules whose source imports deepspeed anywhere (also inside functions)."""
+    out = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "deepspeed" or n.startswith("deepspeed.") for n in names):
+                out.add(_module_name(path))
+    return out
+
+
+def test_deepspeed_is_imported_only_in_the_seam() -> None:
+    outside = {m for m in deepspeed_importers(REPO / "llm") if not m.startswith("llm.engine")}
+    assert outside <= DEEPSPEED_OUTSIDE_THE_SEAM, sorted(outside - DEEPSPEED_OUTSIDE_THE_SEAM)
+    assert outside >= DEEPSPEED_OUTSIDE_THE_SEAM, f"moved into the seam: drop {sorted(DEEPSPEED_OUTSIDE_THE_SEAM - outside)} from the list"

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from llm.config import build_deepspeed_config, load_config, validate_world
+from llm.config import load_config, validate_world
+from llm.engine.deepspeed_config import build_deepspeed_config
 from llm.model.flops import total_params
 from llm.model.gpt import build_model, count_parameters
 from llm.parallel.context import ParallelContext

@@ -1,0 +1,289 @@
+"""Validation of a config tree: ranges of every number, model shapes, parallel layouts, DiLoCo,
+lm-eval during training, document-aware training, fault injection; `validate_world` once the
+number of processes is known. Every message names the setting and the fix."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from llm.config.schema import Config, ConfigError, ModelConfig
+
+
+def parse_split(split: str) -> list[float]:
+    """'969,30,1' -> normalized [train, valid, test] fractions."""
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"data.split = {split!r} is not a list of numbers like '969,30,1'") from None
+    if not parts or len(parts) > 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"data.split = {split!r}: give 1-3 non-negative weights like '969,30,1'")
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)
+    return [p / total for p in parts]
+
+
+# What each number may be: (rule, text for the message). None (unset) always passes.
+_RULES: dict[str, tuple[Any, str]] = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non-negative": (lambda v: v >= 0, "must be 0 or more"),
+    "fraction": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "ratio>=1": (lambda v: v >= 1, "must be at least 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)"),
+}
+_RANGES: dict[str, str] = {
+    "model.num_layers": "positive",
+    "model.hidden_size": "positive",
+    "model.num_attention_heads": "positive",
+    "model.num_query_groups": "positive",
+    "model.ffn_hidden_size": "positive",
+    "model.seq_length": "positive",
+    "model.max_position_embeddings": "positive",
+    "model.vocab_size": "positive",
+    "model.make_vocab_size_divisible_by": "positive",
+    "model.dropout": "fraction",
+    "model.attention_dropout": "fraction",
+    "model.norm_eps": "positive",
+    "model.rope_theta": "positive",
+    "model.init_std": "positive",
+    "train.train_iters": "positive",
+    "train.micro_batch_size": "positive",
+    "train.global_batch_size": "positive",
+    "train.lr": "non-negative",
+    "train.min_lr": "non-negative",
+    "train.lr_warmup_iters": "non-negative",
+    "train.lr_decay_iters": "positive",
+    "train.weight_decay": "non-negative",
+    "train.adam_beta1": "fraction",
+    "train.adam_beta2": "fraction",
+    "train.adam_eps": "positive",
+    "train.clip_grad": "non-negative",
+    "train.seed": "seed",
+    "train.exit_interval": "positive",
+    "train.max_rollbacks": "non-negative",
+    "train.skip_batches_on_rollback": "non-negative",
+    "train.spike_detection.window": "non-negative",
+    "train.spike_detection.num_std": "positive",
+    "train.spike_detection.min_ratio": "ratio>=1",
+    "data.num_workers": "non-negative",
+    "data.eod_token_id": "non-negative",
+    "parallel.tensor_model_parallel_size": "positive",
+    "parallel.pipeline_model_parallel_size": "positive",
+    "parallel.timeout_minutes": "positive",
+    "parallel.diloco.islands": "positive",
+    "parallel.diloco.inner_steps": "positive",
+    "parallel.diloco.outer_lr": "positive",
+    "parallel.diloco.outer_momentum": "fraction",
+    "parallel.diloco.quant_block_size": "positive",
+    "parallel.diloco.fragments": "positive",
+    "parallel.diloco.delay": "non-negative",
+    "parallel.diloco.mixing": "fraction",
+    "train.sgd_momentum": "fraction",
+    "eval.eval_interval": "positive",
+    "eval.eval_iters": "non-negative",
+    "eval.lm_eval_interval": "positive",
+    "eval.lm_eval_limit": "positive",
+    "eval.lm_eval_num_fewshot": "non-negative",
+    "logging.log_interval": "positive",
+    "checkpoint.save_interval": "positive",
+    "checkpoint.keep_last": "positive",
+}
+
+
+def _value_at(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every number on its own: the message names the key as the user wrote it."""
+    for key, rule in _RANGES.items():
+        value = _value_at(cfg, key)
+        ok, text = _RULES[rule]
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} = {value} {text}")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) must not exceed train.lr ({cfg.train.lr})")
+    for key in ("logging.dir", "checkpoint.resume"):
+        if not str(_value_at(cfg, key)).strip():
+            raise ConfigError(f"{key} is empty; give a directory")
+    parse_split(cfg.data.split)
+
+
+def _check_model(m: ModelConfig) -> None:
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
+            f"({m.num_attention_heads})"
+        )
+    if m.num_query_groups is not None:
+        if m.architecture != "llama" and m.num_query_groups != m.num_attention_heads:
+            raise ConfigError(
+                "model.num_query_groups (grouped-query attention) needs model.architecture: llama"
+            )
+        if m.num_query_groups <= 0 or m.num_attention_heads % m.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
+                f"model.num_query_groups ({m.num_query_groups})"
+            )
+    if m.architecture == "gpt2" and m.max_positions < m.seq_length:
+        raise ConfigError("model.max_position_embeddings must be at least model.seq_length")
+    if m.architecture == "llama" and m.head_dim % 2:
+        raise ConfigError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
+    if m.parallel_block_norms not in (1, 2):
+        raise ConfigError(f"model.parallel_block_norms = {m.parallel_block_norms}: use 1 (GPT-J, PaLM) or 2 (GPT-NeoX)")
+    if m.parallel_block_norms == 2 and not m.parallel_block:
+        raise ConfigError("model.parallel_block_norms = 2 needs model.parallel_block: true")
+
+
+def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:
+    for key, value in [
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.ffn_hidden_size", m.ffn_size),
+    ]:
+        if value % tp:
+            raise ConfigError(
+                f"{key} ({value}) must be divisible by parallel.tensor_model_parallel_size ({tp}); "
+                "choose a tensor-parallel size that divides it"
+            )
+    groups = m.kv_groups
+    if groups % tp and tp % groups:
+        raise ConfigError(
+            f"model.num_query_groups ({groups}) and parallel.tensor_model_parallel_size ({tp}) must divide one "
+            "another (KV groups are split across ranks, or shared by TP / groups ranks)"
+        )
+    if groups < tp and m.head_dim % (tp // groups):
+        raise ConfigError(
+            f"with fewer KV groups than TP ranks the head size ({m.head_dim}) must be divisible by "
+            f"TP / num_query_groups ({tp // groups})"
+        )
+    if m.sequence_parallel and m.seq_length % tp:
+        raise ConfigError(
+            f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor_model_parallel_size ({tp}) "
+            "with model.sequence_parallel"
+        )
+
+
+def _check_parallel(cfg: Config) -> None:
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if cfg.model.sequence_parallel and tp == 1:
+        raise ConfigError("model.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    _check_tensor_parallel(cfg.model, tp)
+    if pp > cfg.model.num_layers + 2:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size ({pp}) exceeds the number of pipeline layers "
+            f"(model.num_layers + 2 = {cfg.model.num_layers + 2})"
+        )
+
+
+def _check_diloco(cfg: Config) -> None:
+    d = cfg.parallel.diloco
+    if d.islands == 1:
+        return
+    if d.fragments > d.inner_steps:
+        raise ConfigError(
+            f"parallel.diloco.fragments ({d.fragments}) exceeds parallel.diloco.inner_steps ({d.inner_steps}): "
+            "each fragment needs at least one inner step of its own"
+        )
+    if d.fragments > cfg.model.num_layers:
+        raise ConfigError(
+            f"parallel.diloco.fragments ({d.fragments}) exceeds model.num_layers ({cfg.model.num_layers}): "
+            "fragments are runs of layers"
+        )
+    if d.delay >= d.inner_steps:
+        raise ConfigError(
+            f"parallel.diloco.delay ({d.delay}) must be smaller than parallel.diloco.inner_steps ({d.inner_steps}): "
+            "an exchange must land before its fragment's next round ends"
+        )
+    if cfg.train.global_batch_size % d.islands:
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+            f"parallel.diloco.islands ({d.islands}): each island trains on an equal slice of every global batch"
+        )
+    if cfg.train.precision == "fp16":
+        raise ConfigError("parallel.diloco with train.precision: fp16 is not supported; use bf16 or fp32")
+
+
+def _check_lm_eval(cfg: Config) -> None:
+    tasks = cfg.eval.lm_eval_tasks
+    if not all(isinstance(t, str) and t.strip() for t in tasks):
+        raise ConfigError(f"eval.lm_eval_tasks: {tasks!r} must be a list of task names")
+    if tasks and (cfg.parallel.tensor_model_parallel_size > 1 or cfg.parallel.pipeline_model_parallel_size > 1):
+        raise ConfigError(
+            "eval.lm_eval_tasks during training needs parallel.tensor_model_parallel_size and "
+            "pipeline_model_parallel_size 1 (rank 0 scores its whole model); run scripts/evaluate.py --tasks "
+            "on the checkpoints instead"
+        )
+
+
+def _check_documents(cfg: Config) -> None:
+    d = cfg.data
+    if d.document_aware and d.eod_token_id is None and d.tokenizer is None:
+        flags = [k for k in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss") if getattr(d, k)]
+        raise ConfigError(
+            f"data.{flags[0]} needs the id of the end-of-document token: set data.tokenizer or data.eod_token_id"
+        )
+    if d.eod_token_id is not None and cfg.model.vocab_size is not None and d.eod_token_id >= cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.eod_token_id = {d.eod_token_id} is outside the vocabulary (model.vocab_size = {cfg.model.vocab_size})"
+        )
+
+
+def _check_faults(cfg: Config) -> None:
+    bad = [x for x in cfg.debug.inject_loss_spike_at if not isinstance(x, int) or isinstance(x, bool) or x < 1]
+    if bad:
+        raise ConfigError(f"debug.inject_loss_spike_at: {bad} are not iterations (positive integers)")
+
+
+def validate(cfg: Config) -> None:
+    """Checks everything that can be checked without knowing the world size."""
+    _check_ranges(cfg)
+    _check_documents(cfg)
+    _check_faults(cfg)
+    _check_lm_eval(cfg)
+    _check_model(cfg.model)
+    _check_parallel(cfg)
+    _check_diloco(cfg)
+    for item in cfg.train.skip_batches:
+        first, _, last = str(item).partition("-")
+        if not (first.isdigit() and (last.isdigit() or not last) and 1 <= int(first) <= int(last or first)):
+            raise ConfigError(
+                f"train.skip_batches: '{item}' is not a range of batch numbers like '120-135' (or one number, 1 or more)"
+            )
+    if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
+        t = cfg.train
+        decay = f"train.lr_decay_iters = {t.lr_decay_iters}" if t.lr_decay_iters else f"train.train_iters = {t.train_iters}"
+        raise ConfigError(
+            f"train.lr_warmup_iters = {t.lr_warmup_iters} must not exceed {decay}: lower train.lr_warmup_iters "
+            f"(e.g. train.lr_warmup_iters={max(t.decay_iters // 10, 0)}) or train longer"
+        )
+    if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
+        raise ConfigError(
+            f"deepspeed_config '{cfg.deepspeed_config}' does not exist; use one of configs/deepspeed/*.json"
+        )
+
+
+def validate_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of processes."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    islands = cfg.parallel.diloco.islands
+    if world_size % (tp * pp * islands):
+        what = f"islands x TP x PP = {islands} x {tp} x {pp}" if islands > 1 else f"TP x PP = {tp} x {pp}"
+        raise ConfigError(f"world size {world_size} is not divisible by {what}")
+    dp = cfg.data_parallel_size(world_size) * islands
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        ranks = (
+            f"data-parallel size x islands ({dp // islands} x {islands})"
+            if islands > 1
+            else "data-parallel size"
+        )
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x {ranks} ({cfg.train.micro_batch_size} x {dp} = {per_step})"
+        )

@@ -1,0 +1,164 @@
+"""The DeepSpeed config dict, derived from our config tree: batch sizes, precision, clipping,
+optimizer, communication dtype; a user's DeepSpeed JSON may add ZeRO/offload knobs, and a value
+that conflicts with one we derive is an error naming both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llm.config import Config, ConfigError, TrainConfig, resolve_precision, validate_world
+from llm.config.loading import merge_trees
+
+
+def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str, Any]:
+    precision = resolve_precision(cfg.train.precision, cuda=cuda)
+    if precision == "fp16" and not cuda:
+        raise ConfigError(
+            "train.precision: fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); use fp32 or bf16"
+        )
+    t = cfg.train
+    return {
+        "train_batch_size": cfg.island_batch_size(),  # DeepSpeed sees one island
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accumulation_steps(world_size),
+        "gradient_clipping": t.clip_grad,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "optimizer": _optimizer_entry(t, cuda=cuda),
+        **({"communication_data_type": comm} if (comm := cfg.parallel.communication_data_type) else {}),
+    }
+
+
+def _optimizer_entry(t: TrainConfig, *, cuda: bool) -> dict[str, Any]:
+    if t.optimizer == "sgd":  # DeepSpeed builds torch.optim.<type> for names it does not know
+        return {
+            "type": "SGD",
+            "params": {"lr": t.lr, "momentum": t.sgd_momentum, "weight_decay": t.weight_decay},
+        }
+    return {
+        "type": "AdamW",
+        "params": {
+            "lr": t.lr,
+            "betas": [t.adam_beta1, t.adam_beta2],
+            "eps": t.adam_eps,
+            "weight_decay": t.weight_decay,
+            # torch's AdamW, with its fused CUDA kernel on a GPU: no DeepSpeed op compiled at start
+            # (DeepSpeed's FusedAdam is a JIT nvcc build that needs a compiler on every node).
+            "torch_adam": True,
+            **({"fused": True} if cuda else {}),
+        },
+    }
+
+
+_OWNED_KEYS = ("optimizer", "scheduler")
+
+
+# ZeRO++ (stage 3): quantized weights (qwZ), quantized gradients (qgZ), hierarchical partitioning (hpZ).
+_ZERO_PP = ("zero_quantized_weights", "zero_quantized_gradients", "zero_quantized_nontrainable_weights")
+
+
+def _check_zero_stage_knobs(cfg: Config, ds: dict[str, Any], stage: int, *, cuda: bool) -> None:
+    """ZeRO++ knobs in the JSON pass through on a GPU at stage 3; DiLoCo islands need ZeRO 0-2 (their
+    outer step works on each rank's fp32 master weights)."""
+    zero = ds["zero_optimization"]
+    quantized = [k for k in _ZERO_PP if zero.get(k)] + (
+        ["zero_hpz_partition_size"] if int(zero.get("zero_hpz_partition_size", 1)) > 1 else []
+    )
+    if quantized and not cuda:
+        raise ConfigError(
+            f"ZeRO++ ({', '.join(quantized)} in '{cfg.deepspeed_config}') needs CUDA kernels and cannot run on CPU; "
+            "remove them, or compress gradients with parallel.communication_data_type: bf16"
+        )
+    if quantized and stage != 3:
+        raise ConfigError(
+            f"ZeRO++ ({', '.join(quantized)} in '{cfg.deepspeed_config}') works at ZeRO stage 3 only (this is stage "
+            f"{stage}); use configs/deepspeed/zero3.json or remove them"
+        )
+    if cfg.parallel.diloco.islands > 1 and stage == 3:
+        raise ConfigError(
+            "parallel.diloco islands need ZeRO stage 0, 1 or 2 inside each island (stage 3 shards the weights "
+            "the outer step updates); use configs/deepspeed/zero1.json or zero2.json"
+        )
+
+
+def _conflicts(user: Any, derived: Any, path: str) -> list[str]:
+    if isinstance(user, dict) and isinstance(derived, dict):
+        out: list[str] = []
+        for key, value in user.items():
+            if key in derived:
+                out += _conflicts(value, derived[key], f"{path}.{key}" if path else key)
+        return out
+    if user == "auto" or user == derived:
+        return []
+    return [f"{path} = {user!r} (ours: {derived!r})"]
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed dict: the user's JSON (ZeRO/offload knobs) merged with the values we derive."""
+    validate_world(cfg, world_size)
+    user: dict[str, Any] = {}
+    if cfg.deepspeed_config is not None:
+        try:
+            user = json.loads(Path(cfg.deepspeed_config).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed_config '{cfg.deepspeed_config}' is not valid JSON: {e}") from None
+    for key in _OWNED_KEYS:
+        if key in user:
+            raise ConfigError(
+                f"deepspeed_config '{cfg.deepspeed_config}' sets '{key}'; the optimizer and LR schedule come "
+                "from the train.* settings: remove it from the JSON"
+            )
+    derived = _derived_deepspeed(cfg, world_size, cuda=cuda)
+    problems = _conflicts(user, derived, "")
+    if problems:
+        raise ConfigError(
+            f"deepspeed_config '{cfg.deepspeed_config}' conflicts with values derived from our config: "
+            + "; ".join(problems)
+            + ". Remove them from the JSON and set train.* (or parallel.communication_data_type) instead"
+        )
+    ds = merge_trees(user, derived)
+    ds.setdefault("zero_optimization", {"stage": 0})
+    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+    if offload and cuda and cfg.train.optimizer == "adamw":
+        # The optimizer steps on the CPU copy: DeepSpeedCPUAdam (a C++ op) is far faster there.
+        ds["optimizer"]["params"] = {k: v for k, v in ds["optimizer"]["params"].items() if k != "fused"}
+        ds["optimizer"]["params"]["torch_adam"] = False
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    stage = ds["zero_optimization"].get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            f"zero_optimization.stage = {stage!r} in '{cfg.deepspeed_config}'; use 0, 1, 2 or 3"
+        )
+    if stage >= 2 and cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"ZeRO stage {stage} ('{cfg.deepspeed_config}') is incompatible with pipeline parallelism "
+            f"(pipeline_model_parallel_size = {cfg.parallel.pipeline_model_parallel_size}): use "
+            "configs/deepspeed/zero1.json or zero0.json"
+        )
+    if stage == 3 and cfg.parallel.tensor_model_parallel_size > 1:
+        raise ConfigError(
+            "ZeRO stage 3 with tensor parallelism is not supported: use configs/deepspeed/zero1.json or "
+            "zero2.json with parallel.tensor_model_parallel_size > 1"
+        )
+    _check_zero_stage_knobs(cfg, ds, stage, cuda=cuda)
+    fp32 = resolve_precision(cfg.train.precision, cuda=cuda) == "fp32"
+    if cfg.parallel.pipeline_model_parallel_size > 1 and stage == 0 and fp32:
+        # DeepSpeed's fp32 clipping under pipeline parallelism miscounts the norm: llm's optimizer
+        # (llm.training.optim.ClippedAdamW) clips instead; DeepSpeed gets no optimizer entry.
+        del ds["optimizer"]
+        ds["gradient_clipping"] = 0.0
+    if cfg.parallel.pipeline_model_parallel_size > 1 and cfg.model.sequence_parallel:
+        # DeepSpeed splits stage-boundary activations across the TP group assuming they are replicated
+        # there; under sequence parallelism each TP rank holds a different sequence shard.
+        ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
+    return ds
