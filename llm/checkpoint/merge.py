@@ -29,6 +29,7 @@ from llm.checkpoint.format import (
 )
 from llm.checkpoint.pickles import check_files, load_file, pickled_files
 from llm.config import Config, replace_validated
+from llm.engine.zero import zero3_fp32_state_dict
 from llm.model.gpt import GPT
 from llm.model.pipeline import canonical_prefix
 from llm.parallel.layers import merge_by_spec
@@ -113,11 +114,9 @@ def load_model_state(
     if is_universal_only(meta):
         state = read_universal_weights(tag_dir, trust=trust)
     elif int(meta.get("zero_stage", 0)) == 3:  # no tensor parallelism with ZeRO 3 (config check)
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         if not trust:  # DeepSpeed's reader unpickles without restriction: every file is checked first
             check_files(pickled_files(tag_dir))
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        state = zero3_fp32_state_dict(tag_dir)
     else:
         if pp > 1:
             shards = [_read_pipeline_layers(tag_dir, r, cfg.model.num_layers, trust=trust) for r in range(tp)]

@@ -48,6 +48,7 @@ from llm.checkpoint.format import (
 )
 from llm.checkpoint.merge import fit_vocab_rows, load_model_state, load_tensor_file
 from llm.config import Config
+from llm.engine.zero import gathered_for_write, set_full_fp32_param, set_full_optimizer_state
 from llm.model.pipeline import canonical_name
 from llm.parallel.layers import merge_by_spec, partition_info, shard_by_spec
 from llm.progress import Progress
@@ -239,8 +240,6 @@ def convert(tag_dir: Path, cfg: Config, meta: dict[str, Any]) -> Path:
 
 def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
     """Sets this rank's weights, fp32 master copies and AdamW moments (where saved) from `universal/`."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     stage = int(engine.zero_optimization_stage())
     trust = cfg.checkpoint.trust_pickles
     state = load_tensor_file(universal / STATE_FILE, trust=trust)
@@ -265,9 +264,9 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
             if moments:
                 opt.state[held] = {"step": torch.tensor(step), **{k: local[k].to(p.device).clone() for k in moments}}
             continue
-        safe_set_full_fp32_param(p, local["fp32"].to(p.device))
+        set_full_fp32_param(p, local["fp32"].to(p.device))
         for key in moments:
-            safe_set_full_optimizer_state(p, local[key].to(p.device), key)
+            set_full_optimizer_state(p, local[key].to(p.device), key)
     if stage:
         for st in opt.state.values():
             st["step"] = torch.tensor(step) if torch.is_tensor(st.get("step")) else step
@@ -309,9 +308,7 @@ def _init_flat_state(engine: Any, opt: Any, step: float) -> None:
 
 def _set_param(p: torch.nn.Parameter, value: torch.Tensor, stage: int) -> None:
     if stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        with gathered_for_write(p):
             p.data.copy_(value.to(p.device, p.dtype))
         return
     with torch.no_grad():

@@ -1,6 +1,9 @@
-"""The seam to DeepSpeed: the one package meant to own every `import deepspeed` and every access to
-its internals, behind the tested-version guard (issue: one mesh, one seam). What lives here so far:
-the DeepSpeed config dict derived from our config (`deepspeed_config`). Still outside, listed in
-tests/unit/test_layering.py until they move: the engine build (training.pretrain), checkpoint
-internals (checkpoint.engine, reshard, merge), DeepSpeed's comm init and pipeline topology
-(parallel.context, parallel.pipe_grid), its partitioner (planner.memory)."""
+"""The seam to DeepSpeed: the package that owns `import deepspeed` (enforced by
+tests/unit/test_layering.py). Here: the DeepSpeed config dict derived from ours (`deepspeed_config`),
+the engine built around a model (`build`), DeepSpeed's stage partitioners for the planner
+(`partition`), ZeRO state through DeepSpeed's public helpers (`zero`).
+
+Not yet here (the mesh-and-seam issue): DeepSpeed's comm init and pipeline grid (parallel.context,
+parallel.pipe_grid, one layer below: they move with the mesh), and the private engine and optimizer
+attributes that checkpoint.engine, checkpoint.reshard and training.diloco read on engine objects
+(behind the tested-version guard in checkpoint.compat)."""

@@ -16,16 +16,12 @@ Flash/memory-efficient attention (SDPA) is assumed: no S x S score matrix is kep
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import logging
 import math
-import sys
 from dataclasses import dataclass
-from typing import Any
 
 from llm.config import ModelConfig
+from llm.engine.partition import deepspeed_partitioners
 from llm.model.flops import pipeline_layer_params
 
 GB = 2**30
@@ -127,23 +123,9 @@ def _act_bytes(precision: str) -> int:
 # ----------------------------------------------------------------------------------- parameters
 
 
-def _deepspeed_partitioners() -> Any:
-    """DeepSpeed's own stage partitioners (so the plan cuts stages exactly as PipelineModule does),
-    imported without DeepSpeed's accelerator banner on stdout (`plan.py --json` prints JSON only)."""
-    if "deepspeed" in sys.modules:
-        from deepspeed.runtime import utils
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            from deepspeed.runtime import utils
-        for handler in logging.getLogger("DeepSpeed").handlers:  # created during the redirect
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setStream(sys.stdout)
-    return utils
-
-
 @functools.cache
 def _bounds(weights: tuple[int, ...], parts: int, uniform: bool) -> tuple[int, ...]:
-    ds = _deepspeed_partitioners()
+    ds = deepspeed_partitioners()
     if uniform:
         return tuple(ds.partition_uniform(num_items=len(weights), num_parts=parts))
     return tuple(int(x) for x in ds.partition_balanced(weights=list(weights), num_parts=parts))

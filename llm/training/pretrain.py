@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import random
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from llm.data.gpt_dataset import GPTDataset
 from llm.data.identity import data_identity, identity_differences
 from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from llm.engine.build import initialize_engine
 from llm.engine.deepspeed_config import build_deepspeed_config
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
@@ -211,25 +211,8 @@ def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
     return lock
 
 
-def _filter_known_warnings() -> None:
-    """Warnings a user cannot act on, which the pinned torch and DeepSpeed print on every rank:
-    - DeepSpeed 0.19.8's ZeRO calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor,
-      deprecated in the pinned torch (a FutureWarning; DeepSpeed's to change);
-    - its pipeline engine receives activations into a buffer by an in-place broadcast_ that autograd
-      then walks (torch's "c10d::broadcast_: an autograd kernel was not registered" UserWarning); the
-      engine sends the gradients back itself, and the pipeline tests show every layout computes what
-      one process computes."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
-                            r"is deprecated", category=FutureWarning)  # fmt: skip
-    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered",
-                            category=UserWarning)  # fmt: skip
-
-
 def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> tuple[Any, RNGTracker, int]:
     """The model (plain, or a PipelineModule when pipeline > 1) inside DeepSpeed's engine."""
-    import deepspeed
-
-    _filter_known_warnings()
     seed_everything(cfg.train.seed)
     rng = RNGTracker()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -244,11 +227,11 @@ def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) 
     logger.info("model: %s, %.2fM parameters on this rank; %s", cfg.model.architecture, num_params / 1e6,
                 ctx.describe())  # fmt: skip
     groups = parameter_groups(model, cfg.train.weight_decay)
-    engine, *_ = deepspeed.initialize(
-        model=model,
+    engine = initialize_engine(
+        model,
         optimizer=None if "optimizer" in ds_config else clipped_optimizer(groups, cfg.train, ctx),
-        model_parameters=groups,  # type: ignore[arg-type]
-        config=ds_config,
+        parameter_groups=groups,
+        ds_config=ds_config,
         lr_scheduler=make_scheduler(cfg.train),
         mpu=ctx if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
     )
