@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from llm.parallel.launcher import LaunchEnv, detect_launch
+from llm.parallel.mesh import GROUP_AXES, Mesh
 
 
 def init_distributed(*, backend: str | None = None, timeout_minutes: float | None = None) -> LaunchEnv:
@@ -103,13 +104,25 @@ def skip_deepspeed_shm_op() -> None:
 
 @dataclass
 class ParallelContext:
+    """This process's place in the device mesh (mesh.py: the axes, the rank order, the groups' rank
+    lists), the process groups made from it, DeepSpeed's mpu protocol over them, and the few
+    collectives the trainer needs. CP and EP have size 1 until context and expert parallelism use
+    them; their groups exist already."""
+
     world_size: int
     rank: int
     tp: int = 1
     pp: int = 1
     groups: dict[str, Any] = field(default_factory=dict, repr=False)
     timeout: timedelta | None = None  # of the groups it creates (None: torch's default, 30 minutes)
-    islands: int = 1  # DiLoCo islands: the world is islands x PP x DP x TP
+    islands: int = 1  # DiLoCo islands: the slowest axis of the mesh
+    cp: int = 1
+    ep: int = 1
+    mesh: Mesh = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.mesh = Mesh.for_world(self.world_size, tp=self.tp, cp=self.cp, pp=self.pp, ep=self.ep, islands=self.islands)
+        self._coords = self.mesh.coords(self.rank)
 
     @property
     def island_size(self) -> int:
@@ -117,24 +130,32 @@ class ParallelContext:
 
     @property
     def island(self) -> int:
-        return self.rank // self.island_size
+        return self._coords["island"]
 
     @property
     def dp(self) -> int:
-        """Data-parallel ranks inside one island (DeepSpeed's data-parallel world)."""
-        return self.island_size // (self.tp * self.pp)
+        """Data-parallel ranks inside one island (DeepSpeed's data-parallel world while CP is 1)."""
+        return self.mesh.dp
 
     @property
     def tp_rank(self) -> int:
-        return self.rank % self.tp
+        return self._coords["tp"]
+
+    @property
+    def cp_rank(self) -> int:
+        return self._coords["cp"]
 
     @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return self._coords["dp"]
+
+    @property
+    def ep_rank(self) -> int:
+        return self._coords["ep"]
 
     @property
     def pp_rank(self) -> int:
-        return (self.rank % self.island_size) // (self.tp * self.dp)
+        return self._coords["pp"]
 
     @property
     def data_rank(self) -> int:
@@ -146,7 +167,7 @@ class ParallelContext:
         return self.islands * self.dp
 
     def coord_to_rank(self, *, pp: int, dp: int, tp: int, island: int = 0) -> int:
-        return island * self.island_size + pp * self.dp * self.tp + dp * self.tp + tp
+        return self.mesh.rank(pp=pp, dp=dp, tp=tp, island=island)
 
     @classmethod
     def single(cls) -> ParallelContext:
@@ -155,44 +176,30 @@ class ParallelContext:
 
     @classmethod
     def build(
-        cls, *, tp: int = 1, pp: int = 1, islands: int = 1, timeout_minutes: float | None = None
-    ) -> ParallelContext:
-        """Creates every group; all ranks must call this in the same order."""
+        cls, *, tp: int = 1, pp: int = 1, islands: int = 1, cp: int = 1, ep: int = 1,
+        timeout_minutes: float | None = None,
+    ) -> ParallelContext:  # fmt: skip
+        """Creates every group of every kind (mesh.GROUP_AXES); all ranks must call this in the same
+        order. Groups of the same ranks are made once and shared (dp_cp is dp while CP is 1)."""
         timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
         world = dist.get_world_size()
-        ctx = cls(world_size=world, rank=dist.get_rank(), tp=tp, pp=pp, timeout=timeout, islands=islands)
-        if world % (tp * pp * islands):
-            raise ValueError(
-                f"world size {world} is not divisible by islands x TP x PP = {islands} x {tp} x {pp}"
-            )
-        grids = ctx.grid()
-        for name, lists in grids.items():
+        ctx = cls(world_size=world, rank=dist.get_rank(), tp=tp, pp=pp, timeout=timeout, islands=islands, cp=cp, ep=ep)
+        made: dict[tuple[int, ...], Any] = {}
+        for name, lists in ctx.grid().items():
             for ranks in lists:
-                group = dist.new_group(ranks, timeout=timeout) if len(ranks) < ctx.world_size else dist.group.WORLD
+                key = tuple(ranks)
+                if key not in made:
+                    made[key] = dist.new_group(ranks, timeout=timeout) if len(ranks) < world else dist.group.WORLD
                 if ctx.rank in ranks:
-                    ctx.groups[name] = group
+                    ctx.groups[name] = made[key]
                     ctx.groups[name + "_ranks"] = ranks
         return ctx
 
     def grid(self) -> dict[str, list[list[int]]]:
-        """Every group of each kind as lists of global ranks: tp, dp, pp and mp (= tp x pp) inside each
-        island; with islands also `island` (one rank per island, same place) and `data` (DP x islands)."""
-        tp, pp, dp, at, isl = self.tp, self.pp, self.dp, self.coord_to_rank, range(self.islands)
-        out = {
-            "tp": [[at(pp=p, dp=d, tp=t, island=i) for t in range(tp)] for i in isl for p in range(pp) for d in range(dp)],
-            "dp": [[at(pp=p, dp=d, tp=t, island=i) for d in range(dp)] for i in isl for p in range(pp) for t in range(tp)],
-            "pp": [[at(pp=p, dp=d, tp=t, island=i) for p in range(pp)] for i in isl for d in range(dp) for t in range(tp)],
-            "mp": [[at(pp=p, dp=d, tp=t, island=i) for p in range(pp) for t in range(tp)] for i in isl for d in range(dp)],
-        }  # fmt: skip
-        if self.islands > 1:
-            inner = range(self.island_size)
-            out["island"] = [[i * self.island_size + r for i in isl] for r in inner]
-            out["data"] = [
-                [at(pp=p, dp=d, tp=t, island=i) for i in isl for d in range(dp)]
-                for p in range(pp)
-                for t in range(tp)
-            ]
-        return out
+        """Every group of each kind as lists of global ranks (mesh.GROUP_AXES): tp, cp, dp, pp, ep,
+        edp, dp_cp, mp (= pp x tp) inside each island; island (one rank per island, same place) and
+        data (DP x islands: the slices of each global batch)."""
+        return {kind: self.mesh.groups(kind) for kind in GROUP_AXES}
 
     def tp_subgroup(self, size: int) -> Any:
         """The group of `size` consecutive ranks inside this rank's TP group (created on first use;
@@ -210,12 +217,7 @@ class ParallelContext:
         return self.groups[key]
 
     def describe(self) -> str:
-        grid = f"TP {self.tp} x PP {self.pp} x DP {self.dp}"
-        return (
-            f"world {self.world_size} = {self.islands} DiLoCo islands x {grid}"
-            if self.islands > 1
-            else f"world {self.world_size} = {grid}"
-        )
+        return self.mesh.describe()
 
     # ---- the DeepSpeed mpu interface -------------------------------------------------------
     # As in Megatron-DeepSpeed, "model parallel" means tensor parallel here: DeepSpeed counts a
