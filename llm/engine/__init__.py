@@ -1,9 +1,10 @@
 """The seam to DeepSpeed: the package that owns `import deepspeed` (enforced by
-tests/unit/test_layering.py). Here: the DeepSpeed config dict derived from ours (`deepspeed_config`),
-the engine built around a model (`build`), DeepSpeed's stage partitioners for the planner
-(`partition`), ZeRO state through DeepSpeed's public helpers (`zero`).
+tests/unit/test_layering.py; `model/pipeline.py` may use DeepSpeed's public LayerSpec). It sits
+between the parallel primitives and the model: torch.distributed set up through DeepSpeed's comm
+layer (`comm`), the DeepSpeed config dict derived from ours (`deepspeed_config`), the engine built
+around a model (`build`), DeepSpeed's pipeline grid inside DiLoCo islands (`pipeline_grid`), its
+stage partitioners for the planner (`partition`), ZeRO state through its public helpers (`zero`).
 
-Not yet here (the mesh-and-seam issue): DeepSpeed's comm init and pipeline grid (parallel.context,
-parallel.pipe_grid, one layer below: they move with the mesh), and the private engine and optimizer
-attributes that checkpoint.engine, checkpoint.reshard and training.diloco read on engine objects
-(behind the tested-version guard in checkpoint.compat)."""
+Not yet here (the mesh-and-seam issue): the private engine and optimizer attributes that
+checkpoint.engine, checkpoint.reshard and training.diloco read on engine objects (behind the
+tested-version guard in checkpoint.compat), and the mpu as an adapter over the mesh."""

@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from llm.parallel.context import ParallelContext, init_distributed
+from llm.engine.comm import init_distributed
+from llm.parallel.context import ParallelContext
 from llm.parallel.launcher import detect_launch
 
 

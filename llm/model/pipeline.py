@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm.config import Config, ModelConfig
+from llm.engine.pipeline_grid import keep_model_group_in_island, pipeline_module_class, pipeline_topology
 from llm.model.gpt import init_parameters, lm_head_local_logits, lm_loss
 from llm.model.layers import TransformerBlock, make_norm
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import VocabParallelEmbedding
 from llm.parallel.mappings import scatter_to_sequence
-from llm.parallel.pipe_grid import keep_model_group_in_island, pipeline_module_class, pipeline_topology
 from llm.parallel.random import RNGTracker, checkpoint_context_fn
 
 PARTITION_METHODS = {
@@ -174,7 +174,7 @@ def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> 
     ]
     module = pipeline_module_class()(
         layers=specs,
-        topology=pipeline_topology(ctx),  # with DiLoCo islands: one grid per island (llm.parallel.pipe_grid)
+        topology=pipeline_topology(ctx),  # with DiLoCo islands: one grid per island (llm.engine.pipeline_grid)
         loss_fn=PipelineLoss(m, ctx),
         partition_method=PARTITION_METHODS[cfg.parallel.pipeline_partition_method],
         activation_checkpoint_interval=1 if m.activation_checkpointing else 0,

@@ -23,10 +23,11 @@ from llm.data.identity import data_identity, identity_differences
 from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from llm.engine.build import initialize_engine
+from llm.engine.comm import init_distributed
 from llm.engine.deepspeed_config import build_deepspeed_config
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
-from llm.parallel.context import ParallelContext, init_distributed, is_collective_timeout
+from llm.parallel.context import ParallelContext, is_collective_timeout
 from llm.parallel.layout import gather_layout
 from llm.parallel.random import RNGTracker
 from llm.training.diloco import DiLoCo

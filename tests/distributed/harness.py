@@ -25,7 +25,7 @@ def _entry(rank: int, fn: Callable[..., None], world: int, port: int, args: tupl
     torch.set_num_threads(1)
     import deepspeed
 
-    from llm.parallel.context import skip_deepspeed_shm_op
+    from llm.engine.comm import skip_deepspeed_shm_op
 
     # DeepSpeed's communication layer wraps the torch process group (needed by its pipeline engine).
     skip_deepspeed_shm_op()
