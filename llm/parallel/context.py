@@ -3,9 +3,8 @@ built once and passed explicitly.
 
 The rank order and every group's ranks are the mesh's (mesh.py: island, pp, dp, cp, tp, slowest to
 fastest; with CP 1 this is DeepSpeed's `PipeModelDataParallelTopology` order, tensor parallelism
-fastest, so TP groups are runs of consecutive ranks on one node). The object doubles as the `mpu`
-that `deepspeed.initialize` takes, so ZeRO shards over the data-parallel group only and gradient
-clipping counts tensor-sharded parameters once.
+fastest, so TP groups are runs of consecutive ranks on one node). DeepSpeed's `mpu` protocol over these
+groups is an adapter in the seam (llm.engine.mpu).
 
 DiLoCo islands (parallel.diloco) are the slowest axis: island k holds the global ranks
 [k x S, (k + 1) x S), each island one such grid. Every group but two (and so DeepSpeed's all-reduce
@@ -149,55 +148,6 @@ class ParallelContext:
 
     def describe(self) -> str:
         return self.mesh.describe()
-
-    # ---- the DeepSpeed mpu interface -------------------------------------------------------
-    # As in Megatron-DeepSpeed, "model parallel" means tensor parallel here: DeepSpeed counts a
-    # parameter without `tensor_model_parallel` once per model-parallel group (on its rank 0) and
-    # sums norms over that group; the pipeline engine handles stages itself.
-    def get_model_parallel_rank(self) -> int:
-        return self.tp_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.tp
-
-    def get_model_parallel_group(self) -> Any:
-        return self.groups["tp"]
-
-    def get_data_parallel_rank(self) -> int:
-        return self.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.dp
-
-    def get_data_parallel_group(self) -> Any:
-        return self.groups["dp"]
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.tp_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.tp
-
-    def get_tensor_model_parallel_group(self) -> Any:
-        return self.groups["tp"]
-
-    def get_pipe_parallel_rank(self) -> int:
-        return self.pp_rank
-
-    def get_pipe_parallel_world_size(self) -> int:
-        return self.pp
-
-    def get_pipe_parallel_group(self) -> Any:
-        return self.groups["pp"]
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.pp
-
-    def get_pipeline_model_parallel_group(self) -> Any:
-        return self.groups["pp"]
 
     # ---- collectives the trainer needs (collectives live in llm/parallel only) ----------------
     def mean_over_dp(self, values: list[float]) -> list[float]:

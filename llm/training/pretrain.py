@@ -25,6 +25,7 @@ from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from llm.engine.build import initialize_engine
 from llm.engine.comm import init_distributed
 from llm.engine.deepspeed_config import build_deepspeed_config
+from llm.engine.mpu import MeshMPU
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, is_collective_timeout
@@ -234,7 +235,7 @@ def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) 
         parameter_groups=groups,
         ds_config=ds_config,
         lr_scheduler=make_scheduler(cfg.train),
-        mpu=ctx if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
+        mpu=MeshMPU(ctx) if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
     )
     return engine, rng, num_params
 

@@ -63,6 +63,7 @@ def _run(rank: int, world: int, out: str) -> None:
     import deepspeed
 
     from llm.engine.deepspeed_config import build_deepspeed_config
+    from llm.engine.mpu import MeshMPU
     from llm.model.pipeline import build_pipeline_model
     from llm.parallel.context import ParallelContext
     from llm.parallel.random import RNGTracker
@@ -86,7 +87,7 @@ def _run(rank: int, world: int, out: str) -> None:
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds, lr_scheduler=make_scheduler(cfg.train),
             optimizer=None if "optimizer" in ds else clipped_optimizer(groups, cfg.train, ctx),
-            mpu=None if pipe else ctx,
+            mpu=None if pipe else MeshMPU(ctx),
         )  # fmt: skip
         diloco = DiLoCo(cfg.parallel.diloco, ctx, engine, num_layers=cfg.model.num_layers)
         losses = []
@@ -220,6 +221,7 @@ def _reduce_in(rank: int, world: int, out: str) -> None:
     import deepspeed
 
     from llm.engine.deepspeed_config import build_deepspeed_config
+    from llm.engine.mpu import MeshMPU
     from llm.parallel.context import ParallelContext
 
     train, _ = _data()
@@ -232,7 +234,7 @@ def _reduce_in(rank: int, world: int, out: str) -> None:
             model = build_model(cfg.model, seed=cfg.train.seed)
             groups = parameter_groups(model, cfg.train.weight_decay)
             ds = build_deepspeed_config(cfg, world, cuda=False)
-            engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, mpu=ParallelContext.build())
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, mpu=MeshMPU(ParallelContext.build()))
             assert engine.communication_data_type == (torch.bfloat16 if comm == "bf16" else torch.float32)
             for step in range(3):
                 for tokens in _island_micro_batches(train, step, rank):  # each rank its half of the batch
