@@ -89,18 +89,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="unpickle the checkpoint without restriction (it could run code): only one you trust")  # fmt: skip
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by `deepspeed`
     args = parser.parse_args(argv)
+
+    def load() -> tuple:  # after eval_context() where there is one: it sets the device a process uses
+        return load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify,
+                                  trust_pickles=args.trust_pickles)  # fmt: skip
+
     if args.tasks:
         try:
-            cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify,
-                                            trust_pickles=args.trust_pickles)
+            cfg, model = load()
             return _run_lm_eval(args, cfg, model)
         except LLMError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     ctx = eval_context()  # several processes (torchrun / deepspeed / srun) split the windows
     try:
-        cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify,
-                                            trust_pickles=args.trust_pickles)
+        cfg, model = load()
         stream = _stream(args, cfg)
         result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx,
                                  data=cfg.data)

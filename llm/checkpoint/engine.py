@@ -11,7 +11,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from llm.checkpoint.format import (
 from llm.checkpoint.pickles import UnsafeCheckpointError, check_files, load_file, pickled_files
 from llm.checkpoint.rng import rng_state
 from llm.config import Config
-from llm.errors import on_every_rank
+from llm.errors import LLMError, on_every_rank
 from llm.model.pipeline import canonical_name
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import full_shape_of, partition_info
@@ -163,13 +163,13 @@ def _agreed(ctx: ParallelContext, tag_dir: Path, previous: str | None, step: Any
             step()
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             failure = _save_failure(tag_dir, previous, e)
-    failures = [(r, m) for r, m in enumerate(ctx.all_gather_object(failure)) if m]
-    if not failures:
+    found = ctx.first_failure(failure)
+    if found is None:
         return
     # never a half-written checkpoint left behind (a complete one there was moved aside); every rank
     # removes what it sees, for a directory that is not shared by all
     shutil.rmtree(tag_dir, ignore_errors=True)
-    r, message = failures[0]
+    r, message = found
     raise on_every_rank(CheckpointSaveError(message if ctx.world_size == 1 else f"rank {r}: {message}"))
 
 
@@ -182,7 +182,8 @@ class _KeptFailure:
     others (writing nothing more), and `_agreed` stops every rank right after."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.error = inner, None  # type: Any, BaseException | None
+        self.inner = inner
+        self.error: BaseException | None = None
 
     def _kept(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self.error is not None:
@@ -265,29 +266,30 @@ def choose_verified(path: str | Path, ctx: ParallelContext, *, fallback: bool, c
     return choose_checkpoint(path, fallback=fallback, verify=lambda t: verify_distributed(t, ctx, checksums=checksums))
 
 
+def _checked_by_all(ctx: ParallelContext, check: Callable[[], None], error: type[LLMError]) -> None:
+    """Runs this rank's share of a check; every rank raises `error` with the first failing rank's message."""
+    message = None
+    try:
+        check()
+    except error as e:
+        message = str(e)
+    found = ctx.first_failure(message)
+    if found is not None:
+        raise error(found[1])
+
+
 def verify_distributed(tag_dir: Path, ctx: ParallelContext, *, checksums: bool = True) -> None:
     """`verify_checkpoint` with the checksums split over the ranks; every rank raises if any found damage."""
-    error: CheckpointError | None = None
-    try:
-        verify_checkpoint(tag_dir, rank=ctx.rank, world=ctx.world_size, checksums=checksums)
-    except CheckpointError as e:
-        error = e
-    messages = [m for m in ctx.all_gather_object(None if error is None else str(error)) if m]
-    if messages:
-        raise CheckpointError(messages[0])
+    _checked_by_all(
+        ctx, lambda: verify_checkpoint(tag_dir, rank=ctx.rank, world=ctx.world_size, checksums=checksums), CheckpointError
+    )
 
 
 def check_pickles_distributed(tag_dir: Path, ctx: ParallelContext) -> None:
     """pickles.check_files over every torch file of the checkpoint, split over the ranks; every rank
     raises the first refusal any rank found."""
-    error: str | None = None
-    try:
-        check_files(share(pickled_files(tag_dir), ctx.rank, ctx.world_size))
-    except UnsafeCheckpointError as e:
-        error = str(e)
-    messages = [m for m in ctx.all_gather_object(error) if m]
-    if messages:
-        raise UnsafeCheckpointError(messages[0])
+    _checked_by_all(ctx, lambda: check_files(share(pickled_files(tag_dir), ctx.rank, ctx.world_size)),
+                    UnsafeCheckpointError)  # fmt: skip
 
 
 def parameter_layout(module: torch.nn.Module, num_layers: int) -> dict[str, dict[str, Any]]:

@@ -132,10 +132,13 @@ class TrainConfig:
 
     @property
     def skip_ranges(self) -> list[tuple[int, int]]:
-        """train.skip_batches as (first, last) batch numbers, 1-based and inclusive."""
+        """train.skip_batches as (first, last) batch numbers, 1-based and inclusive; ValueError names
+        an entry that is not one (validation turns it into the setting's error)."""
         out = []
         for item in self.skip_batches:
             first, _, last = str(item).partition("-")
+            if not (first.isdigit() and (last.isdigit() or not last) and 1 <= int(first) <= int(last or first)):
+                raise ValueError(item)
             out.append((int(first), int(last or first)))
         return out
 

@@ -248,12 +248,12 @@ def validate(cfg: Config) -> None:
     _check_model(cfg.model)
     _check_parallel(cfg)
     _check_diloco(cfg)
-    for item in cfg.train.skip_batches:
-        first, _, last = str(item).partition("-")
-        if not (first.isdigit() and (last.isdigit() or not last) and 1 <= int(first) <= int(last or first)):
-            raise ConfigError(
-                f"train.skip_batches: '{item}' is not a range of batch numbers like '120-135' (or one number, 1 or more)"
-            )
+    try:
+        cfg.train.skip_ranges  # noqa: B018 (parsed for its error)
+    except ValueError as e:
+        raise ConfigError(
+            f"train.skip_batches: '{e}' is not a range of batch numbers like '120-135' (or one number, 1 or more)"
+        ) from None
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
         t = cfg.train
         decay = f"train.lr_decay_iters = {t.lr_decay_iters}" if t.lr_decay_iters else f"train.train_iters = {t.train_iters}"

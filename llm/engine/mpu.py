@@ -35,15 +35,6 @@ class MeshMPU:
     def get_data_parallel_group(self) -> Any:
         return self.ctx.groups["dp"]
 
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.ctx.tp_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.ctx.tp
-
-    def get_tensor_model_parallel_group(self) -> Any:
-        return self.ctx.groups["tp"]
-
     def get_pipe_parallel_rank(self) -> int:
         return self.ctx.pp_rank
 
@@ -53,11 +44,10 @@ class MeshMPU:
     def get_pipe_parallel_group(self) -> Any:
         return self.ctx.groups["pp"]
 
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.ctx.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.ctx.pp
-
-    def get_pipeline_model_parallel_group(self) -> Any:
-        return self.ctx.groups["pp"]
+    # Megatron's names for the same (DeepSpeed asks for either)
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_pipeline_model_parallel_rank = get_pipe_parallel_rank
+    get_pipeline_model_parallel_world_size = get_pipe_parallel_world_size
+    get_pipeline_model_parallel_group = get_pipe_parallel_group

@@ -35,8 +35,7 @@ def is_collective_timeout(error: BaseException) -> bool:
 @dataclass
 class ParallelContext:
     """This process's place in the device mesh (mesh.py: the axes, the rank order, the groups' rank
-    lists), the process groups made from it, DeepSpeed's mpu protocol over them, and the few
-    collectives the trainer needs. CP and EP have size 1 until context and expert parallelism use
+    lists), the process groups made from it, and the few collectives the trainer needs. CP and EP have size 1 until context and expert parallelism use
     them; their groups exist already."""
 
     world_size: int
@@ -138,7 +137,7 @@ class ParallelContext:
         if key not in self.groups:
             if self.tp % size:
                 raise ValueError(f"a TP subgroup of {size} ranks does not divide TP size {self.tp}")
-            for tp_ranks in self.grid()["tp"]:
+            for tp_ranks in self.mesh.groups("tp"):
                 for start in range(0, self.tp, size):
                     ranks = tp_ranks[start : start + size]
                     group = dist.new_group(ranks, timeout=self.timeout)
@@ -210,6 +209,11 @@ class ParallelContext:
         "terminate called without an active exception")."""
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+    def first_failure(self, message: str | None) -> tuple[int, str] | None:
+        """Every rank's `message` (None: this rank did not fail) gathered: (rank, message) of the lowest
+        rank that failed, the same on every rank, or None when none did."""
+        return next(((r, m) for r, m in enumerate(self.all_gather_object(message)) if m is not None), None)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""

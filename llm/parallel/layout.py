@@ -84,9 +84,8 @@ def build_layout(ctx: ParallelContext, launcher: str, everyone: list[tuple[int |
             nodes.append({"node": node_rank if node_rank is not None else len(nodes), "host": host, "ranks": []})
         nodes[node_of[key]]["ranks"].append(rank)
         rank_node.append(node_of[key])
-    grid = ctx.grid()
     shown = ("tp", "pp", "dp", "island") if ctx.islands > 1 else ("tp", "pp", "dp")
-    groups: dict[str, list[list[int]]] = {kind: grid[kind] for kind in shown}
+    groups: dict[str, list[list[int]]] = {kind: ctx.mesh.groups(kind) for kind in shown}
     warnings = [
         f"tensor-parallel group {g} spans nodes {sorted({nodes[rank_node[r]]['node'] for r in g})}: its "
         "all-reduces run at every layer over the network; use TP <= GPUs per node"

@@ -46,6 +46,11 @@ GROUP_AXES: dict[str, tuple[str, ...]] = {
 _SPLIT = ("island", "pp", "edp", "ep", "cp", "tp")  # dp written as edp, ep
 
 
+def _split_axes(kind: str) -> set[str]:
+    """The axes of _SPLIT a group kind varies (dp is edp and ep)."""
+    return {a for axis in GROUP_AXES[kind] for a in (("edp", "ep") if axis == "dp" else (axis,))}
+
+
 @dataclass(frozen=True)
 class Mesh:
     tp: int = 1
@@ -107,7 +112,7 @@ class Mesh:
     def groups(self, kind: str) -> list[list[int]]:
         """Every group of one kind (GROUP_AXES): each the ranks that differ only in its axes, in rank
         order; the groups in the order of their lowest rank."""
-        varying = {a for axis in GROUP_AXES[kind] for a in (("edp", "ep") if axis == "dp" else (axis,))}
+        varying = _split_axes(kind)
         out: dict[tuple[int, ...], list[int]] = {}
         for r in range(self.world_size):
             c = self.coords(r)
@@ -117,7 +122,7 @@ class Mesh:
 
     def size(self, kind: str) -> int:
         sizes = self._sizes()
-        return math.prod(sizes[a] for axis in GROUP_AXES[kind] for a in (("edp", "ep") if axis == "dp" else (axis,)))
+        return math.prod(sizes[a] for a in _split_axes(kind))
 
     def describe(self) -> str:
         parts = [f"TP {self.tp}"] + ([f"CP {self.cp}"] if self.cp > 1 else []) + [f"PP {self.pp}", f"DP {self.dp}"]

@@ -194,10 +194,11 @@ def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
             if ctx.rank == 0 or setting == "checkpoint.dir":
                 check_writable(path, setting)
     except RunDirectoryError as e:
-        probe_error = f"rank {ctx.rank}: {e}" if ctx.rank else str(e)
-    found = [m for m in ctx.all_gather_object(probe_error) if m]
-    if found:
-        raise on_every_rank(RunDirectoryError(found[0]))
+        probe_error = str(e)
+    found = ctx.first_failure(probe_error)
+    if found is not None:
+        rank, message = found
+        raise on_every_rank(RunDirectoryError(f"rank {rank}: {message}" if rank else message))
     lock, failed = None, None
     if ctx.rank == 0:
         lock = RunLock([Path(cfg.logging.dir), Path(cfg.checkpoint_dir)], force=cfg.checkpoint.break_lock)

@@ -166,6 +166,7 @@ class Trainer:
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.spikes = SpikeDetector(cfg.train.spike_detection)
         self.spikes.restore(state.spike_history)  # a resumed run sees spikes from its first step
+        self._skip_ranges = cfg.train.skip_ranges  # parsed once: looked at before every step
 
     # ----------------------------------------------------------------------------- batches
     def _batches(self, data: Any, consumed: int, total: int) -> Iterator[torch.Tensor]:
@@ -279,7 +280,7 @@ class Trainer:
         """The data position after the range of train.skip_batches that the next batch is in, or None."""
         G = self.cfg.train.global_batch_size
         batch = self.state.consumed_samples // G + 1  # numbered as the iteration that trains it uninterrupted
-        ends = [last for first, last in self.cfg.train.skip_ranges if first <= batch <= last]
+        ends = [last for first, last in self._skip_ranges if first <= batch <= last]
         return max(ends) * G if ends else None
 
     def _skip(self, skip_to: int) -> Iterator[torch.Tensor]:

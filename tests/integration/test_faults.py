@@ -229,20 +229,23 @@ def test_a_sigkilled_rank_restarts_under_torchrun_and_matches(builtin_prefix: Pa
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [[], ["parallel.pipeline_model_parallel_size=2"]], ids=["dp2", "pp2"])
+@pytest.mark.parametrize("world, layout", [(2, []), (4, ["parallel.pipeline_model_parallel_size=2"])],
+                         ids=["dp2", "pp2_dp2"])  # fmt: skip
 def test_a_stopped_rank_makes_the_others_exit_within_the_timeout(
-    builtin_prefix: Path, tmp_path: Path, layout: list[str]
+    builtin_prefix: Path, tmp_path: Path, world: int, layout: list[str]
 ) -> None:
-    """Also under pipeline parallelism, whose groups DeepSpeed makes (they kept torch's 30 minutes)."""
+    """Also under pipeline parallelism at PP 2 x DP 2, where rank 0 waits for the stopped rank 1 in the
+    data-parallel group that DeepSpeed's pipeline grid made (it kept torch's 30 minutes)."""
     args = tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000", "parallel.timeout_minutes=0.25", *layout)
     port = str(free_port())
     procs = []
-    for rank in (0, 1):
+    for rank in range(world):
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}",
-                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+        out = subprocess.PIPE if rank < 2 else subprocess.DEVNULL
         procs.append(subprocess.Popen([sys.executable, script("pretrain.py"), *args], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+                                      stdout=out, stderr=out, text=True))  # fmt: skip
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 180
     try:
         while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -253,8 +256,9 @@ def test_a_stopped_rank_makes_the_others_exit_within_the_timeout(
         _, err = procs[0].communicate(timeout=120)
         waited = time.time() - stopped
     finally:
-        procs[1].kill()
-        procs[1].communicate()
+        for proc in procs[1:]:
+            proc.kill()
+            proc.communicate()
     assert procs[0].returncode == 1, err[-3000:]
     assert waited < 60, waited  # the timeout is 15 s; no rank waits for ever
     assert "error: rank 0: a collective gave up after parallel.timeout_minutes = 0.25" in err, err[-3000:]
