@@ -64,7 +64,9 @@ class Progress:
         else:
             tail = f"{format_duration(elapsed)} so far"
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        logger.info("%s: %s%s %s, %s %s/s, %s", self.desc, count, pct, self.unit, f"{rate:,.1f}", self.unit, tail)
+        logger.info(
+            "%s: %s%s %s, %s %s/s, %s", self.desc, count, pct, self.unit, f"{rate:,.1f}", self.unit, tail
+        )
         self.lines += 1
 
     def close(self) -> None:
@@ -76,5 +78,7 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -76,7 +76,9 @@ def script(name: str) -> str:
 def script_main(name: str) -> Any:
     """The `main(argv)` of scripts/<name>, to run an entry point in-process (cheaper than a
     subprocess where the launch itself is not what a test is about)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name.removesuffix('.py')}", REPO / "scripts" / name)
+    spec = importlib.util.spec_from_file_location(
+        f"script_{name.removesuffix('.py')}", REPO / "scripts" / name
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -3,7 +3,6 @@ RNG streams and layouts, MANIFEST, `latest`), and resuming at another layout thr
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -11,14 +10,13 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llm.checkpoint import reshard
-from llm.checkpoint.compat import require_tested_deepspeed
 from llm.checkpoint.format import (
     DILOCO_DIR,
     LAYOUT_DIR,
@@ -46,12 +44,12 @@ from llm.checkpoint.format import (
 from llm.checkpoint.pickles import UnsafeCheckpointError, check_files, load_file, pickled_files
 from llm.checkpoint.rng import rng_state
 from llm.config import Config
+from llm.engine.internals import checkpoint_file_names, optimizer_parameter_order, write_failures_kept
 from llm.errors import LLMError, on_every_rank
 from llm.model.pipeline import canonical_name
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import full_shape_of, partition_info
 
-require_tested_deepspeed()  # this module reads DeepSpeed's private internals
 logger = logging.getLogger("llm")
 
 
@@ -60,7 +58,12 @@ class CheckpointSaveError(CheckpointError):
 
 
 def save_checkpoint(
-    engine: Any, cfg: Config, state: dict[str, Any], *, ctx: ParallelContext, rank_state: dict[str, Any] | None = None
+    engine: Any,
+    cfg: Config,
+    state: dict[str, Any],
+    *,
+    ctx: ParallelContext,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Saves through DeepSpeed (every rank); the checkpoint becomes visible only when all ranks are done.
 
@@ -102,7 +105,7 @@ def save_checkpoint(
 
     def write_deepspeed_files() -> None:
         root = island_root(directory, tag_dir, ctx)
-        with _failures_kept(engine) as kept:  # through DeepSpeed's barriers; the ranks agree afterwards
+        with write_failures_kept(engine) as kept:  # through DeepSpeed's barriers; the ranks agree afterwards
             engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
         if kept.error is not None:
             raise kept.error
@@ -173,56 +176,11 @@ def _agreed(ctx: ParallelContext, tag_dir: Path, previous: str | None, step: Any
     raise on_every_rank(CheckpointSaveError(message if ctx.world_size == 1 else f"rank {r}: {message}"))
 
 
-class _KeptFailure:
-    """DeepSpeed's checkpoint engine during one save, with a failed write kept instead of raised.
-
-    A rank whose write raises inside `engine.save_checkpoint` leaves it before DeepSpeed's closing
-    barrier, where the other ranks would then wait until the collective timeout (a node-local disk
-    full on one node). Kept, the failure lets the rank go through DeepSpeed's barriers like the
-    others (writing nothing more), and `_agreed` stops every rank right after."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.error: BaseException | None = None
-
-    def _kept(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.error is not None:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except (OSError, RuntimeError) as e:
-            self.error = e
-            return None
-
-    def save(self, state_dict: Any, path: str) -> Any:
-        return self._kept(self.inner.save, state_dict, path)
-
-    def makedirs(self, path: str, exist_ok: bool = False) -> Any:
-        return self._kept(self.inner.makedirs, path, exist_ok=exist_ok)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-@contextlib.contextmanager
-def _failures_kept(engine: Any) -> Iterator[_KeptFailure]:
-    """`engine.checkpoint_engine` (every file DeepSpeed writes: model, ZeRO and pipeline layer states)
-    and its copy of the zero_to_fp32 scripts wrapped by one _KeptFailure for the duration."""
-    kept = _KeptFailure(engine.checkpoint_engine)
-    copy_scripts = engine._copy_recovery_script
-    engine.checkpoint_engine = kept
-    engine._copy_recovery_script = lambda path: kept._kept(copy_scripts, path)
-    try:
-        yield kept
-    finally:
-        engine.checkpoint_engine = kept.inner
-        del engine._copy_recovery_script  # the class's method again
-
-
 def _is_disk_full(error: BaseException) -> bool:
     text = str(error)
     return getattr(error, "errno", None) == errno.ENOSPC or any(
-        s in text for s in ("No space left", "unexpected pos", "file write failed", "PytorchStreamWriter failed")
+        s in text
+        for s in ("No space left", "unexpected pos", "file write failed", "PytorchStreamWriter failed")
     )
 
 
@@ -257,13 +215,18 @@ def _warn_if_next_save_cannot_fit(tag_dir: Path) -> None:
     if size > free:
         logger.warning(
             "only %s free on the device of '%s' and a checkpoint takes %s: the next save will fail unless "
-            "space is freed (checkpoint.keep_last, or another checkpoint.dir)", _gb(free), tag_dir.parent, _gb(size)
+            "space is freed (checkpoint.keep_last, or another checkpoint.dir)",
+            _gb(free),
+            tag_dir.parent,
+            _gb(size),
         )
 
 
 def choose_verified(path: str | Path, ctx: ParallelContext, *, fallback: bool, checksums: bool) -> Path:
     """`choose_checkpoint` with every candidate verified by all ranks together (`verify_distributed`)."""
-    return choose_checkpoint(path, fallback=fallback, verify=lambda t: verify_distributed(t, ctx, checksums=checksums))
+    return choose_checkpoint(
+        path, fallback=fallback, verify=lambda t: verify_distributed(t, ctx, checksums=checksums)
+    )
 
 
 def _checked_by_all(ctx: ParallelContext, check: Callable[[], None], error: type[LLMError]) -> None:
@@ -281,7 +244,9 @@ def _checked_by_all(ctx: ParallelContext, check: Callable[[], None], error: type
 def verify_distributed(tag_dir: Path, ctx: ParallelContext, *, checksums: bool = True) -> None:
     """`verify_checkpoint` with the checksums split over the ranks; every rank raises if any found damage."""
     _checked_by_all(
-        ctx, lambda: verify_checkpoint(tag_dir, rank=ctx.rank, world=ctx.world_size, checksums=checksums), CheckpointError
+        ctx,
+        lambda: verify_checkpoint(tag_dir, rank=ctx.rank, world=ctx.world_size, checksums=checksums),
+        CheckpointError,
     )
 
 
@@ -313,18 +278,16 @@ def write_rank_layout(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_l
     groups = None
     if not flat:
         names = {id(p): canonical_name(n, num_layers) for n, p in engine.module.named_parameters()}
-        # DeepSpeed's unfused mixed-precision wrapper (bf16 at ZeRO 0) keeps the module's parameters
-        # in `fp16_groups`, in the order of its fp32 masters and of the torch optimizer's state.
-        held = getattr(engine.optimizer, "fp16_groups", None) or [g["params"] for g in engine.optimizer.param_groups]
-        groups = [[names[id(p)] for p in g] for g in held]
+        groups = [[names[id(p)] for p in g] for g in optimizer_parameter_order(engine)]
+    model_file, optim_file = checkpoint_file_names(engine, tag_dir.parent, tag_dir.name, zero_files=flat)
     info = {
         "rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
         "zero_stage": stage, "bf16": bool(engine.bfloat16_enabled()),
         # what the engine really runs in (a silent fp32 run would pass a test that reads the config)
         "param_dtype": str(next(engine.module.parameters()).dtype),
         "communication_dtype": str(engine.communication_data_type),
-        "model_file": Path(engine._get_ckpt_name(str(tag_dir.parent), tag_dir.name)).name,
-        "optim_file": Path(engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name)).name if flat else None,
+        "model_file": model_file,
+        "optim_file": optim_file,
         "groups": groups,
         "params": parameter_layout(engine.module, num_layers),
     }  # fmt: skip
@@ -353,7 +316,9 @@ def load_checkpoint(
         root = island_root(tag_dir.parent, tag_dir, ctx)
         loaded, client = engine.load_checkpoint(str(root), tag=tag_dir.name)
     except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"checkpoint '{tag_dir}' could not be read ({e}); use an earlier checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' could not be read ({e}); use an earlier checkpoint"
+        ) from None
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint '{tag_dir}'")
     out = dict(client["llm"]) if client and "llm" in client else meta
@@ -406,5 +371,7 @@ def _load_resharded(
         raise CheckpointError(str(failed or "resharding failed on rank 0; see its message"))
     reshard.load_universal(engine, tag_dir / UNIVERSAL_DIR, cfg, ctx)
     if saved is not None:
-        logger.warning("the layout changed: random streams (dropout) restart from the seed; data order is kept")
+        logger.warning(
+            "the layout changed: random streams (dropout) restart from the seed; data order is kept"
+        )
     return meta

@@ -256,7 +256,9 @@ def choose_checkpoint(path: str | Path, *, fallback: bool, verify: Any = None) -
             logger.warning("skipping checkpoint: %s", e)
             continue
         if named is not None and candidate.name != named:
-            logger.warning("resuming from %s, the newest intact checkpoint ('latest' names %s)", candidate.name, named)
+            logger.warning(
+                "resuming from %s, the newest intact checkpoint ('latest' names %s)", candidate.name, named
+            )
         return candidate
     raise CheckpointError(f"no complete checkpoint in '{root}'; start fresh with checkpoint.resume=none")
 
@@ -277,7 +279,9 @@ def read_rank_layouts(tag_dir: Path) -> list[dict[str, Any]]:
         try:
             out.append(json.loads(f.read_text()))
         except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"checkpoint file '{f}' is damaged ({e}); use an earlier checkpoint") from None
+            raise CheckpointError(
+                f"checkpoint file '{f}' is damaged ({e}); use an earlier checkpoint"
+            ) from None
     return out
 
 
@@ -299,7 +303,13 @@ def parameter_specs(layouts: list[dict[str, Any]]) -> dict[str, dict[str, Any] |
 # ------------------------------------------------------------------------ same model on resume
 
 # Model settings a resume may change: they change neither a tensor nor what the weights compute.
-RESUMABLE_MODEL_KEYS = ("activation_checkpointing", "sequence_parallel", "dropout", "attention_dropout", "init_std")
+RESUMABLE_MODEL_KEYS = (
+    "activation_checkpointing",
+    "sequence_parallel",
+    "dropout",
+    "attention_dropout",
+    "init_std",
+)
 
 
 def model_differences(meta: dict[str, Any], cfg: Config, *, tokenizer_fingerprint: str | None) -> list[str]:
@@ -322,7 +332,9 @@ def model_differences(meta: dict[str, Any], cfg: Config, *, tokenizer_fingerprin
     return out
 
 
-def check_same_model(meta: dict[str, Any], cfg: Config, tag_dir: Path, *, tokenizer_fingerprint: str | None) -> None:
+def check_same_model(
+    meta: dict[str, Any], cfg: Config, tag_dir: Path, *, tokenizer_fingerprint: str | None
+) -> None:
     """Refuses to resume a checkpoint of another model, naming every differing setting."""
     diffs = model_differences(meta, cfg, tokenizer_fingerprint=tokenizer_fingerprint)
     if diffs:

@@ -41,11 +41,15 @@ def load_tensor_file(file: Path, *, trust: bool = False) -> Any:
     """torch.load of one checkpoint file, restricted to the types checkpoints hold (pickles.py; `trust`:
     unrestricted); a missing or unreadable file is a CheckpointError naming it."""
     if not file.is_file():
-        raise CheckpointError(f"checkpoint file '{file}' is missing: the checkpoint is incomplete; use an earlier one")
+        raise CheckpointError(
+            f"checkpoint file '{file}' is missing: the checkpoint is incomplete; use an earlier one"
+        )
     try:
         return load_file(file, trust=trust)
     except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"checkpoint file '{file}' is damaged ({e}); use an earlier checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint file '{file}' is damaged ({e}); use an earlier checkpoint"
+        ) from None
 
 
 def fit_vocab_rows(state: Tensors, rows: int) -> Tensors:
@@ -77,7 +81,9 @@ def _read_pipeline_layers(tag_dir: Path, tp_rank: int, num_layers: int, *, trust
     for file in files:
         idx = int(file.name.split("-")[0].removeprefix("layer_"))
         prefix = canonical_prefix(idx, num_layers)
-        for k, v in load_tensor_file(file, trust=trust).items():  # the first stage's copy of the tied embedding wins
+        for k, v in load_tensor_file(
+            file, trust=trust
+        ).items():  # the first stage's copy of the tied embedding wins
             state.setdefault(prefix + k, v)
     return state
 
@@ -121,7 +127,9 @@ def load_model_state(
         if pp > 1:
             shards = [_read_pipeline_layers(tag_dir, r, cfg.model.num_layers, trust=trust) for r in range(tp)]
         else:
-            shards = [_read_model_file(tag_dir / f"mp_rank_{r:02d}_model_states.pt", trust=trust) for r in range(tp)]
+            shards = [
+                _read_model_file(tag_dir / f"mp_rank_{r:02d}_model_states.pt", trust=trust) for r in range(tp)
+            ]
         specs = parameter_specs(read_rank_layouts(tag_dir)) if tp > 1 else {}
         state = merge_tensor_parallel(shards, specs)
     return cfg, {k: v.float() for k, v in state.items()}, meta
@@ -135,7 +143,9 @@ def load_trained_model(
     cfg = replace_validated(  # one process: no tensor or pipeline parallelism
         cfg,
         model=dataclasses.replace(cfg.model, sequence_parallel=False),
-        parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1),
+        parallel=dataclasses.replace(
+            cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1
+        ),
     )
     model = GPT(cfg.model)
     state = fit_vocab_rows(state, model.embed.weight.shape[0])

@@ -47,7 +47,9 @@ ALLOWED_GLOBALS = (
 
 # Built by an allowed global without being named in the pickle: numpy.dtype("uint32") returns a
 # numpy.dtypes.UInt32DType, whose state the unpickler then sets.
-_BUILT_BY = {"numpy.dtype": ("numpy.dtypes.UInt32DType", "numpy.dtypes.Int64DType", "numpy.dtypes.Float64DType")}
+_BUILT_BY = {
+    "numpy.dtype": ("numpy.dtypes.UInt32DType", "numpy.dtypes.Int64DType", "numpy.dtypes.Float64DType")
+}
 
 
 class UnsafeCheckpointError(LLMError, ValueError):

@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 
-from llm.checkpoint.compat import require_tested_deepspeed
 from llm.checkpoint.format import (
     UNIVERSAL_DIR,
     CheckpointError,
@@ -48,12 +47,12 @@ from llm.checkpoint.format import (
 )
 from llm.checkpoint.merge import fit_vocab_rows, load_model_state, load_tensor_file
 from llm.config import Config
+from llm.engine.internals import create_flat_optimizer_state, fp32_masters, set_step_counters, torch_optimizer
 from llm.engine.zero import gathered_for_write, set_full_fp32_param, set_full_optimizer_state
 from llm.model.pipeline import canonical_name
 from llm.parallel.layers import merge_by_spec, partition_info, shard_by_spec
 from llm.progress import Progress
 
-require_tested_deepspeed()  # this module reads DeepSpeed's private internals
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STATE_FILE = "state.pt"
 Tensors = dict[str, torch.Tensor]
@@ -61,11 +60,6 @@ Tensors = dict[str, torch.Tensor]
 
 class ReshardError(CheckpointError):
     """A checkpoint that cannot be converted to another layout; the message names the file and fix."""
-
-
-def torch_optimizer(engine: Any) -> Any:
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)  # ZeRO wrappers hold the torch optimizer as `.optimizer`
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -88,7 +82,9 @@ def write_universal(
                 raise ReshardError(f"no weight for parameter '{name}' while writing '{out}'")
             torch.save({k: v.float().contiguous() for k, v in entry.items()}, tmp / f"{name}.pt")
             progress.update()
-    torch.save({"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0, **state}, tmp / STATE_FILE)
+    torch.save(
+        {"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0, **state}, tmp / STATE_FILE
+    )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -97,17 +93,23 @@ def write_universal(
 # ----------------------------------------------------------------------------- convert
 
 
-def _shard_state_zero0(tag_dir: Path, info: dict[str, Any], *, trust: bool) -> tuple[dict[str, Tensors], dict[str, Any]]:
+def _shard_state_zero0(
+    tag_dir: Path, info: dict[str, Any], *, trust: bool
+) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 0: moments of one (PP, TP) shard from the torch state dict; with bf16 (DeepSpeed's unfused
     mixed-precision wrapper) also the fp32 master weights, which the bf16 module weights only round."""
     sd = load_tensor_file(tag_dir / info["model_file"], trust=trust)
     opt = sd.get("optimizer") or {}
     masters: list[torch.Tensor] = []
-    if "optimizer_state_dict" in opt:  # {"optimizer_state_dict": torch state, "fp32_groups": masters, loss scale}
+    if (
+        "optimizer_state_dict" in opt
+    ):  # {"optimizer_state_dict": torch state, "fp32_groups": masters, loss scale}
         masters = [t for group in opt.get("fp32_groups") or [] for t in group]
         opt = opt["optimizer_state_dict"]
     if "state" not in opt:
-        raise ReshardError(f"'{tag_dir / info['model_file']}' holds no optimizer state; resume it at its own layout")
+        raise ReshardError(
+            f"'{tag_dir / info['model_file']}' holds no optimizer state; resume it at its own layout"
+        )
     out: dict[str, Tensors] = {}
     flat_names = [n for g in info["groups"] for n in g]
     for idx, name in enumerate(flat_names):
@@ -120,7 +122,12 @@ def _shard_state_zero0(tag_dir: Path, info: dict[str, Any], *, trust: bool) -> t
 
 
 def _shard_state_zero12(
-    tag_dir: Path, infos: list[dict[str, Any]], groups: list[dict[str, torch.Size]], num_layers: int, *, trust: bool
+    tag_dir: Path,
+    infos: list[dict[str, Any]],
+    groups: list[dict[str, torch.Size]],
+    num_layers: int,
+    *,
+    trust: bool,
 ) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 1/2: concatenate each parameter's fragments over the DP ranks of one (PP, TP) shard."""
     pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
@@ -137,13 +144,19 @@ def _shard_state_zero12(
                     pieces[name][key].append(t.narrow(0, frag.start, frag.numel))
     shapes = {n: s for g in groups for n, s in g.items()}
     out = {
-        name: {k: torch.cat(v).float().view(shapes[name]) for k, v in parts.items()} for name, parts in pieces.items()
+        name: {k: torch.cat(v).float().view(shapes[name]) for k, v in parts.items()}
+        for name, parts in pieces.items()
     }
     return out, {"step": step}
 
 
 def _shard_state_zero3(
-    tag_dir: Path, infos: list[dict[str, Any]], groups: list[dict[str, torch.Size]], num_layers: int, *, trust: bool
+    tag_dir: Path,
+    infos: list[dict[str, Any]],
+    groups: list[dict[str, torch.Size]],
+    num_layers: int,
+    *,
+    trust: bool,
 ) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 3: each parameter is DP equal pieces (last padded), laid out in parameter order per group."""
     infos = sorted(infos, key=lambda i: i["dp_rank"])
@@ -170,7 +183,9 @@ def _shard_state_zero3(
     return out, {"step": step}
 
 
-def _param_shapes(tag_dir: Path, info: dict[str, Any], num_layers: int, *, trust: bool) -> list[dict[str, torch.Size]]:
+def _param_shapes(
+    tag_dir: Path, info: dict[str, Any], num_layers: int, *, trust: bool
+) -> list[dict[str, torch.Size]]:
     """Per optimizer group, plain-model name -> shape, in the group's order (DeepSpeed's `param_shapes`)."""
     sd = load_tensor_file(tag_dir / info["model_file"], trust=trust)
     return [{canonical_name(n, num_layers): s for n, s in g.items()} for g in sd.get("param_shapes") or []]
@@ -189,17 +204,22 @@ def _stage_state(
         group = by_tp[t]
         stage = group[0]["zero_stage"]
         if stage == 0:
-            state, extra = _shard_state_zero0(tag_dir, next(i for i in group if i["dp_rank"] == 0), trust=trust)
+            state, extra = _shard_state_zero0(
+                tag_dir, next(i for i in group if i["dp_rank"] == 0), trust=trust
+            )
         else:
             reader = _shard_state_zero3 if stage == 3 else _shard_state_zero12
-            state, extra = reader(tag_dir, group, _param_shapes(tag_dir, group[0], L, trust=trust), L, trust=trust)
+            state, extra = reader(
+                tag_dir, group, _param_shapes(tag_dir, group[0], L, trust=trust), L, trust=trust
+            )
         shards.append(state)
         step = extra["step"]
     merged: dict[str, Tensors] = {}
     for name, first in shards[0].items():
         spec = specs.get(name) if tp > 1 else None
         merged[name] = {
-            k: v if spec is None else merge_by_spec([s[name][k] for s in shards], spec) for k, v in first.items()
+            k: v if spec is None else merge_by_spec([s[name][k] for s in shards], spec)
+            for k, v in first.items()
         }
     return merged, step
 
@@ -213,7 +233,9 @@ def convert(tag_dir: Path, cfg: Config, meta: dict[str, Any]) -> Path:
     tp = int(meta.get("tensor_parallel", 1))
     specs = parameter_specs(layouts) if tp > 1 else {}
     trust = cfg.checkpoint.trust_pickles
-    _, weights, _ = load_model_state(tag_dir, verify=False, trust_pickles=trust)  # verified before resuming; full fp32 weights (the master copy in fp32 training)
+    _, weights, _ = load_model_state(
+        tag_dir, verify=False, trust_pickles=trust
+    )  # verified before resuming; full fp32 weights (the master copy in fp32 training)
     by_stage: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for info in layouts:
         by_stage[info["pp_rank"]].append(info)
@@ -246,8 +268,8 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
     step = float(state["step"])
     opt = torch_optimizer(engine)
     if stage:
-        _init_flat_state(engine, opt, step)
-    masters = _fp32_masters(engine)
+        create_flat_optimizer_state(engine, step, MOMENTS)
+    masters = fp32_masters(engine)
     rows = cfg.model.padded_vocab_size(ctx.tp)
     for name, p in engine.module.named_parameters():
         cname = canonical_name(name, cfg.model.num_layers)
@@ -262,7 +284,10 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
             if held is not p:
                 held.data.copy_(local["fp32"].to(held.device, held.dtype))
             if moments:
-                opt.state[held] = {"step": torch.tensor(step), **{k: local[k].to(p.device).clone() for k in moments}}
+                opt.state[held] = {
+                    "step": torch.tensor(step),
+                    **{k: local[k].to(p.device).clone() for k in moments},
+                }
             continue
         set_full_fp32_param(p, local["fp32"].to(p.device))
         for key in moments:
@@ -275,35 +300,13 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
         scheduler.load_state_dict(state["lr_scheduler"])
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr  # the next step's rate; loading a state dict alone leaves the old one
-    engine.global_steps = int(state.get("global_steps") or 0)
-    engine.global_samples = int(state.get("global_samples") or 0)
-
-
-def _fp32_masters(engine: Any) -> dict[int, torch.Tensor]:
-    """id(module parameter) -> its fp32 master copy under DeepSpeed's unfused mixed-precision wrapper
-    (bf16 at ZeRO 0); empty where the optimizer steps the module's parameters themselves."""
-    opt = engine.optimizer
-    held, masters = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
-    if not held or not masters:
-        return {}
-    return {id(p): m for g, mg in zip(held, masters) for p, m in zip(g, mg)}
+    set_step_counters(engine, global_steps=int(state.get("global_steps") or 0),
+                      global_samples=int(state.get("global_samples") or 0))  # fmt: skip
 
 
 def fit_vocab_rows_entry(entry: Tensors, name: str, rows: int) -> Tensors:
     """`fit_vocab_rows` for every tensor (weight, moments) of one universal entry."""
     return {k: fit_vocab_rows({name: v}, rows)[name] for k, v in entry.items()}
-
-
-def _init_flat_state(engine: Any, opt: Any, step: float) -> None:
-    """ZeRO creates AdamW's state at the first step; create it now (zeros) and link DeepSpeed's
-    per-parameter fragment views to it, so the fragment API can fill it."""
-    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO 3 swaps param_groups
-    for flat in flats or [p for group in opt.param_groups for p in group["params"]]:
-        if any(k not in opt.state.get(flat, {}) for k in MOMENTS):
-            opt.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in MOMENTS}}
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO 1/2 (stage 3 looks the state up on every call)
-        link()
 
 
 def _set_param(p: torch.nn.Parameter, value: torch.Tensor, stage: int) -> None:

@@ -172,7 +172,9 @@ def merge_trees(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -
 def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
     """A validated Config from a plain dict (a YAML file's contents, or the copy in a checkpoint)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections (model:, train:, ...), got {raw!r}")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections (model:, train:, ...), got {raw!r}"
+        )
     cfg: Config = _build(Config, raw, "")
     validate(cfg)
     return cfg
@@ -218,9 +220,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except RecursionError:
             raise ConfigError(f"config file '{path}' nests too deeply to be a config") from None
         if raw is None:
-            raise ConfigError(f"config file '{path}' is empty; copy one from configs/ or omit --config for the defaults")
+            raise ConfigError(
+                f"config file '{path}' is empty; copy one from configs/ or omit --config for the defaults"
+            )
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file '{path}': the top level must be a mapping of sections (model:, train:, ...)")
+        raise ConfigError(
+            f"config file '{path}': the top level must be a mapping of sections (model:, train:, ...)"
+        )
     raw = merge_trees(_canonical_names(raw), _canonical_names(parse_overrides(overrides or [])))
     cfg: Config = _build(Config, raw, "")
     if cfg.deepspeed_config is not None and path is not None and not Path(cfg.deepspeed_config).exists():

@@ -137,7 +137,9 @@ class TrainConfig:
         out = []
         for item in self.skip_batches:
             first, _, last = str(item).partition("-")
-            if not (first.isdigit() and (last.isdigit() or not last) and 1 <= int(first) <= int(last or first)):
+            if not (
+                first.isdigit() and (last.isdigit() or not last) and 1 <= int(first) <= int(last or first)
+            ):
                 raise ValueError(item)
             out.append((int(first), int(last or first)))
         return out

@@ -134,7 +134,9 @@ def _check_model(m: ModelConfig) -> None:
     if m.architecture == "llama" and m.head_dim % 2:
         raise ConfigError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
     if m.parallel_block_norms not in (1, 2):
-        raise ConfigError(f"model.parallel_block_norms = {m.parallel_block_norms}: use 1 (GPT-J, PaLM) or 2 (GPT-NeoX)")
+        raise ConfigError(
+            f"model.parallel_block_norms = {m.parallel_block_norms}: use 1 (GPT-J, PaLM) or 2 (GPT-NeoX)"
+        )
     if m.parallel_block_norms == 2 and not m.parallel_block:
         raise ConfigError("model.parallel_block_norms = 2 needs model.parallel_block: true")
 
@@ -212,7 +214,9 @@ def _check_lm_eval(cfg: Config) -> None:
     tasks = cfg.eval.lm_eval_tasks
     if not all(isinstance(t, str) and t.strip() for t in tasks):
         raise ConfigError(f"eval.lm_eval_tasks: {tasks!r} must be a list of task names")
-    if tasks and (cfg.parallel.tensor_model_parallel_size > 1 or cfg.parallel.pipeline_model_parallel_size > 1):
+    if tasks and (
+        cfg.parallel.tensor_model_parallel_size > 1 or cfg.parallel.pipeline_model_parallel_size > 1
+    ):
         raise ConfigError(
             "eval.lm_eval_tasks during training needs parallel.tensor_model_parallel_size and "
             "pipeline_model_parallel_size 1 (rank 0 scores its whole model); run scripts/evaluate.py --tasks "
@@ -227,14 +231,20 @@ def _check_documents(cfg: Config) -> None:
         raise ConfigError(
             f"data.{flags[0]} needs the id of the end-of-document token: set data.tokenizer or data.eod_token_id"
         )
-    if d.eod_token_id is not None and cfg.model.vocab_size is not None and d.eod_token_id >= cfg.model.vocab_size:
+    if (
+        d.eod_token_id is not None
+        and cfg.model.vocab_size is not None
+        and d.eod_token_id >= cfg.model.vocab_size
+    ):
         raise ConfigError(
             f"data.eod_token_id = {d.eod_token_id} is outside the vocabulary (model.vocab_size = {cfg.model.vocab_size})"
         )
 
 
 def _check_faults(cfg: Config) -> None:
-    bad = [x for x in cfg.debug.inject_loss_spike_at if not isinstance(x, int) or isinstance(x, bool) or x < 1]
+    bad = [
+        x for x in cfg.debug.inject_loss_spike_at if not isinstance(x, int) or isinstance(x, bool) or x < 1
+    ]
     if bad:
         raise ConfigError(f"debug.inject_loss_spike_at: {bad} are not iterations (positive integers)")
 
@@ -256,7 +266,11 @@ def validate(cfg: Config) -> None:
         ) from None
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
         t = cfg.train
-        decay = f"train.lr_decay_iters = {t.lr_decay_iters}" if t.lr_decay_iters else f"train.train_iters = {t.train_iters}"
+        decay = (
+            f"train.lr_decay_iters = {t.lr_decay_iters}"
+            if t.lr_decay_iters
+            else f"train.train_iters = {t.train_iters}"
+        )
         raise ConfigError(
             f"train.lr_warmup_iters = {t.lr_warmup_iters} must not exceed {decay}: lower train.lr_warmup_iters "
             f"(e.g. train.lr_warmup_iters={max(t.decay_iters // 10, 0)}) or train longer"

@@ -25,7 +25,9 @@ def current_umask() -> int:
     return mask
 
 
-def temporary_file(directory: Path, *, prefix: str, suffix: str, executable: bool = False) -> tuple[int, Path]:
+def temporary_file(
+    directory: Path, *, prefix: str, suffix: str, executable: bool = False
+) -> tuple[int, Path]:
     """(open descriptor, path) of a new file in `directory` with the mode `open()` would give it
     (0777 minus the umask for an `executable`), to be renamed over its final name when complete."""
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)

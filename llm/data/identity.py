@@ -64,6 +64,12 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
                        if old.get(k) != new.get(k)]  # fmt: skip
             if changed:
                 out.append(f"{split} dataset {i} ('{new['prefix']}'): {', '.join(changed)}")
-        out += [f"{split} dataset {i} ('{d['prefix']}') added" for i, d in enumerate(after[len(before):], len(before) + 1)]
-        out += [f"{split} dataset {i} ('{d['prefix']}') removed" for i, d in enumerate(before[len(after):], len(after) + 1)]
+        out += [
+            f"{split} dataset {i} ('{d['prefix']}') added"
+            for i, d in enumerate(after[len(before) :], len(before) + 1)
+        ]
+        out += [
+            f"{split} dataset {i} ('{d['prefix']}') removed"
+            for i, d in enumerate(before[len(after) :], len(after) + 1)
+        ]
     return out

@@ -161,7 +161,13 @@ def run_tokenizer(spec: str | None, override: str | None = None) -> SentencePiec
     return load_tokenizer(chosen)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
 
 
 def tokenizer_fingerprint(spec: str | None) -> str | None:

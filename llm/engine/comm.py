@@ -39,7 +39,9 @@ def init_distributed(*, backend: str | None = None, timeout_minutes: float | Non
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             _init_on_agent_store(launch, chosen, timeout)
         extra = {} if timeout is None else {"timeout": timeout}
-        deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, **extra)  # adopts that group
+        deepspeed.init_distributed(
+            dist_backend=chosen, auto_mpi_discovery=False, **extra
+        )  # adopts that group
         if timeout is not None:
             _default_group_timeout(timeout)
     return launch
@@ -64,10 +66,14 @@ def _init_on_agent_store(launch: LaunchEnv, backend: str, timeout: timedelta | N
     `--max-restarts` a new rank can read a dead rank's address from the previous attempt and fail to
     connect (seen 1 run in 3). TORCHELASTIC_RESTART_COUNT names the attempt."""
     wait = timeout or timedelta(minutes=30)  # torch's default
-    client = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False, timeout=wait)
+    client = dist.TCPStore(
+        launch.master_addr, launch.master_port, launch.world_size, is_master=False, timeout=wait
+    )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"/llm/attempt_{attempt}", client)
-    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=wait)
+    dist.init_process_group(
+        backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=wait
+    )
 
 
 def skip_deepspeed_shm_op() -> None:

@@ -127,7 +127,10 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
         )
     ds = merge_trees(user, derived)
     ds.setdefault("zero_optimization", {"stage": 0})
-    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none") in (
+        "cpu",
+        "nvme",
+    )
     if offload and cuda and cfg.train.optimizer == "adamw":
         # The optimizer steps on the CPU copy: DeepSpeedCPUAdam (a C++ op) is far faster there.
         ds["optimizer"]["params"] = {k: v for k, v in ds["optimizer"]["params"].items() if k != "fused"}

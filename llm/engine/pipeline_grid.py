@@ -27,7 +27,9 @@ def pipeline_topology(ctx: ParallelContext) -> Any:
 
     if ctx.islands == 1:
         return PipeModelDataParallelTopology(num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp)
-    return ProcessTopology(axes=["island", "pipe", "data", "model"], dims=[ctx.islands, ctx.pp, ctx.dp, ctx.tp])
+    return ProcessTopology(
+        axes=["island", "pipe", "data", "model"], dims=[ctx.islands, ctx.pp, ctx.dp, ctx.tp]
+    )
 
 
 @cache
@@ -45,11 +47,19 @@ def pipeline_module_class() -> type:
                 return comms
             specs = self._layer_specs
             for key in sorted({s.key for s in specs if isinstance(s, TiedLayerSpec)}):
-                stages = sorted({self.stage_owner(i) for i, s in enumerate(specs) if isinstance(s, TiedLayerSpec) and s.key == key})
+                stages = sorted(
+                    {
+                        self.stage_owner(i)
+                        for i, s in enumerate(specs)
+                        if isinstance(s, TiedLayerSpec) and s.key == key
+                    }
+                )
                 for island in range(topo.get_dim("island")):
                     for data in range(topo.get_dim("data")):
                         for model in range(topo.get_dim("model")):
-                            ranks = [topo.get_rank(island=island, pipe=s, data=data, model=model) for s in stages]
+                            ranks = [
+                                topo.get_rank(island=island, pipe=s, data=data, model=model) for s in stages
+                            ]
                             group = dist.new_group(ranks=ranks)
                             if self.global_rank in ranks:
                                 comms[key] = {"ranks": ranks, "group": group, "weight_attr": self.tied_weight_attrs[key],

@@ -37,6 +37,3 @@ def gathered_for_write(p: torch.nn.Parameter) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
         yield
-
-
-

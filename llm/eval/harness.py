@@ -78,7 +78,9 @@ class LLMHarness(TemplateLM):  # type: ignore[misc,valid-type]
         return str(self.tok.decode(list(tokens)))
 
     @torch.no_grad()
-    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         """Each request: (strings, context ids, continuation ids) -> (sum of log p(continuation), greedy?)."""
         out: list[tuple[float, bool]] = []
         for start in range(0, len(requests), self.batch_size):
@@ -103,8 +105,10 @@ class LLMHarness(TemplateLM):  # type: ignore[misc,valid-type]
             windows = [
                 make_disjoint_window(w)
                 for w in get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1,
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
                 )  # fmt: skip
             ]
             scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
@@ -149,7 +153,11 @@ def task_manager(tasks: list[str], include_path: str | None) -> Any:
     manager = TaskManager(include_path=include_path)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
-        where = f" or in --include-path '{include_path}'" if include_path else " (local task YAMLs: --include-path DIR)"
+        where = (
+            f" or in --include-path '{include_path}'"
+            if include_path
+            else " (local task YAMLs: --include-path DIR)"
+        )
         raise HarnessError(f"lm-eval knows no task {', '.join(missing)}{where}")
     return manager
 

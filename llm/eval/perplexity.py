@@ -78,7 +78,13 @@ def evaluate_stream(
 
 @torch.no_grad()
 def _local_totals(
-    model: GPT, stream: np.ndarray, seq_length: int, batch_size: int, rank: int, world: int, data: DataConfig | None
+    model: GPT,
+    stream: np.ndarray,
+    seq_length: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    data: DataConfig | None,
 ) -> tuple[float, int]:
     data = data or DataConfig()  # no settings: plain next-token windows
     model.eval()

@@ -81,7 +81,12 @@ def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
     return curves
 
 
-PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"), ("tokens_per_sec", "tokens/s"))
+PANELS = (
+    ("loss", "loss"),
+    ("lr", "learning rate"),
+    ("grad_norm", "gradient norm"),
+    ("tokens_per_sec", "tokens/s"),
+)
 
 
 def plot_runs(runs: list[RunCurves], output: str | Path, *, log_x: bool = False, size: tuple[int, int] = (1600, 1000),
@@ -120,7 +125,12 @@ def build_figure(runs: list[RunCurves], *, log_x: bool = False, size: tuple[int,
         for ax, (key, label) in zip(axes.flat, PANELS):
             pts = [(xi, r[key]) for xi, r in zip(x, run.steps) if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), color=color, label=f"{run.name} (train)" if key == "loss" else run.name, lw=1.2)
+                ax.plot(
+                    *zip(*pts),
+                    color=color,
+                    label=f"{run.name} (train)" if key == "loss" else run.name,
+                    lw=1.2,
+                )
             ax.set_ylabel(label)
         loss_ax = axes.flat[0]
         if run.evals:

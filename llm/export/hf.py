@@ -42,7 +42,11 @@ from llm.progress import Progress
 
 
 def export_checkpoint(
-    checkpoint: str | Path, output: str | Path, *, tokenizer: str | None = None, verify: bool = True,
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    tokenizer: str | None = None,
+    verify: bool = True,
     trust_pickles: bool = False,
 ) -> Path:
     from transformers import AutoModelForCausalLM
@@ -57,9 +61,13 @@ def export_checkpoint(
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(to_hf_state_dict(state, cfg.model), strict=False)
-    missing = [m for m in missing if "rotary" not in m and not m.endswith("attn.bias") and m != "lm_head.weight"]
+    missing = [
+        m for m in missing if "rotary" not in m and not m.endswith("attn.bias") and m != "lm_head.weight"
+    ]
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint '{checkpoint}' does not map onto {type(model).__name__}: {missing or unexpected}")
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' does not map onto {type(model).__name__}: {missing or unexpected}"
+        )
     progress.update()  # mapped onto the transformers model
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +76,9 @@ def export_checkpoint(
     progress.close()
     _export_tokenizer(tok, out)
     (out / "llm_export.json").write_text(
-        json.dumps({"checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "model": cfg.model.__dict__})
+        json.dumps(
+            {"checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "model": cfg.model.__dict__}
+        )
     )
     return out
 
@@ -87,7 +97,9 @@ def model_config_from_hf(config: Any, *, seq_length: int | None = None) -> Model
     kind = config.model_type
     if kind == "gpt2":
         if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise CheckpointError(f"GPT-2 activation '{config.activation_function}' is not supported (gelu_new only)")
+            raise CheckpointError(
+                f"GPT-2 activation '{config.activation_function}' is not supported (gelu_new only)"
+            )
         return ModelConfig(
             architecture="gpt2", num_layers=config.n_layer, hidden_size=config.n_embd,
             num_attention_heads=config.n_head, ffn_hidden_size=config.n_inner or 4 * config.n_embd,
@@ -96,7 +108,9 @@ def model_config_from_hf(config: Any, *, seq_length: int | None = None) -> Model
             tie_embeddings=bool(config.tie_word_embeddings),
         )  # fmt: skip
     if kind == "llama":
-        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", 1e4))
+        rope = (getattr(config, "rope_parameters", None) or {}).get(
+            "rope_theta", getattr(config, "rope_theta", 1e4)
+        )
         return ModelConfig(
             architecture="llama", num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads, num_query_groups=config.num_key_value_heads,
@@ -133,7 +147,9 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     tag_dir = directory / tag_for(0)
     shutil.rmtree(tag_dir, ignore_errors=True)
     tag_dir.mkdir(parents=True)
-    write_universal(tag_dir, ((name, {"fp32": value}) for name, value in state.items()), {"step": 0.0}, total=len(state))
+    write_universal(
+        tag_dir, ((name, {"fp32": value}) for name, value in state.items()), {"step": 0.0}, total=len(state)
+    )
     meta = {"iteration": 0, "consumed_samples": 0, "wandb_run_id": None, "config": cfg.to_dict(),
             "form": UNIVERSAL_FORM, "imported_from": str(src)}  # fmt: skip
     write_meta(tag_dir, meta)

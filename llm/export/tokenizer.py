@@ -32,7 +32,12 @@ def _proto(path: Path) -> Any:
     m = pb.ModelProto()  # type: ignore[attr-defined]
     m.ParseFromString(path.read_bytes())
     spec, norm = m.trainer_spec, m.normalizer_spec
-    if spec.model_type != 2 or norm.add_dummy_prefix or norm.name not in ("identity", "") or spec.treat_whitespace_as_suffix:
+    if (
+        spec.model_type != 2
+        or norm.add_dummy_prefix
+        or norm.name not in ("identity", "")
+        or spec.treat_whitespace_as_suffix
+    ):
         raise TokenizerExportError(f"'{path}' cannot be exported exactly: only {SUPPORTED} are supported")
     return m
 
@@ -55,7 +60,9 @@ def sentencepiece_to_hf(path: str | Path) -> Any:
     if spec.split_digits:
         tok.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in m.pieces if p.type == 3])
+    tok.add_special_tokens(
+        [AddedToken(p.piece, special=True, normalized=False) for p in m.pieces if p.type == 3]
+    )
     tok.add_tokens([AddedToken(p.piece, special=False, normalized=False) for p in m.pieces if p.type == 4])
 
     def piece(i: int) -> str | None:

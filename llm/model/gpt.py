@@ -58,6 +58,7 @@ class GPT(nn.Module):
         if cfg.compile:
             for layer in self.layers:
                 layer.compile()  # in place: parameter names (and checkpoints) stay those of eager
+
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight  # (V / tp, H)
 

@@ -24,9 +24,7 @@ class NoHFClassError(LLMError, ValueError):
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuses, in one line, a model that no transformers class computes exactly."""
     if cfg.parallel_block:
-        preset = (
-            "llama preset (RMSNorm, SwiGLU)" if cfg.is_llama else "gpt2 preset (learned positions)"
-        )
+        preset = "llama preset (RMSNorm, SwiGLU)" if cfg.is_llama else "gpt2 preset (learned positions)"
         raise NoHFClassError(
             f"model.parallel_block has no transformers class for the {preset}: the parallel blocks there "
             "(GPT-J, GPT-NeoX, Phi, Falcon) use rotary positions with LayerNorm and a GELU MLP. Evaluate and "

@@ -111,7 +111,9 @@ def _document_attention(
         kw = {"enable_gqa": gqa} if fused_gqa else {}
         if gqa and not fused_gqa:  # each query head's K/V group, repeated
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (q, k, v)]  # (B S, heads, d)
+        flat = [
+            t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (q, k, v)
+        ]  # (B S, heads, d)
         out = fused(*flat, cu, cu, longest, longest, window_size=(-1, 0), **kw)
         return out.view(b, s, q.shape[1], q.shape[3]).transpose(1, 2).contiguous()
     if q.is_cuda or n > MAX_DOCUMENT_CALLS_PER_SAMPLE * b:
@@ -122,8 +124,12 @@ def _document_attention(
     for i, sample in enumerate(document_spans(doc_ids)):
         parts = [
             F.scaled_dot_product_attention(
-                q[i : i + 1, :, lo:hi], k[i : i + 1, :, lo:hi], v[i : i + 1, :, lo:hi],
-                dropout_p=dropout, is_causal=hi - lo > 1, enable_gqa=gqa,
+                q[i : i + 1, :, lo:hi],
+                k[i : i + 1, :, lo:hi],
+                v[i : i + 1, :, lo:hi],
+                dropout_p=dropout,
+                is_causal=hi - lo > 1,
+                enable_gqa=gqa,
             )  # fmt: skip
             for lo, hi in sample
         ]
@@ -256,7 +262,9 @@ class Attention(nn.Module):
         reduce: bool = True,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """`gathered`/`reduce`: see ColumnParallelLinear / RowParallelLinear (parallel blocks)."""
-        qkv = self.qkv(x, gathered=gathered)  # (B, S, (nq + 2 g) d / tp); S is the full sequence also under SP
+        qkv = self.qkv(
+            x, gathered=gathered
+        )  # (B, S, (nq + 2 g) d / tp); S is the full sequence also under SP
         b, s, _ = qkv.shape
         q, k, v = self._split_qkv(qkv)
         if self.rotary is not None:
@@ -266,7 +274,9 @@ class Attention(nn.Module):
         rng = self.rng.fork() if dropout > 0 else contextlib.nullcontext()
         if doc_ids is not None and cache is None:
             with rng:
-                out = self.document_attention(q, k, v, doc_ids, dropout=dropout, gqa=self.num_groups != self.num_heads)
+                out = self.document_attention(
+                    q, k, v, doc_ids, dropout=dropout, gqa=self.num_groups != self.num_heads
+                )
             out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
             return self.proj(out, reduce=reduce), None
         new_cache: KVCache | None = None

@@ -128,7 +128,9 @@ class PipelineLoss:
         self.factor: float | None = None
 
     def __call__(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = lm_loss(local_logits, labels, self.ctx, vocab_start=self.vocab_start, vocab_size=self.vocab_size)
+        loss = lm_loss(
+            local_logits, labels, self.ctx, vocab_start=self.vocab_start, vocab_size=self.vocab_size
+        )
         return loss if self.factor is None else loss * self.factor
 
 
@@ -174,7 +176,9 @@ def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> 
     ]
     module = pipeline_module_class()(
         layers=specs,
-        topology=pipeline_topology(ctx),  # with DiLoCo islands: one grid per island (llm.engine.pipeline_grid)
+        topology=pipeline_topology(
+            ctx
+        ),  # with DiLoCo islands: one grid per island (llm.engine.pipeline_grid)
         loss_fn=PipelineLoss(m, ctx),
         partition_method=PARTITION_METHODS[cfg.parallel.pipeline_partition_method],
         activation_checkpoint_interval=1 if m.activation_checkpointing else 0,

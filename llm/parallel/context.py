@@ -29,7 +29,9 @@ from llm.parallel.mesh import GROUP_AXES, Mesh
 def is_collective_timeout(error: BaseException) -> bool:
     """A torch.distributed collective that gave up waiting for another rank (gloo or NCCL)."""
     text = str(error)
-    return isinstance(error, RuntimeError) and ("Timed out waiting" in text or "collective operation timeout" in text)
+    return isinstance(error, RuntimeError) and (
+        "Timed out waiting" in text or "collective operation timeout" in text
+    )
 
 
 @dataclass
@@ -50,7 +52,9 @@ class ParallelContext:
     mesh: Mesh = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.mesh = Mesh.for_world(self.world_size, tp=self.tp, cp=self.cp, pp=self.pp, ep=self.ep, islands=self.islands)
+        self.mesh = Mesh.for_world(
+            self.world_size, tp=self.tp, cp=self.cp, pp=self.pp, ep=self.ep, islands=self.islands
+        )
         self._coords = self.mesh.coords(self.rank)
 
     @property
@@ -112,13 +116,24 @@ class ParallelContext:
         order. Groups of the same ranks are made once and shared (dp_cp is dp while CP is 1)."""
         timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
         world = dist.get_world_size()
-        ctx = cls(world_size=world, rank=dist.get_rank(), tp=tp, pp=pp, timeout=timeout, islands=islands, cp=cp, ep=ep)
+        ctx = cls(
+            world_size=world,
+            rank=dist.get_rank(),
+            tp=tp,
+            pp=pp,
+            timeout=timeout,
+            islands=islands,
+            cp=cp,
+            ep=ep,
+        )
         made: dict[tuple[int, ...], Any] = {}
         for name, lists in ctx.grid().items():
             for ranks in lists:
                 key = tuple(ranks)
                 if key not in made:
-                    made[key] = dist.new_group(ranks, timeout=timeout) if len(ranks) < world else dist.group.WORLD
+                    made[key] = (
+                        dist.new_group(ranks, timeout=timeout) if len(ranks) < world else dist.group.WORLD
+                    )
                 if ctx.rank in ranks:
                     ctx.groups[name] = made[key]
                     ctx.groups[name + "_ranks"] = ranks

@@ -88,7 +88,9 @@ class Exchange:
     device: torch.device
     wire_bytes: int  # sent by this rank (ring algorithms)
     payload: torch.Tensor  # what this rank sent
-    wait_seconds: float = 0.0  # training blocked on it: the whole collective, or only `wait()` in the background
+    wait_seconds: float = (
+        0.0  # training blocked on it: the whole collective, or only `wait()` in the background
+    )
 
     def sent(self) -> torch.Tensor:
         """This rank's tensor as every island reads it (fp32 on the tensor's device)."""
@@ -128,4 +130,6 @@ def start_exchange(
         work = dist.all_gather(buffers, payload, group=group, async_op=background)
         wire = (k - 1) * payload.numel()
     blocked = 0.0 if background else time.perf_counter() - start
-    return Exchange(work if background else None, buffers, kind, values.numel(), block, k, device, wire, payload, blocked)
+    return Exchange(
+        work if background else None, buffers, kind, values.numel(), block, k, device, wire, payload, blocked
+    )

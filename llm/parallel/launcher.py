@@ -24,7 +24,7 @@ import itertools
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 from llm.errors import LLMError
@@ -46,7 +46,7 @@ class LaunchEnv:
     master_addr: str
     master_port: int
 
-    def export(self, environ: dict[str, str] | os._Environ[str]) -> None:
+    def export(self, environ: MutableMapping[str, str]) -> None:
         """Writes the variables torch.distributed's env:// rendezvous reads."""
         environ.update(
             RANK=str(self.rank),
@@ -114,7 +114,9 @@ def _from_torch_env(environ: Mapping[str, str]) -> LaunchEnv:
     else:
         launcher, node = "env", _int(environ, "NODE_RANK", "GROUP_RANK")
     if "MASTER_ADDR" not in environ:
-        raise LaunchError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: set MASTER_ADDR (and MASTER_PORT)")
+        raise LaunchError(
+            "RANK and WORLD_SIZE are set but MASTER_ADDR is not: set MASTER_ADDR (and MASTER_PORT)"
+        )
     return LaunchEnv(
         launcher=launcher,
         rank=_int(environ, "RANK") or 0,
@@ -166,15 +168,19 @@ def _from_pmi(environ: Mapping[str, str]) -> LaunchEnv:
 
 
 def _from_slurm(environ: Mapping[str, str]) -> LaunchEnv:
-    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get(
-        "SLURM_NODELIST"
+    nodelist = (
+        environ.get("SLURM_STEP_NODELIST")
+        or environ.get("SLURM_JOB_NODELIST")
+        or environ.get("SLURM_NODELIST")
     )
     if "MASTER_ADDR" in environ:
         master = environ["MASTER_ADDR"]
     elif nodelist:
         master = expand_nodelist(nodelist)[0]
     else:
-        raise LaunchError("started by srun but SLURM_STEP_NODELIST is empty: set MASTER_ADDR to rank 0's host")
+        raise LaunchError(
+            "started by srun but SLURM_STEP_NODELIST is empty: set MASTER_ADDR to rank 0's host"
+        )
     return LaunchEnv(
         launcher="srun",
         rank=_int(environ, "SLURM_PROCID") or 0,

@@ -81,7 +81,9 @@ def build_layout(ctx: ParallelContext, launcher: str, everyone: list[tuple[int |
         key = ("node", node_rank) if node_rank is not None else ("host", host)
         if key not in node_of:
             node_of[key] = len(nodes)
-            nodes.append({"node": node_rank if node_rank is not None else len(nodes), "host": host, "ranks": []})
+            nodes.append(
+                {"node": node_rank if node_rank is not None else len(nodes), "host": host, "ranks": []}
+            )
         nodes[node_of[key]]["ranks"].append(rank)
         rank_node.append(node_of[key])
     shown = ("tp", "pp", "dp", "island") if ctx.islands > 1 else ("tp", "pp", "dp")

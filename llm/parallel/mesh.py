@@ -68,7 +68,9 @@ class Mesh:
             raise ValueError(f"expert parallelism {self.ep} must divide the data-parallel size {self.dp}")
 
     @classmethod
-    def for_world(cls, world_size: int, *, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1, islands: int = 1) -> Mesh:
+    def for_world(
+        cls, world_size: int, *, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1, islands: int = 1
+    ) -> Mesh:
         """The mesh whose data-parallel size is what `world_size` leaves after the other axes."""
         rest = tp * cp * pp * islands
         if world_size % rest:
@@ -125,7 +127,15 @@ class Mesh:
         return math.prod(sizes[a] for a in _split_axes(kind))
 
     def describe(self) -> str:
-        parts = [f"TP {self.tp}"] + ([f"CP {self.cp}"] if self.cp > 1 else []) + [f"PP {self.pp}", f"DP {self.dp}"]
+        parts = (
+            [f"TP {self.tp}"]
+            + ([f"CP {self.cp}"] if self.cp > 1 else [])
+            + [f"PP {self.pp}", f"DP {self.dp}"]
+        )
         parts += [f"(EP {self.ep})"] if self.ep > 1 else []
         grid = " x ".join(parts)
-        return f"world {self.world_size} = {self.islands} DiLoCo islands x {grid}" if self.islands > 1 else f"world {self.world_size} = {grid}"
+        return (
+            f"world {self.world_size} = {self.islands} DiLoCo islands x {grid}"
+            if self.islands > 1
+            else f"world {self.world_size} = {grid}"
+        )

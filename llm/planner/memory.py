@@ -42,7 +42,9 @@ class Layout:
         return self.tp * self.pp * self.dp
 
     def describe(self) -> str:
-        extras = [x for x, on in (("SP", self.sequence_parallel), ("AC", self.activation_checkpointing)) if on]
+        extras = [
+            x for x, on in (("SP", self.sequence_parallel), ("AC", self.activation_checkpointing)) if on
+        ]
         return f"TP{self.tp} PP{self.pp} DP{self.dp} Z{self.zero} mb{self.micro_batch_size}" + (
             " " + "+".join(extras) if extras else ""
         )
@@ -180,7 +182,9 @@ def loss_bytes(m: ModelConfig, layout: Layout, precision: str, vocab: int) -> fl
     """The last stage's loss peak: logits (a bytes), the float32 softmax kept for backward, and
     the float32 gradient of the logits with its a-byte copy at the start of backward."""
     a = _act_bytes(precision)
-    padded_local = m.make_vocab_size_divisible_by * math.ceil(vocab / m.make_vocab_size_divisible_by) / layout.tp
+    padded_local = (
+        m.make_vocab_size_divisible_by * math.ceil(vocab / m.make_vocab_size_divisible_by) / layout.tp
+    )
     tokens = layout.micro_batch_size * m.seq_length
     upcast = 4 if a == 2 else 0  # logits.float() is a copy only from bf16
     return tokens * padded_local * (a + upcast + 4 + 4 + a)
@@ -241,7 +245,9 @@ def estimate_memory(
             gradients=per["gradients"],
             optimizer=per["optimizer"],
             activations=activation_bytes(m, layout, precision, layers=blocks, in_flight=in_flight, loss=loss),
-            buffers=zero_buffers.nbytes(zero=layout.zero, precision=precision, params=params, touched_only=touched_only),
+            buffers=zero_buffers.nbytes(
+                zero=layout.zero, precision=precision, params=params, touched_only=touched_only
+            ),
         )
         if best is None or est.total > best.total:
             best = est

@@ -58,7 +58,9 @@ def _row(c: Candidate) -> str:
     )
 
 
-def format_table(cfg: Config, cluster: Cluster, cands: list[Candidate], *, vocab: int, top: int, precision: str) -> str:
+def format_table(
+    cfg: Config, cluster: Cluster, cands: list[Candidate], *, vocab: int, top: int, precision: str
+) -> str:
     m = cfg.model
     flops = cands[0].step_flops
     head = [

@@ -94,9 +94,13 @@ def _divisors(n: int) -> list[int]:
 
 
 def _valid_tp(cfg: Config, tp: int, pp: int) -> bool:
-    parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = dataclasses.replace(
+        cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
     try:
-        replace_validated(cfg, parallel=parallel, model=dataclasses.replace(cfg.model, sequence_parallel=False))
+        replace_validated(
+            cfg, parallel=parallel, model=dataclasses.replace(cfg.model, sequence_parallel=False)
+        )
     except ConfigError:
         return False
     return True
@@ -120,7 +124,9 @@ def candidate_layouts(cfg: Config, cluster: Cluster) -> list[Layout]:
     return out
 
 
-def evaluate_layout(cfg: Config, layout: Layout, cluster: Cluster, *, precision: str, vocab: int) -> Candidate:
+def evaluate_layout(
+    cfg: Config, layout: Layout, cluster: Cluster, *, precision: str, vocab: int
+) -> Candidate:
     mem = estimate_memory(
         cfg.model, layout, precision=precision, vocab=vocab, global_batch_size=cfg.train.global_batch_size,
         partition_method=cfg.parallel.pipeline_partition_method,
@@ -137,8 +143,16 @@ def evaluate_layout(cfg: Config, layout: Layout, cluster: Cluster, *, precision:
 def plan(cfg: Config, cluster: Cluster, *, precision: str, vocab: int) -> list[Candidate]:
     """All candidates, fitting ones first, each group fastest first (the first is the pick); at equal
     estimated time (1% steps) the one with less model parallelism, then less memory."""
-    cands = [evaluate_layout(cfg, lay, cluster, precision=precision, vocab=vocab) for lay in candidate_layouts(cfg, cluster)]
+    cands = [
+        evaluate_layout(cfg, lay, cluster, precision=precision, vocab=vocab)
+        for lay in candidate_layouts(cfg, cluster)
+    ]
     return sorted(
         cands,
-        key=lambda c: (not c.fits, round(math.log(c.step_time) / math.log(1.01)), c.layout.tp * c.layout.pp, c.memory.total),
+        key=lambda c: (
+            not c.fits,
+            round(math.log(c.step_time) / math.log(1.01)),
+            c.layout.tp * c.layout.pp,
+            c.memory.total,
+        ),
     )

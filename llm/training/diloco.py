@@ -16,8 +16,8 @@ At the end of training every fragment is synchronized once more, so all islands 
 outer weights.
 
 Which weights: ZeRO 1/2 and bf16 keep fp32 masters partitioned over the island's data-parallel
-ranks (each rank exchanges its partition; DeepSpeed's `update_lp_params` refreshes the model
-copies); fp32 at ZeRO 0 updates the module's parameters, which every DP rank holds whole.
+ranks (each rank exchanges its partition, found through llm.engine.internals; DeepSpeed then
+refreshes the model copies); fp32 at ZeRO 0 updates the module's parameters, which every DP rank holds whole.
 """
 
 from __future__ import annotations
@@ -29,13 +29,11 @@ from typing import Any
 
 import torch
 
-from llm.checkpoint.compat import require_tested_deepspeed
 from llm.config import DilocoConfig
+from llm.engine.internals import partitioned_fp32_masters
 from llm.model.pipeline import canonical_name
 from llm.parallel.context import ParallelContext
 from llm.parallel.exchange import Exchange, check_block, start_exchange
-
-require_tested_deepspeed()  # master_weights reads DeepSpeed's private fragment mappings
 
 
 @dataclass
@@ -52,11 +50,10 @@ class Masters:
 def master_weights(engine: Any, num_layers: int) -> Masters:
     opt, module = engine.optimizer, engine.module
     names = {id(p): canonical_name(n, num_layers) for n, p in module.named_parameters()}
-    if hasattr(opt, "update_lp_params"):  # ZeRO 1/2, and bf16 at ZeRO 0: fp32 partitions over the DP ranks
-        groups = getattr(opt, "bit16_groups", None) or opt.bf16_groups
-        pieces = [(names[id(p)], p._hp_mapping.hp_fragment.data.view(-1))
-                  for g in groups for p in g if getattr(p, "_hp_mapping", None) is not None]  # fmt: skip
-        return Masters(pieces, opt.update_lp_params, replicated_over_dp=False)
+    partitioned = partitioned_fp32_masters(engine)
+    if partitioned is not None:  # ZeRO 1/2, and bf16 at ZeRO 0: fp32 partitions over the DP ranks
+        fragments, push = partitioned
+        return Masters([(names[id(p)], view) for p, view in fragments], push, replicated_over_dp=False)
     held = {id(p) for g in getattr(opt, "param_groups", []) for p in g["params"]}
     pieces = [(names[id(p)], p.data.view(-1)) for p in module.parameters() if id(p) in held]
     if not pieces or any(t.dtype != torch.float32 for _, t in pieces):

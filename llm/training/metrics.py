@@ -23,6 +23,7 @@ from llm.progress import format_duration
 
 logger = logging.getLogger("llm")
 
+
 def _wandb_mode(cfg: Config) -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
@@ -82,7 +83,9 @@ class MetricsLogger:
         import yaml
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tensorboard = SummaryWriter(directory, purge_step=start_iteration + 1 if start_iteration else None)
+        self.tensorboard = SummaryWriter(
+            directory, purge_step=start_iteration + 1 if start_iteration else None
+        )
         self.tensorboard_tokens = SummaryWriter(
             str(Path(directory) / "by_tokens"), purge_step=self.tokens_seen + 1 if start_iteration else None
         )
@@ -96,12 +99,16 @@ class MetricsLogger:
             self.tokens_seen = int(record["consumed_samples"]) * self.cfg.model.seq_length
         group = "train" if "loss" in record else "events"
         for key, value in record.items():
-            if key in ("iteration", "consumed_samples") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if (
+                key in ("iteration", "consumed_samples")
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+            ):
                 continue
             tag = key if key.startswith("lm_eval/") else f"{group}/{key}"
             for split in ("val", "test"):
                 if key.startswith(f"{split}_"):
-                    tag = f"{split}/{key[len(split) + 1:]}"
+                    tag = f"{split}/{key[len(split) + 1 :]}"
             self.tensorboard.add_scalar(tag, value, step)
             if tag.endswith("/loss"):
                 self.tensorboard_tokens.add_scalar(f"{tag} vs tokens", value, self.tokens_seen)

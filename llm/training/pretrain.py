@@ -135,8 +135,12 @@ def _datasets(cfg: Config) -> tuple[Any, Any, Any]:
     train, valid, test = build_datasets(cfg.data, sizes=sizes, **kw)
 
     def more() -> Any:
-        logger.info("the planned training samples are used up (batches were skipped): continuing on a reshuffle")
-        return build_datasets(cfg.data, sizes=SplitSizes(sizes.train, 0, 0), **{**kw, "seed": cfg.train.seed + 1})[0]
+        logger.info(
+            "the planned training samples are used up (batches were skipped): continuing on a reshuffle"
+        )
+        return build_datasets(
+            cfg.data, sizes=SplitSizes(sizes.train, 0, 0), **{**kw, "seed": cfg.train.seed + 1}
+        )[0]
 
     return ContinuedDataset(train, more), valid, test
 
@@ -167,7 +171,9 @@ def run_pretraining(
         if ctx.rank == 0:
             logger.info("%s", layout.describe())
 
-        def write_run_files() -> None:  # once the resume is settled: a refused one leaves the files as they were
+        def write_run_files() -> (
+            None
+        ):  # once the resume is settled: a refused one leaves the files as they were
             if ctx.rank == 0:
                 write_effective_config(cfg, ds_config)
                 (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
@@ -210,11 +216,15 @@ def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
             if isinstance(e, RunDirectoryError):
                 lock.release()
     if ctx.any_rank(failed is not None):
-        raise failed or on_every_rank(RunLockedError("the run directory cannot be used (rank 0's message says why)"))
+        raise failed or on_every_rank(
+            RunLockedError("the run directory cannot be used (rank 0's message says why)")
+        )
     return lock
 
 
-def _build_engine(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> tuple[Any, RNGTracker, int]:
+def _build_engine(
+    cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]
+) -> tuple[Any, RNGTracker, int]:
     """The model (plain, or a PipelineModule when pipeline > 1) inside DeepSpeed's engine."""
     seed_everything(cfg.train.seed)
     rng = RNGTracker()
@@ -255,7 +265,9 @@ def _train(
     identity = data_identity(cfg.data, seed=cfg.train.seed)
     resume = _resume_path(cfg)
     if resume is not None:
-        tag_dir = choose_verified(resume, ctx, fallback=cfg.checkpoint.resume == "auto", checksums=cfg.checkpoint.verify)
+        tag_dir = choose_verified(
+            resume, ctx, fallback=cfg.checkpoint.resume == "auto", checksums=cfg.checkpoint.verify
+        )
         data_changes = _data_changes(cfg, tag_dir, identity)  # before the (long) load
         state, rng_state, changes = load_train_state(
             engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint, diloco=diloco
@@ -315,7 +327,9 @@ def _data_changes(cfg: Config, tag_dir: Path, identity: dict[str, Any]) -> list[
     return [f"data: {d}" for d in diffs]
 
 
-def _record_changes(cfg: Config, metrics: MetricsLogger, iteration: int, changes: list[str], *, rank: int) -> None:
+def _record_changes(
+    cfg: Config, metrics: MetricsLogger, iteration: int, changes: list[str], *, rank: int
+) -> None:
     """Settings changed on resume: a metrics record, and a line in the run's config_history.jsonl."""
     metrics.log({"iteration": iteration, "resume_changes": changes, "resume_changed_settings": len(changes)})
     if rank == 0:

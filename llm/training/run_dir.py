@@ -58,7 +58,11 @@ def check_writable(path: Path, setting: str) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        cause = "it is a file, not a directory" if path.is_file() else _CAUSES.get(e.errno or 0, e.strerror or str(e))
+        cause = (
+            "it is a file, not a directory"
+            if path.is_file()
+            else _CAUSES.get(e.errno or 0, e.strerror or str(e))
+        )
         raise RunDirectoryError(
             f"{setting} '{path}' cannot be written: {cause}; choose a writable directory (or fix this one)"
         ) from None

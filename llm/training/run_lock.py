@@ -32,7 +32,12 @@ class RunLockedError(LLMError, RuntimeError):
 
 def _me() -> dict[str, Any]:
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-    return {"host": socket.gethostname(), "pid": os.getpid(), "job": job, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job": job,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -103,13 +108,23 @@ class RunLock:
                 f"'{path.parent}' is in use by another run ({_describe(holder)}): stop it, or use another "
                 f"logging.dir / checkpoint.dir{hint}"
             )
-        why = "its process is gone" if dead else "the same job restarted" if same_job else "checkpoint.break_lock"
+        why = (
+            "its process is gone"
+            if dead
+            else "the same job restarted"
+            if same_job
+            else "checkpoint.break_lock"
+        )
         logger.warning("taking over the lock of '%s' from %s: %s", path.parent, _describe(holder), why)
         path.unlink(missing_ok=True)
 
     def release(self) -> None:
         for path in self.held:
             holder = self._holder(path)
-            if holder is not None and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+            if (
+                holder is not None
+                and holder.get("pid") == self.me["pid"]
+                and holder.get("host") == self.me["host"]
+            ):
                 path.unlink(missing_ok=True)
         self.held = []

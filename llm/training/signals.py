@@ -94,7 +94,9 @@ class LauncherWatch:
             threading.Thread(target=self._run, name="llm-launcher-watch", daemon=True).start()
 
     def _gone(self) -> bool:
-        return any((os.getppid() if pid == os.getpid() else _parent_of(pid)) != parent for pid, parent in self.chain)
+        return any(
+            (os.getppid() if pid == os.getpid() else _parent_of(pid)) != parent for pid, parent in self.chain
+        )
 
     def _run(self) -> None:
         while not self.stop.requested:

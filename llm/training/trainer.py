@@ -250,12 +250,22 @@ class Trainer:
         if not complete_tags(Path(cfg.checkpoint_dir)):
             raise self._stop_for(spike, " and there is no checkpoint to roll back to")
         try:
-            tag_dir = choose_verified(cfg.checkpoint_dir, self.ctx, fallback=True, checksums=cfg.checkpoint.verify)
+            tag_dir = choose_verified(
+                cfg.checkpoint_dir, self.ctx, fallback=True, checksums=cfg.checkpoint.verify
+            )
         except CheckpointError as e:
             raise self._stop_for(spike, f" and no checkpoint can be reloaded ({e})") from None
-        spike_at, skip_to = self.state.iteration, self.state.consumed_samples + cfg.train.skip_batches_on_rollback * G
+        spike_at, skip_to = (
+            self.state.iteration,
+            self.state.consumed_samples + cfg.train.skip_batches_on_rollback * G,
+        )
         saved, rng_state, _ = load_train_state(
-            self.engine, tag_dir, cfg, self.ctx, tokenizer_fingerprint=self.tokenizer_fingerprint, diloco=self.diloco
+            self.engine,
+            tag_dir,
+            cfg,
+            self.ctx,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            diloco=self.diloco,
         )
         if rng_state is not None:
             restore_rng_state(rng_state, getattr(self.engine.module, "rng", None))
@@ -298,7 +308,9 @@ class Trainer:
         """From the data position through the samples of the remaining steps (the global batch size
         may have changed on resume, and rollbacks may have skipped samples)."""
         remaining = (self.cfg.train.train_iters - self.state.iteration) * self.cfg.train.global_batch_size
-        return self._batches(self.train_data, self.state.consumed_samples, self.state.consumed_samples + remaining)
+        return self._batches(
+            self.train_data, self.state.consumed_samples, self.state.consumed_samples + remaining
+        )
 
     @torch.no_grad()
     def evaluate(self, data: Any) -> float:
@@ -335,8 +347,14 @@ class Trainer:
             finally:
                 restore_rng_state(saved, tracker)
                 module.train()
-            self.metrics.log({"iteration": iteration, **scores, "lm_eval_seconds": time.perf_counter() - start})
-            logger.info("lm-eval %6d | %s", iteration, " | ".join(f"{k.removeprefix('lm_eval/')} {v:.4f}" for k, v in scores.items()))
+            self.metrics.log(
+                {"iteration": iteration, **scores, "lm_eval_seconds": time.perf_counter() - start}
+            )
+            logger.info(
+                "lm-eval %6d | %s",
+                iteration,
+                " | ".join(f"{k.removeprefix('lm_eval/')} {v:.4f}" for k, v in scores.items()),
+            )
         self.ctx.barrier()
 
     def _log_eval(self, data: Any | None, prefix: str = "val") -> None:
@@ -414,7 +432,9 @@ class Trainer:
             if skip_to is not None:
                 batches = self._skip(skip_to)
             start = time.perf_counter()
-            inject = injected_loss_factor(cfg.debug, self.state.consumed_samples // cfg.train.global_batch_size)
+            inject = injected_loss_factor(
+                cfg.debug, self.state.consumed_samples // cfg.train.global_batch_size
+            )
             step = self._pipeline_step if self.pipeline else self._train_step
             loss = step(batches, inject)
             times.append(time.perf_counter() - start)

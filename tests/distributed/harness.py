@@ -52,7 +52,9 @@ def spawn(fn: Callable[..., None], world: int, *args: Any, timeout: float = 300.
     try:
         while not context.join(timeout=1.0):  # raises when a process failed (and ends the others)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} processes of {fn.__name__} ran longer than {timeout:g} s: killed")
+                raise TimeoutError(
+                    f"{world} processes of {fn.__name__} ran longer than {timeout:g} s: killed"
+                )
     finally:
         for proc in context.processes:
             if proc.is_alive():

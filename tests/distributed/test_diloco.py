@@ -77,11 +77,17 @@ def _run(rank: int, world: int, out: str) -> None:
     for variant in VARIANTS:
         cfg = _config(variant)
         p = cfg.parallel
-        ctx = ParallelContext.build(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, islands=ISLANDS)
+        ctx = ParallelContext.build(
+            tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, islands=ISLANDS
+        )
         rng = RNGTracker()
         rng.seed(seed=cfg.train.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, device="cpu")
         pipe = ctx.pp > 1
-        model = build_pipeline_model(cfg, ctx, rng) if pipe else build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
+        model = (
+            build_pipeline_model(cfg, ctx, rng)
+            if pipe
+            else build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
+        )
         groups = parameter_groups(model, cfg.train.weight_decay)
         ds = build_deepspeed_config(cfg, world, cuda=False)
         engine, *_ = deepspeed.initialize(
@@ -94,7 +100,9 @@ def _run(rank: int, world: int, out: str) -> None:
         for step in range(STEPS):
             micro = _island_micro_batches(train, step, ctx.island)
             if pipe:
-                losses.append(ctx.mean_over_islands(float(engine.train_batch(data_iter=_pairs(iter(micro), cfg.data)))))
+                losses.append(
+                    ctx.mean_over_islands(float(engine.train_batch(data_iter=_pairs(iter(micro), cfg.data))))
+                )
             else:
                 micro_losses = []
                 for tokens in micro:
@@ -114,7 +122,11 @@ def _run(rank: int, world: int, out: str) -> None:
                 final = [float(engine.eval_batch(_pairs(iter([held_out[:2], held_out[2:]]), cfg.data)))]
             else:
                 final = [float(engine(*model_inputs(held_out, cfg.data)))]
-        results[variant] = {"losses": losses, "final": final, "islands_final": ctx.all_gather_object(final[0])}
+        results[variant] = {
+            "losses": losses,
+            "final": final,
+            "islands_final": ctx.all_gather_object(final[0]),
+        }
     if rank == 0:
         Path(out).write_text(json.dumps(results))
 
@@ -234,7 +246,9 @@ def _reduce_in(rank: int, world: int, out: str) -> None:
             model = build_model(cfg.model, seed=cfg.train.seed)
             groups = parameter_groups(model, cfg.train.weight_decay)
             ds = build_deepspeed_config(cfg, world, cuda=False)
-            engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, mpu=MeshMPU(ParallelContext.build()))
+            engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=groups, config=ds, mpu=MeshMPU(ParallelContext.build())
+            )
             assert engine.communication_data_type == (torch.bfloat16 if comm == "bf16" else torch.float32)
             for step in range(3):
                 for tokens in _island_micro_batches(train, step, rank):  # each rank its half of the batch

@@ -52,7 +52,9 @@ def _expected_spec(name: str, cfg: ModelConfig, tp: int) -> dict | None:
     return None
 
 
-def _parity(rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: bool = False, norms: int = 0) -> None:
+def _parity(
+    rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: bool = False, norms: int = 0
+) -> None:
     torch.manual_seed(0)
     ctx = ParallelContext.build(tp=world)
     cfg = _cfg(arch, sp, groups, norms)

@@ -83,12 +83,21 @@ def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
         assert report[key] > 0, (key, report)
     if name == "model_throughput.py":  # every model of every shape was timed (their losses agreed first)
         for shape in ("gpt2:1:64:2:32:2", "llama:1:64:4:32:2"):
-            assert all(v > 0 for v in report[shape]["tokens_per_sec"].values()) and report[shape]["ours_over_plain"] > 0
+            assert (
+                all(v > 0 for v in report[shape]["tokens_per_sec"].values())
+                and report[shape]["ours_over_plain"] > 0
+            )
     if name == "tp_comm.py":  # bytes are counted from real collectives: the TP run moves some
-        assert report["tp2"]["total_bytes"] > report["tp2_sequence_parallel_parallel_block"]["bytes_per_layer"] > 0
+        assert (
+            report["tp2"]["total_bytes"]
+            > report["tp2_sequence_parallel_parallel_block"]["bytes_per_layer"]
+            > 0
+        )
 
 
-def test_the_planner_memory_estimate_is_within_15_percent_of_measured(builtin_prefix: Path, tmp_path: Path) -> None:
+def test_the_planner_memory_estimate_is_within_15_percent_of_measured(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
     """The planner's memory model against real runs at the benchmark's shape (16.5M parameters, fp32):
     the two cases furthest from 1.0 in docs/benchmarks.md (a pipeline stage split by DeepSpeed's
     partitioner; TP 2 with sequence parallelism and ZeRO 1). The smoke shape is too small to say

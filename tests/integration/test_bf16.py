@@ -31,12 +31,18 @@ def _assert_bf16(tag_dir: Path, nproc: int) -> None:
     layouts = [json.loads(f.read_text()) for f in sorted((tag_dir / "layout").glob("rank_*.json"))]
     assert len(layouts) == nproc
     for info in layouts:
-        assert (info["bf16"], info["param_dtype"], info["communication_dtype"]) == (True, "torch.bfloat16", "torch.bfloat16")
+        assert (info["bf16"], info["param_dtype"], info["communication_dtype"]) == (
+            True,
+            "torch.bfloat16",
+            "torch.bfloat16",
+        )
     files = sorted(tag_dir.glob("layer_*-model_states.pt")) or [tag_dir / "mp_rank_00_model_states.pt"]
     for file in files:
         state = torch.load(file, weights_only=False)
         weights = state.get("module", state)
-        assert {str(t.dtype) for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()} == {"torch.bfloat16"}
+        assert {str(t.dtype) for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()} == {
+            "torch.bfloat16"
+        }
 
 
 @pytest.mark.parametrize(

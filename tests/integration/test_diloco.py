@@ -25,14 +25,21 @@ def test_one_inner_step_per_round_is_synchronous_data_parallel(builtin_prefix: P
               "train.train_iters=8", "parallel.pipeline_model_parallel_size=2"]  # fmt: skip
     sync, islands = tmp_path / "sync", tmp_path / "islands"
     check(run(launch_cmd(4, *tiny_args(builtin_prefix, sync, *common))))
-    diloco = [ISLANDS, "parallel.diloco.inner_steps=1", "parallel.diloco.outer_lr=1", "parallel.diloco.outer_momentum=0"]
+    diloco = [
+        ISLANDS,
+        "parallel.diloco.inner_steps=1",
+        "parallel.diloco.outer_lr=1",
+        "parallel.diloco.outer_momentum=0",
+    ]
     check(run(launch_cmd(4, *tiny_args(builtin_prefix, islands, *common, *diloco))))
     want, got = train_losses(sync), train_losses(islands)
     assert len(got) == len(want) == 8 and want[-1] < want[0] - 0.05  # it learns
     worst = max(abs(a - b) / b for a, b in zip(got, want))
     assert worst < 1e-6, f"relative difference {worst:.2e}: {got} vs {want}"
     outer = [r for r in read_metrics(islands) if "diloco_outer_grad_norm" in r]
-    assert [r["iteration"] for r in outer] == list(range(1, 9)) and all(r["diloco_bytes_sent"] > 0 for r in outer)
+    assert [r["iteration"] for r in outer] == list(range(1, 9)) and all(
+        r["diloco_bytes_sent"] > 0 for r in outer
+    )
 
 
 def test_resume_in_the_middle_of_a_round_is_bitwise_exact(builtin_prefix: Path, tmp_path: Path) -> None:
@@ -63,6 +70,8 @@ def test_resume_in_the_middle_of_a_round_is_bitwise_exact(builtin_prefix: Path, 
     assert cfg.parallel.diloco.islands == 2 and sum(p.numel() for p in model.parameters()) > 0
 
     # a run keeps its islands: resuming at another number is one clear message
-    p = run(launch_cmd(1, *tiny_args(builtin_prefix, tmp_path / "sync", *args[1:], f"checkpoint.resume={ckpt}")))
+    p = run(
+        launch_cmd(1, *tiny_args(builtin_prefix, tmp_path / "sync", *args[1:], f"checkpoint.resume={ckpt}"))
+    )
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "written with parallel.diloco.islands = 2 and this run has 1" in p.stdout + p.stderr

@@ -62,7 +62,11 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     _in_process("convert_to_hf.py", "--checkpoint", str(run_dir / "checkpoints"), "--output", str(hf_dir))
     assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "tokenizer.json").is_file()
 
-    texts = ["The list type is a mutable sequence.", "héllo wörld ✓ 😀 12345\n\n  indented  twice", "x = [1, 2]\n"]
+    texts = [
+        "The list type is a mutable sequence.",
+        "héllo wörld ✓ 😀 12345\n\n  indented  twice",
+        "x = [1, 2]\n",
+    ]
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 6))
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -70,7 +74,10 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     assert type(model).__name__ == "GPT2LMHeadModel"
     ours_tok = load_tokenizer("tokenizer/llm_sp8k.model")
     for text in texts:
-        assert tokenizer.encode(text) == ours_tok.encode(text) and tokenizer.decode(ours_tok.encode(text)) == text
+        assert (
+            tokenizer.encode(text) == ours_tok.encode(text)
+            and tokenizer.decode(ours_tok.encode(text)) == text
+        )
 
     cfg, ours = load_trained_model(run_dir / "checkpoints")
     x = torch.tensor([ours_tok.encode(" ".join(texts))])
@@ -78,7 +85,9 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
         diff = (ours(x)[..., : cfg.model.vocab_size] - model(x).logits).abs().max().item()
     assert diff < 1e-4
 
-    printed = _in_process("evaluate.py", "--checkpoint", str(run_dir / "checkpoints"), "--input", str(held_out), "--json")
+    printed = _in_process(
+        "evaluate.py", "--checkpoint", str(run_dir / "checkpoints"), "--input", str(held_out), "--json"
+    )
     got = json.loads(printed.strip().splitlines()[-1])
     loss, tokens = _hf_perplexity(model, tokenizer, texts * 6, cfg.model.seq_length)
     assert tokens == got["tokens"] and abs(loss - got["loss"]) / got["loss"] < 1e-4
@@ -91,7 +100,11 @@ def test_export_from_tp2_pp2_matches_and_imports_back(builtin_prefix: Path, tmp_
     _in_process("convert_to_hf.py", "--import", str(hf_dir), "--output", str(imported), "--seq-length",
                 str(cfg.model.seq_length))  # fmt: skip
     saved = load_config(imported / "config.yaml")  # it trains into the import's directory, not tiny_cpu's run
-    assert (saved.logging.dir, saved.checkpoint_dir, saved.checkpoint.resume) == (str(imported), str(imported), "auto")
+    assert (saved.logging.dir, saved.checkpoint_dir, saved.checkpoint.resume) == (
+        str(imported),
+        str(imported),
+        "auto",
+    )
     printed = _in_process("evaluate.py", "--checkpoint", str(imported), "--input", str(held_out), "--json")
     assert abs(json.loads(printed.strip().splitlines()[-1])["loss"] - got["loss"]) / got["loss"] < 1e-5
     cont = tmp_path / "continued"
@@ -122,7 +135,9 @@ def _check_lm_eval(checkpoint: Path, hf_dir: Path, tmp_path: Path) -> None:
             "--output", str(out), "--log-samples"]  # fmt: skip
     assert script_main("evaluate.py")(argv) == 0
     ours = json.loads(out.read_text())
-    assert set(ours["results"]) == set(names) and ours["results"]["llm_test_rolling"]["word_perplexity,none"] > 1
+    assert (
+        set(ours["results"]) == set(names) and ours["results"]["llm_test_rolling"]["word_perplexity,none"] > 1
+    )
 
     cfg, _ = load_trained_model(checkpoint)
     # Our documents follow an EOS (preprocessing appends one to each), so EOS conditions an empty
@@ -136,11 +151,17 @@ def _check_lm_eval(checkpoint: Path, hf_dir: Path, tmp_path: Path) -> None:
     for name in names:
         a = [s["filtered_resps"] for s in ours["samples"][name]]
         b = [s["filtered_resps"] for s in theirs["samples"][name]]
-        flat_a, flat_b = torch.tensor(a, dtype=torch.float64).flatten(), torch.tensor(b, dtype=torch.float64).flatten()
+        flat_a, flat_b = (
+            torch.tensor(a, dtype=torch.float64).flatten(),
+            torch.tensor(b, dtype=torch.float64).flatten(),
+        )
         assert len(a) == len(b) and torch.allclose(flat_a, flat_b, rtol=1e-4, atol=1e-4), (name, a, b)
         for metric, value in theirs["results"][name].items():
             if isinstance(value, float) and "stderr" not in metric:
-                assert abs(ours["results"][name][metric] - value) <= 1e-4 * max(1.0, abs(value)), (name, metric)
+                assert abs(ours["results"][name][metric] - value) <= 1e-4 * max(1.0, abs(value)), (
+                    name,
+                    metric,
+                )
 
 
 def test_llama_export_loads_as_llama_and_agrees(builtin_prefix: Path, tmp_path: Path) -> None:

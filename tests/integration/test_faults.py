@@ -63,10 +63,14 @@ def test_a_corrupt_same_size_file_is_detected_named_and_skipped(builtin_prefix: 
     assert f"checkpoint file '{damaged}' is damaged: xxh3_64 " in p.stdout and "written as" in p.stdout
 
     p = run(["python", script("evaluate.py"), "--checkpoint", str(ckpt), "--data", str(builtin_prefix)])
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]  # generate/convert: the same loader
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[
+        -2000:
+    ]  # generate/convert: the same loader
     assert f"error: checkpoint file '{damaged}' is damaged: xxh3_64" in p.stderr
 
-    explicit = _pretrain(builtin_prefix, tmp_path, "train.train_iters=12", f"checkpoint.resume={damaged.parent}")
+    explicit = _pretrain(
+        builtin_prefix, tmp_path, "train.train_iters=12", f"checkpoint.resume={damaged.parent}"
+    )
     p = run(explicit)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"checkpoint file '{damaged}' is damaged" in p.stderr
@@ -81,7 +85,9 @@ def test_a_corrupt_same_size_file_is_detected_named_and_skipped(builtin_prefix: 
     (aside,) = (ckpt / "replaced").glob("iter_0000010.*")
     assert f"checkpoint {ckpt / 'iter_0000010'} already existed: it was moved to {aside}" in out
     assert (aside / damaged.name).read_bytes() == damaged_bytes
-    assert run(["python", script("verify_checkpoint.py"), str(ckpt)]).returncode == 0  # the new ones are whole
+    assert (
+        run(["python", script("verify_checkpoint.py"), str(ckpt)]).returncode == 0
+    )  # the new ones are whole
 
 
 def _tmpfs_run(mount: Path, size_bytes: int, command: list[str], after: str) -> subprocess.CompletedProcess:
@@ -98,10 +104,14 @@ def _tmpfs_run(mount: Path, size_bytes: int, command: list[str], after: str) -> 
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
-def test_a_full_disk_is_one_line_and_keeps_latest(builtin_prefix: Path, tmp_path: Path, reference_run: Path) -> None:
+def test_a_full_disk_is_one_line_and_keeps_latest(
+    builtin_prefix: Path, tmp_path: Path, reference_run: Path
+) -> None:
     """Room for one checkpoint and a half: the save at iteration 3 fits (with a warning that the next
     will not), the one at 6 fills the disk."""
-    one = sum(f.stat().st_size for f in (reference_run / "checkpoints" / "iter_0000010").rglob("*") if f.is_file())
+    one = sum(
+        f.stat().st_size for f in (reference_run / "checkpoints" / "iter_0000010").rglob("*") if f.is_file()
+    )
     ckpt = tmp_path / "ckpt"
     cmd = ["python", script("pretrain.py"), *tiny_args(builtin_prefix, tmp_path, "checkpoint.save_interval=3",
                                                        f"checkpoint.dir={ckpt}")]  # fmt: skip
@@ -111,12 +121,19 @@ def test_a_full_disk_is_one_line_and_keeps_latest(builtin_prefix: Path, tmp_path
     assert "exit status 1" in p.stdout and "Traceback" not in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, p.stderr[-3000:]
-    assert f"saving checkpoint '{ckpt / 'iter_0000006'}' failed: no space left on the device of '{ckpt}'" in errors[0]
-    assert "MB free, a checkpoint needs about" in errors[0] and "'latest' still names iter_0000003" in errors[0]
+    assert (
+        f"saving checkpoint '{ckpt / 'iter_0000006'}' failed: no space left on the device of '{ckpt}'"
+        in errors[0]
+    )
+    assert (
+        "MB free, a checkpoint needs about" in errors[0] and "'latest' still names iter_0000003" in errors[0]
+    )
     assert "the next save will fail unless space is freed" in p.stderr  # warned one save ahead
     listing = p.stdout.split("exit status 1", 1)[1].split()
     assert listing[:3] == ["iter_0000003", "iter_0000003", "latest"]  # latest, then the directory: no partial
-    assert f"ok       {ckpt / 'iter_0000003'} (latest)" in p.stdout and "1 of 1 checkpoints intact" in p.stdout
+    assert (
+        f"ok       {ckpt / 'iter_0000003'} (latest)" in p.stdout and "1 of 1 checkpoints intact" in p.stdout
+    )
 
 
 def _rollbacks(run_dir: Path) -> list[dict]:
@@ -125,7 +142,8 @@ def _rollbacks(run_dir: Path) -> list[dict]:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "layout", [[], ["deepspeed_config=configs/deepspeed/zero1.json"], ["parallel.pipeline_model_parallel_size=2"]],
+    "layout",
+    [[], ["deepspeed_config=configs/deepspeed/zero1.json"], ["parallel.pipeline_model_parallel_size=2"]],
     ids=["dp2_zero0", "dp2_zero1", "pp2"],
 )
 def test_an_injected_nan_rolls_back_on_every_rank_and_skips_the_batches(
@@ -147,8 +165,12 @@ def test_an_injected_nan_rolls_back_on_every_rank_and_skips_the_batches(
     assert event["checkpoint"] == str(run_dir / "checkpoints" / "iter_0000003")
     assert "rollback 1/3: loss is nan at iteration 5; reloaded" in p.stdout + p.stderr
     records = [r for r in read_metrics(run_dir) if "loss" in r]
-    after = records[records.index(next(r for r in records if r["iteration"] == 4 and r["consumed_samples"] > 32)):]
-    assert [(r["iteration"], r["consumed_samples"]) for r in after] == [(i, 8 * i + 16) for i in range(4, ITERS + 1)]
+    after = records[
+        records.index(next(r for r in records if r["iteration"] == 4 and r["consumed_samples"] > 32)) :
+    ]
+    assert [(r["iteration"], r["consumed_samples"]) for r in after] == [
+        (i, 8 * i + 16) for i in range(4, ITERS + 1)
+    ]
     meta = json.loads((run_dir / "checkpoints" / "iter_0000010" / "llm_meta.json").read_text())
     assert meta["skipped_samples"] == 16 and meta["consumed_samples"] == 96 and meta["rollbacks"] == 1
 
@@ -190,7 +212,9 @@ def test_rollbacks_stop_at_max_rollbacks_with_todays_message(builtin_prefix: Pat
     p = run(_pretrain(builtin_prefix, tmp_path, "checkpoint.save_interval=3", "debug.inject_loss_spike_at=[5]",
                       "train.max_rollbacks=0"))  # fmt: skip
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert "loss is nan at iteration 5: training diverged (train.max_rollbacks = 0 rollbacks done)" in p.stderr
+    assert (
+        "loss is nan at iteration 5: training diverged (train.max_rollbacks = 0 rollbacks done)" in p.stderr
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -236,7 +260,9 @@ def test_a_stopped_rank_makes_the_others_exit_within_the_timeout(
 ) -> None:
     """Also under pipeline parallelism at PP 2 x DP 2, where rank 0 waits for the stopped rank 1 in the
     data-parallel group that DeepSpeed's pipeline grid made (it kept torch's 30 minutes)."""
-    args = tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000", "parallel.timeout_minutes=0.25", *layout)
+    args = tiny_args(
+        builtin_prefix, tmp_path, "train.train_iters=100000", "parallel.timeout_minutes=0.25", *layout
+    )
     port = str(free_port())
     procs = []
     for rank in range(world):
@@ -248,7 +274,9 @@ def test_a_stopped_rank_makes_the_others_exit_within_the_timeout(
                                       stdout=out, stderr=out, text=True))  # fmt: skip
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 180
     try:
-        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        while time.time() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+        ):
             time.sleep(0.1)
         assert metrics.exists(), procs[0].communicate(timeout=5)
         procs[1].send_signal(signal.SIGSTOP)
@@ -271,10 +299,15 @@ def test_resume_refuses_another_model_naming_each_setting(
     saved = tmp_path / "saved"
     shutil.copytree(reference_run / "checkpoints", saved)
     resume = [f"checkpoint.resume={saved}", f"train.train_iters={ITERS + 2}"]
-    p = run(_pretrain(builtin_prefix, tmp_path, *resume, "model.num_attention_heads=4", "model.rope_theta=500"))
+    p = run(
+        _pretrain(builtin_prefix, tmp_path, *resume, "model.num_attention_heads=4", "model.rope_theta=500")
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "model.num_attention_heads: checkpoint 2, config 4" in p.stderr
-    assert "model.rope_theta: checkpoint 10000.0, config 500.0" in p.stderr and "checkpoint.resume=none" in p.stderr
+    assert (
+        "model.rope_theta: checkpoint 10000.0, config 500.0" in p.stderr
+        and "checkpoint.resume=none" in p.stderr
+    )
 
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -319,7 +352,9 @@ def test_a_save_failing_on_one_node_stops_every_rank_at_once(builtin_prefix: Pat
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_RANK="0")  # fmt: skip
     python = str(BIN / "python")
-    node1 = f"mount -t tmpfs -o size=524288 tmpfs '{ckpt}' || exit 99; exec {python} " + " ".join(f"'{a}'" for a in args)
+    node1 = f"mount -t tmpfs -o size=524288 tmpfs '{ckpt}' || exit 99; exec {python} " + " ".join(
+        f"'{a}'" for a in args
+    )
     procs = [
         subprocess.Popen([python, *args], cwd=REPO, env=dict(env, RANK="0", NODE_RANK="0"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True),
@@ -339,4 +374,6 @@ def test_a_save_failing_on_one_node_stops_every_rank_at_once(builtin_prefix: Pat
     assert len(errors) == 1 and "Traceback" not in outs[0][1] + outs[1][1], errors
     assert errors[0].startswith(f"error: rank 1: saving checkpoint '{ckpt / 'iter_0000002'}' failed: no space left "
                                 f"on the device of '{ckpt}'")  # fmt: skip
-    assert not (ckpt / "iter_0000002").exists() and not (ckpt / "latest").exists()  # rank 0's side: no partial
+    assert (
+        not (ckpt / "iter_0000002").exists() and not (ckpt / "latest").exists()
+    )  # rank 0's side: no partial

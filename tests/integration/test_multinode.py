@@ -38,7 +38,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[str]:
@@ -87,7 +89,9 @@ def _two_node_layout(run_dir: Path, launcher: str) -> None:
 def test_torchrun_two_nodes_match_one_process(
     builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
 ) -> None:
-    procs = _torchrun_nodes(tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero1.json"))
+    procs = _torchrun_nodes(
+        tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero1.json")
+    )
     out0, _ = _finish(procs)
     _check_two_nodes(tmp_path, "torchrun", 1, single_process_losses)
     assert "layout: torchrun, 2 node(s) x 1 rank(s) = world 2 = TP 1 x PP 1 x DP 2" in out0
@@ -110,15 +114,22 @@ def test_srun_one_task_per_rank_environment(
 ) -> None:
     """What srun gives each task (no RANK/WORLD_SIZE): pretrain.py finds rank, world and the
     rendezvous host (first host of the step's node list) from the SLURM variables alone."""
-    cmd = [str(BIN / "python"), "scripts/pretrain.py",
-           *tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero3.json")]
+    cmd = [
+        str(BIN / "python"),
+        "scripts/pretrain.py",
+        *tiny_args(builtin_prefix, tmp_path, "deepspeed_config=configs/deepspeed/zero3.json"),
+    ]
     _finish(_start_nodes(cmd, SLURM_JOB_ID="4242", SLURM_PROCID="{n}", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
                          SLURM_LOCALID="0", SLURM_NODEID="{n}", SLURM_STEP_NODELIST="localhost,127.0.0.[1-1]"))  # fmt: skip
     _check_two_nodes(tmp_path, "srun", 3, single_process_losses)
 
 
-@pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="MPICH's mpirun (the mpich wheel, x86-64 only) is absent")
-def test_mpirun_ranks_from_pmi(builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]) -> None:
+@pytest.mark.skipif(
+    not (BIN / "mpirun").exists(), reason="MPICH's mpirun (the mpich wheel, x86-64 only) is absent"
+)
+def test_mpirun_ranks_from_pmi(
+    builtin_prefix: Path, tmp_path: Path, single_process_losses: list[float]
+) -> None:
     """A real mpirun (MPICH's hydra, from the [dev] extras) starts two plain python processes:
     pretrain.py takes rank and world from PMI_RANK / PMI_SIZE and rendezvous on the loopback."""
     p = _start([str(BIN / "mpirun"), "-n", "2", str(BIN / "python"), "scripts/pretrain.py",
@@ -149,7 +160,12 @@ def test_preemption_signal_reaches_workers_through_torchrun(builtin_prefix: Path
 def test_launch_scripts_parse_and_match_the_readme() -> None:
     launch = REPO / "scripts" / "launch"
     scripts = sorted([*launch.glob("*.sh"), *launch.glob("*.sbatch")])
-    assert {p.name for p in scripts} >= {"env.sh", "deepspeed_multinode.sh", "torchrun_multinode.sh", "slurm.sbatch"}
+    assert {p.name for p in scripts} >= {
+        "env.sh",
+        "deepspeed_multinode.sh",
+        "torchrun_multinode.sh",
+        "slurm.sbatch",
+    }
     for path in scripts:
         p = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert p.returncode == 0, f"{path.name}: {p.stderr}"

@@ -23,14 +23,18 @@ from tests.conftest import BIN, REPO, check, deepspeed_cmd, read_metrics, run, s
 pytestmark = [pytest.mark.integration]
 
 
-def test_a_second_run_on_a_busy_directory_refuses_and_ctrl_c_saves(builtin_prefix: Path, tmp_path: Path) -> None:
+def test_a_second_run_on_a_busy_directory_refuses_and_ctrl_c_saves(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
     args = tiny_args(builtin_prefix, tmp_path, "train.train_iters=100000")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
     first = subprocess.Popen([sys.executable, script("pretrain.py"), *args], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 180
     try:
-        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        while time.time() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+        ):
             time.sleep(0.1)
         config_before = (tmp_path / "config.yaml").read_text()
         second = run(["python", script("pretrain.py"), *args, "train.lr=1e-3"])
@@ -57,8 +61,12 @@ def test_a_resume_with_a_new_learning_rate_uses_it(builtin_prefix: Path, tmp_pat
     assert "resume: train.lr: 0.002 -> 0.001" in out and "resume: train.train_iters: 6 -> 10" in out
     new = load_config(tmp_path / "config.yaml").train
     used = {r["iteration"]: r["lr"] for r in read_metrics(tmp_path) if "lr" in r}
-    assert [used[i] for i in range(7, 11)] == pytest.approx([lr_at(i - 1, new) for i in range(7, 11)], rel=1e-12)
-    old = dataclasses.replace(new, lr=2e-3, train_iters=6, min_lr=load_config(REPO / "configs" / "tiny_cpu.yaml").train.min_lr)
+    assert [used[i] for i in range(7, 11)] == pytest.approx(
+        [lr_at(i - 1, new) for i in range(7, 11)], rel=1e-12
+    )
+    old = dataclasses.replace(
+        new, lr=2e-3, train_iters=6, min_lr=load_config(REPO / "configs" / "tiny_cpu.yaml").train.min_lr
+    )
     assert used[7] != pytest.approx(lr_at(6, old))  # what keeping the saved schedule would have given
     history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["iteration"] == 6 and "train.lr: 0.002 -> 0.001" in history[-1]["changes"]
@@ -71,7 +79,9 @@ def test_a_resume_with_a_new_learning_rate_uses_it(builtin_prefix: Path, tmp_pat
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(directory)): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(directory)): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()
+    }
 
 
 def test_a_run_never_writes_into_another_runs_directory(builtin_prefix: Path, tmp_path: Path) -> None:
@@ -93,14 +103,28 @@ def test_a_run_never_writes_into_another_runs_directory(builtin_prefix: Path, tm
         f"run (iter_0000004) that its saves would replace: move them out of '{ours / 'checkpoints'}' first",
     }
     for override, message in cases.items():
-        p = run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, ours, "train.train_iters=8", override)])
+        p = run(
+            [
+                "python",
+                script("pretrain.py"),
+                *tiny_args(builtin_prefix, ours, "train.train_iters=8", override),
+            ]
+        )
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert p.stderr.count("error: ") == 1 and message in p.stderr, p.stderr[-3000:]
         assert _snapshot(ours) == before  # not a byte written: checkpoints, latest, metrics, config
     # metrics of a run that never saved belong to it too
     (ours / "checkpoints").rename(tmp_path / "moved")
-    p = run(["python", script("pretrain.py"), *tiny_args(builtin_prefix, ours, f"checkpoint.resume={other / 'checkpoints'}")])
-    assert p.returncode == 1 and f"logging.dir '{ours}' holds another run's metrics" in p.stderr, p.stderr[-3000:]
+    p = run(
+        [
+            "python",
+            script("pretrain.py"),
+            *tiny_args(builtin_prefix, ours, f"checkpoint.resume={other / 'checkpoints'}"),
+        ]
+    )
+    assert p.returncode == 1 and f"logging.dir '{ours}' holds another run's metrics" in p.stderr, p.stderr[
+        -3000:
+    ]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -124,9 +148,15 @@ def test_sigterm_and_ctrl_c_through_the_deepspeed_launcher_save_and_leave_no_pro
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
     runs = {"SIGTERM": (tmp_path / "term", 2), "SIGINT": (tmp_path / "int", 1)}
     procs = {
-        name: subprocess.Popen(deepspeed_cmd(n, *tiny_args(builtin_prefix, d, "train.train_iters=100000")),
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
+        name: subprocess.Popen(
+            deepspeed_cmd(n, *tiny_args(builtin_prefix, d, "train.train_iters=100000")),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
         for name, (d, n) in runs.items()
     }
     try:
@@ -163,7 +193,10 @@ def test_sigterm_and_ctrl_c_through_the_deepspeed_launcher_save_and_leave_no_pro
         assert name == "SIGINT" or "Traceback" not in out
         assert not (run_dir / ".llm.lock").exists()
     # Every worker exited 0: the per-node launcher reports it for the SIGTERM run.
-    assert outputs["SIGTERM"].count("exits successfully") == 2 and "exits with return code" not in outputs["SIGTERM"]
+    assert (
+        outputs["SIGTERM"].count("exits successfully") == 2
+        and "exits with return code" not in outputs["SIGTERM"]
+    )
 
 
 def test_a_config_mistake_on_two_processes_is_printed_once(builtin_prefix: Path, tmp_path: Path) -> None:
@@ -186,7 +219,9 @@ def _in_read_only_mount(directory: Path, command: list[str]) -> subprocess.Compl
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
-def test_directories_that_cannot_be_written_are_one_line_at_start(builtin_prefix: Path, tmp_path: Path) -> None:
+def test_directories_that_cannot_be_written_are_one_line_at_start(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
     """A file where a directory should be, a read-only mount: named with the setting and the cause
     before any work (it was an OSError traceback from the run lock, or a failed save hours later)."""
     blocker = tmp_path / "a_file"
@@ -199,14 +234,21 @@ def test_directories_that_cannot_be_written_are_one_line_at_start(builtin_prefix
     ]  # fmt: skip
     for args, message in cases:
         p = run([*pretrain, *args])
-        assert p.returncode == 1 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr[-3000:]
+        assert p.returncode == 1 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr[
+            -3000:
+        ]
     read_only = tmp_path / "ro"
     (read_only / "checkpoints").mkdir(parents=True)
     p = _in_read_only_mount(read_only, [str(BIN / "python"), script("pretrain.py"), *tiny_args(
         builtin_prefix, tmp_path / "run2", f"checkpoint.dir={read_only / 'checkpoints'}")])  # fmt: skip
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
-    assert p.stderr.startswith(f"error: checkpoint.dir '{read_only / 'checkpoints'}' cannot be written: the "
-                               "filesystem is read-only; choose a writable directory") and "Traceback" not in p.stderr
+    assert (
+        p.stderr.startswith(
+            f"error: checkpoint.dir '{read_only / 'checkpoints'}' cannot be written: the "
+            "filesystem is read-only; choose a writable directory"
+        )
+        and "Traceback" not in p.stderr
+    )
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()  # before any work
 
 
@@ -230,12 +272,16 @@ def test_a_resume_on_other_data_is_refused_unless_allowed(builtin_prefix: Path, 
     assert meta["data_identity"]["train"][0]["tokens"] > 0 and meta["data_identity"]["seed"] == 1234
 
     records = (Record("str", t, "other", i) for i, t in enumerate(list(iter_documents())[::2], 1))
-    preprocess(records, tokenizer=str(TOKENIZER), output_prefix=prefix, workers=1, progress=False)  # same name
+    preprocess(
+        records, tokenizer=str(TOKENIZER), output_prefix=prefix, workers=1, progress=False
+    )  # same name
     before = _snapshot(run_dir)
     p = run(["python", script("pretrain.py"), *tiny_args(prefix, run_dir, "train.train_iters=6")])
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert (f"error: the data differs from what checkpoint '{run_dir / 'checkpoints' / 'iter_0000004'}' was "
-            f"trained on: train dataset 1 ('{prefix}'): tokens ") in p.stderr and p.stderr.count("error: ") == 1
+    assert (
+        f"error: the data differs from what checkpoint '{run_dir / 'checkpoints' / 'iter_0000004'}' was "
+        f"trained on: train dataset 1 ('{prefix}'): tokens "
+    ) in p.stderr and p.stderr.count("error: ") == 1
     assert "documents " in p.stderr and "data.allow_changed_data=true" in p.stderr
     blend = f"data.train_data_path=[0.5, {builtin_prefix}, 0.5, {prefix}]"
     p = run(["python", script("pretrain.py"), *tiny_args(prefix, run_dir, "train.train_iters=6", blend)])
@@ -248,5 +294,9 @@ def test_a_resume_on_other_data_is_refused_unless_allowed(builtin_prefix: Path, 
     assert f"resume: data: train dataset 1 ('{prefix}'): tokens " in p.stdout + p.stderr
     history = [json.loads(x) for x in (run_dir / "config_history.jsonl").read_text().splitlines()]
     assert any(c.startswith("data: train dataset 1") for c in history[-1]["changes"])
-    saved = json.loads((run_dir / "checkpoints" / "iter_0000006" / "llm_meta.json").read_text())["data_identity"]
-    assert saved["train"][0]["tokens"] != meta["data_identity"]["train"][0]["tokens"]  # the new data, from now on
+    saved = json.loads((run_dir / "checkpoints" / "iter_0000006" / "llm_meta.json").read_text())[
+        "data_identity"
+    ]
+    assert (
+        saved["train"][0]["tokens"] != meta["data_identity"]["train"][0]["tokens"]
+    )  # the new data, from now on

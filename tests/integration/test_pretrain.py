@@ -94,7 +94,9 @@ def test_deepspeed_run_learns_logs_checkpoints_resumes_and_evaluates(
     assert [r["iteration"] for r in resumed][30:] == list(range(31, 37))
     assert resumed[-1]["consumed_samples"] == 36 * 8
     assert [r["iteration"] for r in read_metrics(tmp_path) if "resumed_from" in r] == [30]
-    scored = [r for r in read_metrics(tmp_path) if "lm_eval_seconds" in r]  # lm-eval on rank 0 during training
+    scored = [
+        r for r in read_metrics(tmp_path) if "lm_eval_seconds" in r
+    ]  # lm-eval on rank 0 during training
     assert [r["iteration"] for r in scored] == [15, 30, 36]
     assert all(r["lm_eval/llm_test_rolling/word_perplexity"] > 1 and 0 <= r["lm_eval/llm_test_choice/acc"] <= 1
                for r in scored)  # fmt: skip
@@ -145,9 +147,13 @@ def _check_tensorboard_and_plot(run_dir: Path, steps: list[dict]) -> None:
     assert [e.step for e in loss] == [r["iteration"] for r in steps] == list(range(1, 37))
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
     assert [e.step for e in tb.Scalars("val/loss")] == [10, 20, 30, 36]
-    assert {"train/lr", "train/grad_norm", "train/tokens_per_sec", "val/ppl", "events/checkpoint_save_seconds"} <= set(
-        tb.Tags()["scalars"]
-    )
+    assert {
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "val/ppl",
+        "events/checkpoint_save_seconds",
+    } <= set(tb.Tags()["scalars"])
     assert "config/text_summary" in tb.Tags()["tensors"]
     assert [e.step for e in tb.Scalars("lm_eval/llm_test_rolling/word_perplexity")] == [15, 30, 36]
     by_tokens = EventAccumulator(str(run_dir / "tb" / "by_tokens"))
@@ -185,7 +191,9 @@ def _check_figure_data(run_dir: Path, other: Path, steps: list[dict]) -> None:
         for name in ("a", "b"):
             x, y = lines[f"{name} (train)"].get_data()
             assert list(x) == pytest.approx(tokens) and list(y) == pytest.approx([r["loss"] for r in steps])
-        assert list(lines["a (validation)"].get_data()[0]) == pytest.approx([i * 8 * 64 for i in (10, 20, 30, 36)])
+        assert list(lines["a (validation)"].get_data()[0]) == pytest.approx(
+            [i * 8 * 64 for i in (10, 20, 30, 36)]
+        )
         assert list(lines["a resume"].get_xdata()) == pytest.approx([30 * 8 * 64] * 2)
         assert list(lines["b rollback"].get_xdata()) == pytest.approx([10 * 8 * 64] * 2)
         assert "b resume" not in lines and "a rollback" not in lines
@@ -194,7 +202,9 @@ def _check_figure_data(run_dir: Path, other: Path, steps: list[dict]) -> None:
         plt.close(fig)
 
 
-def test_lm_eval_during_training_leaves_the_losses_bitwise_equal(builtin_prefix: Path, tmp_path: Path) -> None:
+def test_lm_eval_during_training_leaves_the_losses_bitwise_equal(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
     """lm-eval seeds the global random generators; training's streams are saved and restored around
     it, so with dropout on the losses equal those of the same run without it, bit for bit."""
     tasks, names = write_lm_eval_tasks(tmp_path / "tasks")
@@ -207,7 +217,9 @@ def test_lm_eval_during_training_leaves_the_losses_bitwise_equal(builtin_prefix:
     assert train_losses(tmp_path / "scored") == train_losses(tmp_path / "plain")
 
 
-def test_a_resume_from_an_older_checkpoint_leaves_each_tensorboard_step_once(builtin_prefix: Path, tmp_path: Path) -> None:
+def test_a_resume_from_an_older_checkpoint_leaves_each_tensorboard_step_once(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
     """A crash after iteration 6's events were written but before its checkpoint: the resume from
     iteration 3 (with another learning rate, so the values differ) retrains 4-6, and TensorBoard's
     reader shows each step once, with the new values (the writers purge what follows the resume)."""
@@ -223,7 +235,10 @@ def test_a_resume_from_an_older_checkpoint_leaves_each_tensorboard_step_once(bui
     last = {r["iteration"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}  # later records win
     # iteration 4 runs on the weights of iteration 3 again (the new rate acts from its update on)
     assert all(last[i] != first[i] for i in (5, 6)) and all(last[i] == first[i] for i in (1, 2, 3, 4))
-    for directory, tag, step in ((tmp_path / "tb", "train/loss", 1), (tmp_path / "tb" / "by_tokens", "train/loss vs tokens", 8 * 64)):
+    for directory, tag, step in (
+        (tmp_path / "tb", "train/loss", 1),
+        (tmp_path / "tb" / "by_tokens", "train/loss vs tokens", 8 * 64),
+    ):
         tb = EventAccumulator(str(directory))
         tb.Reload()
         events = tb.Scalars(tag)
@@ -395,7 +410,9 @@ def test_auto_resume_skips_an_interrupted_or_damaged_checkpoint(
     args = _args(builtin_prefix, tmp_path, "checkpoint.save_interval=5")
     _check(run(["python", script("pretrain.py"), *args]))
     ckpt = tmp_path / "checkpoints"
-    assert (ckpt / "latest").read_text() == "iter_0000010" and (ckpt / "iter_0000005" / "MANIFEST.json").is_file()
+    assert (ckpt / "latest").read_text() == "iter_0000010" and (
+        ckpt / "iter_0000005" / "MANIFEST.json"
+    ).is_file()
     model_file = ckpt / "iter_0000010" / "mp_rank_00_model_states.pt"
     data = model_file.read_bytes()
     model_file.write_bytes(data[: len(data) // 2])  # damaged: half written
@@ -411,7 +428,10 @@ def test_auto_resume_skips_an_interrupted_or_damaged_checkpoint(
     (tmp_path / "metrics.jsonl").write_text("")
     p = run(["python", script("pretrain.py"), *args])
     _check(p)
-    assert "iter_0000005 at iteration 5" in p.stdout + p.stderr and train_losses(tmp_path) == single_process_losses[5:]
+    assert (
+        "iter_0000005 at iteration 5" in p.stdout + p.stderr
+        and train_losses(tmp_path) == single_process_losses[5:]
+    )
 
 
 def test_an_explicit_damaged_checkpoint_is_one_clear_error(builtin_prefix: Path, tmp_path: Path) -> None:
@@ -508,7 +528,12 @@ def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(builtin_prefix: Pat
     import subprocess
     import time
 
-    big = ["model.hidden_size=256", "model.num_layers=4", "checkpoint.save_interval=1", "train.train_iters=40"]
+    big = [
+        "model.hidden_size=256",
+        "model.num_layers=4",
+        "checkpoint.save_interval=1",
+        "train.train_iters=40",
+    ]
     args = _args(builtin_prefix, tmp_path, *big)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
     proc = subprocess.Popen(["python", script("pretrain.py"), *args], cwd=Path(script("pretrain.py")).parents[1],

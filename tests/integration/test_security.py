@@ -70,6 +70,14 @@ def test_a_shared_checkpoint_with_a_payload_runs_no_code(
     if tools:
         assert script_main("generate.py")([*tools["generate.py"], "--trust-pickles"]) == 0
     else:
-        p = run(["python", script("pretrain.py"), *resume, "checkpoint.trust_pickles=true", "train.train_iters=11"])
+        p = run(
+            [
+                "python",
+                script("pretrain.py"),
+                *resume,
+                "checkpoint.trust_pickles=true",
+                "train.train_iters=11",
+            ]
+        )
         assert p.returncode == 0, p.stderr[-3000:]
     assert marker.exists()

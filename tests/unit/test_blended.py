@@ -39,7 +39,14 @@ def test_compiled_index_equals_the_python_loop() -> None:
 
     assert blend_library() is not None  # this machine has a C compiler: the compiled path runs
     rng = np.random.default_rng(0)
-    cases = [[0.5, 0.3, 0.2], [1, 1, 1], [1, 0, 2], [0.1] * 7 + [0.3], [1 / 3, 1 / 3, 1 / 3], list(rng.random(40))]
+    cases = [
+        [0.5, 0.3, 0.2],
+        [1, 1, 1],
+        [1, 0, 2],
+        [0.1] * 7 + [0.3],
+        [1 / 3, 1 / 3, 1 / 3],
+        list(rng.random(40)),
+    ]
     for weights in cases:  # ties (equal weights) must go to the lowest index in both
         di, si = build_blend_index(weights, 30011)
         rdi, rsi = blend_index_python(normalize_weights(weights), 30011)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llm.checkpoint.compat import TESTED_DEEPSPEED, UntestedDeepSpeedError, require_tested_deepspeed
 from llm.checkpoint.format import CheckpointError, config_from_meta, read_meta, write_meta
 from llm.config import Config, ConfigError, load_config
+from llm.engine.compat import TESTED_DEEPSPEED, UntestedDeepSpeedError, require_tested_deepspeed
 from llm.errors import LLMError
 
 
@@ -61,7 +61,13 @@ def test_no_system_exit_inside_llm() -> None:
     offenders = []
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+            name = (
+                node.id
+                if isinstance(node, ast.Name)
+                else node.attr
+                if isinstance(node, ast.Attribute)
+                else ""
+            )
             if name in ("SystemExit", "exit", "_exit"):
                 offenders.append(f"{path}:{node.lineno}")
     assert offenders == []

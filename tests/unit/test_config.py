@@ -26,9 +26,14 @@ def test_defaults_and_dotted_overrides() -> None:
     [
         (["model.num_layer=3"], "unknown config key 'model.num_layer' \\(did you mean 'num_layers'\\?\\)"),
         (["modle.x=1"], "unknown config key 'modle'"),
-        (["data.eod_mask_loss=true"], "data.eod_mask_loss needs the id of the end-of-document token: set data.tokenizer"),
-        (["data.reset_position_ids=true", "data.eod_token_id=900", "model.vocab_size=800"],
-         "data.eod_token_id = 900 is outside the vocabulary"),
+        (
+            ["data.eod_mask_loss=true"],
+            "data.eod_mask_loss needs the id of the end-of-document token: set data.tokenizer",
+        ),
+        (
+            ["data.reset_position_ids=true", "data.eod_token_id=900", "model.vocab_size=800"],
+            "data.eod_token_id = 900 is outside the vocabulary",
+        ),
         (["model.num_layers=abc"], "model.num_layers: expected an integer"),
         (["model.architecture=bert"], "model.architecture = 'bert' is not valid"),
         (["model.hidden_size=100", "model.num_attention_heads=3"], "divisible by model.num_attention_heads"),
@@ -64,9 +69,11 @@ def test_defaults_and_dotted_overrides() -> None:
         (["train.min_lr=1", "train.lr=0.1"], "train.min_lr"),
         (["train.precision=fp8"], "train.precision"),
         (["deepspeed_config=nope.json"], "does not exist"),
-        (["train.lr_warmup_iters=5000", "train.train_iters=100"],
-         "^train.lr_warmup_iters = 5000 must not exceed train.train_iters = 100: lower train.lr_warmup_iters "
-         "\\(e.g. train.lr_warmup_iters=10\\) or train longer$"),
+        (
+            ["train.lr_warmup_iters=5000", "train.train_iters=100"],
+            "^train.lr_warmup_iters = 5000 must not exceed train.train_iters = 100: lower train.lr_warmup_iters "
+            "\\(e.g. train.lr_warmup_iters=10\\) or train longer$",
+        ),
         (["train.skip_batches=[5-3]"], "train.skip_batches: '5-3' is not a range of batch numbers"),
         (["parallel.tensor_model_parallel_size=0"], "must be positive"),
         (["nosep"], "section.key=value"),
@@ -116,7 +123,10 @@ def test_deepspeed_dict_is_derived_and_merged(tmp_path: Path) -> None:
     assert "fused" not in cpu["optimizer"]["params"]
     offload = build_deepspeed_config(load_config(None, ["deepspeed_config=configs/deepspeed/zero3_offload.json"]),
                                      1, cuda=True)  # fmt: skip
-    assert offload["optimizer"]["params"]["torch_adam"] is False and "fused" not in offload["optimizer"]["params"]
+    assert (
+        offload["optimizer"]["params"]["torch_adam"] is False
+        and "fused" not in offload["optimizer"]["params"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -186,13 +196,18 @@ def test_megatron_data_key_names_are_accepted(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.data_path=0.3 /d/a 0.7 /d/b", "data.data_cache_path=/d/cache"])
     assert cfg.data.train_data_path == "0.3 /d/a 0.7 /d/b" and cfg.data.index_cache_dir == "/d/cache"
     (tmp_path / "c.yaml").write_text("data:\n  data_path: /d/a\n  train_data_path: /d/b\n")
-    with pytest.raises(ConfigError, match="data.data_path is Megatron's name for data.train_data_path; set only one"):
+    with pytest.raises(
+        ConfigError, match="data.data_path is Megatron's name for data.train_data_path; set only one"
+    ):
         load_config(tmp_path / "c.yaml")
     # An override by Megatron's name replaces the file's value by ours (every shipped config sets
     # data.train_data_path), and the other way round; null leaves the other name in charge.
     for config in [REPO / "configs" / "tiny_cpu.yaml", *sorted((REPO / "configs").glob("*/*.yaml"))]:
         assert load_config(config, ["data.data_path=/d/x"]).data.train_data_path == "/d/x", config
-    assert load_config(config, ["data.train_data_path=null", "data.data_path=/d/y"]).data.train_data_path == "/d/y"
+    assert (
+        load_config(config, ["data.train_data_path=null", "data.data_path=/d/y"]).data.train_data_path
+        == "/d/y"
+    )
     (tmp_path / "m.yaml").write_text("data:\n  data_path: /d/a\n  data_cache_path: /d/c\n")
     cfg = load_config(tmp_path / "m.yaml", ["data.train_data_path=/d/b", "data.index_cache_dir=/d/e"])
     assert (cfg.data.train_data_path, cfg.data.index_cache_dir) == ("/d/b", "/d/e")
@@ -235,10 +250,15 @@ def test_islands_split_the_world_and_the_global_batch() -> None:
 
 
 def test_compressed_communication_settings(tmp_path: Path) -> None:
-    cfg = load_config(None, ["parallel.communication_data_type=bf16", "train.optimizer=sgd", "train.sgd_momentum=0.9"])
+    cfg = load_config(
+        None, ["parallel.communication_data_type=bf16", "train.optimizer=sgd", "train.sgd_momentum=0.9"]
+    )
     ds = build_deepspeed_config(cfg, 2, cuda=False)
     assert ds["communication_data_type"] == "bf16"
-    assert ds["optimizer"] == {"type": "SGD", "params": {"lr": cfg.train.lr, "momentum": 0.9, "weight_decay": 0.1}}
+    assert ds["optimizer"] == {
+        "type": "SGD",
+        "params": {"lr": cfg.train.lr, "momentum": 0.9, "weight_decay": 0.1},
+    }
     zpp = tmp_path / "zpp.json"
     zpp.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True,
                                                      "zero_hpz_partition_size": 8}}))  # fmt: skip
@@ -246,7 +266,10 @@ def test_compressed_communication_settings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ZeRO\\+\\+ \\(zero_quantized_gradients, zero_hpz_partition_size in .*\\) "
                                           "needs CUDA kernels and cannot run on CPU"):  # fmt: skip
         build_deepspeed_config(with_zpp, 8, cuda=False)
-    assert build_deepspeed_config(with_zpp, 8, cuda=True)["zero_optimization"]["zero_quantized_gradients"] is True
+    assert (
+        build_deepspeed_config(with_zpp, 8, cuda=True)["zero_optimization"]["zero_quantized_gradients"]
+        is True
+    )
     zpp.write_text(json.dumps({"zero_optimization": {"stage": 2, "zero_quantized_weights": True}}))
     with pytest.raises(ConfigError, match="works at ZeRO stage 3 only \\(this is stage 2\\)"):
         build_deepspeed_config(load_config(None, [f"deepspeed_config={zpp}"]), 8, cuda=True)

@@ -143,7 +143,11 @@ def cases(draw: st.DrawFn) -> tuple[str, Any, str]:
         junk = draw(st.binary(min_size=1, max_size=64).filter(_not_utf8))
         return kind, b"model:\n  num_layers: 2\n" + junk, "<file>"
     if kind == "bad-yaml":
-        return kind, draw(st.sampled_from(["a: [", "model: {", "\tmodel: 1", "model:\n  x: 1\n y: 2", "*x"])), "<file>"
+        return (
+            kind,
+            draw(st.sampled_from(["a: [", "model: {", "\tmodel: 1", "model:\n  x: 1\n y: 2", "*x"])),
+            "<file>",
+        )
     bad = draw(st.one_of(words.filter(lambda s: "=" not in s), st.sampled_from(["=1", ".=1", "train..lr=1",
                                                                                 "train.lr=[1", "model.=2"])))  # fmt: skip
     return kind, bad, bad

@@ -80,5 +80,7 @@ def test_perplexity_scores_a_document_aware_model_as_it_trained() -> None:
         expected = model(*model_inputs(torch.from_numpy(stream)[None], DOCS))
     assert result.tokens == 8  # 10 predictions, the 2 made at an EOD not scored
     assert abs(result.loss - float(expected)) < 1e-6
-    plain = evaluate_stream(model, stream, seq_length=10, batch_size=1)  # without the settings: all 10, across documents
+    plain = evaluate_stream(
+        model, stream, seq_length=10, batch_size=1
+    )  # without the settings: all 10, across documents
     assert plain.tokens == 10 and abs(plain.loss - result.loss) > 1e-3

@@ -9,10 +9,14 @@ from llm.parallel.exchange import decode, encode
 
 
 @pytest.mark.parametrize("kind, levels, nbytes", [("int8", 127, 1024 + 8 * 4), ("int4", 7, 512 + 8 * 4)])
-def test_blockwise_quantization_is_within_half_a_step_of_each_block(kind: str, levels: int, nbytes: int) -> None:
+def test_blockwise_quantization_is_within_half_a_step_of_each_block(
+    kind: str, levels: int, nbytes: int
+) -> None:
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * torch.linspace(1e-4, 10, 1000)
     payload = encode(x, kind, block=128)
-    assert payload.dtype == torch.uint8 and payload.numel() == nbytes  # 8 blocks (the last one padded), an fp32 scale each
+    assert (
+        payload.dtype == torch.uint8 and payload.numel() == nbytes
+    )  # 8 blocks (the last one padded), an fp32 scale each
     y = decode(payload, kind, numel=1000, block=128)
     for start in range(0, 1000, 128):  # each block's error: at most half its step (absmax / levels)
         block = slice(start, start + 128)

@@ -24,7 +24,9 @@ def test_spikes_are_non_finite_or_far_above_the_window() -> None:
     det.restore([])  # a checkpoint written before windows were saved: the window refills first
     assert det.threshold() is None and det.check(1e7) is None
     det.restore(saved)  # resume, restart, rollback: the saved window sees a spike at once
-    assert det.threshold() == max(statistics.fmean(saved) + 3.0 * statistics.pstdev(saved), 1.5 * statistics.fmean(saved))
+    assert det.threshold() == max(
+        statistics.fmean(saved) + 3.0 * statistics.pstdev(saved), 1.5 * statistics.fmean(saved)
+    )
     assert det.check(1e7) is not None
 
 
@@ -47,6 +49,9 @@ def test_model_differences_name_each_setting() -> None:
                              "model.activation_checkpointing=true", "model.dropout=0.1"])  # fmt: skip
     meta = {"config": saved, "tokenizer_fingerprint": "aaaa"}
     diffs = model_differences(meta, cfg, tokenizer_fingerprint="bbbb")
-    assert diffs[:2] == ["model.num_layers: checkpoint 12, config 3", "model.rope_theta: checkpoint 10000.0, config 500.0"]
+    assert diffs[:2] == [
+        "model.num_layers: checkpoint 12, config 3",
+        "model.rope_theta: checkpoint 10000.0, config 500.0",
+    ]
     assert "a different tokenizer" in diffs[2] and len(diffs) == 3  # checkpointing and dropout may change
     assert model_differences(meta, cfg, tokenizer_fingerprint=None)[:2] == diffs[:2]

@@ -54,7 +54,9 @@ def test_a_builder_killed_while_holding_the_lock_does_not_block_the_others(tmp_p
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         done: list[tuple[np.ndarray, ...]] = []
         t = threading.Thread(
-            target=lambda: done.append(cached_index(tmp_path, "x", ("a",), {"n": 2}, lambda: (np.ones(3),), what="t"))
+            target=lambda: done.append(
+                cached_index(tmp_path, "x", ("a",), {"n": 2}, lambda: (np.ones(3),), what="t")
+            )
         )
         t.start()
         time.sleep(0.5)
@@ -67,7 +69,9 @@ def test_a_builder_killed_while_holding_the_lock_does_not_block_the_others(tmp_p
         holder.wait()
 
 
-def test_token_files_and_index_caches_are_readable_as_the_umask_allows(tmp_path: Path, tokenizer_path: Path) -> None:
+def test_token_files_and_index_caches_are_readable_as_the_umask_allows(
+    tmp_path: Path, tokenizer_path: Path
+) -> None:
     """A temporary file renamed into place keeps mkstemp's 0600: on a shared filesystem the rest of a
     team could not read the corpus. Files get what open() would give them: 0666 minus the umask."""
     import os
@@ -83,9 +87,13 @@ def test_token_files_and_index_caches_are_readable_as_the_umask_allows(tmp_path:
             out.parent.mkdir()
             records = (Record("str", f"document {i} of the corpus", "test", i) for i in range(20))
             preprocess(records, tokenizer=str(tokenizer_path), output_prefix=out, workers=1, progress=False)
-            cached_index(out.parent / "cache", "x", ("a",), {"n": umask}, lambda: (np.arange(5),), what="test index")
+            cached_index(
+                out.parent / "cache", "x", ("a",), {"n": umask}, lambda: (np.arange(5),), what="test index"
+            )
         finally:
             os.umask(old)
         written = [out.with_suffix(".bin"), out.with_suffix(".idx"), *(out.parent / "cache").glob("x.*.npy")]
         assert len(written) == 3
-        assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in written} == {f.name: oct(mode) for f in written}
+        assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in written} == {
+            f.name: oct(mode) for f in written
+        }

@@ -48,8 +48,12 @@ def test_writer_reader_round_trip(tmp_path: Path, dtype) -> None:
     # the bytes are exactly Megatron's layout: one sequence per document
     code = 8 if dtype == np.uint16 else 4
     lengths = [len(d) for d in docs]
-    assert (tmp_path / "d.idx").read_bytes() == _megatron_idx(code, lengths, list(range(6)), np.dtype(dtype).itemsize)
-    assert (tmp_path / "d.bin").read_bytes() == np.concatenate([np.asarray(d) for d in docs]).astype(dtype).tobytes()
+    assert (tmp_path / "d.idx").read_bytes() == _megatron_idx(
+        code, lengths, list(range(6)), np.dtype(dtype).itemsize
+    )
+    assert (tmp_path / "d.bin").read_bytes() == np.concatenate([np.asarray(d) for d in docs]).astype(
+        dtype
+    ).tobytes()
 
 
 def test_dtype_choice() -> None:
@@ -82,7 +86,9 @@ def test_documents_of_several_sequences_and_every_dtype_code(tmp_path: Path) -> 
 def test_llm_v1_files_still_load(tmp_path: Path) -> None:
     docs = [[5, 6, 7], [8], [9, 10]]
     offsets = np.array([0, 3, 4, 6], dtype=np.int64)
-    (tmp_path / "old.idx").write_bytes(struct.pack("<8sIB3xQQ", b"LLMTOKS\x00", 1, 1, 3, 6) + offsets.tobytes())
+    (tmp_path / "old.idx").write_bytes(
+        struct.pack("<8sIB3xQQ", b"LLMTOKS\x00", 1, 1, 3, 6) + offsets.tobytes()
+    )
     (tmp_path / "old.bin").write_bytes(np.asarray(sum(docs, []), np.uint16).tobytes())
     ds = IndexedDataset(tmp_path / "old")
     assert ds.format == "llm-v1" and [ds[i].tolist() for i in range(3)] == docs and ds.num_tokens == 6
@@ -115,13 +121,21 @@ def test_truncated_and_corrupt_files_are_rejected_clearly(tmp_path: Path) -> Non
             IndexedDataset(tmp_path / "d")
         assert "\n" not in str(e.value)
 
-    refused(good_idx, r"d\.bin' has 8 bytes but .*d\.idx' promises 10 \(5 tokens of uint16\): truncated", bin_data=good_bin[:-2])
+    refused(
+        good_idx,
+        r"d\.bin' has 8 bytes but .*d\.idx' promises 10 \(5 tokens of uint16\): truncated",
+        bin_data=good_bin[:-2],
+    )
     refused(good_idx, r"d\.bin' has 12 bytes .* longer than its index", bin_data=good_bin + b"\0\0")
     refused(good_idx[:-8], r"d\.idx' has 74 bytes but its header promises 82 .*truncated or corrupt")
     refused(b"XXXXXXXX" + good_idx[8:], "not a Megatron/llm token index \\(bad magic")
     refused(good_idx[:10], "fewer than the 34-byte header")
-    refused(good_idx[:9] + struct.pack("<Q", 2) + good_idx[17:], "index format version 2; llm reads version 1")
-    refused(good_idx[:17] + bytes([9]) + good_idx[18:], "token dtype code 9, which the format does not define")
+    refused(
+        good_idx[:9] + struct.pack("<Q", 2) + good_idx[17:], "index format version 2; llm reads version 1"
+    )
+    refused(
+        good_idx[:17] + bytes([9]) + good_idx[18:], "token dtype code 9, which the format does not define"
+    )
     refused(b"TNTIDX\x00\x00" + good_idx[8:], "old fairseq/Megatron 'lazy'/'cached' index format")
     corrupt = bytearray(good_idx)
     corrupt[34 + 8 + 16 + 8 : 34 + 8 + 16 + 16] = np.int64(5).tobytes()  # document index 1 beyond the end

@@ -52,7 +52,12 @@ def test_mpi_launchers() -> None:
         detect_launch({k: v for k, v in ompi.items() if k != "MASTER_ADDR"})
     single_node = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
     got = detect_launch(single_node)
-    assert (got.launcher, got.rank, got.local_rank, got.master_addr) == ("mpiexec (MPICH/PMI)", 1, 1, "127.0.0.1")
+    assert (got.launcher, got.rank, got.local_rank, got.master_addr) == (
+        "mpiexec (MPICH/PMI)",
+        1,
+        1,
+        "127.0.0.1",
+    )
 
 
 def test_plain_python_and_bad_values() -> None:
@@ -76,9 +81,13 @@ def test_layout_report_names_nodes_groups_and_cross_node_tp() -> None:
     assert layout.groups["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert layout.warnings == []
     text = layout.describe()
-    assert "2 node(s) x 4 rank(s) = world 8 = TP 2 x PP 2 x DP 2" in text and "node 1 (hostB): ranks 4-7" in text
+    assert (
+        "2 node(s) x 4 rank(s) = world 8 = TP 2 x PP 2 x DP 2" in text and "node 1 (hostB): ranks 4-7" in text
+    )
     # three ranks per node: the TP group [2, 3] straddles nodes 0 and 1
-    odd = build_layout(ParallelContext(world_size=6, rank=0, tp=2), "srun", [(r // 3, "h", 0) for r in range(6)])
+    odd = build_layout(
+        ParallelContext(world_size=6, rank=0, tp=2), "srun", [(r // 3, "h", 0) for r in range(6)]
+    )
     assert len(odd.warnings) == 1 and "[2, 3] spans nodes [0, 1]" in odd.warnings[0]
     # two "nodes" on one host (node ranks from the launcher) are still two nodes
     two = build_layout(ParallelContext(world_size=2, rank=0), "torchrun", [(0, "h", 0), (1, "h", 0)])
@@ -92,7 +101,12 @@ def test_layout_of_diloco_islands() -> None:
     assert (ctx.island, ctx.dp, ctx.dp_rank, ctx.tp_rank, ctx.data_rank, ctx.data_size) == (1, 2, 0, 1, 2, 4)
     layout = build_layout(ctx, "srun", [(r // 4, f"h{r // 4}", r % 4) for r in range(8)])
     assert layout.groups["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]] and layout.groups["tp"][2] == [4, 5]
-    assert layout.groups["island"] == [[0, 4], [1, 5], [2, 6], [3, 7]] and ctx.grid()["data"][1] == [1, 3, 5, 7]
+    assert layout.groups["island"] == [[0, 4], [1, 5], [2, 6], [3, 7]] and ctx.grid()["data"][1] == [
+        1,
+        3,
+        5,
+        7,
+    ]
     assert "world 8 = 2 DiLoCo islands x TP 2 x PP 1 x DP 2" in layout.describe() and not layout.warnings
     spread = build_layout(ctx, "srun", [(r % 2, f"h{r % 2}", r // 2) for r in range(8)])
     assert any("DiLoCo island 0 (ranks 0-3) spans nodes [0, 1]" in w for w in spread.warnings)

@@ -63,7 +63,9 @@ def layer_of(module: str) -> tuple[str, int]:
     parts = module.split(".")
     package = parts[1] if len(parts) > 1 else ""
     if package not in LAYERS:
-        raise AssertionError(f"'{module}' belongs to no layer: add its package to LAYERS and docs/architecture.md")
+        raise AssertionError(
+            f"'{module}' belongs to no layer: add its package to LAYERS and docs/architecture.md"
+        )
     return package, LAYERS[package]
 
 
@@ -133,7 +135,12 @@ def test_the_checks_catch_the_cycles_they_were_written_for() -> None:
         "llm.model.gpt": set(),
         "llm.config": set(),
     }
-    assert ["llm.eval.loading", "llm.training.checkpoint", "llm.training.reshard", "llm.eval.loading"] in cycles(old)
+    assert [
+        "llm.eval.loading",
+        "llm.training.checkpoint",
+        "llm.training.reshard",
+        "llm.eval.loading",
+    ] in cycles(old)
     bad = upward_imports(old)
     assert "llm.eval.loading (layer 6) imports llm.training.checkpoint (layer 6)" in bad
     assert "llm.training.metrics (layer 6) imports llm.planner.memory (layer 6)" in bad
@@ -141,7 +148,10 @@ def test_the_checks_catch_the_cycles_they_were_written_for() -> None:
 
 def test_architecture_doc_names_the_same_layers() -> None:
     doc = (REPO / "docs" / "architecture.md").read_text()
-    assert "errors, progress < config < parallel < engine < model, data < checkpoint < training, eval, export, planner" in doc
+    assert (
+        "errors, progress < config < parallel < engine < model, data < checkpoint < training, eval, export, planner"
+        in doc
+    )
     for package in LAYERS:
         assert f"`llm/{package}" in doc, package
 
@@ -159,7 +169,13 @@ def deepspeed_importers(root: Path) -> set[str]:
     out = set()
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n == "deepspeed" or n.startswith("deepspeed.") for n in names):
                 out.add(_module_name(path))
     return out
@@ -168,4 +184,83 @@ def deepspeed_importers(root: Path) -> set[str]:
 def test_deepspeed_is_imported_only_in_the_seam() -> None:
     outside = {m for m in deepspeed_importers(REPO / "llm") if not m.startswith("llm.engine")}
     assert outside <= DEEPSPEED_OUTSIDE_THE_SEAM, sorted(outside - DEEPSPEED_OUTSIDE_THE_SEAM)
-    assert outside >= DEEPSPEED_OUTSIDE_THE_SEAM, f"moved into the seam: drop {sorted(DEEPSPEED_OUTSIDE_THE_SEAM - outside)} from the list"
+    assert outside >= DEEPSPEED_OUTSIDE_THE_SEAM, (
+        f"moved into the seam: drop {sorted(DEEPSPEED_OUTSIDE_THE_SEAM - outside)} from the list"
+    )
+
+
+# DeepSpeed engine and optimizer attributes outside its public API that llm needs (file names,
+# optimizer parameter order, fp32 masters and partitions, the checkpoint writer, step counters):
+# read only by llm/engine/internals.py, behind the tested-version guard.
+DEEPSPEED_INTERNALS = {
+    "bit16_groups", "bf16_groups", "fp16_groups", "fp32_groups", "fp32_partitioned_groups_flat",
+    "update_lp_params", "hp_fragment", "checkpoint_engine", "global_steps", "global_samples",
+}  # fmt: skip
+
+
+def _on_self(node: ast.Attribute) -> bool:
+    return isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+
+
+def _defined_names(root: Path) -> set[str]:
+    """Every function, class, variable and `self.` attribute name llm itself defines."""
+    out: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                out.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and _on_self(node):
+                out.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                out.add(node.id)
+            elif isinstance(node, ast.arg):
+                out.add(node.arg)
+    return out
+
+
+def foreign_private_reads(root: Path, *, seam: str = "engine") -> list[str]:
+    """`module:line attr` for every access outside llm/<seam>/ to a private attribute that llm does
+    not define itself (someone else's internals: DeepSpeed's, in practice) or to a DeepSpeed internal
+    listed above, as `x.attr` or as getattr/hasattr/setattr(x, "attr")."""
+    defined = _defined_names(root)
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).parts[0] == seam:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Attribute) and not (
+                isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            ):
+                attr = node.attr
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "setattr")
+                  and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):  # fmt: skip
+                attr = node.args[1].value
+            else:
+                continue
+            dunder = attr.startswith("__") and attr.endswith("__")
+            if attr in DEEPSPEED_INTERNALS or (attr.startswith("_") and not dunder and attr not in defined):
+                found.append(f"{path.relative_to(root)}:{node.lineno} {attr}")
+    return found
+
+
+def test_deepspeed_internals_are_read_only_in_the_seam() -> None:
+    assert foreign_private_reads(REPO / "llm") == []
+
+
+def test_the_internals_check_catches_what_it_was_written_for(tmp_path: Path) -> None:
+    """The reads that checkpoint/engine.py and training/diloco.py did before the seam took them."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "engine.py").write_text(
+        "def f(engine, p):\n"
+        "    a = engine._get_ckpt_name('d', 't')\n"
+        "    b = getattr(p, '_hp_mapping', None)\n"
+        "    return engine.optimizer.bit16_groups, engine._own\n"
+        "class C:\n"
+        "    def __init__(self):\n"
+        "        self._own = 1\n"
+    )
+    assert sorted(r.split(" ", 1)[1] for r in foreign_private_reads(tmp_path)) == [
+        "_get_ckpt_name",
+        "_hp_mapping",
+        "bit16_groups",
+    ]

@@ -105,16 +105,22 @@ def test_cluster_configs_validate_and_fit_their_cluster(name: str) -> None:
     validate_world(cfg, world)
     ds = build_deepspeed_config(cfg, world, cuda=True)
     assert ds["train_batch_size"] == cfg.train.global_batch_size and ds["bf16"]["enabled"]
-    cand = evaluate_layout(cfg, config_layout(cfg, world), Cluster(nodes, gpus), precision="bf16", vocab=config_vocab(cfg))
+    cand = evaluate_layout(
+        cfg, config_layout(cfg, world), Cluster(nodes, gpus), precision="bf16", vocab=config_vocab(cfg)
+    )
     assert cand.fits, f"{name}: {cand.memory.total / GB:.1f} GiB per GPU"
     assert cand.bubble < 0.05
 
 
 def test_plan_script_recommends_and_explains_failures() -> None:
     def plan_cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "scripts/plan.py", *args], cwd=REPO, capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "scripts/plan.py", *args], cwd=REPO, capture_output=True, text=True
+        )
 
-    p = plan_cli("--config", "configs/cluster/gpt_6.7b_2x8.yaml", "--nodes", "2", "--gpus-per-node", "8", "--top", "3")
+    p = plan_cli(
+        "--config", "configs/cluster/gpt_6.7b_2x8.yaml", "--nodes", "2", "--gpus-per-node", "8", "--top", "3"
+    )
     assert p.returncode == 0, p.stderr
     assert "recommended: TP" in p.stdout and "deepspeed_config=configs/deepspeed/zero" in p.stdout
     p = plan_cli("--config", "configs/llama_7b.yaml", "--nodes", "1", "--gpus-per-node", "1", "--json")
@@ -123,4 +129,6 @@ def test_plan_script_recommends_and_explains_failures() -> None:
     p = plan_cli("--config", "configs/llama_7b.yaml", "--nodes", "1", "--gpus-per-node", "1")
     assert p.returncode == 1 and "nothing fits 80 GiB per GPU" in p.stdout
     p = plan_cli("--config", "configs/llama_7b.yaml", "model.num_layer=3")
-    assert p.returncode == 1 and p.stderr.startswith("error: unknown config key") and "Traceback" not in p.stderr
+    assert (
+        p.returncode == 1 and p.stderr.startswith("error: unknown config key") and "Traceback" not in p.stderr
+    )

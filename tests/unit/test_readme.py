@@ -18,7 +18,11 @@ from llm.config import ALIASES, Config
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
-SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])]
+SECTIONS = [
+    f.name
+    for f in dataclasses.fields(Config)
+    if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])
+]
 
 
 def _config_keys(cls: type = Config, prefix: str = "") -> set[str]:
@@ -112,4 +116,6 @@ def test_the_cluster_config_table_is_what_the_planner_computes() -> None:
         cluster = Cluster(int(nodes), int(gpus), gpu_memory_gb=80.0, peak_tflops=989.0)
         c = evaluate_layout(cfg, config_layout(cfg, int(nodes) * int(gpus)), cluster, precision="bf16",
                             vocab=config_vocab(cfg))  # fmt: skip
-        assert (f"{c.memory.total / GB:.1f}", f"{100 * c.bubble:.1f}" if bubble else "") == (gib, bubble), path
+        assert (f"{c.memory.total / GB:.1f}", f"{100 * c.bubble:.1f}" if bubble else "") == (gib, bubble), (
+            path
+        )

@@ -96,7 +96,16 @@ def test_exported_hf_tokenizer_encodes_and_decodes_exactly_as_sentencepiece(tmp_
     sentencepiece_to_hf(path).save_pretrained(tmp_path)
     hf, ours = AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(path)
     docs = [d for _, d in zip(range(200), iter_documents())]
-    docs += ["a  b   c", "  lead", "trail  ", "x\n\ny\t", "3.14159", "héllo ✓ 😀 中文", "<|reserved_0|> </s><s>", ""]
+    docs += [
+        "a  b   c",
+        "  lead",
+        "trail  ",
+        "x\n\ny\t",
+        "3.14159",
+        "héllo ✓ 😀 中文",
+        "<|reserved_0|> </s><s>",
+        "",
+    ]
     for doc in docs:
         ids = ours.encode(doc)
         assert hf.encode(doc) == ids and hf(doc)["input_ids"] == ids, doc[:60]

@@ -1,8 +1,8 @@
 """The DeepSpeed versions llm was tested with.
 
-engine.py, reshard.py and llm/training/diloco.py read DeepSpeed's private internals (file naming, ZeRO partition
-layouts, fragment mappings), which change between releases without notice. Importing either with
-another DeepSpeed version fails at once with this message rather than misreading a checkpoint
+`llm.engine.internals` reads DeepSpeed's private internals (file naming, ZeRO partition layouts,
+fragment mappings, the checkpoint writer), which change between releases without notice. Importing it
+with another DeepSpeed version fails at once with this message rather than misreading a checkpoint
 weeks into a run. LLM_ALLOW_UNTESTED_DEEPSPEED=1 downgrades it to a warning (at your own risk).
 """
 
@@ -18,18 +18,20 @@ TESTED_DEEPSPEED = ("0.19.8",)  # every version the test suite ran on; pyproject
 
 
 class UntestedDeepSpeedError(LLMError, ImportError):
-    """The installed DeepSpeed is not one llm's checkpoint code was tested with."""
+    """The installed DeepSpeed is not one llm's DeepSpeed seam was tested with."""
 
 
 def require_tested_deepspeed(installed: str | None = None) -> None:
     try:
         found = installed or version("deepspeed")
     except PackageNotFoundError:
-        raise UntestedDeepSpeedError("DeepSpeed is not installed: pip install -e . installs the tested version") from None
+        raise UntestedDeepSpeedError(
+            "DeepSpeed is not installed: pip install -e . installs the tested version"
+        ) from None
     if found in TESTED_DEEPSPEED:
         return
     message = (
-        f"DeepSpeed {found} is installed, but llm's checkpoint code was tested only with DeepSpeed "
+        f"DeepSpeed {found} is installed, but llm's DeepSpeed seam was tested only with DeepSpeed "
         f"{', '.join(TESTED_DEEPSPEED)}: pip install 'deepspeed=={TESTED_DEEPSPEED[-1]}' (or set "
         "LLM_ALLOW_UNTESTED_DEEPSPEED=1 to try it anyway)"
     )

@@ -1,0 +1,136 @@
+"""Every read or write of a DeepSpeed engine's private internals, behind the tested-version guard.
+
+DeepSpeed's public engine API has no call for: the names of the files a save writes, the order in
+which an optimizer holds its parameters, the fp32 master copies beside the module's parameters,
+ZeRO's fp32 partitions and their per-parameter fragments, creating AdamW's state before the first
+step, the step counters, or the writer a save goes through. Checkpoints (`llm.checkpoint.engine`,
+`llm.checkpoint.reshard`) and DiLoCo's outer step (`llm.training.diloco`) need each of them; they ask
+here. These attributes change between DeepSpeed releases without notice: importing this module with
+an untested version fails at once (`compat.py`), and nothing outside `llm/engine/` reads them
+(tests/unit/test_layering.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.engine.compat import require_tested_deepspeed
+
+require_tested_deepspeed()
+
+
+def torch_optimizer(engine: Any) -> Any:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO and mixed precision hold it as `.optimizer`)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def checkpoint_file_names(engine: Any, root: Path, tag: str, *, zero_files: bool) -> tuple[str, str | None]:
+    """The names of this rank's model-states file and (ZeRO 1-3) optimizer-states file in a save of
+    `tag` under `root`."""
+    model = Path(engine._get_ckpt_name(str(root), tag)).name
+    return model, Path(engine._get_zero_ckpt_name(str(root), tag)).name if zero_files else None
+
+
+def optimizer_parameter_order(engine: Any) -> list[list[torch.nn.Parameter]]:
+    """The module's parameters in the order the optimizer's state dict counts them (ZeRO 0). DeepSpeed's
+    unfused mixed-precision wrapper (bf16 at ZeRO 0) keeps them in `fp16_groups`, in the order of its
+    fp32 masters and of the torch optimizer's state; otherwise the optimizer's own groups."""
+    held = getattr(engine.optimizer, "fp16_groups", None)
+    return [list(g) for g in held] if held else [list(g["params"]) for g in engine.optimizer.param_groups]
+
+
+def fp32_masters(engine: Any) -> dict[int, torch.Tensor]:
+    """id(module parameter) -> its fp32 master copy under DeepSpeed's unfused mixed-precision wrapper
+    (bf16 at ZeRO 0); empty where the optimizer steps the module's parameters themselves."""
+    opt = engine.optimizer
+    held, masters = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if not held or not masters:
+        return {}
+    return {id(p): m for g, mg in zip(held, masters) for p, m in zip(g, mg)}
+
+
+def create_flat_optimizer_state(engine: Any, step: float, keys: tuple[str, ...]) -> None:
+    """ZeRO 1-3 create AdamW's state at the first step; create it now (zeros under `keys`) and link
+    DeepSpeed's per-parameter fragment views to it, so the fragment API (`zero.py`) can fill it."""
+    opt = torch_optimizer(engine)
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO 3 swaps param_groups
+    for flat in flats or [p for group in opt.param_groups for p in group["params"]]:
+        if any(k not in opt.state.get(flat, {}) for k in keys):
+            opt.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in keys}}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO 1/2 (stage 3 looks the state up on every call)
+        link()
+
+
+def set_step_counters(engine: Any, *, global_steps: int, global_samples: int) -> None:
+    """The engine's own step and sample counters (a resume that did not go through its loader)."""
+    engine.global_steps = global_steps
+    engine.global_samples = global_samples
+
+
+def partitioned_fp32_masters(
+    engine: Any,
+) -> tuple[list[tuple[torch.nn.Parameter, torch.Tensor]], Callable[[], None]] | None:
+    """Where the optimizer keeps fp32 masters partitioned over the data-parallel ranks (ZeRO 1/2, and
+    bf16 at ZeRO 0): (module parameter, 1-D view of this rank's fragment of its master) for every
+    parameter with a fragment here, and the call that refreshes the module's low-precision copies from
+    the masters. None where the optimizer steps the module's parameters themselves."""
+    opt = engine.optimizer
+    if not hasattr(opt, "update_lp_params"):
+        return None
+    groups = getattr(opt, "bit16_groups", None) or opt.bf16_groups
+    pieces = [(p, p._hp_mapping.hp_fragment.data.view(-1))
+              for g in groups for p in g if getattr(p, "_hp_mapping", None) is not None]  # fmt: skip
+    return pieces, opt.update_lp_params
+
+
+class KeptFailure:
+    """DeepSpeed's checkpoint writer during one save, with a failed write kept instead of raised.
+
+    A rank whose write raises inside `engine.save_checkpoint` leaves it before DeepSpeed's closing
+    barrier, where the other ranks would then wait until the collective timeout (a node-local disk
+    full on one node). Kept, the failure lets the rank go through DeepSpeed's barriers like the
+    others (writing nothing more); the caller then learns of it from `error` and stops every rank."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.error: BaseException | None = None
+
+    def kept(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            self.error = e
+            return None
+
+    def save(self, state_dict: Any, path: str) -> Any:
+        return self.kept(self.inner.save, state_dict, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> Any:
+        return self.kept(self.inner.makedirs, path, exist_ok=exist_ok)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def write_failures_kept(engine: Any) -> Iterator[KeptFailure]:
+    """The engine's checkpoint writer (every file DeepSpeed writes: model, ZeRO and pipeline layer
+    states) and its copy of the zero_to_fp32 scripts wrapped by one KeptFailure for the block."""
+    kept = KeptFailure(engine.checkpoint_engine)
+    copy_scripts = engine._copy_recovery_script
+    engine.checkpoint_engine = kept
+    engine._copy_recovery_script = lambda path: kept.kept(copy_scripts, path)
+    try:
+        yield kept
+    finally:
+        engine.checkpoint_engine = kept.inner
+        del engine._copy_recovery_script  # the class's method again
