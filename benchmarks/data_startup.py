@@ -146,8 +146,8 @@ def main() -> None:
             if label == "cold":
                 shutil.rmtree(directory / "index-cache", ignore_errors=True)
             built, read = data_startup(prefixes, seq=args.seq_length, train=train, valid=train // 100, gbs=gbs)
-            results[f"build_datasets_{label}_s"] = round(built, 2)
-            results[f"first_batch_of_{gbs}_{label}_s"] = round(read, 2)
+            results[f"build_datasets_{label}_s"] = round(built, 4)
+            results[f"first_batch_of_{gbs}_{label}_s"] = round(read, 4)
             print(label, built, read, file=sys.stderr, flush=True)
         if not args.skip_pretrain:
             iters = train // 4

@@ -73,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--input", nargs="+", help=".jsonl / .txt / .parquet files")
     src.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs the eval extra)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="with --tasks")
-    parser.add_argument("--limit", type=float, default=None, help="with --tasks: examples per task (or a fraction)")
+    parser.add_argument(
+        "--limit", type=float, default=None, help="with --tasks: examples per task (or a fraction)"
+    )
     parser.add_argument("--include-path", default=None, help="with --tasks: a directory of task YAMLs")
-    parser.add_argument("--log-samples", action="store_true", help="with --tasks: every document's scores in the JSON")
+    parser.add_argument(
+        "--log-samples", action="store_true", help="with --tasks: every document's scores in the JSON"
+    )
     parser.add_argument("--output", default=None,
                         help="with --tasks: the results JSON (default: lm_eval.json beside the checkpoint directory)")  # fmt: skip
     parser.add_argument("--split", choices=["all", "train", "valid", "test"], default="all",
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="override the run's tokenizer (for --input)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print a JSON line last")
-    parser.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksum verification")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the checkpoint's checksum verification"
+    )
     parser.add_argument("--trust-pickles", action="store_true",
                         help="unpickle the checkpoint without restriction (it could run code): only one you trust")  # fmt: skip
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by `deepspeed`
@@ -105,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, model = load()
         stream = _stream(args, cfg)
-        result = evaluate_stream(model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx,
-                                 data=cfg.data)
+        result = evaluate_stream(
+            model, stream, seq_length=cfg.model.seq_length, batch_size=args.batch_size, ctx=ctx, data=cfg.data
+        )
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -28,17 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="override the run's tokenizer")
     parser.add_argument("--no-cache", action="store_true", help="recompute the full context every token")
-    parser.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksum verification")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the checkpoint's checksum verification"
+    )
     parser.add_argument("--trust-pickles", action="store_true",
                         help="unpickle the checkpoint without restriction (it could run code): only one you trust")  # fmt: skip
-    parser.add_argument("--truncate-prompt", action="store_true",
-                        help="keep the last context-length tokens of a longer prompt (else: refused)")
+    parser.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="keep the last context-length tokens of a longer prompt (else: refused)",
+    )
     parser.add_argument("--sliding-window", action="store_true",
                         help="generate past the context, each token from the last context-length tokens (else: refused)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        cfg, model = load_trained_model(args.checkpoint, device=default_device(), verify=not args.no_verify,
-                                        trust_pickles=args.trust_pickles)
+        cfg, model = load_trained_model(
+            args.checkpoint,
+            device=default_device(),
+            verify=not args.no_verify,
+            trust_pickles=args.trust_pickles,
+        )
         tok = run_tokenizer(cfg.data.tokenizer, args.tokenizer)
         prompt = tok.encode(args.prompt)
         drop, warnings = fit_context(len(prompt), args.max_new_tokens, model.cfg.max_positions,

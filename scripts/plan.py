@@ -38,7 +38,9 @@ def main() -> int:
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    cluster = Cluster(args.nodes, args.gpus_per_node, gpu_memory_gb=args.gpu_memory, peak_tflops=args.peak_tflops)
+    cluster = Cluster(
+        args.nodes, args.gpus_per_node, gpu_memory_gb=args.gpu_memory, peak_tflops=args.peak_tflops
+    )
     cands = plan(cfg, cluster, precision=args.precision, vocab=vocab)
     if not cands:
         print("error: no layout divides this cluster and the global batch size; change "

@@ -27,12 +27,16 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="run directories (logging.dir)")
     parser.add_argument("--output", "-o", required=True, help="image file: .png, .svg or .pdf")
     parser.add_argument("--names", help="comma-separated names for the runs (default: directory names)")
     parser.add_argument("--log-x", action="store_true", help="logarithmic tokens axis")
-    parser.add_argument("--size", type=_size, default=(1600, 1000), help="WIDTHxHEIGHT in pixels (default 1600x1000)")
+    parser.add_argument(
+        "--size", type=_size, default=(1600, 1000), help="WIDTHxHEIGHT in pixels (default 1600x1000)"
+    )
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
     names = args.names.split(",") if args.names else [None] * len(args.runs)

@@ -52,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         except LLMError as e:
             raise on_every_rank(e) from None
         from llm.training.pretrain import run_pretraining
+        from llm.training.signals import listen_for_stop
 
+        stop = listen_for_stop()  # SIGTERM/SIGUSR1/SIGINT and a vanished launcher: save, then exit 0
         periodic = None
         if cfg.eval.lm_eval_tasks:  # lm-eval during training; training itself does not import eval
             from llm.eval.harness import training_evaluator
 
             periodic = training_evaluator(cfg)
-        state = run_pretraining(cfg, periodic_eval=periodic)
+        state = run_pretraining(cfg, stop=stop, periodic_eval=periodic)
     except LLMError as e:
         if not (e.rank_zero_only and _rank() != 0):
             print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,9 @@ from llm.checkpoint.format import META, CheckpointError, latest_tag, verify_chec
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("path", help="a checkpoint directory (with iter_* tags) or one iter_* directory")
     args = parser.parse_args()
     path = Path(args.path)

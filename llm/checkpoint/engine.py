@@ -49,6 +49,7 @@ from llm.errors import LLMError, on_every_rank
 from llm.model.pipeline import canonical_name
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import full_shape_of, partition_info
+from llm.parallel.random import RNGTracker
 
 logger = logging.getLogger("llm")
 
@@ -63,6 +64,7 @@ def save_checkpoint(
     state: dict[str, Any],
     *,
     ctx: ParallelContext,
+    rng: RNGTracker | None,
     rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Saves through DeepSpeed (every rank); the checkpoint becomes visible only when all ranks are done.
@@ -74,6 +76,7 @@ def save_checkpoint(
     at the next step of this sequence: the partial directory is removed and every rank raises
     CheckpointSaveError naming the directory and the cause, so none is left waiting.
 
+    `rng`: the model's tensor-parallel RNG tracker; its streams and torch's go to `rng/rank_NNNNN.pt`.
     `rank_state` (DiLoCo's outer state) goes to `diloco/rank_NNNNN.pt`. With DiLoCo islands, island
     0's files are the checkpoint as any tool reads it (world_size in the meta is one island's) and
     island k > 0 keeps its own DeepSpeed files under `island_k/` for an exact resume.
@@ -94,7 +97,7 @@ def save_checkpoint(
 
     def write_rank_files() -> None:
         (tag_dir / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(getattr(engine.module, "rng", None)), tag_dir / RNG_DIR / f"rank_{rank:05d}.pt")
+        torch.save(rng_state(rng), tag_dir / RNG_DIR / f"rank_{rank:05d}.pt")
         if rank_state is not None:
             (tag_dir / DILOCO_DIR).mkdir(parents=True, exist_ok=True)
             torch.save(rank_state, tag_dir / DILOCO_DIR / f"rank_{rank:05d}.pt")

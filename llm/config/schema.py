@@ -8,12 +8,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from llm.errors import LLMError
 
 Architecture = Literal["gpt2", "llama"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+RunPrecision = Literal["fp32", "bf16", "fp16"]  # auto settled (resolve_precision)
 DecayStyle = Literal["cosine", "linear", "constant"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 PartitionMethod = Literal["parameters", "uniform", "type:TransformerBlock"]
@@ -280,7 +281,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def resolve_precision(precision: str, *, cuda: bool) -> str:
+def resolve_precision(precision: str, *, cuda: bool) -> RunPrecision:
+    """train.precision with `auto` settled: bf16 on a GPU, fp32 on CPU."""
     if precision == "auto":
         return "bf16" if cuda else "fp32"
-    return precision
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"train.precision = {precision!r}")
+    return cast(RunPrecision, precision)

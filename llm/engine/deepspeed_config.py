@@ -1,19 +1,23 @@
 """The DeepSpeed config dict, derived from our config tree: batch sizes, precision, clipping,
 optimizer, communication dtype; a user's DeepSpeed JSON may add ZeRO/offload knobs, and a value
-that conflicts with one we derive is an error naming both."""
+that conflicts with one we derive is an error naming both. With it, the run's optimizer plan: who
+builds the optimizer, who clips, who reports the gradient norm, decided once."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llm.config import Config, ConfigError, TrainConfig, resolve_precision, validate_world
 from llm.config.loading import merge_trees
+from llm.config.schema import RunPrecision
 
 
-def _derived_deepspeed(cfg: Config, world_size: int, *, cuda: bool) -> dict[str, Any]:
-    precision = resolve_precision(cfg.train.precision, cuda=cuda)
+def _derived_deepspeed(
+    cfg: Config, world_size: int, precision: RunPrecision, *, cuda: bool
+) -> dict[str, Any]:
     if precision == "fp16" and not cuda:
         raise ConfigError(
             "train.precision: fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); use fp32 or bf16"
@@ -102,8 +106,47 @@ def _conflicts(user: Any, derived: Any, path: str) -> list[str]:
     return [f"{path} = {user!r} (ours: {derived!r})"]
 
 
+@dataclass(frozen=True)
+class OptimizerPlan:
+    """Who does what around the optimizer step, decided once per run (`deepspeed_setup`).
+
+    - `optimizer_from`: "deepspeed" builds the optimizer the DeepSpeed dict names and clips at
+      `gradient_clipping`; "llm" hands DeepSpeed llm's own clipped optimizer (llm.training.optim) and
+      sets DeepSpeed's clipping to 0: with pipeline parallelism at ZeRO 0 in fp32, DeepSpeed's
+      clipping counts only the first stage's replicated parameters.
+    - `grad_norm_from`: "deepspeed" (the engine's global norm), "llm_optimizer" (the norm llm's
+      optimizer clipped with), or "llm_grads" (ZeRO 0 in fp32 without a pipeline: DeepSpeed reports no
+      norm, so the step measures the reduced gradients itself, llm.parallel.grads)."""
+
+    precision: RunPrecision
+    zero_stage: int
+    pipeline: bool
+    optimizer_from: Literal["deepspeed", "llm"]
+    grad_norm_from: Literal["deepspeed", "llm_optimizer", "llm_grads"]
+
+    @property
+    def clipped_by(self) -> Literal["deepspeed", "llm"]:
+        return self.optimizer_from
+
+
+def _plan(cfg: Config, zero_stage: int, precision: RunPrecision) -> OptimizerPlan:
+    pipeline = cfg.parallel.pipeline_model_parallel_size > 1
+    plain_fp32 = zero_stage == 0 and precision == "fp32"
+    own = pipeline and plain_fp32
+    return OptimizerPlan(
+        precision=precision, zero_stage=zero_stage, pipeline=pipeline,
+        optimizer_from="llm" if own else "deepspeed",
+        grad_norm_from="llm_optimizer" if own else "llm_grads" if plain_fp32 else "deepspeed",
+    )  # fmt: skip
+
+
 def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[str, Any]:
     """The DeepSpeed dict: the user's JSON (ZeRO/offload knobs) merged with the values we derive."""
+    return deepspeed_setup(cfg, world_size, cuda=cuda)[0]
+
+
+def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[str, Any], OptimizerPlan]:
+    """The DeepSpeed dict and the optimizer plan that goes with it."""
     validate_world(cfg, world_size)
     user: dict[str, Any] = {}
     if cfg.deepspeed_config is not None:
@@ -117,7 +160,8 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
                 f"deepspeed_config '{cfg.deepspeed_config}' sets '{key}'; the optimizer and LR schedule come "
                 "from the train.* settings: remove it from the JSON"
             )
-    derived = _derived_deepspeed(cfg, world_size, cuda=cuda)
+    precision = resolve_precision(cfg.train.precision, cuda=cuda)
+    derived = _derived_deepspeed(cfg, world_size, precision, cuda=cuda)
     problems = _conflicts(user, derived, "")
     if problems:
         raise ConfigError(
@@ -154,14 +198,12 @@ def build_deepspeed_config(cfg: Config, world_size: int, *, cuda: bool) -> dict[
             "zero2.json with parallel.tensor_model_parallel_size > 1"
         )
     _check_zero_stage_knobs(cfg, ds, stage, cuda=cuda)
-    fp32 = resolve_precision(cfg.train.precision, cuda=cuda) == "fp32"
-    if cfg.parallel.pipeline_model_parallel_size > 1 and stage == 0 and fp32:
-        # DeepSpeed's fp32 clipping under pipeline parallelism miscounts the norm: llm's optimizer
-        # (llm.training.optim.ClippedAdamW) clips instead; DeepSpeed gets no optimizer entry.
+    plan = _plan(cfg, stage, precision)
+    if plan.optimizer_from == "llm":  # DeepSpeed gets no optimizer entry and does not clip
         del ds["optimizer"]
         ds["gradient_clipping"] = 0.0
     if cfg.parallel.pipeline_model_parallel_size > 1 and cfg.model.sequence_parallel:
         # DeepSpeed splits stage-boundary activations across the TP group assuming they are replicated
         # there; under sequence parallelism each TP rank holds a different sequence shard.
         ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
-    return ds
+    return ds, plan

@@ -14,17 +14,14 @@ import numpy as np
 import torch
 import yaml
 
-from llm.checkpoint.engine import choose_verified
-from llm.checkpoint.format import complete_tags, latest_tag, read_meta
-from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, ConfigError, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
-from llm.data.identity import data_identity, identity_differences
+from llm.data.identity import data_identity
 from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets
 from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from llm.engine.build import initialize_engine
 from llm.engine.comm import init_distributed
-from llm.engine.deepspeed_config import build_deepspeed_config
+from llm.engine.deepspeed_config import OptimizerPlan, deepspeed_setup
 from llm.engine.mpu import MeshMPU
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
@@ -36,9 +33,13 @@ from llm.training.lr_schedule import make_scheduler
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
 from llm.training.optim import clipped_optimizer
+from llm.training.resume import ResumePoint, resume, resume_source
 from llm.training.run_dir import RunDirectoryError, check_run_directory, check_writable, run_directories
 from llm.training.run_lock import RunLock, RunLockedError
-from llm.training.trainer import PeriodicEval, Trainer, TrainState, load_train_state
+from llm.training.signals import StopRequest
+from llm.training.state import TrainState
+from llm.training.steps import Steps, make_steps
+from llm.training.trainer import PeriodicEval, Trainer
 
 logger = logging.getLogger("llm")
 
@@ -96,20 +97,6 @@ def write_effective_config(cfg: Config, ds_config: dict[str, Any]) -> None:
     (directory / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
 
-def _resume_path(cfg: Config) -> str | None:
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        return None
-    if mode == "auto":
-        found = latest_tag(cfg.checkpoint_dir) or complete_tags(Path(cfg.checkpoint_dir))
-        return cfg.checkpoint_dir if found else None
-    if not Path(mode).exists():
-        raise ConfigError(
-            f"checkpoint.resume = '{mode}' does not exist; use auto, none or a checkpoint directory"
-        )
-    return mode
-
-
 class CollectiveTimeoutError(LLMError, RuntimeError):
     """Another rank stopped answering (hung, stopped or dead) for longer than parallel.timeout_minutes."""
 
@@ -146,13 +133,15 @@ def _datasets(cfg: Config) -> tuple[Any, Any, Any]:
 
 
 def run_pretraining(
-    cfg: Config, *, peak_memory: PeakMemory | None = None, periodic_eval: PeriodicEval | None = None
-) -> TrainState:
-    """The whole run on this process. `peak_memory` measures the `peak_memory_gb` metric (default:
-    `PeakMemory`; benchmarks pass their own to leave out the interpreter's memory on CPU).
-    `periodic_eval(model, iteration)` -> {metric: value} runs on rank 0 every
-    eval.lm_eval_interval iterations and at the end (scripts/pretrain.py passes lm-eval's, built from
-    eval.lm_eval_tasks; training does not import eval)."""
+    cfg: Config, *, stop: StopRequest | None = None, peak_memory: PeakMemory | None = None,
+    periodic_eval: PeriodicEval | None = None,
+) -> TrainState:  # fmt: skip
+    """The whole run on this process. `stop`: the stop request the entry point listens with (signals,
+    the launcher watch; scripts/pretrain.py sets them up); None: only exit_interval stops early.
+    `peak_memory` measures the `peak_memory_gb` metric (default: `PeakMemory`; benchmarks pass their
+    own to leave out the interpreter's memory on CPU). `periodic_eval(model, iteration)` ->
+    {metric: value} runs on rank 0 every eval.lm_eval_interval iterations and at the end
+    (scripts/pretrain.py passes lm-eval's, built from eval.lm_eval_tasks; training does not import eval)."""
     launch = init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
     setup_logging(launch.rank)
     try:  # before building groups: a bad TP x PP is one clear line
@@ -167,18 +156,18 @@ def run_pretraining(
     try:
         layout = gather_layout(ctx, launch)
         cfg = resolve_vocab(cfg)
-        ds_config = build_deepspeed_config(cfg, launch.world_size, cuda=torch.cuda.is_available())
+        ds_config, plan = deepspeed_setup(cfg, launch.world_size, cuda=torch.cuda.is_available())
         if ctx.rank == 0:
             logger.info("%s", layout.describe())
 
-        def write_run_files() -> (
-            None
-        ):  # once the resume is settled: a refused one leaves the files as they were
+        def write_run_files() -> None:  # once the resume is settled: a refused one leaves them as they were
             if ctx.rank == 0:
                 write_effective_config(cfg, ds_config)
                 (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
 
-        state = _train(cfg, ctx, ds_config, peak_memory or PeakMemory(), periodic_eval, write_run_files)
+        steps, num_params = _build_engine(cfg, ctx, ds_config, plan)
+        state = _train(cfg, ctx, steps, num_params, stop or StopRequest(), peak_memory or PeakMemory(),
+                       periodic_eval, write_run_files)  # fmt: skip
     except LLMError as e:
         if not getattr(e, "exit_at_once", False):  # a hung peer's threads cannot be torn down: exit at once
             ctx.release()
@@ -223,82 +212,73 @@ def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
 
 
 def _build_engine(
-    cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]
-) -> tuple[Any, RNGTracker, int]:
-    """The model (plain, or a PipelineModule when pipeline > 1) inside DeepSpeed's engine."""
+    cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], plan: OptimizerPlan
+) -> tuple[Steps, int]:
+    """The model (plain, or a PipelineModule when pipeline > 1) inside DeepSpeed's engine, behind the
+    one step interface; the optimizer is DeepSpeed's or llm's as the plan says."""
     seed_everything(cfg.train.seed)
     rng = RNGTracker()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng.seed(seed=cfg.train.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, device=device)
-    model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng) if ctx.pp == 1 else None
-    if model is None:
+    if plan.pipeline:
         from llm.model.pipeline import build_pipeline_model
 
-        model = build_pipeline_model(cfg, ctx, rng)
-        model.rng = rng  # checkpoints save the per-rank RNG stream of `engine.module.rng`
+        model: torch.nn.Module = build_pipeline_model(cfg, ctx, rng)
+    else:
+        model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
     num_params = count_parameters(model)
     logger.info("model: %s, %.2fM parameters on this rank; %s", cfg.model.architecture, num_params / 1e6,
                 ctx.describe())  # fmt: skip
     groups = parameter_groups(model, cfg.train.weight_decay)
     engine = initialize_engine(
         model,
-        optimizer=None if "optimizer" in ds_config else clipped_optimizer(groups, cfg.train, ctx),
+        optimizer=clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None,
         parameter_groups=groups,
         ds_config=ds_config,
         lr_scheduler=make_scheduler(cfg.train),
-        mpu=MeshMPU(ctx) if ctx.pp == 1 else None,  # a PipelineModule brings its own grid (same rank layout)
+        mpu=None
+        if plan.pipeline
+        else MeshMPU(ctx),  # a PipelineModule brings its own grid (same rank layout)
     )
-    return engine, rng, num_params
+    return make_steps(engine, cfg, ctx, plan, rng), num_params
 
 
 def _train(
-    cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], peak_memory: PeakMemory,
+    cfg: Config, ctx: ParallelContext, steps: Steps, num_params: int, stop: StopRequest, peak_memory: PeakMemory,
     periodic_eval: PeriodicEval | None, write_run_files: Callable[[], None],
 ) -> TrainState:  # fmt: skip
-    engine, rng, num_params = _build_engine(cfg, ctx, ds_config)
     diloco = (
-        DiLoCo(cfg.parallel.diloco, ctx, engine, num_layers=cfg.model.num_layers) if ctx.islands > 1 else None
+        DiLoCo(cfg.parallel.diloco, ctx, steps.engine, num_layers=cfg.model.num_layers)
+        if ctx.islands > 1
+        else None
     )
     peak_memory.reset()  # peak_memory_gb in the metrics: the model and optimizer, plus what training adds
-    state, rng_state, changes = TrainState(), None, list[str]()
+    state, point = TrainState(), None
     fingerprint = tokenizer_fingerprint(cfg.data.tokenizer)
     identity = data_identity(cfg.data, seed=cfg.train.seed)
-    resume = _resume_path(cfg)
-    if resume is not None:
-        tag_dir = choose_verified(
-            resume, ctx, fallback=cfg.checkpoint.resume == "auto", checksums=cfg.checkpoint.verify
-        )
-        data_changes = _data_changes(cfg, tag_dir, identity)  # before the (long) load
-        state, rng_state, changes = load_train_state(
-            engine, tag_dir, cfg, ctx, tokenizer_fingerprint=fingerprint, diloco=diloco
-        )
-        changes += data_changes
-        logger.info("resumed from %s at iteration %d", tag_dir, state.iteration)
-        if state.iteration >= cfg.train.train_iters:
-            logger.warning(
-                "nothing to train: the checkpoint is at iteration %d, train.train_iters = %d. To train on, raise "
-                "train.train_iters; to start a new run, set logging.dir to a new directory", state.iteration,
-                cfg.train.train_iters,
-            )  # fmt: skip
-        for change in changes:
-            logger.info("resume: %s", change)
+    source = resume_source(cfg)
+    if source is not None:
+        point = resume(steps, source, cfg, ctx, fallback=cfg.checkpoint.resume == "auto", diloco=diloco,
+                       tokenizer_fingerprint=fingerprint, data_identity=identity)  # fmt: skip
+        state = point.state
+        _report_resume(cfg, point)
     state.data_identity = identity  # what the checkpoints of this run record from now on
     write_run_files()
     train, valid, test = _datasets(cfg)
     _check_token_range(train, int(cfg.model.vocab_size or 0))
     metrics = MetricsLogger(cfg, enabled=ctx.rank == 0, run_id=state.wandb_run_id,
                             start=(state.iteration, state.consumed_samples))  # fmt: skip
-    if resume is not None:
-        metrics.log({"iteration": state.iteration, "resumed_from": str(tag_dir)})
-    if changes:
-        _record_changes(cfg, metrics, state.iteration, changes, rank=ctx.rank)
+    if point is not None:
+        metrics.log({"iteration": state.iteration, "resumed_from": str(point.tag_dir)})
+        if point.changes:
+            _record_changes(cfg, metrics, state.iteration, point.changes, rank=ctx.rank)
     trainer = Trainer(
-        cfg, ctx, engine, train_data=train, valid_data=valid, test_data=test, metrics=metrics, state=state,
-        num_params=num_params, peak_memory=peak_memory, tokenizer_fingerprint=fingerprint,
+        cfg, ctx, steps, train_data=train, valid_data=valid, test_data=test, metrics=metrics, state=state,
+        num_params=num_params, stop=stop, peak_memory=peak_memory, tokenizer_fingerprint=fingerprint,
         periodic_eval=periodic_eval, diloco=diloco,
     )  # fmt: skip
-    if rng_state is not None:  # last, after everything that might draw random numbers during setup
-        restore_rng_state(rng_state, rng)
+    if point is not None:  # last, after everything that might draw random numbers during setup
+        steps.restore_rng(point.rng_state)
     try:
         return trainer.train()
     except RuntimeError as e:
@@ -309,22 +289,16 @@ def _train(
         metrics.finish()
 
 
-class DataChangedError(ConfigError):
-    """A resume on other data than the checkpoint was trained on (data.allow_changed_data: false)."""
-
-
-def _data_changes(cfg: Config, tag_dir: Path, identity: dict[str, Any]) -> list[str]:
-    """How the data differs from the checkpoint's (`data: ...` entries for the resume changes);
-    refused unless data.allow_changed_data. A checkpoint written before data identities: nothing."""
-    saved = read_meta(tag_dir).get("data_identity")
-    diffs = identity_differences(saved, identity) if saved else []
-    if diffs and not cfg.data.allow_changed_data:
-        raise on_every_rank(DataChangedError(
-            f"the data differs from what checkpoint '{tag_dir}' was trained on: {'; '.join(diffs)}. The data order "
-            "after the resume would not be the run's: resume with the same data, or set data.allow_changed_data=true "
-            "to train on with this data (recorded as a resume change)"
-        ))  # fmt: skip
-    return [f"data: {d}" for d in diffs]
+def _report_resume(cfg: Config, point: ResumePoint) -> None:
+    logger.info("resumed from %s at iteration %d", point.tag_dir, point.state.iteration)
+    if point.state.iteration >= cfg.train.train_iters:
+        logger.warning(
+            "nothing to train: the checkpoint is at iteration %d, train.train_iters = %d. To train on, raise "
+            "train.train_iters; to start a new run, set logging.dir to a new directory", point.state.iteration,
+            cfg.train.train_iters,
+        )  # fmt: skip
+    for change in point.changes:
+        logger.info("resume: %s", change)
 
 
 def _record_changes(

@@ -104,3 +104,14 @@ class LauncherWatch:
                 self.stop.signal_name = LAUNCHER_GONE
                 return
             time.sleep(self.interval)
+
+
+def listen_for_stop() -> StopRequest:
+    """The stop request an entry point trains with: the signal handlers installed (main thread) and
+    the launcher watch started. The first SIGINT, SIGTERM or SIGUSR1 is a request honoured at the next
+    iteration boundary (one arriving during the setup ends the run before its first step); a second
+    SIGINT stops at once."""
+    stop = StopRequest()
+    stop.install()
+    LauncherWatch(stop).start()
+    return stop

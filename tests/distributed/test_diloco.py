@@ -70,7 +70,7 @@ def _run(rank: int, world: int, out: str) -> None:
     from llm.training.diloco import DiLoCo
     from llm.training.lr_schedule import make_scheduler
     from llm.training.optim import clipped_optimizer
-    from llm.training.trainer import _pairs
+    from llm.training.steps import pipeline_pairs
 
     train, held_out = _data()
     results: dict[str, Any] = {}
@@ -101,7 +101,9 @@ def _run(rank: int, world: int, out: str) -> None:
             micro = _island_micro_batches(train, step, ctx.island)
             if pipe:
                 losses.append(
-                    ctx.mean_over_islands(float(engine.train_batch(data_iter=_pairs(iter(micro), cfg.data))))
+                    ctx.mean_over_islands(
+                        float(engine.train_batch(data_iter=pipeline_pairs(iter(micro), cfg.data)))
+                    )
                 )
             else:
                 micro_losses = []
@@ -119,7 +121,9 @@ def _run(rank: int, world: int, out: str) -> None:
         engine.eval()
         with torch.no_grad():
             if pipe:  # two micro-batches of 2: the mean of their means is the batch's mean
-                final = [float(engine.eval_batch(_pairs(iter([held_out[:2], held_out[2:]]), cfg.data)))]
+                final = [
+                    float(engine.eval_batch(pipeline_pairs(iter([held_out[:2], held_out[2:]]), cfg.data)))
+                ]
             else:
                 final = [float(engine(*model_inputs(held_out, cfg.data)))]
         results[variant] = {

@@ -1,0 +1,165 @@
+"""The engine as the training loop sees it: one interface over DeepSpeed's plain and pipeline engines.
+
+    steps.train(batches, scale)      one optimizer step over a global batch -> StepResult
+    steps.evaluate(batches, iters)   the loss over `iters` global batches, without gradients
+    steps.save(state, rank_state)    a checkpoint of the engine, the run's state and random streams
+    steps.load(tag_dir, ...)         a checkpoint back into the engine (at any layout)
+
+The trainer's loop calls these and never asks which engine runs. Which of them reports the gradient
+norm, and in which precision the run steps, comes from the run's optimizer plan
+(`llm.engine.deepspeed_config.OptimizerPlan`), decided once. The random streams (dropout, and the
+tensor-parallel RNG tracker) are the tracker given here, not something found on the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.checkpoint.engine import load_checkpoint, save_checkpoint
+from llm.checkpoint.rng import restore_rng_state
+from llm.config import Config, DataConfig
+from llm.engine.deepspeed_config import OptimizerPlan
+from llm.model.inputs import model_inputs
+from llm.parallel.context import ParallelContext
+from llm.parallel.grads import global_grad_norm
+from llm.parallel.random import RNGTracker
+
+
+@dataclass
+class StepResult:
+    loss: float  # the mean over the global batch: every micro-batch, data-parallel rank and island
+    grad_norm: float | None  # the global norm before clipping (None where no one measures it)
+    lr: float  # the rate this step used
+
+
+class Steps:
+    """What both engines share: checkpoints, the module, the random streams."""
+
+    def __init__(
+        self, engine: Any, cfg: Config, ctx: ParallelContext, plan: OptimizerPlan, rng: RNGTracker
+    ) -> None:
+        self.engine, self.cfg, self.ctx, self.plan, self.rng = engine, cfg, ctx, plan, rng
+        self.device = engine.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module  # type: ignore[no-any-return]
+
+    def train(self, batches: Iterator[torch.Tensor], scale: float | None) -> StepResult:
+        """One optimizer step over the next global batch of `batches` ((B, S + 1) micro-batches of this
+        rank). `scale` (debug.inject_loss_spike_at) multiplies the loss before backward, so its gradients
+        (NaN, or huge before clipping) reach the weights as a real spike's would."""
+        raise NotImplementedError
+
+    def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
+        """The mean loss over `iters` global batches of `batches`, on every rank."""
+        raise NotImplementedError
+
+    def save(self, state: dict[str, Any], rank_state: dict[str, Any] | None) -> Path:
+        return save_checkpoint(
+            self.engine, self.cfg, state, ctx=self.ctx, rank_state=rank_state, rng=self.rng
+        )
+
+    def load(self, tag_dir: Path, *, tokenizer_fingerprint: str | None) -> dict[str, Any]:
+        return load_checkpoint(
+            self.engine, tag_dir, self.cfg, self.ctx, tokenizer_fingerprint=tokenizer_fingerprint
+        )
+
+    def restore_rng(self, saved: Any) -> None:
+        """Every random stream of this rank as a checkpoint saved it (None: left as they are)."""
+        if saved is not None:
+            restore_rng_state(saved, self.rng)
+
+    def _deepspeed_grad_norm(self) -> float | None:
+        return _as_float(self.engine.get_global_grad_norm())
+
+
+class PlainSteps(Steps):
+    """DeepSpeed's engine over the whole model: forward, backward and step for each micro-batch
+    (DeepSpeed steps the optimizer at the last one of the global batch)."""
+
+    def train(self, batches: Iterator[torch.Tensor], scale: float | None) -> StepResult:
+        accum = self.cfg.grad_accumulation_steps(self.ctx.world_size)
+        lr = float(self.engine.get_lr()[0])
+        losses, norm = [], None
+        for micro in range(accum):
+            loss = self.engine(*model_inputs(next(batches), self.cfg.data))
+            if scale is not None:
+                loss = loss * scale
+            self.engine.backward(loss)
+            if micro == accum - 1 and self.plan.grad_norm_from == "llm_grads":
+                # DeepSpeed reports no norm for ZeRO 0 in fp32; gradients are reduced by now.
+                norm = global_grad_norm(self.engine.module.parameters(), self.ctx)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+        if self.plan.grad_norm_from == "deepspeed":
+            norm = self._deepspeed_grad_norm()
+        return StepResult(self.ctx.mean_over_dp([sum(losses) / len(losses)])[0], norm, lr)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
+        self.engine.eval()
+        losses = [float(self.engine(*model_inputs(t, self.cfg.data))) for t in batches]
+        self.engine.train()
+        return self.ctx.mean_over_dp([sum(losses) / max(1, len(losses))])[0]
+
+
+class PipelineSteps(Steps):
+    """DeepSpeed's pipeline engine: one call runs all micro-batches of the global batch through the
+    stages; the loss comes back averaged over them and the island's data-parallel ranks, on every
+    stage. A spike's scale is applied inside the last stage's loss function, before backward (the loss
+    function runs inside DeepSpeed's schedule)."""
+
+    def train(self, batches: Iterator[torch.Tensor], scale: float | None) -> StepResult:
+        lr = float(self.engine.get_lr()[0])
+        loss_fn = self.engine.module.loss_fn
+        loss_fn.factor = scale
+        try:
+            loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data))
+        finally:
+            loss_fn.factor = None
+        if self.plan.grad_norm_from == "llm_optimizer":
+            norm = self.engine.optimizer.last_grad_norm  # llm.training.optim's clipped optimizer
+        else:
+            norm = self._deepspeed_grad_norm()
+        return StepResult(self.ctx.mean_over_islands(float(loss)), norm, lr)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
+        pairs = pipeline_pairs(batches, self.cfg.data)
+        losses = [float(self.engine.eval_batch(pairs)) for _ in range(iters)]
+        # already averaged over micro-batches and the island's data-parallel ranks
+        return self.ctx.mean_over_islands(sum(losses) / len(losses))
+
+
+def make_steps(engine: Any, cfg: Config, ctx: ParallelContext, plan: OptimizerPlan, rng: RNGTracker) -> Steps:
+    return (PipelineSteps if plan.pipeline else PlainSteps)(engine, cfg, ctx, plan, rng)
+
+
+def _as_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if isinstance(x, torch.Tensor) else x)
+
+
+def pipeline_pairs(batches: Iterator[torch.Tensor], data: DataConfig) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(B, S + 1) token batches -> (inputs, labels) as DeepSpeed's pipeline expects: the first stage
+    reads the inputs (with document-aware training: ids, positions, doc ids; each passed on from
+    stage to stage), the last the labels."""
+    for tokens in batches:
+        inputs, labels, *docs = model_inputs(tokens, data)
+        assert inputs is not None and labels is not None
+        if not docs:
+            yield inputs.contiguous(), labels.contiguous()
+            continue
+        positions, doc_ids = docs
+        if positions is None:
+            positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(inputs)
+        yield (inputs.contiguous(), positions.contiguous(), doc_ids.contiguous()), labels.contiguous()
