@@ -14,7 +14,8 @@ import sys
 
 from llm.config import load_config
 from llm.errors import LLMError
-from llm.export.hf import export_checkpoint, import_hf
+from llm.export.from_hf import import_hf
+from llm.export.to_hf import export_checkpoint
 from llm.progress import show_progress_lines
 
 

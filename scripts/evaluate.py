@@ -25,8 +25,8 @@ from llm.data.indexed_dataset import IndexedDataset
 from llm.data.sources import expand_inputs, iter_file_records
 from llm.data.tokenizer import run_tokenizer
 from llm.errors import LLMError
-from llm.eval.loading import default_device, eval_context
 from llm.eval.perplexity import evaluate_stream, token_stream
+from llm.eval.process import default_device, eval_context
 from llm.progress import show_progress_lines
 
 

@@ -12,7 +12,7 @@ from llm.checkpoint.merge import load_trained_model
 from llm.data.tokenizer import run_tokenizer
 from llm.errors import LLMError
 from llm.eval.generate import fit_context, generate
-from llm.eval.loading import default_device
+from llm.eval.process import default_device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,9 @@ import torch
 from llm.checkpoint import reshard
 from llm.checkpoint.format import (
     DILOCO_DIR,
-    LAYOUT_DIR,
     MANIFEST,
     RNG_DIR,
+    SHARD_MAP_DIR,
     UNIVERSAL_DIR,
     CheckpointError,
     build_meta,
@@ -46,7 +46,7 @@ from llm.checkpoint.rng import rng_state
 from llm.config import Config
 from llm.engine.internals import checkpoint_file_names, optimizer_parameter_order, write_failures_kept
 from llm.errors import LLMError, on_every_rank
-from llm.model.pipeline import canonical_name
+from llm.model.names import canonical_name
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import full_shape_of, partition_info
 from llm.parallel.random import RNGTracker
@@ -102,7 +102,7 @@ def save_checkpoint(
             (tag_dir / DILOCO_DIR).mkdir(parents=True, exist_ok=True)
             torch.save(rank_state, tag_dir / DILOCO_DIR / f"rank_{rank:05d}.pt")
         if ctx.island == 0:
-            write_rank_layout(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
+            write_shard_map(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
         root = island_root(directory, tag_dir, ctx)
         (root / tag_dir.name).mkdir(parents=True, exist_ok=True)
 
@@ -260,7 +260,7 @@ def check_pickles_distributed(tag_dir: Path, ctx: ParallelContext) -> None:
                     UnsafeCheckpointError)  # fmt: skip
 
 
-def parameter_layout(module: torch.nn.Module, num_layers: int) -> dict[str, dict[str, Any]]:
+def parameter_splits(module: torch.nn.Module, num_layers: int) -> dict[str, dict[str, Any]]:
     """Plain-model name -> how this rank holds the parameter: its tensor-parallel split (the layer's
     own `partition_info`: dimension and stride, or the grouped-QKV layout with KV rows shared by
     several ranks), its local and full shapes."""
@@ -272,8 +272,10 @@ def parameter_layout(module: torch.nn.Module, num_layers: int) -> dict[str, dict
     return out
 
 
-def write_rank_layout(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_layers: int) -> None:
-    """This rank's coordinates, file names, optimizer parameter order and parameter layouts."""
+def write_shard_map(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_layers: int) -> None:
+    """This rank's shard map: its coordinates, file names, optimizer parameter order and the split of
+    every parameter it holds (`layout/rank_NNNNN.json`; the directory keeps its first name so older
+    checkpoints read the same)."""
     stage = int(engine.zero_optimization_stage())
     # ZeRO 1-3 keep flat fp32 partitions in files that name their parameters; ZeRO 0's torch state
     # dict counts them in its groups' order.
@@ -292,10 +294,10 @@ def write_rank_layout(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_l
         "model_file": model_file,
         "optim_file": optim_file,
         "groups": groups,
-        "params": parameter_layout(engine.module, num_layers),
+        "params": parameter_splits(engine.module, num_layers),
     }  # fmt: skip
-    (tag_dir / LAYOUT_DIR).mkdir(parents=True, exist_ok=True)
-    (tag_dir / LAYOUT_DIR / f"rank_{ctx.rank:05d}.json").write_text(json.dumps(info))
+    (tag_dir / SHARD_MAP_DIR).mkdir(parents=True, exist_ok=True)
+    (tag_dir / SHARD_MAP_DIR / f"rank_{ctx.rank:05d}.json").write_text(json.dumps(info))
 
 
 def load_checkpoint(

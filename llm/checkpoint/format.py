@@ -24,7 +24,8 @@ logger = logging.getLogger("llm")
 META = "llm_meta.json"
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
-LAYOUT_DIR, UNIVERSAL_DIR, RNG_DIR, DILOCO_DIR = "layout", "universal", "rng", "diloco"
+# SHARD_MAP_DIR: every rank's shard map (named `layout/` since the first checkpoints; kept for them)
+SHARD_MAP_DIR, UNIVERSAL_DIR, RNG_DIR, DILOCO_DIR = "layout", "universal", "rng", "diloco"
 UNIVERSAL_FORM = "universal"  # meta["form"] of a checkpoint that holds only universal/ (an import)
 CHECKSUM = "xxh3_64"
 MANIFEST_VERSION = 2  # 1: {name: size}; 2: {"files": {name: {"size", "xxh3_64"}}}
@@ -263,15 +264,15 @@ def choose_checkpoint(path: str | Path, *, fallback: bool, verify: Any = None) -
     raise CheckpointError(f"no complete checkpoint in '{root}'; start fresh with checkpoint.resume=none")
 
 
-# --------------------------------------------------------------------------- rank layouts
+# ----------------------------------------------------------------------------- shard maps
 
 
-def read_rank_layouts(tag_dir: Path) -> list[dict[str, Any]]:
-    """Every rank's `layout/rank_NNNNN.json` (coordinates, file names, parameter layouts)."""
-    files = sorted((tag_dir / LAYOUT_DIR).glob("rank_*.json"))
+def read_shard_maps(tag_dir: Path) -> list[dict[str, Any]]:
+    """Every rank's shard map, `layout/rank_NNNNN.json` (coordinates, file names, parameter splits)."""
+    files = sorted((tag_dir / SHARD_MAP_DIR).glob("rank_*.json"))
     if not files:
         raise CheckpointError(
-            f"checkpoint '{tag_dir}' has no {LAYOUT_DIR}/ files (written by an older llm): resume it at its "
+            f"checkpoint '{tag_dir}' has no {SHARD_MAP_DIR}/ files (written by an older llm): resume it at its "
             "own layout, or start fresh from its weights"
         )
     out = []

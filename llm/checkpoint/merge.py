@@ -23,7 +23,7 @@ from llm.checkpoint.format import (
     is_universal_only,
     parameter_specs,
     read_meta,
-    read_rank_layouts,
+    read_shard_maps,
     resolve_checkpoint,
     verify_checkpoint,
 )
@@ -31,7 +31,7 @@ from llm.checkpoint.pickles import check_files, load_file, pickled_files
 from llm.config import Config, replace_validated
 from llm.engine.zero import zero3_fp32_state_dict
 from llm.model.gpt import GPT
-from llm.model.pipeline import canonical_prefix
+from llm.model.names import canonical_prefix
 from llm.parallel.layers import merge_by_spec
 
 Tensors = dict[str, torch.Tensor]
@@ -130,7 +130,7 @@ def load_model_state(
             shards = [
                 _read_model_file(tag_dir / f"mp_rank_{r:02d}_model_states.pt", trust=trust) for r in range(tp)
             ]
-        specs = parameter_specs(read_rank_layouts(tag_dir)) if tp > 1 else {}
+        specs = parameter_specs(read_shard_maps(tag_dir)) if tp > 1 else {}
         state = merge_tensor_parallel(shards, specs)
     return cfg, {k: v.float() for k, v in state.items()}, meta
 

@@ -43,13 +43,13 @@ from llm.checkpoint.format import (
     UNIVERSAL_DIR,
     CheckpointError,
     parameter_specs,
-    read_rank_layouts,
+    read_shard_maps,
 )
 from llm.checkpoint.merge import fit_vocab_rows, load_model_state, load_tensor_file
 from llm.config import Config
 from llm.engine.internals import create_flat_optimizer_state, fp32_masters, set_step_counters, torch_optimizer
 from llm.engine.zero import gathered_for_write, set_full_fp32_param, set_full_optimizer_state
-from llm.model.pipeline import canonical_name
+from llm.model.names import canonical_name
 from llm.parallel.layers import merge_by_spec, partition_info, shard_by_spec
 from llm.progress import Progress
 
@@ -229,7 +229,7 @@ def convert(tag_dir: Path, cfg: Config, meta: dict[str, Any]) -> Path:
     out = tag_dir / UNIVERSAL_DIR
     if (out / STATE_FILE).is_file():
         return out
-    layouts = read_rank_layouts(tag_dir)
+    layouts = read_shard_maps(tag_dir)
     tp = int(meta.get("tensor_parallel", 1))
     specs = parameter_specs(layouts) if tp > 1 else {}
     trust = cfg.checkpoint.trust_pickles

@@ -52,7 +52,7 @@ class LLMHarness(TemplateLM):  # type: ignore[misc,valid-type]
         if model is None:  # built by lm-eval from --model_args checkpoint=...
             from llm.checkpoint.merge import load_trained_model
             from llm.data.tokenizer import run_tokenizer
-            from llm.eval.loading import default_device
+            from llm.eval.process import default_device
 
             if checkpoint is None:
                 raise HarnessError("--model llm needs --model_args checkpoint=<checkpoint directory>")

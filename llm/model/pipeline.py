@@ -9,7 +9,7 @@ Layer list (indices are DeepSpeed's layer ids, used in its checkpoint file names
 
 Each adapter initializes its parameters under the plain model's names (`layers.3.mlp.fc.weight`),
 so the pipeline model starts from exactly the weights of `GPT` with the same seed, and its
-checkpoints map back to those names (`canonical_prefix`). Inputs reach the first stage, labels the
+checkpoints map back to those names (`llm.model.names`). Inputs reach the first stage, labels the
 last; the loss is `lm_loss` of the plain model.
 """
 
@@ -132,20 +132,6 @@ class PipelineLoss:
             local_logits, labels, self.ctx, vocab_start=self.vocab_start, vocab_size=self.vocab_size
         )
         return loss if self.factor is None else loss * self.factor
-
-
-def canonical_prefix(layer_idx: int, num_layers: int) -> str:
-    """The plain-model name prefix of the parameters in DeepSpeed pipeline layer `layer_idx`."""
-    return f"layers.{layer_idx - 1}." if 1 <= layer_idx <= num_layers else ""
-
-
-def canonical_name(name: str, num_layers: int) -> str:
-    """DeepSpeed pipeline names (`3.mlp.fc.weight`, `tied_modules.embed.embed.weight`) -> plain-model
-    names (`layers.2.mlp.fc.weight`, `embed.weight`); plain names are returned unchanged."""
-    if name.startswith("tied_modules."):
-        return name.split(".", 2)[2]
-    head, _, rest = name.partition(".")
-    return canonical_prefix(int(head), num_layers) + rest if head.isdigit() else name
 
 
 def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> Any:

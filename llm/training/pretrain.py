@@ -26,7 +26,7 @@ from llm.engine.mpu import MeshMPU
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
 from llm.parallel.context import ParallelContext, is_collective_timeout
-from llm.parallel.layout import gather_layout
+from llm.parallel.placement import gather_placement
 from llm.parallel.random import RNGTracker
 from llm.training.diloco import DiLoCo
 from llm.training.lr_schedule import make_scheduler
@@ -154,16 +154,16 @@ def run_pretraining(
     )  # fmt: skip
     lock = _claim_run(cfg, ctx)  # before anything is written into the run directory
     try:
-        layout = gather_layout(ctx, launch)
+        placement = gather_placement(ctx, launch)
         cfg = resolve_vocab(cfg)
         ds_config, plan = deepspeed_setup(cfg, launch.world_size, cuda=torch.cuda.is_available())
         if ctx.rank == 0:
-            logger.info("%s", layout.describe())
+            logger.info("%s", placement.describe())
 
         def write_run_files() -> None:  # once the resume is settled: a refused one leaves them as they were
             if ctx.rank == 0:
                 write_effective_config(cfg, ds_config)
-                (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2))
+                (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(placement.to_dict(), indent=2))
 
         steps, num_params = _build_engine(cfg, ctx, ds_config, plan)
         state = _train(cfg, ctx, steps, num_params, stop or StopRequest(), peak_memory or PeakMemory(),

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from llm.config import load_config
 from llm.model.gpt import build_model, parameter_groups
 from llm.model.inputs import model_inputs
-from llm.model.pipeline import build_pipeline_model, canonical_prefix
+from llm.model.names import canonical_prefix
+from llm.model.pipeline import build_pipeline_model
 from llm.parallel.context import ParallelContext
 from llm.parallel.random import RNGTracker
 from llm.training.steps import pipeline_pairs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.checkpoint.engine import parameter_layout
+from llm.checkpoint.engine import parameter_splits
 from llm.config import DataConfig, ModelConfig
 from llm.model.gpt import build_model
 from llm.model.inputs import model_inputs
@@ -61,7 +61,7 @@ def _parity(
     dense_cfg = _cfg(arch, False, groups, norms)
     tp_model = build_model(cfg, seed=7, ctx=ctx)
     expected = {n: _expected_spec(n, cfg, world) for n, _ in tp_model.named_parameters()}
-    recorded = {n: e["spec"] for n, e in parameter_layout(tp_model, cfg.num_layers).items() if e["spec"]}
+    recorded = {n: e["spec"] for n, e in parameter_splits(tp_model, cfg.num_layers).items() if e["spec"]}
     assert recorded == {n: spec for n, spec in expected.items() if spec is not None}
     ref = build_model(dense_cfg, seed=7)  # layout-independent init: same full weights
     tokens = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))

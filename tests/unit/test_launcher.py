@@ -6,7 +6,7 @@ import pytest
 
 from llm.parallel.context import ParallelContext
 from llm.parallel.launcher import LaunchError, detect_launch, expand_nodelist
-from llm.parallel.layout import build_layout
+from llm.parallel.placement import build_placement
 
 
 def test_slurm_nodelists_expand_like_scontrol() -> None:
@@ -74,7 +74,7 @@ def test_plain_python_and_bad_values() -> None:
 def test_layout_report_names_nodes_groups_and_cross_node_tp() -> None:
     ctx = ParallelContext(world_size=8, rank=0, tp=2, pp=2)
     everyone = [(r // 4, "hostA" if r < 4 else "hostB", r % 4) for r in range(8)]
-    layout = build_layout(ctx, "torchrun", everyone)
+    layout = build_placement(ctx, "torchrun", everyone)
     assert [n["ranks"] for n in layout.nodes] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert layout.groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert layout.groups["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
@@ -85,12 +85,12 @@ def test_layout_report_names_nodes_groups_and_cross_node_tp() -> None:
         "2 node(s) x 4 rank(s) = world 8 = TP 2 x PP 2 x DP 2" in text and "node 1 (hostB): ranks 4-7" in text
     )
     # three ranks per node: the TP group [2, 3] straddles nodes 0 and 1
-    odd = build_layout(
+    odd = build_placement(
         ParallelContext(world_size=6, rank=0, tp=2), "srun", [(r // 3, "h", 0) for r in range(6)]
     )
     assert len(odd.warnings) == 1 and "[2, 3] spans nodes [0, 1]" in odd.warnings[0]
     # two "nodes" on one host (node ranks from the launcher) are still two nodes
-    two = build_layout(ParallelContext(world_size=2, rank=0), "torchrun", [(0, "h", 0), (1, "h", 0)])
+    two = build_placement(ParallelContext(world_size=2, rank=0), "torchrun", [(0, "h", 0), (1, "h", 0)])
     assert len(two.nodes) == 2
 
 
@@ -99,7 +99,7 @@ def test_layout_of_diloco_islands() -> None:
     stays inside one; an island spread over two nodes is flagged."""
     ctx = ParallelContext(world_size=8, rank=5, tp=2, islands=2)
     assert (ctx.island, ctx.dp, ctx.dp_rank, ctx.tp_rank, ctx.data_rank, ctx.data_size) == (1, 2, 0, 1, 2, 4)
-    layout = build_layout(ctx, "srun", [(r // 4, f"h{r // 4}", r % 4) for r in range(8)])
+    layout = build_placement(ctx, "srun", [(r // 4, f"h{r // 4}", r % 4) for r in range(8)])
     assert layout.groups["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]] and layout.groups["tp"][2] == [4, 5]
     assert layout.groups["island"] == [[0, 4], [1, 5], [2, 6], [3, 7]] and ctx.grid()["data"][1] == [
         1,
@@ -108,5 +108,5 @@ def test_layout_of_diloco_islands() -> None:
         7,
     ]
     assert "world 8 = 2 DiLoCo islands x TP 2 x PP 1 x DP 2" in layout.describe() and not layout.warnings
-    spread = build_layout(ctx, "srun", [(r % 2, f"h{r % 2}", r // 2) for r in range(8)])
+    spread = build_placement(ctx, "srun", [(r % 2, f"h{r % 2}", r // 2) for r in range(8)])
     assert any("DiLoCo island 0 (ranks 0-3) spans nodes [0, 1]" in w for w in spread.warnings)

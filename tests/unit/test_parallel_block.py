@@ -74,7 +74,7 @@ def test_export_refuses_before_reading_any_weights(tmp_path: Path) -> None:
     weight file (export reads the saved config before it loads and merges the weights)."""
     from llm.checkpoint.format import build_meta, write_meta
     from llm.config import load_config
-    from llm.export.hf import export_checkpoint
+    from llm.export.to_hf import export_checkpoint
 
     tag = tmp_path / "iter_0000001"
     tag.mkdir()

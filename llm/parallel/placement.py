@@ -1,4 +1,5 @@
-"""The layout a run built (nodes, ranks, TP/PP/DP groups), gathered once and reported by rank 0.
+"""The placement a run built (which ranks run on which nodes, and its TP/PP/DP groups), gathered once
+and reported by rank 0 (the log's `layout:` line and the run directory's `layout.json`).
 
 Every rank sends its host name, node rank (when the launcher gives one: two "nodes" started on one
 machine are still two nodes) and local rank; rank 0 prints one summary and writes `layout.json`.
@@ -19,7 +20,7 @@ SHOWN_GROUPS = 4
 
 
 @dataclass
-class Layout:
+class Placement:
     launcher: str
     world_size: int
     tp: int
@@ -64,16 +65,18 @@ def _ranks(ranks: list[int]) -> str:
     return ", ".join(map(str, ranks))
 
 
-def gather_layout(ctx: ParallelContext, launch: LaunchEnv) -> Layout:
-    """Collective: every rank must call it. Returns the same Layout on every rank."""
+def gather_placement(ctx: ParallelContext, launch: LaunchEnv) -> Placement:
+    """Collective: every rank must call it. Returns the same Placement on every rank."""
     host = socket.gethostname()
     me = (launch.node_rank, host, launch.local_rank)
     everyone = ctx.all_gather_object(me)
-    return build_layout(ctx, launch.launcher, everyone)
+    return build_placement(ctx, launch.launcher, everyone)
 
 
-def build_layout(ctx: ParallelContext, launcher: str, everyone: list[tuple[int | None, str, int]]) -> Layout:
-    """The Layout from every rank's (node rank or None, host, local rank), in rank order."""
+def build_placement(
+    ctx: ParallelContext, launcher: str, everyone: list[tuple[int | None, str, int]]
+) -> Placement:
+    """The Placement from every rank's (node rank or None, host, local rank), in rank order."""
     node_of: dict[Any, int] = {}
     nodes: list[dict[str, Any]] = []
     rank_node: list[int] = []
@@ -100,7 +103,7 @@ def build_layout(ctx: ParallelContext, launcher: str, everyone: list[tuple[int |
         for i, g in enumerate(_islands(ctx))
         if ctx.islands > 1 and len({rank_node[r] for r in g}) > 1 and len(nodes) >= ctx.islands
     ][:SHOWN_GROUPS]
-    return Layout(launcher, ctx.world_size, ctx.tp, ctx.pp, ctx.dp, nodes, groups, warnings, ctx.islands)
+    return Placement(launcher, ctx.world_size, ctx.tp, ctx.pp, ctx.dp, nodes, groups, warnings, ctx.islands)
 
 
 def _islands(ctx: ParallelContext) -> list[list[int]]:

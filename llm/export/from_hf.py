@@ -1,19 +1,14 @@
-"""Hugging Face export and import.
+"""Hugging Face import: a GPT-2 or Llama directory on disk -> an llm checkpoint to continue pretraining from.
 
-Export: a checkpoint of any layout -> a directory that `AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained` load offline (safetensors; gpt2 -> GPT2LMHeadModel, llama ->
-LlamaForCausalLM; the tokenizer encodes exactly as ours, see llm/export/tokenizer.py).
-
-Import: a GPT-2 or Llama directory on disk -> an llm checkpoint to continue pretraining from. It
-is written in the layout-independent form a resume at another layout uses (`universal/`: full
+It is written in the layout-independent form a resume at another layout uses (`universal/`: full
 weights; the optimizer starts fresh), so it loads at any TP x PP x DP and ZeRO stage:
 `deepspeed scripts/pretrain.py --config OUT/config.yaml checkpoint.resume=OUT/iter_0000000 ...`.
+Nothing in the directory runs code (no `trust_remote_code`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,72 +19,14 @@ import yaml
 from llm.checkpoint.format import (
     UNIVERSAL_FORM,
     CheckpointError,
-    config_from_meta,
-    read_meta,
-    resolve_checkpoint,
     set_latest,
     tag_for,
     write_manifest,
     write_meta,
 )
-from llm.checkpoint.merge import load_model_state
 from llm.checkpoint.reshard import write_universal
 from llm.config import Config, ModelConfig, replace_validated
-from llm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, run_tokenizer
-from llm.export.tokenizer import sentencepiece_to_hf
-from llm.model.hf import check_exportable, from_hf_state_dict, hf_config, to_hf_state_dict
-from llm.progress import Progress
-
-
-def export_checkpoint(
-    checkpoint: str | Path,
-    output: str | Path,
-    *,
-    tokenizer: str | None = None,
-    verify: bool = True,
-    trust_pickles: bool = False,
-) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    # a model no transformers class computes is refused before any weights are read
-    check_exportable(config_from_meta(read_meta(resolve_checkpoint(checkpoint))).model)
-    progress = Progress(3, f"exporting {checkpoint} to {output}", unit="stages", interval=0.0)
-    cfg, state, meta = load_model_state(checkpoint, verify=verify, trust_pickles=trust_pickles)
-    progress.update()  # read, verified and merged
-    tok = run_tokenizer(cfg.data.tokenizer, tokenizer)
-    config = hf_config(cfg.model)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(to_hf_state_dict(state, cfg.model), strict=False)
-    missing = [
-        m for m in missing if "rotary" not in m and not m.endswith("attn.bias") and m != "lm_head.weight"
-    ]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint '{checkpoint}' does not map onto {type(model).__name__}: {missing or unexpected}"
-        )
-    progress.update()  # mapped onto the transformers model
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    progress.update()
-    progress.close()
-    _export_tokenizer(tok, out)
-    (out / "llm_export.json").write_text(
-        json.dumps(
-            {"checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "model": cfg.model.__dict__}
-        )
-    )
-    return out
-
-
-def _export_tokenizer(tok: Any, out: Path) -> None:
-    if isinstance(tok, SentencePieceTokenizer):
-        sentencepiece_to_hf(tok.path).save_pretrained(out)
-    elif isinstance(tok, HFTokenizer):
-        tok._tok.save_pretrained(out)
-    else:  # pragma: no cover - load_tokenizer returns one of the two
-        raise TypeError(type(tok))
+from llm.model.hf import from_hf_state_dict
 
 
 def model_config_from_hf(config: Any, *, seq_length: int | None = None) -> ModelConfig:
