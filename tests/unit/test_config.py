@@ -273,3 +273,39 @@ def test_compressed_communication_settings(tmp_path: Path) -> None:
     zpp.write_text(json.dumps({"zero_optimization": {"stage": 2, "zero_quantized_weights": True}}))
     with pytest.raises(ConfigError, match="works at ZeRO stage 3 only \\(this is stage 2\\)"):
         build_deepspeed_config(load_config(None, [f"deepspeed_config={zpp}"]), 8, cuda=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cuda", "expected"),
+    [
+        # pipeline, ZeRO 0, fp32: DeepSpeed's clipping miscounts the norm, llm's optimizer clips and reports it
+        (["parallel.pipeline_model_parallel_size=2"], False, ("fp32", 0, True, "llm", "llm_optimizer")),
+        # no pipeline, ZeRO 0, fp32: DeepSpeed clips but reports no norm; the step measures it
+        ([], False, ("fp32", 0, False, "deepspeed", "llm_grads")),
+        (
+            ["deepspeed_config=configs/deepspeed/zero1.json"],
+            False,
+            ("fp32", 1, False, "deepspeed", "deepspeed"),
+        ),
+        (["parallel.pipeline_model_parallel_size=2"], True, ("bf16", 0, True, "deepspeed", "deepspeed")),
+    ],
+)
+def test_the_optimizer_plan_decides_who_builds_clips_and_reports(
+    overrides: list[str], cuda: bool, expected: tuple
+) -> None:
+    from llm.engine.deepspeed_config import deepspeed_setup
+
+    cfg = load_config(None, ["model.num_layers=4", *overrides])
+    ds, plan = deepspeed_setup(cfg, 2, cuda=cuda)
+    assert (
+        plan.precision,
+        plan.zero_stage,
+        plan.pipeline,
+        plan.optimizer_from,
+        plan.grad_norm_from,
+    ) == expected
+    assert plan.clipped_by == plan.optimizer_from
+    # the DeepSpeed dict says the same: no optimizer entry and no clipping where llm's optimizer clips
+    assert ("optimizer" in ds) == (plan.optimizer_from == "deepspeed")
+    assert (ds["gradient_clipping"] == 0.0) == (plan.optimizer_from == "llm")
+    assert ds == build_deepspeed_config(cfg, 2, cuda=cuda)
