@@ -5,17 +5,20 @@ the values; the DeepSpeed dict is derived from it in the seam (llm/engine/deepsp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from llm.config.batches import BatchSchedule
 from llm.errors import LLMError
 
 Architecture = Literal["gpt2", "llama"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 RunPrecision = Literal["fp32", "bf16", "fp16"]  # auto settled (resolve_precision)
-DecayStyle = Literal["cosine", "linear", "constant"]
+DecayStyle = Literal["cosine", "linear", "constant", "WSD"]
+WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 PartitionMethod = Literal["parameters", "uniform", "type:TransformerBlock"]
 Optimizer = Literal["adamw", "sgd"]
@@ -109,6 +112,14 @@ class TrainConfig:
     lr_warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None = train_iters
     lr_decay_style: DecayStyle = "cosine"
+    # WSD (warmup-stable-decay): the rate stays at lr after warmup and decays to min_lr over the last
+    # lr_wsd_decay_iters iterations of the decay length (None: lr_wsd_decay_fraction of it)
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_fraction: float = 0.2
+    lr_wsd_decay_style: WSDDecayStyle = "exponential"  # Megatron's default; minus_sqrt = 1 - sqrt(progress)
+    # [start, increment, samples]: the global batch grows from start by increment until
+    # global_batch_size after `samples` samples (Megatron's --rampup-batch-size; llm.config.batches)
+    rampup_batch_size: list[int] | None = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -130,6 +141,20 @@ class TrainConfig:
     @property
     def decay_iters(self) -> int:
         return self.lr_decay_iters or self.train_iters
+
+    @property
+    def wsd_decay_iters(self) -> int:
+        """The iterations of WSD's decay phase, at the end of the decay length."""
+        if self.lr_wsd_decay_iters is not None:
+            return self.lr_wsd_decay_iters
+        return max(1, round(self.lr_wsd_decay_fraction * self.decay_iters))
+
+    @property
+    def batch_schedule(self) -> BatchSchedule:
+        """The global batch of every iteration (constant, or ramped up: train.rampup_batch_size)."""
+        return _batch_schedule(
+            self.global_batch_size, tuple(self.rampup_batch_size) if self.rampup_batch_size else None
+        )
 
     @property
     def skip_ranges(self) -> list[tuple[int, int]]:
@@ -288,3 +313,8 @@ def resolve_precision(precision: str, *, cuda: bool) -> RunPrecision:
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"train.precision = {precision!r}")
     return cast(RunPrecision, precision)
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_schedule(global_batch_size: int, rampup: tuple[int, ...] | None) -> BatchSchedule:
+    return BatchSchedule(global_batch_size, rampup)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "positive": (lambda v: v > 0, "must be positive"),
     "non-negative": (lambda v: v >= 0, "must be 0 or more"),
     "fraction": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "fraction>0": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
     "ratio>=1": (lambda v: v >= 1, "must be at least 1"),
     "seed": (lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)"),
 }
@@ -54,6 +55,8 @@ _RANGES: dict[str, str] = {
     "train.min_lr": "non-negative",
     "train.lr_warmup_iters": "non-negative",
     "train.lr_decay_iters": "positive",
+    "train.lr_wsd_decay_iters": "positive",
+    "train.lr_wsd_decay_fraction": "fraction>0",
     "train.weight_decay": "non-negative",
     "train.adam_beta1": "fraction",
     "train.adam_beta2": "fraction",
@@ -264,6 +267,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.skip_batches: '{e}' is not a range of batch numbers like '120-135' (or one number, 1 or more)"
         ) from None
+    _check_schedule(cfg)
     if cfg.train.lr_warmup_iters > cfg.train.decay_iters:
         t = cfg.train
         decay = (
@@ -278,6 +282,33 @@ def validate(cfg: Config) -> None:
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(
             f"deepspeed_config '{cfg.deepspeed_config}' does not exist; use one of configs/deepspeed/*.json"
+        )
+
+
+def _check_schedule(cfg: Config) -> None:
+    """WSD's decay phase fits after the warmup; a batch ramp-up is [start, increment, samples] that
+    reaches train.global_batch_size in whole increments."""
+    t = cfg.train
+    if t.lr_decay_style == "WSD" and t.wsd_decay_iters > t.decay_iters - t.lr_warmup_iters:
+        raise ConfigError(
+            f"WSD's decay phase ({t.wsd_decay_iters} iterations) is longer than the iterations after the warmup "
+            f"({t.decay_iters} - {t.lr_warmup_iters}): lower train.lr_wsd_decay_iters or train.lr_wsd_decay_fraction, "
+            "or raise train.train_iters"
+        )
+    r = t.rampup_batch_size
+    if r is None:
+        return
+    if len(r) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
+        raise ConfigError(
+            f"train.rampup_batch_size = {r!r}: give [start, increment, samples], three integers"
+        )
+    start, increment, samples = r
+    if start <= 0 or increment <= 0 or samples <= 0:
+        raise ConfigError(f"train.rampup_batch_size = {r}: start, increment and samples must be positive")
+    if start >= t.global_batch_size or (t.global_batch_size - start) % increment:
+        raise ConfigError(
+            f"train.rampup_batch_size = {r} does not ramp up to train.global_batch_size ({t.global_batch_size}) in "
+            f"whole increments: start must be smaller and ({t.global_batch_size} - {start}) a multiple of {increment}"
         )
 
 
@@ -300,4 +331,10 @@ def validate_world(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size x {ranks} ({cfg.train.micro_batch_size} x {dp} = {per_step})"
+        )
+    ramp = cfg.train.rampup_batch_size
+    if ramp and (ramp[0] % per_step or ramp[1] % per_step):
+        raise ConfigError(
+            f"train.rampup_batch_size = {ramp}: start and increment must be multiples of train.micro_batch_size x "
+            f"the data-parallel ranks ({per_step}), so that every step's batch splits into whole micro-batches"
         )

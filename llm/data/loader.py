@@ -148,7 +148,9 @@ class ContinuedDataset:
 
 
 class GlobalBatchSampler:
-    """Yields this rank's micro-batches (lists of sample indices), step after step."""
+    """Yields this rank's micro-batches (lists of sample indices), step after step. Each global batch
+    is split into equal contiguous slices, one per data-parallel rank. `batch_sizes(k)`: the global
+    batch of the k-th step from the start (a batch-size ramp-up); default `global_batch_size`."""
 
     def __init__(
         self,
@@ -159,6 +161,7 @@ class GlobalBatchSampler:
         global_batch_size: int,
         dp_rank: int,
         dp_size: int,
+        batch_sizes: Callable[[int], int] | None = None,
     ) -> None:
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch size must be a multiple of micro batch x data-parallel size")
@@ -167,19 +170,25 @@ class GlobalBatchSampler:
         self.micro = micro_batch_size
         self.gbs = global_batch_size
         self.rank = dp_rank
-        self.per_rank = global_batch_size // dp_size
+        self.dp_size = dp_size
+        self.sizes = batch_sizes or (lambda k: global_batch_size)
+
+    def _steps(self) -> Iterator[tuple[int, int]]:
+        """(first sample, global batch) of every step that fits."""
+        start, k = self.consumed, 0
+        while start + (size := self.sizes(k)) <= self.total:
+            yield start, size
+            start, k = start + size, k + 1
 
     def __iter__(self) -> Iterator[list[int]]:
-        start = self.consumed
-        while start + self.gbs <= self.total:
-            base = start + self.rank * self.per_rank
-            for m in range(0, self.per_rank, self.micro):
+        for start, size in self._steps():
+            per_rank = size // self.dp_size
+            base = start + self.rank * per_rank
+            for m in range(0, per_rank, self.micro):
                 yield list(range(base + m, base + m + self.micro))
-            start += self.gbs
 
     def __len__(self) -> int:
-        steps = max(0, (self.total - self.consumed) // self.gbs)
-        return steps * (self.per_rank // self.micro)
+        return sum(size // self.dp_size // self.micro for _, size in self._steps())
 
 
 def collate(samples: list[np.ndarray]) -> torch.Tensor:

@@ -117,7 +117,8 @@ def _timeout_message(cfg: Config, ctx: ParallelContext, iteration: int, error: B
 def _datasets(cfg: Config) -> tuple[Any, Any, Any]:
     """Train (continued with a reshuffle of the same data if rollbacks skip batches), valid, test."""
     gbs = cfg.train.global_batch_size
-    sizes = SplitSizes(cfg.train.train_iters * gbs, cfg.eval.eval_iters * gbs, cfg.eval.eval_iters * gbs)
+    planned = cfg.train.batch_schedule.samples_before(cfg.train.train_iters)  # every step's global batch
+    sizes = SplitSizes(planned, cfg.eval.eval_iters * gbs, cfg.eval.eval_iters * gbs)
     kw = {"seq_length": cfg.model.seq_length, "seed": cfg.train.seed}
     train, valid, test = build_datasets(cfg.data, sizes=sizes, **kw)
 

@@ -71,7 +71,11 @@ def resume(
             raise CheckpointError(f"checkpoint '{tag_dir}': {e}") from None
     apply_optimizer_settings(steps.engine, cfg)
     changes = changed_settings(saved.get("config", {}), cfg) + data_changes
-    return ResumePoint(tag_dir, TrainState.from_saved(saved), saved.get("rng_state"), changes)
+    state = TrainState.from_saved(saved)
+    if Path(tag_dir).resolve().parent != Path(cfg.checkpoint_dir).resolve():
+        # another run's checkpoint (a cool-down branch, a fine-tune): this run is its own in wandb
+        state.wandb_run_id = None
+    return ResumePoint(tag_dir, state, saved.get("rng_state"), changes)
 
 
 # Sections whose changes a resume reports (model changes are refused by the checkpoint layer).

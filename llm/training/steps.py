@@ -50,11 +50,21 @@ class Steps:
     def module(self) -> torch.nn.Module:
         return self.engine.module  # type: ignore[no-any-return]
 
-    def train(self, batches: Iterator[torch.Tensor], scale: float | None) -> StepResult:
+    def train(self, batches: Iterator[torch.Tensor], scale: float | None, global_batch: int) -> StepResult:
         """One optimizer step over the next global batch of `batches` ((B, S + 1) micro-batches of this
-        rank). `scale` (debug.inject_loss_spike_at) multiplies the loss before backward, so its gradients
-        (NaN, or huge before clipping) reach the weights as a real spike's would."""
+        rank), `global_batch` samples (it changes during a batch-size ramp-up: the micro-batch size and
+        data parallelism stay, gradient accumulation follows). `scale` (debug.inject_loss_spike_at)
+        multiplies the loss before backward, so its gradients (NaN, or huge before clipping) reach the
+        weights as a real spike's would."""
         raise NotImplementedError
+
+    def _accumulation(self, global_batch: int) -> int:
+        """Micro-batches per rank for a global batch; DeepSpeed's engine (which sees one DiLoCo island's
+        share) is told when it changes."""
+        accum = global_batch // (self.cfg.train.micro_batch_size * self.ctx.data_size)
+        if accum != self.engine.gradient_accumulation_steps():
+            self.engine.set_train_batch_size(global_batch // self.ctx.islands)
+        return accum
 
     def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
         """The mean loss over `iters` global batches of `batches`, on every rank."""
@@ -83,11 +93,13 @@ class PlainSteps(Steps):
     """DeepSpeed's engine over the whole model: forward, backward and step for each micro-batch
     (DeepSpeed steps the optimizer at the last one of the global batch)."""
 
-    def train(self, batches: Iterator[torch.Tensor], scale: float | None) -> StepResult:
-        accum = self.cfg.grad_accumulation_steps(self.ctx.world_size)
+    def train(self, batches: Iterator[torch.Tensor], scale: float | None, global_batch: int) -> StepResult:
+        accum = self._accumulation(global_batch)
         lr = float(self.engine.get_lr()[0])
         losses, norm = [], None
         for micro in range(accum):
+            # said, not counted: DeepSpeed's own count of micro-steps is off once the accumulation changes
+            self.engine.set_gradient_accumulation_boundary(micro == accum - 1)
             loss = self.engine(*model_inputs(next(batches), self.cfg.data))
             if scale is not None:
                 loss = loss * scale
@@ -115,7 +127,8 @@ class PipelineSteps(Steps):
     stage. A spike's scale is applied inside the last stage's loss function, before backward (the loss
     function runs inside DeepSpeed's schedule)."""
 
-    def train(self, batches: Iterator[torch.Tensor], scale: float | None) -> StepResult:
+    def train(self, batches: Iterator[torch.Tensor], scale: float | None, global_batch: int) -> StepResult:
+        self._accumulation(global_batch)
         lr = float(self.engine.get_lr()[0])
         loss_fn = self.engine.module.loss_fn
         loss_fn.factor = scale
@@ -132,7 +145,8 @@ class PipelineSteps(Steps):
     @torch.no_grad()
     def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
         pairs = pipeline_pairs(batches, self.cfg.data)
-        losses = [float(self.engine.eval_batch(pairs)) for _ in range(iters)]
+        micro = self.cfg.grad_accumulation_steps(self.ctx.world_size)  # at the full global batch
+        losses = [float(self.engine.eval_batch(pairs, num_micro_batches=micro)) for _ in range(iters)]
         # already averaged over micro-batches and the island's data-parallel ranks
         return self.ctx.mean_over_islands(sum(losses) / len(losses))
 

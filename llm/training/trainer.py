@@ -89,7 +89,9 @@ class Trainer:
         self._skip_ranges = cfg.train.skip_ranges  # parsed once: looked at before every step
 
     # ----------------------------------------------------------------------------- batches
-    def _batches(self, data: Any, consumed: int, total: int) -> Iterator[torch.Tensor]:
+    def _batches(
+        self, data: Any, consumed: int, total: int, sizes: Callable[[int], int] | None = None
+    ) -> Iterator[torch.Tensor]:
         sampler = GlobalBatchSampler(
             total_samples=total,
             consumed_samples=consumed,
@@ -97,6 +99,7 @@ class Trainer:
             global_batch_size=self.cfg.train.global_batch_size,
             dp_rank=self.ctx.data_rank,  # with DiLoCo islands: island-major slices of every global batch
             dp_size=self.ctx.data_size,
+            batch_sizes=sizes,
         )
         for batch in make_loader(data, sampler, num_workers=self.cfg.data.num_workers):
             yield batch.to(self.steps.device, non_blocking=True)
@@ -128,15 +131,16 @@ class Trainer:
     def _rollback(self, spike: Spike) -> Iterator[torch.Tensor]:
         """Reloads the latest checkpoint on every rank and skips the global batches from its position
         through the spiking one plus train.skip_batches_on_rollback; returns the new batch iterator."""
-        cfg, G = self.cfg, self.cfg.train.global_batch_size
+        cfg, batches = self.cfg, self.cfg.train.batch_schedule
         if self.state.rollbacks >= cfg.train.max_rollbacks:
             raise self._stop_for(spike, f" (train.max_rollbacks = {cfg.train.max_rollbacks} rollbacks done)")
         if not complete_tags(Path(cfg.checkpoint_dir)):
             raise self._stop_for(spike, " and there is no checkpoint to roll back to")
-        spike_at, skip_to = (
-            self.state.iteration,
-            self.state.consumed_samples + cfg.train.skip_batches_on_rollback * G,
-        )
+        spike_at, skip_to = self.state.iteration, self.state.consumed_samples
+        if cfg.train.skip_batches_on_rollback:
+            skip_to = batches.samples_before(
+                batches.iteration_at(skip_to) + cfg.train.skip_batches_on_rollback
+            )
         try:
             point = resume(self.steps, cfg.checkpoint_dir, cfg, self.ctx, fallback=True, diloco=self.diloco,
                            tokenizer_fingerprint=self.tokenizer_fingerprint, data_identity=self.state.data_identity or {})  # fmt: skip
@@ -157,35 +161,39 @@ class Trainer:
         logger.warning(
             "rollback %d/%d: %s at iteration %d; reloaded %s (iteration %d) and skipped samples [%d, %d) "
             "(%d global batches)", self.state.rollbacks, cfg.train.max_rollbacks, spike.describe(), spike_at,
-            tag_dir, saved.iteration, saved.consumed_samples, skip_to, skipped // G,
+            tag_dir, saved.iteration, saved.consumed_samples, skip_to,
+            batches.iteration_at(skip_to) - batches.iteration_at(saved.consumed_samples),
         )  # fmt: skip
         return self._train_batches()
 
     def _skip_to(self) -> int | None:
         """The data position after the range of train.skip_batches that the next batch is in, or None."""
-        G = self.cfg.train.global_batch_size
-        batch = self.state.consumed_samples // G + 1  # numbered as the iteration that trains it uninterrupted
+        batches = self.cfg.train.batch_schedule
+        batch = (
+            batches.iteration_at(self.state.consumed_samples) + 1
+        )  # numbered as the iteration that trains it uninterrupted
         ends = [last for first, last in self._skip_ranges if first <= batch <= last]
-        return max(ends) * G if ends else None
+        return batches.samples_before(max(ends)) if ends else None
 
     def _skip(self, skip_to: int) -> Iterator[torch.Tensor]:
         """Moves the data position to `skip_to` (train.skip_batches), as a rollback does; a new iterator."""
-        G, start = self.cfg.train.global_batch_size, self.state.consumed_samples
+        batches, start = self.cfg.train.batch_schedule, self.state.consumed_samples
         self.state.consumed_samples = skip_to
         self.state.skipped_samples += skip_to - start
         self.metrics.log({"iteration": self.state.iteration, "skipped_samples": skip_to - start,
                           "skipped_sample_range": [start, skip_to]})  # fmt: skip
         logger.info("train.skip_batches: skipped global batches %d-%d (samples [%d, %d)) before iteration %d",
-                    start // G + 1, skip_to // G, start, skip_to, self.state.iteration + 1)  # fmt: skip
+                    batches.iteration_at(start) + 1, batches.iteration_at(skip_to), start, skip_to, self.state.iteration + 1)  # fmt: skip
         return self._train_batches()
 
     def _train_batches(self) -> Iterator[torch.Tensor]:
         """From the data position through the samples of the remaining steps (the global batch size
-        may have changed on resume, and rollbacks may have skipped samples)."""
-        remaining = (self.cfg.train.train_iters - self.state.iteration) * self.cfg.train.global_batch_size
-        return self._batches(
-            self.train_data, self.state.consumed_samples, self.state.consumed_samples + remaining
-        )
+        may have changed on resume, and rollbacks may have skipped samples); with a batch ramp-up the
+        k-th global batch is the one of iteration `iteration + k`."""
+        batches, it = self.cfg.train.batch_schedule, self.state.iteration
+        remaining = batches.samples_before(self.cfg.train.train_iters) - batches.samples_before(it)
+        start = self.state.consumed_samples
+        return self._batches(self.train_data, start, start + remaining, lambda k: batches.size_of(it + k))
 
     def evaluate(self, data: Any) -> float:
         iters = self.cfg.eval.eval_iters
@@ -231,9 +239,9 @@ class Trainer:
         else:
             logger.info("test   | test_loss %.4f | test_ppl %.2f", record["test_loss"], record["test_ppl"])
 
-    def _step_record(self, losses: list[float], times: list[float]) -> dict[str, Any]:
+    def _step_record(self, losses: list[float], times: list[float], sizes: list[int]) -> dict[str, Any]:
         step_time = sum(times) / len(times)
-        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        tokens = sum(sizes) / len(sizes) * self.cfg.model.seq_length  # per step, over the steps logged
         record: dict[str, Any] = {
             "iteration": self.state.iteration,
             "loss": sum(losses) / len(losses),
@@ -243,6 +251,8 @@ class Trainer:
             "step_time": step_time,
             "consumed_samples": self.state.consumed_samples,
         }
+        if self.cfg.train.rampup_batch_size:
+            record["global_batch_size"] = sizes[-1]
         if self.peak_memory is not None:
             peak = self.ctx.max_over_world(float(self.peak_memory.peak_bytes() or -1))
             record["peak_memory_gb"] = peak / 2**30 if peak >= 0 else None  # the largest of any rank
@@ -293,6 +303,8 @@ class Trainer:
         stop_at = cfg.train.train_iters
         losses: list[float] = []
         times: list[float] = []
+        sizes: list[int] = []  # the global batch of each step since the last log line
+        schedule = cfg.train.batch_schedule
         saved_at = self.state.iteration  # nothing new to save if no step runs
         if (
             saved_at < stop_at and self._signalled()
@@ -304,18 +316,18 @@ class Trainer:
             if skip_to is not None:
                 batches = self._skip(skip_to)
             start = time.perf_counter()
-            inject = injected_loss_factor(
-                cfg.debug, self.state.consumed_samples // cfg.train.global_batch_size
-            )
-            result = self.steps.train(batches, inject)
+            batch = schedule.size_of(self.state.iteration)
+            inject = injected_loss_factor(cfg.debug, schedule.iteration_at(self.state.consumed_samples))
+            result = self.steps.train(batches, inject, batch)
             loss, self._grad_norm, self._lr = result.loss, result.grad_norm, result.lr
             times.append(time.perf_counter() - start)
+            sizes.append(batch)
             self.state.iteration += 1
-            self.state.consumed_samples += cfg.train.global_batch_size
+            self.state.consumed_samples += batch
             spike = self._spike(loss)
             if spike is not None:  # before any save: a spiking state never becomes a checkpoint
                 batches = self._rollback(spike)
-                losses, times, saved_at = [], [], self.state.iteration
+                losses, times, sizes, saved_at = [], [], [], self.state.iteration
                 continue
             losses.append(loss)
             it = self.state.iteration
@@ -324,10 +336,10 @@ class Trainer:
                 if outer is not None:
                     self.metrics.log({"iteration": it, **outer})
             if it % cfg.logging.log_interval == 0 or it == stop_at:
-                record = self._step_record(losses, times)
+                record = self._step_record(losses, times, sizes)
                 self.metrics.log(record)
                 self.metrics.console(record, cfg.train.train_iters)
-                losses, times = [], []
+                losses, times, sizes = [], [], []
             if it % cfg.eval.eval_interval == 0 or it == cfg.train.train_iters:
                 self._log_eval(self.valid_data)
             if self.periodic_eval is not None and (

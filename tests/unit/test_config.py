@@ -309,3 +309,31 @@ def test_the_optimizer_plan_decides_who_builds_clips_and_reports(
     assert ("optimizer" in ds) == (plan.optimizer_from == "deepspeed")
     assert (ds["gradient_clipping"] == 0.0) == (plan.optimizer_from == "llm")
     assert ds == build_deepspeed_config(cfg, 2, cuda=cuda)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["train.rampup_batch_size=[8, 8]"], 1, r"give \[start, increment, samples\]"),
+        (["train.rampup_batch_size=[8, 0, 100]"], 1, "must be positive"),
+        (["train.rampup_batch_size=[32, 8, 100]"], 1, r"start must be smaller and \(32 - 32\)"),
+        (["train.rampup_batch_size=[8, 16, 100]"], 1, r"\(32 - 8\) a multiple of 16"),
+        (
+            ["train.rampup_batch_size=[4, 4, 100]"],
+            2,
+            r"multiples of train.micro_batch_size x the data-parallel ranks \(8\)",
+        ),
+        (
+            ["train.lr_decay_style=WSD", "train.lr_wsd_decay_iters=95", "train.lr_warmup_iters=10"],
+            1,
+            r"WSD's decay phase \(95 iterations\) is longer than the iterations after the warmup \(100 - 10\)",
+        ),
+        (["train.lr_wsd_decay_fraction=0"], 1, r"train.lr_wsd_decay_fraction = 0.0 must lie in \(0, 1\]"),
+        (["train.lr_wsd_decay_style=sqrt"], 1, "choose one of linear, cosine, exponential, minus_sqrt"),
+    ],
+)
+def test_wsd_and_rampup_mistakes_name_the_setting(overrides: list[str], world: int, message: str) -> None:
+    base = ["train.global_batch_size=32", "train.micro_batch_size=4", "train.train_iters=100"]
+    with pytest.raises(ConfigError, match=message):
+        cfg = load_config(None, [*base, *overrides])
+        validate_world(cfg, world)
