@@ -53,7 +53,8 @@ from llm.model.names import canonical_name
 from llm.parallel.layers import merge_by_spec, partition_info, shard_by_spec
 from llm.progress import Progress
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's, the only ones ZeRO 1-3 hold here
+STATE_KEYS = (*MOMENTS, "momentum_buffer")  # and Muon's (ZeRO 0)
 STATE_FILE = "state.pt"
 Tensors = dict[str, torch.Tensor]
 
@@ -114,7 +115,7 @@ def _shard_state_zero0(
     flat_names = [n for g in info["groups"] for n in g]
     for idx, name in enumerate(flat_names):
         st = opt["state"].get(idx, {})
-        out[name] = {k: st[k].float() for k in MOMENTS if k in st}
+        out[name] = {k: st[k].float() for k in STATE_KEYS if k in st}
         if masters:
             out[name]["fp32"] = masters[idx].float()
     step = next((float(st["step"]) for st in opt["state"].values() if "step" in st), 0.0)
@@ -278,7 +279,7 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
         local = {k: full if spec is None else shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
                  for k, full in entry.items()}  # fmt: skip
         _set_param(p, local["fp32"], stage)
-        moments = [k for k in MOMENTS if k in local]  # an import carries weights only: fresh AdamW state
+        moments = [k for k in STATE_KEYS if k in local]  # an import carries weights only: fresh optimizer state
         if stage == 0:
             held = masters.get(id(p), p)  # bf16: the optimizer steps the fp32 master of p
             if held is not p:

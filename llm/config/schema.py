@@ -21,7 +21,8 @@ DecayStyle = Literal["cosine", "linear", "constant", "WSD"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 PartitionMethod = Literal["parameters", "uniform", "type:TransformerBlock"]
-Optimizer = Literal["adamw", "sgd"]
+Optimizer = Literal["adamw", "sgd", "muon"]
+MuonScale = Literal["rms", "shape"]
 Exchange = Literal["fp32", "bf16", "fp16", "int8", "int4"]
 CommDtype = Literal["fp32", "bf16", "fp16"]
 
@@ -126,6 +127,12 @@ class TrainConfig:
     adam_eps: float = 1.0e-8
     optimizer: Optimizer = "adamw"  # sgd: torch's SGD with train.sgd_momentum (e.g. DiLoCo's inner one)
     sgd_momentum: float = 0.0
+    # muon: Muon for the hidden weight matrices, AdamW (lr, adam_*) for the rest (llm.training.muon)
+    muon_lr: float | None = None  # None = train.lr (the "rms" scale makes Muon's updates AdamW-sized)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_scale: MuonScale = "rms"  # rms: 0.2 sqrt(max(rows, cols)) (Moonlight); shape: sqrt(max(1, rows/cols))
     clip_grad: float = 1.0
     seed: int = 1234
     precision: Precision = "auto"  # auto = bf16 on CUDA, fp32 on CPU

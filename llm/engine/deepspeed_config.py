@@ -113,7 +113,7 @@ class OptimizerPlan:
     - `optimizer_from`: "deepspeed" builds the optimizer the DeepSpeed dict names and clips at
       `gradient_clipping`; "llm" hands DeepSpeed llm's own clipped optimizer (llm.training.optim) and
       sets DeepSpeed's clipping to 0: with pipeline parallelism at ZeRO 0 in fp32, DeepSpeed's
-      clipping counts only the first stage's replicated parameters.
+      clipping counts only the first stage's replicated parameters; Muon is always llm's.
     - `grad_norm_from`: "deepspeed" (the engine's global norm), "llm_optimizer" (the norm llm's
       optimizer clipped with), or "llm_grads" (ZeRO 0 in fp32 without a pipeline: DeepSpeed reports no
       norm, so the step measures the reduced gradients itself, llm.parallel.grads)."""
@@ -132,7 +132,7 @@ class OptimizerPlan:
 def _plan(cfg: Config, zero_stage: int, precision: RunPrecision) -> OptimizerPlan:
     pipeline = cfg.parallel.pipeline_model_parallel_size > 1
     plain_fp32 = zero_stage == 0 and precision == "fp32"
-    own = pipeline and plain_fp32
+    own = (pipeline and plain_fp32) or cfg.train.optimizer == "muon"
     return OptimizerPlan(
         precision=precision, zero_stage=zero_stage, pipeline=pipeline,
         optimizer_from="llm" if own else "deepspeed",
@@ -198,6 +198,12 @@ def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[s
             "zero2.json with parallel.tensor_model_parallel_size > 1"
         )
     _check_zero_stage_knobs(cfg, ds, stage, cuda=cuda)
+    if cfg.train.optimizer == "muon" and (stage != 0 or precision != "fp32"):
+        raise ConfigError(
+            f"train.optimizer: muon runs at ZeRO stage 0 in fp32 (this run: stage {stage}, {precision}): it "
+            "orthogonalizes whole weight matrices, and DeepSpeed's ZeRO 1-3 and bf16/fp16 optimizers hand the optimizer "
+            "flat partitions instead; use configs/deepspeed/zero0.json and train.precision: fp32, or train.optimizer: adamw"
+        )
     plan = _plan(cfg, stage, precision)
     if plan.optimizer_from == "llm":  # DeepSpeed gets no optimizer entry and does not clip
         del ds["optimizer"]

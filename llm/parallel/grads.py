@@ -1,4 +1,5 @@
-"""Gradient norms that count every parameter once across the model-parallel group."""
+"""Gradient norms that count every parameter once across the model-parallel group, and whole matrices
+from their tensor-parallel shards (for an optimizer that needs the full matrix, such as Muon)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from llm.parallel.context import ParallelContext, _comm_device
+from llm.parallel.layers import merge_by_spec
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext) -> float:
@@ -29,3 +31,13 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext)
         dist.all_reduce(t, group=ctx.groups["mp"])
         total = t.cpu()
     return float(total.sqrt())
+
+
+def full_matrix(local: torch.Tensor, spec: dict | None, ctx: ParallelContext) -> torch.Tensor:
+    """The whole tensor of which `local` is this rank's tensor-parallel shard (split as `spec`, the
+    parameter's `partition_info`), on every rank of the TP group; `local` itself when not split."""
+    if spec is None or ctx.tp == 1:
+        return local
+    shards = [torch.empty_like(local) for _ in range(ctx.tp)]
+    dist.all_gather(shards, local.contiguous(), group=ctx.groups["tp"])
+    return merge_by_spec(shards, spec)

@@ -59,9 +59,8 @@ def make_scheduler(cfg: TrainConfig):  # -> Callable[[Optimizer], LambdaLR]
 
     def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         base = cfg.lr if cfg.lr > 0 else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = base
-            group["initial_lr"] = base
+        for group in optimizer.param_groups:  # a group's lr_scale: its rate relative to train.lr (Muon's)
+            group["lr"] = group["initial_lr"] = base * group.get("lr_scale", 1.0)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_at(it, cfg) / base)
 
     return build

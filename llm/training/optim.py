@@ -16,6 +16,7 @@ import torch
 from llm.config import TrainConfig
 from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
+from llm.training.muon import Muon
 
 
 class _ClipsGlobalNorm(torch.optim.Optimizer):
@@ -49,6 +50,13 @@ class ClippedSGD(_ClipsGlobalNorm, torch.optim.SGD):
         self.ctx, self.max_norm = ctx, cfg.clip_grad
 
 
+class ClippedMuon(_ClipsGlobalNorm, Muon):
+    def __init__(self, params: Any, cfg: TrainConfig, ctx: ParallelContext) -> None:
+        super().__init__(params, cfg, ctx)
+        self.max_norm = cfg.clip_grad
+
+
 def clipped_optimizer(params: Any, cfg: TrainConfig, ctx: ParallelContext) -> torch.optim.Optimizer:
     """train.optimizer with global-norm clipping (llm.parallel.grads)."""
-    return (ClippedSGD if cfg.optimizer == "sgd" else ClippedAdamW)(params, cfg, ctx)
+    kinds = {"sgd": ClippedSGD, "muon": ClippedMuon, "adamw": ClippedAdamW}
+    return kinds[cfg.optimizer](params, cfg, ctx)

@@ -32,6 +32,7 @@ from llm.training.diloco import DiLoCo
 from llm.training.lr_schedule import make_scheduler
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
+from llm.training.muon import muon_parameter_groups
 from llm.training.optim import clipped_optimizer
 from llm.training.resume import ResumePoint, resume, resume_source
 from llm.training.run_dir import RunDirectoryError, check_run_directory, check_writable, run_directories
@@ -230,7 +231,10 @@ def _build_engine(
     num_params = count_parameters(model)
     logger.info("model: %s, %.2fM parameters on this rank; %s", cfg.model.architecture, num_params / 1e6,
                 ctx.describe())  # fmt: skip
-    groups = parameter_groups(model, cfg.train.weight_decay)
+    if cfg.train.optimizer == "muon":
+        groups = muon_parameter_groups(model, cfg.train, cfg.model.num_layers)
+    else:
+        groups = parameter_groups(model, cfg.train.weight_decay)
     engine = initialize_engine(
         model,
         optimizer=clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None,

@@ -103,11 +103,22 @@ def apply_optimizer_settings(engine: Any, cfg: Config) -> None:
     base = t.lr if t.lr > 0 else 1.0
     step = int(getattr(scheduler, "last_epoch", 0))  # steps taken: the next one's 0-based index
     for i, group in enumerate(groups):
-        group.update(initial_lr=base, lr=lr_at(step, t), betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-        if len(groups) == 2:  # parameter_groups(): [decayed matrices, no decay]
-            group["weight_decay"] = t.weight_decay if i == 0 else 0.0
+        scale = _lr_scale(group, t)
+        group.update(initial_lr=base * scale, lr=lr_at(step, t) * scale, betas=(t.adam_beta1, t.adam_beta2),
+                     eps=t.adam_eps)  # fmt: skip
+        if "use_muon" in group:  # muon_parameter_groups(): [Muon matrices, decayed matrices, no decay]
+            group.update(momentum=t.muon_momentum, nesterov=t.muon_nesterov, ns_steps=t.muon_ns_steps)
+        if len(groups) == 2 or "use_muon" in group:  # parameter_groups(): [decayed matrices, no decay]
+            group["weight_decay"] = t.weight_decay if i < len(groups) - 1 else 0.0
     if scheduler is not None and hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [base] * len(scheduler.base_lrs)
+        scheduler.base_lrs = [base * _lr_scale(g, t) for g in groups]
+
+
+def _lr_scale(group: dict[str, Any], t: Any) -> float:
+    """A Muon group's rate relative to train.lr, from the run's settings (not the saved ones)."""
+    if group.get("use_muon") and t.muon_lr is not None:
+        return float(t.muon_lr / t.lr) if t.lr > 0 else 1.0
+    return 1.0
 
 
 class DataChangedError(ConfigError):

@@ -85,7 +85,10 @@ class Steps:
         if saved is not None:
             restore_rng_state(saved, self.rng)
 
-    def _deepspeed_grad_norm(self) -> float | None:
+    def _reported_grad_norm(self) -> float | None:
+        """The norm the plan says someone reports: llm's clipped optimizer, or DeepSpeed."""
+        if self.plan.grad_norm_from == "llm_optimizer":
+            return self.engine.optimizer.last_grad_norm  # type: ignore[no-any-return]
         return _as_float(self.engine.get_global_grad_norm())
 
 
@@ -109,8 +112,8 @@ class PlainSteps(Steps):
                 norm = global_grad_norm(self.engine.module.parameters(), self.ctx)
             self.engine.step()
             losses.append(float(loss.detach()))
-        if self.plan.grad_norm_from == "deepspeed":
-            norm = self._deepspeed_grad_norm()
+        if self.plan.grad_norm_from != "llm_grads":
+            norm = self._reported_grad_norm()
         return StepResult(self.ctx.mean_over_dp([sum(losses) / len(losses)])[0], norm, lr)
 
     @torch.no_grad()
@@ -136,10 +139,7 @@ class PipelineSteps(Steps):
             loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data))
         finally:
             loss_fn.factor = None
-        if self.plan.grad_norm_from == "llm_optimizer":
-            norm = self.engine.optimizer.last_grad_norm  # llm.training.optim's clipped optimizer
-        else:
-            norm = self._deepspeed_grad_norm()
+        norm = self._reported_grad_norm()
         return StepResult(self.ctx.mean_over_islands(float(loss)), norm, lr)
 
     @torch.no_grad()

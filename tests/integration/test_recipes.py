@@ -72,3 +72,31 @@ def test_a_wsd_cooldown_branches_from_a_stable_phase_checkpoint(builtin_prefix: 
     assert "train.lr_wsd_decay_iters: 4 -> 3" in history[0]["changes"]
     assert (branch / "checkpoints" / "latest").read_text().strip() == "iter_0000009"
     assert not (main / "checkpoints" / "iter_0000009").exists()  # the main run's directory is untouched
+
+
+MUON = ["train.optimizer=muon", "train.train_iters=8", "train.lr_decay_style=WSD", "train.lr_wsd_decay_iters=3",
+        "eval.eval_interval=100"]  # fmt: skip
+
+
+def test_muon_is_the_same_at_tp2_and_pp2_and_resumes_exactly_and_at_another_layout(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
+    """Muon orthogonalizes whole matrices: TP 2 (the shards gathered) and PP 2 (each stage its own
+    layers) train the curve of one process to 1e-5; a resume is bitwise at the same layout, and at TP 2
+    from the one-process checkpoint (momentum buffers through the universal form) continues the curve."""
+    one, tp2, pp2 = tmp_path / "one", tmp_path / "tp2", tmp_path / "pp2"
+    resumed, resharded = tmp_path / "resumed", tmp_path / "resharded"
+    check(run(launch_cmd(1, *tiny_args(builtin_prefix, one, *MUON, "checkpoint.save_interval=4"))))
+    ref = train_losses(one)
+    assert len(ref) == 8 and ref[-1] < ref[0] - 0.5  # it learns
+    check(run(launch_cmd(2, *tiny_args(builtin_prefix, tp2, *MUON, "parallel.tensor_model_parallel_size=2"))))
+    assert_same_curve(train_losses(tp2), ref, 1e-5)
+    check(run(launch_cmd(2, *tiny_args(builtin_prefix, pp2, *MUON, "parallel.pipeline_model_parallel_size=2"))))
+    assert_same_curve(train_losses(pp2), ref, 1e-5)
+    ckpt = one / "checkpoints" / "iter_0000004"
+    check(run(launch_cmd(1, *tiny_args(builtin_prefix, resumed, *MUON, f"checkpoint.resume={ckpt}"))))
+    assert train_losses(resumed) == ref[4:]
+    check(run(launch_cmd(2, *tiny_args(builtin_prefix, resharded, *MUON, f"checkpoint.resume={ckpt}",
+                                       "parallel.tensor_model_parallel_size=2"))))  # fmt: skip
+    assert_same_curve(train_losses(resharded), ref[4:], 1e-5)
+    assert (ckpt / "universal").is_dir()

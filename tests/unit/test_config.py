@@ -337,3 +337,14 @@ def test_wsd_and_rampup_mistakes_name_the_setting(overrides: list[str], world: i
     with pytest.raises(ConfigError, match=message):
         cfg = load_config(None, [*base, *overrides])
         validate_world(cfg, world)
+
+
+def test_muon_outside_zero0_fp32_is_refused_with_the_fix() -> None:
+    from llm.engine.deepspeed_config import deepspeed_setup
+
+    with pytest.raises(ConfigError, match=r"muon runs at ZeRO stage 0 in fp32 \(this run: stage 1, fp32\).*zero0.json"):
+        deepspeed_setup(load_config(None, ["train.optimizer=muon", "deepspeed_config=configs/deepspeed/zero1.json"]), 1, cuda=False)
+    with pytest.raises(ConfigError, match=r"\(this run: stage 0, bf16\).*train.precision: fp32"):
+        deepspeed_setup(load_config(None, ["train.optimizer=muon"]), 1, cuda=True)  # auto = bf16 on a GPU
+    _, plan = deepspeed_setup(load_config(None, ["train.optimizer=muon", "train.precision=fp32"]), 1, cuda=True)
+    assert (plan.optimizer_from, plan.grad_norm_from) == ("llm", "llm_optimizer")
