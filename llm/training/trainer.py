@@ -335,7 +335,8 @@ class Trainer:
                 outer = self.diloco.after_step(it, final=it == cfg.train.train_iters)
                 if outer is not None:
                     self.metrics.log({"iteration": it, **outer})
-            if it % cfg.logging.log_interval == 0 or it == stop_at:
+            stopping = self._should_stop(it)  # first: the steps since the last log line are logged on a stop
+            if it % cfg.logging.log_interval == 0 or it == stop_at or stopping:
                 record = self._step_record(losses, times, sizes)
                 self.metrics.log(record)
                 self.metrics.console(record, cfg.train.train_iters)
@@ -349,7 +350,7 @@ class Trainer:
             if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
                 self._save()
                 saved_at = it
-            if self._should_stop(it):
+            if stopping:
                 break
         if saved_at != self.state.iteration:
             self._save()
