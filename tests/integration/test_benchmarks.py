@@ -27,7 +27,7 @@ def _report(stdout: str) -> dict:
 def test_every_benchmark_script_is_smoke_tested() -> None:
     assert BENCHMARKS == [
         "checkpoint_io.py", "data_startup.py", "diloco.py", "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
-        "sample_read.py", "tp_comm.py",
+        "recipes.py", "sample_read.py", "tp_comm.py",
     ]  # fmt: skip
 
 
@@ -37,7 +37,7 @@ def smoke_runs(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -
     processes overlap well on two cores)."""
     out = tmp_path_factory.mktemp("bench")
     data = {"framework_overhead.py": ["--data", str(builtin_prefix)], "checkpoint_io.py": ["--data", str(builtin_prefix)],
-            "diloco.py": ["--data", str(builtin_prefix)],
+            "diloco.py": ["--data", str(builtin_prefix)], "recipes.py": ["--data", str(builtin_prefix)],
             "plan_memory.py": ["--data", str(builtin_prefix), "--out", str(out)]}  # fmt: skip
 
     def smoke(name: str) -> Any:
@@ -71,6 +71,12 @@ def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
         sync, islands = report["runs"]["sync_dp"], report["runs"]["diloco_h8_int4"]
         assert sync["bytes_per_token"] > islands["bytes_per_token"] > 0 and islands["val_loss"] > 0
         assert islands["bytes_by_collective"]["all_gather"] >= islands["diloco_bytes_reported_per_rank"] > 0
+        return
+    if name == "recipes.py":  # every run reached its end, the cool-downs at min_lr's side of the schedule
+        runs = report["runs"]
+        assert set(runs) == {"adamw_cosine", "adamw_wsd", "muon_wsd"}
+        assert all(r["val_loss"] > 0 and r["step_time_s"] > 0 for r in runs.values())
+        assert runs["adamw_wsd"]["final_lr"] == runs["muon_wsd"]["final_lr"] < 2e-3
         return
     positive = {
         "framework_overhead.py": ["pretrain_py_step_seconds", "bare_loop_step_seconds"],
