@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from llm.checkpoint import reshard
+from llm.checkpoint.background import BackgroundSave, host_copy
 from llm.checkpoint.format import (
     DILOCO_DIR,
     MANIFEST,
@@ -44,7 +45,12 @@ from llm.checkpoint.format import (
 from llm.checkpoint.pickles import UnsafeCheckpointError, check_files, load_file, pickled_files
 from llm.checkpoint.rng import rng_state
 from llm.config import Config
-from llm.engine.internals import checkpoint_file_names, optimizer_parameter_order, write_failures_kept
+from llm.engine.internals import (
+    checkpoint_file_names,
+    optimizer_parameter_order,
+    write_captured,
+    write_failures_kept,
+)
 from llm.errors import LLMError, on_every_rank
 from llm.model.names import canonical_name
 from llm.parallel.context import ParallelContext
@@ -66,6 +72,7 @@ def save_checkpoint(
     ctx: ParallelContext,
     rng: RNGTracker | None,
     rank_state: dict[str, Any] | None = None,
+    background: BackgroundSave | None = None,
 ) -> Path:
     """Saves through DeepSpeed (every rank); the checkpoint becomes visible only when all ranks are done.
 
@@ -80,7 +87,14 @@ def save_checkpoint(
     `rank_state` (DiLoCo's outer state) goes to `diloco/rank_NNNNN.pt`. With DiLoCo islands, island
     0's files are the checkpoint as any tool reads it (world_size in the meta is one island's) and
     island k > 0 keeps its own DeepSpeed files under `island_k/` for an exact resume.
+
+    `background` (checkpoint.async_save): after waiting for the save in flight, DeepSpeed's files are
+    captured as host copies and the rest of the sequence (writing them, hashing, MANIFEST, `latest`)
+    runs in its writer thread, on its own process group (background.py); the call returns once the
+    copies are taken.
     """
+    if background is not None:
+        background.wait()  # at most one save in flight; raises its failure on every rank
     directory, rank = Path(cfg.checkpoint_dir), ctx.rank
     tag_dir = directory / tag_for(int(state["iteration"]))
     meta = build_meta(
@@ -106,32 +120,44 @@ def save_checkpoint(
         root = island_root(directory, tag_dir, ctx)
         (root / tag_dir.name).mkdir(parents=True, exist_ok=True)
 
+    captured: list[tuple[str, Any]] | None = [] if background is not None else None
+
     def write_deepspeed_files() -> None:
         root = island_root(directory, tag_dir, ctx)
-        with write_failures_kept(engine) as kept:  # through DeepSpeed's barriers; the ranks agree afterwards
+        # through DeepSpeed's barriers; the ranks agree afterwards
+        with write_failures_kept(engine, capture=captured, copy=host_copy) as kept:
             engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
         if kept.error is not None:
             raise kept.error
 
-    mine: dict[str, Any] = {}
+    def complete(ctx: ParallelContext) -> None:  # now, or in the writer thread with its own context
+        mine: dict[str, Any] = {}
 
-    def hash_share() -> None:  # everyone has written: the same list of files on every rank
-        mine.update(describe_files(tag_dir, share(checkpoint_files(tag_dir), rank, ctx.world_size)))
+        def hash_share() -> None:  # everyone has written: the same list of files on every rank
+            mine.update(describe_files(tag_dir, share(checkpoint_files(tag_dir), rank, ctx.world_size)))
+
+        if captured:
+            _agreed(ctx, tag_dir, previous, lambda: write_captured(engine, captured))
+            captured.clear()  # the host copies go as soon as they are written
+        _agreed(ctx, tag_dir, previous, hash_share)
+        shares = ctx.all_gather_object(mine)
+
+        def finish() -> None:
+            write_manifest(tag_dir, {name: entry for part in shares for name, entry in part.items()})
+            set_latest(directory, tag_dir.name)
+            if cfg.checkpoint.keep_last:
+                prune(directory, cfg.checkpoint.keep_last, keep=tag_dir.name)
+            _warn_if_next_save_cannot_fit(tag_dir)
+
+        _agreed(ctx, tag_dir, previous, finish if rank == 0 else None)
 
     _agreed(ctx, tag_dir, previous, start if rank == 0 else None)
     _agreed(ctx, tag_dir, previous, write_rank_files)
     _agreed(ctx, tag_dir, previous, write_deepspeed_files)
-    _agreed(ctx, tag_dir, previous, hash_share)
-    shares = ctx.all_gather_object(mine)
-
-    def finish() -> None:
-        write_manifest(tag_dir, {name: entry for part in shares for name, entry in part.items()})
-        set_latest(directory, tag_dir.name)
-        if cfg.checkpoint.keep_last:
-            prune(directory, cfg.checkpoint.keep_last, keep=tag_dir.name)
-        _warn_if_next_save_cannot_fit(tag_dir)
-
-    _agreed(ctx, tag_dir, previous, finish if rank == 0 else None)
+    if background is None:
+        complete(ctx)
+    else:
+        background.start(complete, tag_dir)
     return tag_dir
 
 

@@ -80,10 +80,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def build_meta(state: dict[str, Any], cfg: Config, *, zero_stage: int, world_size: int) -> dict[str, Any]:
-    """What `llm_meta.json` holds for a checkpoint saved by training."""
+    """What `llm_meta.json` holds for a checkpoint saved by training. The config is the run's, less how
+    the checkpoint was written (checkpoint.async_save): an asynchronous save writes the same bytes
+    as a synchronous one."""
+    config = cfg.to_dict()
+    config["checkpoint"].pop("async_save", None)
     return dict(
         state,
-        config=cfg.to_dict(),
+        config=config,
         zero_stage=zero_stage,
         tensor_parallel=cfg.parallel.tensor_model_parallel_size,
         pipeline_parallel=cfg.parallel.pipeline_model_parallel_size,

@@ -265,6 +265,9 @@ class CheckpointConfig:
     break_lock: bool = False  # take over a run directory another host's run seems to hold
     # unpickle checkpoint files without restriction (they could run code): only for a checkpoint you trust
     trust_pickles: bool = False
+    # save in the background: the step only copies the state to host memory; writing, hashing,
+    # MANIFEST and `latest` follow in a thread (llm/checkpoint/background.py; Megatron's --async-save)
+    async_save: bool = False
 
 
 @dataclass
@@ -276,6 +279,9 @@ class DebugConfig:
     # never trained again, so each injection happens once.
     inject_loss_spike_at: list[int] = field(default_factory=list)
     inject_loss_value: Literal["nan", "huge"] = "nan"
+    # A slow disk: the background checkpoint writer (checkpoint.async_save) waits this long before
+    # writing, so that a test can kill a process while a write is in flight.
+    checkpoint_write_delay_seconds: float = 0.0
 
 
 @dataclass

@@ -94,6 +94,7 @@ _RANGES: dict[str, str] = {
     "logging.log_interval": "positive",
     "checkpoint.save_interval": "positive",
     "checkpoint.keep_last": "positive",
+    "debug.checkpoint_write_delay_seconds": "non-negative",
 }
 
 

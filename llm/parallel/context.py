@@ -16,6 +16,7 @@ the same parameters (DP x islands). torch.distributed itself is set up in the De
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -50,6 +51,7 @@ class ParallelContext:
     cp: int = 1
     ep: int = 1
     mesh: Mesh = field(init=False, repr=False)
+    world_group: Any = field(default=None, repr=False)  # the world's collectives (None: the default group)
 
     def __post_init__(self) -> None:
         self.mesh = Mesh.for_world(
@@ -202,12 +204,22 @@ class ParallelContext:
         """True on every rank when `flag` is True on any rank (one tiny all-reduce over the world)."""
         if self.world_size == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        device = torch.device("cpu") if self.world_group is not None else _comm_device()
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.world_group)
         return bool(t.item() > 0)
 
     def barrier(self) -> None:
-        dist.barrier()
+        dist.barrier(group=self.world_group)
+
+    def for_background(self) -> ParallelContext:
+        """This rank's context with the world's collectives on a gloo group of their own, for a thread
+        that runs them while training runs its own (a background checkpoint write). A collective:
+        every rank calls it, from its main thread."""
+        other = copy.copy(self)
+        if self.world_size > 1:
+            other.world_group = dist.new_group(backend="gloo", timeout=self.timeout)
+        return other
 
     def shutdown(self) -> None:
         """Every rank, at a normal end: meet, then tear the process groups down. A rank that exits
@@ -235,7 +247,7 @@ class ParallelContext:
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.world_group)
         return out
 
     def broadcast_object(self, obj: Any) -> Any:

@@ -3,6 +3,7 @@
     steps.train(batches, scale)      one optimizer step over a global batch -> StepResult
     steps.evaluate(batches, iters)   the loss over `iters` global batches, without gradients
     steps.save(state, rank_state)    a checkpoint of the engine, the run's state and random streams
+                                     (checkpoint.async_save: completed by `steps.background`)
     steps.load(tag_dir, ...)         a checkpoint back into the engine (at any layout)
 
 The trainer's loop calls these and never asks which engine runs. Which of them reports the gradient
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from llm.checkpoint.background import BackgroundSave
 from llm.checkpoint.engine import load_checkpoint, save_checkpoint
 from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, DataConfig
@@ -45,6 +47,12 @@ class Steps:
     ) -> None:
         self.engine, self.cfg, self.ctx, self.plan, self.rng = engine, cfg, ctx, plan, rng
         self.device = engine.device
+        # checkpoint.async_save: the save in flight (None: every save completes before it returns)
+        self.background = (
+            BackgroundSave(ctx, delay_seconds=cfg.debug.checkpoint_write_delay_seconds)
+            if cfg.checkpoint.async_save
+            else None
+        )
 
     @property
     def module(self) -> torch.nn.Module:
@@ -71,9 +79,8 @@ class Steps:
         raise NotImplementedError
 
     def save(self, state: dict[str, Any], rank_state: dict[str, Any] | None) -> Path:
-        return save_checkpoint(
-            self.engine, self.cfg, state, ctx=self.ctx, rank_state=rank_state, rng=self.rng
-        )
+        return save_checkpoint(self.engine, self.cfg, state, ctx=self.ctx, rank_state=rank_state, rng=self.rng,
+                               background=self.background)  # fmt: skip
 
     def load(self, tag_dir: Path, *, tokenizer_fingerprint: str | None) -> dict[str, Any]:
         return load_checkpoint(

@@ -132,6 +132,7 @@ class Trainer:
         """Reloads the latest checkpoint on every rank and skips the global batches from its position
         through the spiking one plus train.skip_batches_on_rollback; returns the new batch iterator."""
         cfg, batches = self.cfg, self.cfg.train.batch_schedule
+        self._await_background()  # the checkpoint being written may be the one to roll back to
         if self.state.rollbacks >= cfg.train.max_rollbacks:
             raise self._stop_for(spike, f" (train.max_rollbacks = {cfg.train.max_rollbacks} rollbacks done)")
         if not complete_tags(Path(cfg.checkpoint_dir)):
@@ -285,16 +286,49 @@ class Trainer:
         return False
 
     def _save(self) -> None:
+        self._await_background()  # at most one save in flight
         self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
         self.state.spike_history = list(self.spikes.history)
         state = dict(asdict(self.state), tokenizer_fingerprint=self.tokenizer_fingerprint)
         start = time.perf_counter()
         rank_state = self.diloco.state_dict() if self.diloco is not None else None
         path = self.steps.save(state, rank_state)
-        seconds, size = time.perf_counter() - start, checkpoint_bytes(path)
+        seconds = time.perf_counter() - start
+        if self.steps.background is not None:  # checkpoint.async_save: the rest happens in the writer thread
+            self.metrics.log({"iteration": self.state.iteration, "checkpoint_block_seconds": seconds})
+            logger.info("checkpoint %s: state copied in %.2f s, writing in the background", path, seconds)
+            return
+        size = checkpoint_bytes(path)
         self.metrics.log({"iteration": self.state.iteration, "checkpoint_save_seconds": seconds,
                           "checkpoint_bytes": size})  # fmt: skip
         logger.info("saved checkpoint %s (%.1f MB in %.2f s)", path, size / 2**20, seconds)
+
+    def _background_saved(self) -> None:
+        """Logs the background save that just finished (its time and size)."""
+        bg = self.steps.background
+        assert bg is not None and bg.tag_dir is not None
+        path, seconds = Path(bg.tag_dir), float(bg.seconds or 0.0)
+        size = checkpoint_bytes(path)
+        self.metrics.log({"iteration": int(path.name.split("_")[-1]), "checkpoint_write_seconds": seconds,
+                          "checkpoint_bytes": size})  # fmt: skip
+        logger.info("saved checkpoint %s (%.1f MB, written in the background in %.2f s)", path, size / 2**20, seconds)
+
+    def _await_background(self) -> None:
+        """Until the save in flight is complete (raises its failure, agreed by every rank)."""
+        bg = self.steps.background
+        if bg is not None and bg.wait():
+            self._background_saved()
+
+    def _poll_background(self) -> None:
+        """At every step boundary: a failed background save stops every rank here, in the same
+        iteration (the flag is agreed by all ranks); a finished one is logged."""
+        bg = self.steps.background
+        if bg is None:
+            return
+        if self.ctx.any_rank(bg.failed):
+            bg.wait()  # raises the CheckpointSaveError every rank's writer agreed on
+        if bg.finished():
+            self._background_saved()
 
     # -------------------------------------------------------------------------------- loop
     def train(self) -> TrainState:
@@ -335,6 +369,7 @@ class Trainer:
                 outer = self.diloco.after_step(it, final=it == cfg.train.train_iters)
                 if outer is not None:
                     self.metrics.log({"iteration": it, **outer})
+            self._poll_background()
             stopping = self._should_stop(it)  # first: the steps since the last log line are logged on a stop
             if it % cfg.logging.log_interval == 0 or it == stop_at or stopping:
                 record = self._step_record(losses, times, sizes)
@@ -354,6 +389,7 @@ class Trainer:
                 break
         if saved_at != self.state.iteration:
             self._save()
+        self._await_background()  # the last checkpoint is complete before the run ends
         if self.state.iteration == cfg.train.train_iters:
             self._log_eval(self.test_data, "test")
         return self.state

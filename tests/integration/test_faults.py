@@ -337,18 +337,21 @@ def test_the_spike_window_survives_a_restart(builtin_prefix: Path, tmp_path: Pat
     assert all(r["loss"] < 20 for r in read_metrics(tmp_path) if "loss" in r and r["iteration"] > 6)
 
 
-def test_a_save_failing_on_one_node_stops_every_rank_at_once(builtin_prefix: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["checkpoint.async_save=true"]], ids=["sync", "async"])
+def test_a_save_failing_on_one_node_stops_every_rank_at_once(extra: list[str], builtin_prefix: Path, tmp_path: Path) -> None:
     """Two "nodes" of one rank each; node 1's checkpoint directory is a node-local disk (a 512 KB
     tmpfs in its own mount namespace) too small for its ZeRO shard. Every rank stops with one line
     naming rank 1, the path and the cause, long before parallel.timeout_minutes (10): rank 0 used to
-    wait in DeepSpeed's closing barrier of the save until the collective timeout."""
+    wait in DeepSpeed's closing barrier of the save until the collective timeout. Asynchronous: the
+    write fails in rank 1's writer thread, every rank's writer agrees on it, and both ranks stop at
+    the next step boundary with the same line."""
     if shutil.which("unshare") is None:
         pytest.fail("util-linux's unshare is needed for this test")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     args = [script("pretrain.py"), *tiny_args(builtin_prefix, tmp_path / "run", "train.train_iters=4",
             "checkpoint.save_interval=2", f"checkpoint.dir={ckpt}", "deepspeed_config=configs/deepspeed/zero1.json",
-            "parallel.timeout_minutes=10")]  # fmt: skip
+            "parallel.timeout_minutes=10", *extra)]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_RANK="0")  # fmt: skip
     python = str(BIN / "python")

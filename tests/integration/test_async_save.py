@@ -1,0 +1,103 @@
+"""Asynchronous checkpoint saves (checkpoint.async_save) through the real entry point: the same bytes
+as a synchronous save, exact resumes from them, and a process killed while its background write is
+in flight. (A full disk during a background write: test_faults.py, its "async" case.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    BIN,
+    assert_same_curve,
+    check,
+    launch_cmd,
+    read_metrics,
+    run,
+    script,
+    tiny_args,
+    train_losses,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("nproc", "extra"),
+    [(2, ["deepspeed_config=configs/deepspeed/zero1.json"]),
+     (2, ["deepspeed_config=configs/deepspeed/zero1.json", "train.precision=bf16"])],
+    ids=["dp2_zero1_fp32", "dp2_zero1_bf16"],
+)  # fmt: skip
+def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
+    nproc: int, extra: list[str], builtin_prefix: Path, tmp_path: Path
+) -> None:
+    """The same run saved synchronously and asynchronously (same run directory, one after the other):
+    every file of every checkpoint, MANIFEST included, byte for byte. The asynchronous run's metrics
+    hold the blocking and the background part of each save. Resumed from its checkpoint at iteration
+    4: bitwise the same steps at the same layout, the same curve at another (one process, ZeRO 0)."""
+    run_dir = tmp_path / "run"
+    args = ["train.train_iters=6", "checkpoint.save_interval=2", *extra]  # no dropout: its streams restart at another layout
+    check(run(launch_cmd(nproc, *tiny_args(builtin_prefix, run_dir, *args))))
+    sync = _files(run_dir / "checkpoints")
+    shutil.rmtree(run_dir)
+    check(run(launch_cmd(nproc, *tiny_args(builtin_prefix, run_dir, *args, "checkpoint.async_save=true"))))
+    asynchronous = _files(run_dir / "checkpoints")
+    assert sorted(asynchronous) == sorted(sync) and any(n.endswith("MANIFEST.json") for n in sync)
+    assert [n for n in sync if sync[n] != asynchronous[n]] == []
+    records = read_metrics(run_dir)
+    assert [r["iteration"] for r in records if "checkpoint_block_seconds" in r] == [2, 4, 6]
+    assert [r["iteration"] for r in records if "checkpoint_write_seconds" in r] == [2, 4, 6]
+    assert not [r for r in records if "checkpoint_save_seconds" in r]
+
+    ckpt, straight = run_dir / "checkpoints" / "iter_0000004", train_losses(run_dir)
+    same, other = tmp_path / "same", tmp_path / "other"
+    check(run(launch_cmd(nproc, *tiny_args(builtin_prefix, same, *args, f"checkpoint.resume={ckpt}"))))
+    assert train_losses(same) == straight[4:]
+    precision = [e for e in extra if e.startswith("train.precision")]
+    check(run(launch_cmd(1, *tiny_args(builtin_prefix, other, "train.train_iters=6", *precision,
+                                       f"checkpoint.resume={ckpt}"))))  # fmt: skip
+    assert_same_curve(train_losses(other), straight[4:], 1e-2 if precision else 1e-4)
+
+
+def test_a_process_killed_during_a_background_write_resumes_from_the_previous_checkpoint(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
+    """Each background write waits 3 s first (debug.checkpoint_write_delay_seconds, a slow disk). The
+    process is SIGKILLed right after the save at iteration 4 handed its copy to the writer: `latest`
+    still names iteration 2, whose write the save at 4 waited for; iteration 4's directory has no
+    MANIFEST. Resumed (auto), the run ends with bitwise the losses of an uninterrupted run."""
+    args = ["train.train_iters=6", "checkpoint.save_interval=2", "model.dropout=0.1", "checkpoint.async_save=true"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    check(run(launch_cmd(1, *tiny_args(builtin_prefix, straight, *args))))
+    cmd = [str(BIN / "python"), script("pretrain.py"),
+           *tiny_args(builtin_prefix, killed, *args, "debug.checkpoint_write_delay_seconds=3")]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=Path(script("pretrain.py")).parents[1], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen, deadline = [], time.time() + 180
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if "iter_0000004: state copied" in line or time.time() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    ckpt = killed / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "iter_0000002"
+    assert not (ckpt / "iter_0000004" / "MANIFEST.json").exists()
+    p = run(launch_cmd(1, *tiny_args(builtin_prefix, killed, *args)))
+    check(p)
+    assert f"resumed from {ckpt / 'iter_0000002'} at iteration 2" in p.stdout + p.stderr
+    resumed = [r["loss"] for r in read_metrics(killed) if "loss" in r][-4:]
+    assert resumed == train_losses(straight)[2:]
