@@ -108,18 +108,19 @@ def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str]) -> 
     saves = [r["checkpoint_save_seconds"] for r in sync if "checkpoint_save_seconds" in r]
     blocks = [r["checkpoint_block_seconds"] for r in background if "checkpoint_block_seconds" in r]
     writes = [r["checkpoint_write_seconds"] for r in background if "checkpoint_write_seconds" in r]
-    # a step ran during a write if it started after a save's copy and before the write was noticed done
-    # (the write's record is logged at the step boundary where it is found finished)
+    # A step ran during a write if it came after a save's copy, up to the step in which the write was
+    # found finished: that step's boundary logs the write's record just before the step's own.
     overlapped: set[int] = set()
-    order = [r for r in background if "step_time" in r or "checkpoint_block_seconds" in r or "checkpoint_write_seconds" in r]
-    writing = False
-    for r in order:
+    writing = finishing = False
+    for r in background:
         if "checkpoint_block_seconds" in r:
             writing = True
         elif "checkpoint_write_seconds" in r:
-            writing = False
-        elif writing:
+            finishing = True
+        elif "step_time" in r and writing:
             overlapped.add(r["iteration"])
+            writing = not finishing
+            finishing = False
     steps = {r["iteration"]: r["step_time"] for r in background if "step_time" in r and r["iteration"] > 2}
     during = [t for i, t in steps.items() if i in overlapped]
     normal = [t for i, t in steps.items() if i not in overlapped]

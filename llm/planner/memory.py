@@ -99,6 +99,12 @@ class MemoryEstimate:
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
 
+    @property
+    def async_save_host_bytes(self) -> float:
+        """Host memory a background save (checkpoint.async_save) holds while it writes: the rank's
+        share of the checkpoint, its weights (which data-parallel rank 0 writes) and optimizer state."""
+        return self.weights + self.optimizer
+
 
 # Bytes per local parameter held by DeepSpeed, as (replicated, sharded over D) for weights,
 # gradients and optimizer state. fp32 (measured on CPU, benchmarks/plan_memory.py): ZeRO 0 keeps

@@ -85,6 +85,10 @@ def format_table(
             f"model.sequence_parallel={str(lay.sequence_parallel).lower()} "
             f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json"
         )
+        tail.append(
+            f"checkpoint.async_save=true would hold up to {pick.memory.async_save_host_bytes / GB:.1f} GiB of host "
+            "memory per GPU while a save is written (a copy of the rank's weights and optimizer state)"
+        )
     return "\n".join(head + rows + tail)
 
 
