@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from llm.checkpoint import reshard
-from llm.checkpoint.background import BackgroundSave, host_copy
+from llm.checkpoint.background import BackgroundSave
 from llm.checkpoint.format import (
     DILOCO_DIR,
     MANIFEST,
@@ -48,8 +48,8 @@ from llm.config import Config
 from llm.engine.internals import (
     checkpoint_file_names,
     optimizer_parameter_order,
-    write_captured,
     write_failures_kept,
+    zipfile_serialization,
 )
 from llm.errors import LLMError, on_every_rank
 from llm.model.names import canonical_name
@@ -125,7 +125,10 @@ def save_checkpoint(
     def write_deepspeed_files() -> None:
         root = island_root(directory, tag_dir, ctx)
         # through DeepSpeed's barriers; the ranks agree afterwards
-        with write_failures_kept(engine, capture=captured, copy=host_copy) as kept:
+        copy = background.copy if background is not None else None
+        if background is not None:
+            background.buffers.rewind()
+        with write_failures_kept(engine, capture=captured, copy=copy) as kept:
             engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
         if kept.error is not None:
             raise kept.error
@@ -137,7 +140,8 @@ def save_checkpoint(
             mine.update(describe_files(tag_dir, share(checkpoint_files(tag_dir), rank, ctx.world_size)))
 
         if captured:
-            _agreed(ctx, tag_dir, previous, lambda: write_captured(engine, captured))
+            zipfile = zipfile_serialization(engine)
+            _agreed(ctx, tag_dir, previous, lambda: background.write(captured, zipfile=zipfile))  # type: ignore[union-attr]
             captured.clear()  # the host copies go as soon as they are written
         _agreed(ctx, tag_dir, previous, hash_share)
         shares = ctx.all_gather_object(mine)

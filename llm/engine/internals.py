@@ -144,8 +144,8 @@ def write_failures_kept(
         del engine._copy_recovery_script  # the class's method again
 
 
-def write_captured(engine: Any, captured: list[tuple[str, Any]]) -> None:
-    """Writes what `write_failures_kept(capture=...)` took, with the engine's own writer (the same
-    bytes as a direct save)."""
-    for path, state in captured:
-        engine.checkpoint_engine.save(state, path)
+def zipfile_serialization(engine: Any) -> bool:
+    """Whether the engine's checkpoint writer saves in torch's zipfile format (DeepSpeed's
+    `checkpoint.serialization` setting; its default is the legacy format): a writer elsewhere
+    (checkpoint.background) writes the same bytes with it."""
+    return bool(getattr(engine.checkpoint_engine, "zipfile_serialization", False))
