@@ -2,11 +2,12 @@
 
 The step that saves writes the small files (meta, RNG streams, shard maps) and lets DeepSpeed run
 its save as usual, except that its writer does not write. It takes a host copy of each state dict
-DeepSpeed hands it instead (llm.engine.internals.write_failures_kept(capture=...)). Training then
-goes on. A thread writes those files with DeepSpeed's own writer, so they are the same bytes as a
-synchronous save's. It then hashes this rank's share, agrees with every rank's thread, and on rank 0
-writes MANIFEST, moves `latest` and prunes: the same steps, in the same order, as a synchronous
-save. The thread's collectives run on a gloo group of their own (`ParallelContext.for_background`),
+DeepSpeed hands it instead (llm.engine.internals.write_failures_kept(capture=...)), into
+shared-memory buffers reused from save to save. Training then goes on. A thread hands the copies to
+a writer process, which writes them with torch.save and DeepSpeed's serialization setting: the same
+bytes as a synchronous save's. The thread then hashes this rank's share, agrees with every rank's
+thread, and on rank 0 writes MANIFEST, moves `latest` and prunes: the same steps, in the same order,
+as a synchronous save. The thread's collectives run on a gloo group of their own (`ParallelContext.for_background`),
 so they never interleave with training's.
 
 Safety is a synchronous save's:
@@ -136,6 +137,7 @@ def _writer_main(requests: Any, replies: Any, parent: int) -> None:
     # exit stops it (multiprocessing terminates daemonic children).
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(19)  # training's threads first: the write has until the next save
     while True:
         try:
             item = requests.get(timeout=1.0)
