@@ -8,6 +8,7 @@ srun / mpirun ... python scripts/pretrain.py --config ...   (multi-node: scripts
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import NoReturn
@@ -84,4 +85,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Everything is written and closed by now (checkpoints, metrics, wandb, TensorBoard) and the
+    # process groups are torn down. Leaving without interpreter finalization avoids its rare aborts
+    # and hangs in gloo's threads ("terminate called without an active exception", pytorch#179291),
+    # which would make a finished run look failed to the launcher.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
