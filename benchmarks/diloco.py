@@ -92,6 +92,9 @@ def worker(out: str, overrides: list[str]) -> None:
 
     run_pretraining(load_config(REPO / "configs" / "tiny_cpu.yaml", overrides))
     Path(f"{out}.rank{os.environ['RANK']}").write_text(json.dumps(counts))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as scripts/pretrain.py: no interpreter finalization after the process groups are gone
 
 
 # ---------------------------------------------------------------------------------- the driver
