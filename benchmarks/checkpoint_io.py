@@ -66,13 +66,22 @@ def hashing(gb: float, directory: Path) -> dict[str, float]:
     return out
 
 
-def save_overhead(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> dict[str, float]:
+BIG = ["model.num_layers=12", "model.hidden_size=768", "model.num_attention_heads=12", "model.seq_length=128",
+       "train.micro_batch_size=1", "train.global_batch_size=1"]  # fmt: skip
+
+
+def _pretrain(run_dir: Path, prefix: Path, iters: int, extra: list[str], *, save_interval: int = 4) -> list[dict]:
+    """scripts/pretrain.py on configs/tiny_cpu.yaml (with `extra`), every step logged; its metrics."""
     cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "configs/tiny_cpu.yaml", *extra,
            f"train.train_iters={iters}", "train.lr_warmup_iters=1", "logging.log_interval=1",
-           f"eval.eval_interval={10 * iters}", "eval.eval_iters=1", "checkpoint.save_interval=1",
+           f"eval.eval_interval={10 * iters}", "eval.eval_iters=1", f"checkpoint.save_interval={save_interval}",
            "logging.wandb_mode=disabled", f"logging.dir={run_dir}", f"data.train_data_path={prefix}"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def save_overhead(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> dict[str, float]:
+    records = _pretrain(run_dir, prefix, iters, extra, save_interval=1)
     saves = [r["checkpoint_save_seconds"] for r in records if "checkpoint_save_seconds" in r][1:]  # after the first
     steps = [r["step_time"] for r in records if "step_time" in r][1:]
     tag = run_dir / "checkpoints" / f"iter_{iters:07d}"
@@ -87,19 +96,6 @@ def save_overhead(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> 
         "step_seconds": round(statistics.median(steps), 4),
         "save_over_step": round(save / statistics.median(steps), 3),
     }
-
-
-BIG = ["model.num_layers=12", "model.hidden_size=768", "model.num_attention_heads=12", "model.seq_length=128",
-       "train.micro_batch_size=1", "train.global_batch_size=1"]  # fmt: skip
-
-
-def _pretrain(run_dir: Path, prefix: Path, iters: int, extra: list[str]) -> list[dict]:
-    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "configs/tiny_cpu.yaml", *extra,
-           f"train.train_iters={iters}", "train.lr_warmup_iters=1", "logging.log_interval=1",
-           f"eval.eval_interval={10 * iters}", "eval.eval_iters=1", "checkpoint.save_interval=4",
-           "logging.wandb_mode=disabled", f"logging.dir={run_dir}", f"data.train_data_path={prefix}"]  # fmt: skip
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str]) -> dict[str, float]:

@@ -36,7 +36,7 @@ import torch
 from llm.parallel.context import ParallelContext
 
 
-def host_copy(obj: Any, buffers: HostBuffers | None = None) -> Any:
+def host_copy(obj: Any, buffers: HostBuffers) -> Any:
     """A deep copy of a state dict with every tensor's storage copied to the host, once per storage
     (views keep sharing it, as in the original, so torch.save writes the same bytes): the copy is
     independent of the training that goes on. `buffers`: shared-memory storages to copy into,
@@ -51,7 +51,7 @@ def host_copy(obj: Any, buffers: HostBuffers | None = None) -> Any:
         storage = t.untyped_storage()
         key = (str(storage.device), storage.data_ptr())
         if key not in storages:
-            storages[key] = _copy_storage(storage, buffers)
+            storages[key] = buffers.copy(storage)
         copied = torch.empty((), dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
         if isinstance(t, torch.nn.Parameter):
             copied = torch.nn.Parameter(copied, requires_grad=t.requires_grad)
@@ -79,12 +79,6 @@ class HostBuffers:
             self.storages[i:i + 1] = [fresh]
         self.storages[i].copy_(storage)
         return self.storages[i]
-
-
-def _copy_storage(storage: Any, buffers: HostBuffers | None) -> Any:
-    if buffers is None:
-        return storage.cpu().clone() if storage.device.type == "cpu" else storage.cpu()
-    return buffers.copy(storage)
 
 
 def _tensors(obj: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
@@ -199,10 +193,6 @@ class BackgroundSave:
             self._writer.save(state, path, zipfile=zipfile)
 
     @property
-    def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
     def failed(self) -> bool:
         """This rank's writer finished with an error (every rank's does: they agree on it)."""
         return self._thread is not None and not self._thread.is_alive() and self.error is not None
@@ -216,6 +206,7 @@ class BackgroundSave:
 
     def wait(self) -> bool:
         """Until the save in flight is done; raises its error. True when there was one."""
+        self.buffers.rewind()  # no save in flight after this: the next one may reuse every buffer
         if self._thread is None:
             return False
         self._thread.join()

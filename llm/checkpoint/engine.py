@@ -125,10 +125,10 @@ def save_checkpoint(
     def write_deepspeed_files() -> None:
         root = island_root(directory, tag_dir, ctx)
         # through DeepSpeed's barriers; the ranks agree afterwards
-        copy = background.copy if background is not None else None
-        if background is not None:
-            background.buffers.rewind()
-        with write_failures_kept(engine, capture=captured, copy=copy) as kept:
+        capture = None
+        if background is not None and captured is not None:
+            capture = lambda state, path: captured.append((path, background.copy(state)))  # noqa: E731
+        with write_failures_kept(engine, capture=capture) as kept:
             engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
         if kept.error is not None:
             raise kept.error

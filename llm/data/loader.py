@@ -168,7 +168,6 @@ class GlobalBatchSampler:
         self.total = total_samples
         self.consumed = consumed_samples
         self.micro = micro_batch_size
-        self.gbs = global_batch_size
         self.rank = dp_rank
         self.dp_size = dp_size
         self.sizes = batch_sizes or (lambda k: global_batch_size)

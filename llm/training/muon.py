@@ -65,6 +65,11 @@ def is_hidden_matrix(name: str, p: torch.Tensor, num_layers: int) -> bool:
     return p.ndim == 2 and canonical_name(name, num_layers).startswith("layers.")
 
 
+def muon_lr_scale(cfg: TrainConfig) -> float:
+    """Muon's rate relative to train.lr (train.muon_lr; the LR schedule scales both alike)."""
+    return cfg.muon_lr / cfg.lr if cfg.muon_lr is not None and cfg.lr > 0 else 1.0
+
+
 def muon_parameter_groups(model: nn.Module, cfg: TrainConfig, num_layers: int) -> list[dict[str, Any]]:
     """[hidden matrices (Muon), other matrices (AdamW, decayed), biases and norms (AdamW, no decay)];
     `lr_scale` is the group's rate relative to train.lr (the LR schedule scales both)."""
@@ -78,9 +83,8 @@ def muon_parameter_groups(model: nn.Module, cfg: TrainConfig, num_layers: int) -
             no_decay.append(p)
         else:
             decay.append(p)
-    scale = (cfg.muon_lr / cfg.lr if cfg.lr > 0 else 1.0) if cfg.muon_lr is not None else 1.0
     return [
-        {"params": muon, "weight_decay": cfg.weight_decay, "use_muon": True, "lr_scale": scale},
+        {"params": muon, "weight_decay": cfg.weight_decay, "use_muon": True, "lr_scale": muon_lr_scale(cfg)},
         {"params": decay, "weight_decay": cfg.weight_decay, "use_muon": False},
         {"params": no_decay, "weight_decay": 0.0, "use_muon": False},
     ]

@@ -16,13 +16,14 @@ from typing import Any
 
 from llm.checkpoint.engine import choose_verified
 from llm.checkpoint.format import CheckpointError, complete_tags, latest_tag, read_meta
-from llm.config import Config, ConfigError
+from llm.config import Config, ConfigError, TrainConfig
 from llm.data.identity import identity_differences
 from llm.engine.internals import torch_optimizer
 from llm.errors import on_every_rank
 from llm.parallel.context import ParallelContext
 from llm.training.diloco import DiLoCo
 from llm.training.lr_schedule import lr_at
+from llm.training.muon import muon_lr_scale
 from llm.training.state import TrainState
 from llm.training.steps import Steps
 
@@ -114,11 +115,9 @@ def apply_optimizer_settings(engine: Any, cfg: Config) -> None:
         scheduler.base_lrs = [base * _lr_scale(g, t) for g in groups]
 
 
-def _lr_scale(group: dict[str, Any], t: Any) -> float:
-    """A Muon group's rate relative to train.lr, from the run's settings (not the saved ones)."""
-    if group.get("use_muon") and t.muon_lr is not None:
-        return float(t.muon_lr / t.lr) if t.lr > 0 else 1.0
-    return 1.0
+def _lr_scale(group: dict[str, Any], t: TrainConfig) -> float:
+    """A group's rate relative to train.lr, from the run's settings (not the saved ones)."""
+    return muon_lr_scale(t) if group.get("use_muon") else 1.0
 
 
 class DataChangedError(ConfigError):
