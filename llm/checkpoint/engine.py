@@ -18,6 +18,7 @@ import torch
 
 from llm.checkpoint import reshard
 from llm.checkpoint.background import BackgroundSave
+from llm.checkpoint.experts import load_expert_shard, write_expert_shard
 from llm.checkpoint.format import (
     DILOCO_DIR,
     MANIFEST,
@@ -117,6 +118,9 @@ def save_checkpoint(
             torch.save(rank_state, tag_dir / DILOCO_DIR / f"rank_{rank:05d}.pt")
         if ctx.island == 0:
             write_shard_map(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
+            # MoE: every expert-parallel rank's experts (DeepSpeed's model file holds rank 0's only);
+            # written here also by an asynchronous save
+            write_expert_shard(engine.module, ctx, tag_dir, num_layers=cfg.model.num_layers)
         root = island_root(directory, tag_dir, ctx)
         (root / tag_dir.name).mkdir(parents=True, exist_ok=True)
 
@@ -343,8 +347,14 @@ def load_checkpoint(
     if not trust:  # before DeepSpeed's loader, which unpickles without restriction, sees any file
         check_pickles_distributed(tag_dir, ctx)
     saved = layout_of(meta)
-    ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "zero": int(engine.zero_optimization_stage())}
+    ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "ep": ctx.ep, "zero": int(engine.zero_optimization_stage())}
     _check_islands(meta, tag_dir, ctx, saved == ours)
+    if saved != ours and cfg.model.is_moe:
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' was written at {_describe(saved)}; a mixture-of-experts run resumes at the layout "
+            f"it was saved with for now (this run: {_describe(ours)}): set the parallel sizes, DeepSpeed config and "
+            "number of processes it had (scripts/evaluate.py and convert_to_hf.py read it at any layout)"
+        )
     if saved != ours:
         return _load_resharded(engine, tag_dir, cfg, ctx, meta, saved, ours)
     try:
@@ -356,6 +366,7 @@ def load_checkpoint(
         ) from None
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint '{tag_dir}'")
+    load_expert_shard(engine.module, ctx, tag_dir, num_layers=cfg.model.num_layers, trust=trust)
     out = dict(client["llm"]) if client and "llm" in client else meta
     rng_file = tag_dir / RNG_DIR / f"rank_{ctx.rank:05d}.pt"
     if rng_file.is_file():  # restored by the caller right before the first step
@@ -387,7 +398,8 @@ def _check_islands(meta: dict[str, Any], tag_dir: Path, ctx: ParallelContext, sa
 def _describe(layout: dict[str, int] | None) -> str:
     if layout is None:
         return "the layout-independent form"
-    return "TP {tp} x PP {pp} x DP {dp}, ZeRO {zero}".format(**layout)
+    ep = f" (EP {layout['ep']})" if layout.get("ep", 1) > 1 else ""
+    return "TP {tp} x PP {pp} x DP {dp}{ep}, ZeRO {zero}".format(ep=ep, **layout)
 
 
 def _load_resharded(

@@ -91,6 +91,7 @@ def build_meta(state: dict[str, Any], cfg: Config, *, zero_stage: int, world_siz
         zero_stage=zero_stage,
         tensor_parallel=cfg.parallel.tensor_model_parallel_size,
         pipeline_parallel=cfg.parallel.pipeline_model_parallel_size,
+        expert_parallel=cfg.parallel.expert_model_parallel_size,
         world_size=world_size,
     )
 
@@ -123,12 +124,12 @@ def is_universal_only(meta: dict[str, Any]) -> bool:
 
 
 def layout_of(meta: dict[str, Any]) -> dict[str, int] | None:
-    """TP, PP, DP and ZeRO stage the checkpoint was written at; None for the universal form only."""
+    """TP, PP, DP, EP and ZeRO stage the checkpoint was written at; None for the universal form only."""
     if is_universal_only(meta):
         return None
     tp, pp = int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1))
     return {"tp": tp, "pp": pp, "dp": int(meta.get("world_size", tp * pp)) // (tp * pp),
-            "zero": int(meta.get("zero_stage", 0))}  # fmt: skip
+            "ep": int(meta.get("expert_parallel", 1)), "zero": int(meta.get("zero_stage", 0))}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------- manifest

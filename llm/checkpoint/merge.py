@@ -3,8 +3,8 @@ evaluation, generation and export.
 
 Tensor-parallel shards are merged with the split each parameter was saved with (the rank layout
 files, `format.parameter_specs`), pipeline layer files are mapped back to the plain model's names,
-ZeRO-3 partitions are gathered by DeepSpeed's own zero_to_fp32, and an imported checkpoint is read
-from its universal form.
+expert shards are joined along the expert dimension (experts.py), ZeRO-3 partitions are gathered by
+DeepSpeed's own zero_to_fp32, and an imported checkpoint is read from its universal form.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llm.checkpoint.experts import merge_expert_shards
 from llm.checkpoint.format import (
     UNIVERSAL_DIR,
     CheckpointError,
@@ -132,6 +133,7 @@ def load_model_state(
             ]
         specs = parameter_specs(read_shard_maps(tag_dir)) if tp > 1 else {}
         state = merge_tensor_parallel(shards, specs)
+        state = merge_expert_shards(tag_dir, state, ep=int(meta.get("expert_parallel", 1)), trust=trust)
     return cfg, {k: v.float() for k, v in state.items()}, meta
 
 
@@ -144,7 +146,7 @@ def load_trained_model(
         cfg,
         model=dataclasses.replace(cfg.model, sequence_parallel=False),
         parallel=dataclasses.replace(
-            cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1
+            cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1
         ),
     )
     model = GPT(cfg.model)

@@ -25,6 +25,8 @@ Optimizer = Literal["adamw", "sgd", "muon"]
 MuonScale = Literal["rms", "shape"]
 Exchange = Literal["fp32", "bf16", "fp16", "int8", "int4"]
 CommDtype = Literal["fp32", "bf16", "fp16"]
+RouterScore = Literal["softmax", "sigmoid"]
+LoadBalancing = Literal["aux_loss", "seq_aux_loss", "none"]
 
 
 class ConfigError(LLMError, ValueError):
@@ -55,6 +57,39 @@ class ModelConfig:
     parallel_block: bool = False
     parallel_block_norms: int = 1  # 2: GPT-NeoX's form, attention and MLP each with its own norm
     compile: bool = False  # torch.compile each transformer block
+    # Mixture of experts (Megatron's names); num_experts None = a dense model
+    num_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None  # per expert; None = ffn_hidden_size (fine-grained: smaller)
+    moe_shared_expert_intermediate_size: int | None = None  # always-on shared experts (DeepSeek, Qwen); None = none
+    moe_layer_freq: int | list[int] = 1  # k: blocks 0, k, 2k, ... are MoE; or a 0/1 per block (dense first blocks)
+    moe_router_score_function: RouterScore = "softmax"
+    moe_router_load_balancing_type: LoadBalancing = "aux_loss"
+    moe_aux_loss_coeff: float = 0.01
+    moe_z_loss_coeff: float = 0.0
+    # DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, used for selection only, moved
+    # by moe_router_bias_update_rate towards an even load after every step
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_expert_capacity_factor: float | None = None  # None = dropless; a number = tokens per expert x this
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The blocks whose MLP is a mixture of experts (none for a dense model)."""
+        if self.num_experts is None:
+            return []
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            return [i for i, flag in enumerate(freq) if flag]
+        return [i for i in range(self.num_layers) if i % freq == 0]
+
+    @property
+    def moe_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_size
 
     @property
     def kv_groups(self) -> int:
@@ -229,6 +264,8 @@ class ParallelConfig:
     timeout_minutes: float = 30.0  # a collective waiting longer fails (a hung or stopped rank)
     # DeepSpeed's gradient reduction dtype (its `communication_data_type`); None = the training dtype
     communication_data_type: CommDtype | None = None
+    # the experts of every MoE layer divided over this many data-parallel ranks (Megatron's name)
+    expert_model_parallel_size: int = 1
     diloco: DilocoConfig = field(default_factory=DilocoConfig)
 
 

@@ -48,6 +48,15 @@ _RANGES: dict[str, str] = {
     "model.norm_eps": "positive",
     "model.rope_theta": "positive",
     "model.init_std": "positive",
+    "model.num_experts": "positive",
+    "model.moe_router_topk": "positive",
+    "model.moe_ffn_hidden_size": "positive",
+    "model.moe_shared_expert_intermediate_size": "positive",
+    "model.moe_aux_loss_coeff": "non-negative",
+    "model.moe_z_loss_coeff": "non-negative",
+    "model.moe_router_bias_update_rate": "non-negative",
+    "model.moe_expert_capacity_factor": "positive",
+    "parallel.expert_model_parallel_size": "positive",
     "train.train_iters": "positive",
     "train.micro_batch_size": "positive",
     "train.global_batch_size": "positive",
@@ -189,6 +198,46 @@ def _check_parallel(cfg: Config) -> None:
         )
 
 
+def _check_moe(cfg: Config) -> None:
+    m, ep = cfg.model, cfg.parallel.expert_model_parallel_size
+    if m.num_experts is None:
+        if ep > 1:
+            raise ConfigError("parallel.expert_model_parallel_size > 1 needs a mixture of experts: set model.num_experts")
+        return
+    if m.moe_router_topk > m.num_experts:
+        raise ConfigError(
+            f"model.moe_router_topk ({m.moe_router_topk}) exceeds model.num_experts ({m.num_experts}): "
+            "a token cannot choose more experts than there are"
+        )
+    if m.num_experts % ep:
+        raise ConfigError(
+            f"model.num_experts ({m.num_experts}) must be divisible by parallel.expert_model_parallel_size ({ep}): "
+            "every expert-parallel rank holds the same number of experts"
+        )
+    freq = m.moe_layer_freq
+    if isinstance(freq, bool) or not isinstance(freq, (int, list)):
+        raise ConfigError(f"model.moe_layer_freq = {freq!r}: give a positive integer k or a list of 0/1 per block")
+    if isinstance(freq, int) and freq < 1:
+        raise ConfigError(f"model.moe_layer_freq = {freq} must be at least 1 (1: every block is MoE)")
+    if isinstance(freq, list) and (
+        len(freq) != m.num_layers or any(f not in (0, 1) or isinstance(f, bool) for f in freq) or not any(freq)
+    ):
+        raise ConfigError(
+            f"model.moe_layer_freq = {freq}: a list needs one 0 (dense) or 1 (MoE) per block "
+            f"(model.num_layers = {m.num_layers}), with at least one 1"
+        )
+    unsupported = [
+        (cfg.parallel.tensor_model_parallel_size > 1, "parallel.tensor_model_parallel_size > 1"),
+        (cfg.parallel.pipeline_model_parallel_size > 1, "parallel.pipeline_model_parallel_size > 1"),
+        (cfg.parallel.diloco.islands > 1, "parallel.diloco.islands > 1"),
+        (cfg.train.precision == "fp16", "train.precision: fp16 (use bf16 or fp32)"),
+        (cfg.train.optimizer == "muon", "train.optimizer: muon (use adamw)"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise ConfigError(f"model.num_experts (a mixture of experts) with {what} is not supported yet")
+
+
 def _check_diloco(cfg: Config) -> None:
     d = cfg.parallel.diloco
     if d.islands == 1:
@@ -264,6 +313,7 @@ def validate(cfg: Config) -> None:
     _check_lm_eval(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)
+    _check_moe(cfg)
     _check_diloco(cfg)
     try:
         cfg.train.skip_ranges  # noqa: B018 (parsed for its error)
@@ -324,6 +374,12 @@ def validate_world(cfg: Config, world_size: int) -> None:
     if world_size % (tp * pp * islands):
         what = f"islands x TP x PP = {islands} x {tp} x {pp}" if islands > 1 else f"TP x PP = {tp} x {pp}"
         raise ConfigError(f"world size {world_size} is not divisible by {what}")
+    ep = cfg.parallel.expert_model_parallel_size
+    if cfg.data_parallel_size(world_size) % ep:
+        raise ConfigError(
+            f"parallel.expert_model_parallel_size ({ep}) must divide the data-parallel size "
+            f"({cfg.data_parallel_size(world_size)}): experts are spread over data-parallel ranks"
+        )
     dp = cfg.data_parallel_size(world_size) * islands
     per_step = cfg.train.micro_batch_size * dp
     if cfg.train.global_batch_size % per_step:

@@ -132,7 +132,11 @@ class OptimizerPlan:
 def _plan(cfg: Config, zero_stage: int, precision: RunPrecision) -> OptimizerPlan:
     pipeline = cfg.parallel.pipeline_model_parallel_size > 1
     plain_fp32 = zero_stage == 0 and precision == "fp32"
-    own = (pipeline and plain_fp32) or cfg.train.optimizer == "muon"
+    # llm's optimizer clips at the exact global norm where DeepSpeed's would not: pipeline stages (its
+    # clipping counts the first stage's parameters only) and expert parallelism at ZeRO 0 (it averages
+    # each rank's norm, and the ranks hold different experts)
+    experts_apart = cfg.model.is_moe and cfg.parallel.expert_model_parallel_size > 1
+    own = ((pipeline or experts_apart) and plain_fp32) or cfg.train.optimizer == "muon"
     return OptimizerPlan(
         precision=precision, zero_stage=zero_stage, pipeline=pipeline,
         optimizer_from="llm" if own else "deepspeed",
@@ -198,6 +202,17 @@ def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[s
             "zero2.json with parallel.tensor_model_parallel_size > 1"
         )
     _check_zero_stage_knobs(cfg, ds, stage, cuda=cuda)
+    if cfg.model.is_moe and stage == 0 and precision != "fp32":
+        raise ConfigError(
+            f"a mixture of experts (model.num_experts) in {precision} needs ZeRO stage 1 or 2 (DeepSpeed's mixed-precision "
+            "wrapper at stage 0 does not handle expert parameters): use configs/deepspeed/zero1.json"
+        )
+    if stage == 3 and cfg.model.is_moe:
+        raise ConfigError(
+            "ZeRO stage 3 with a mixture of experts (model.num_experts) is not supported: DeepSpeed partitions "
+            "expert parameters over the expert-data-parallel group at stages 1 and 2; use configs/deepspeed/zero1.json "
+            "or zero2.json"
+        )
     if cfg.train.optimizer == "muon" and (stage != 0 or precision != "fp32"):
         raise ConfigError(
             f"train.optimizer: muon runs at ZeRO stage 0 in fp32 (this run: stage {stage}, {precision}): it "

@@ -146,3 +146,14 @@ def zipfile_serialization(engine: Any) -> bool:
     `checkpoint.serialization` setting; its default is the legacy format): a writer elsewhere
     (checkpoint.background) writes the same bytes with it."""
     return bool(getattr(engine.checkpoint_engine, "zipfile_serialization", False))
+
+
+def register_expert_groups(name: str, *, ep: tuple[Any, list[int]], edp: tuple[Any, list[int]]) -> None:
+    """Our expert-parallel and expert-data-parallel process groups (group, ranks), under DeepSpeed's
+    group name for them (`ep_size_<EP>`), in `deepspeed.utils.groups`' tables: its engine and ZeRO
+    look the groups up there by the `group_name` each expert parameter carries. Registering the mesh's
+    groups (rather than letting DeepSpeed build its own) keeps one rank layout for every axis."""
+    from deepspeed.utils import groups
+
+    groups._EXPERT_PARALLEL_GROUP[name], groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep
+    groups._EXPERT_DATA_PARALLEL_GROUP[name], groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = edp

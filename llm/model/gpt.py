@@ -23,13 +23,15 @@ from torch.utils.checkpoint import checkpoint
 
 from llm.config import ModelConfig
 from llm.model.layers import KVCache, TransformerBlock, make_norm, output_init_std
+from llm.model.moe import MoEState, checkpoint_contexts
 from llm.parallel.context import ParallelContext
 from llm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from llm.parallel.layers import VocabParallelEmbedding, full_shape_of, partition_info, shard_by_spec
 from llm.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, scatter_to_sequence
 from llm.parallel.random import RNGTracker, checkpoint_context_fn
 
-_OUTPUT_PROJECTIONS = ("attention.proj.weight", "mlp.proj.weight")
+# the projections that write into the residual stream (scaled init)
+_OUTPUT_PROJECTIONS = ("attention.proj.weight", "mlp.proj.weight", "experts.proj.weight", "shared_experts.proj.weight")
 IGNORE = -100  # a label that is not scored (F.cross_entropy's ignore_index), e.g. after an EOD
 
 
@@ -46,8 +48,9 @@ class GPT(nn.Module):
         self.embed = VocabParallelEmbedding(padded, cfg.hidden_size, ctx=self.ctx)
         self.pos_embed = None if cfg.is_llama else nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.moe = MoEState()  # shared by the MoE layers (a dense model has none)
         self.layers = nn.ModuleList(
-            TransformerBlock(cfg, i, self.ctx, self.rng) for i in range(cfg.num_layers)
+            TransformerBlock(cfg, i, self.ctx, self.rng, self.moe) for i in range(cfg.num_layers)
         )
         self.final_norm = make_norm(cfg, self.ctx)
         self.lm_head = None
@@ -93,7 +96,7 @@ class GPT(nn.Module):
             if self.activation_checkpointing and self.training and caches is None:
                 x, _ = checkpoint(
                     partial(layer, positions=positions, doc_ids=doc_ids), x, use_reentrant=False,
-                    context_fn=lambda: checkpoint_context_fn(self.rng),
+                    context_fn=lambda: checkpoint_contexts(checkpoint_context_fn(self.rng), self.moe),
                 )  # fmt: skip
                 continue
             cache = caches[i] if caches is not None else None
@@ -169,14 +172,17 @@ def _param_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def init_full_parameter(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) -> torch.Tensor:
-    """The full (unsharded) initial value of a parameter, from its name alone."""
+def init_full_parameter(
+    name: str, shape: torch.Size, cfg: ModelConfig, seed: int, *, expert: int | None = None
+) -> torch.Tensor:
+    """The full (unsharded) initial value of a parameter, from its name alone (for the stacked weights
+    of MoE experts: of one expert, from its name and number)."""
     if name.endswith(".bias"):
         return torch.zeros(shape)
     if "norm" in name:
         return torch.ones(shape)
     std = output_init_std(cfg) if name.endswith(_OUTPUT_PROJECTIONS) else cfg.init_std
-    gen = torch.Generator().manual_seed(_param_seed(seed, name))
+    gen = torch.Generator().manual_seed(_param_seed(seed, name if expert is None else f"{name}#{expert}"))
     return torch.randn(shape, generator=gen) * std
 
 
@@ -188,7 +194,11 @@ def init_parameters(
     and keeps its shard: the same weights at any TP / PP layout."""
     for name, p in module.named_parameters():
         spec = partition_info(p)
-        if spec is not None:
+        if getattr(p, "expert_parallel", False):  # each expert drawn on its own: the same at any EP
+            first = ctx.ep_rank * p.shape[0]
+            value = torch.stack([init_full_parameter(prefix + name, p.shape[1:], cfg, seed, expert=first + i)
+                                 for i in range(p.shape[0])])  # fmt: skip
+        elif spec is not None:
             full = init_full_parameter(prefix + name, full_shape_of(p), cfg, seed)
             value = shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
         else:

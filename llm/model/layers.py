@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.model.moe import MoE, MoEState
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import (
     ColumnParallelLinear,
@@ -306,10 +307,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """fc column-parallel (SwiGLU: [gate | up] as one matmul, stride 2), proj row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, *, ffn: int | None = None) -> None:
+        """`ffn`: the hidden size (default model.ffn_hidden_size; the shared experts of an MoE block
+        have their own)."""
         super().__init__()
         self.swiglu = cfg.is_llama
-        ffn = cfg.ffn_size
+        ffn = ffn or cfg.ffn_size
         sp = cfg.sequence_parallel
         self.fc = ColumnParallelLinear(
             cfg.hidden_size, 2 * ffn if self.swiglu else ffn, bias=not cfg.is_llama, ctx=ctx,
@@ -328,6 +331,10 @@ class MLP(nn.Module):
             h = F.gelu(h, approximate="tanh")
         return self.proj(h, reduce=reduce)  # (B, S, H)
 
+    def output_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """The bias a `reduce=False` call left out (parallel blocks add it after their one reduction)."""
+        return self.proj.output_bias(y)
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
@@ -342,7 +349,11 @@ class TransformerBlock(nn.Module):
     the same mask everywhere), or on sequence shards under sequence parallelism (per-rank stream).
     """
 
-    def __init__(self, cfg: ModelConfig, layer_number: int, ctx: ParallelContext, rng: RNGTracker) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_number: int, ctx: ParallelContext, rng: RNGTracker, moe: MoEState | None = None
+    ) -> None:
+        """`moe`: the state the model's MoE layers share (a block in model.moe_layers has a mixture of
+        experts as its MLP)."""
         super().__init__()
         self.layer_number = layer_number
         self.rng = rng
@@ -355,7 +366,12 @@ class TransformerBlock(nn.Module):
         self.post_attention_norm = (
             make_norm(cfg, ctx) if not cfg.parallel_block or cfg.parallel_block_norms == 2 else None
         )
-        self.mlp = MLP(cfg, ctx)
+        self.mlp: MLP | MoE
+        if layer_number in cfg.moe_layers:
+            shared = cfg.moe_shared_expert_intermediate_size
+            self.mlp = MoE(cfg, ctx, moe or MoEState(), MLP(cfg, ctx, ffn=shared) if shared else None)
+        else:
+            self.mlp = MLP(cfg, ctx)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
@@ -392,7 +408,7 @@ class TransformerBlock(nn.Module):
             attn, new_cache = self.attention(self.input_norm(x), reduce=False, **docs)
             mlp = self.mlp(self.post_attention_norm(x), reduce=False)
         out = tp_output(attn + mlp, self.ctx, sp)  # (B, S, H), or (B, S / tp, H) under SP
-        out = self.mlp.proj.output_bias(self.attention.proj.output_bias(out))
+        out = self.mlp.output_bias(self.attention.proj.output_bias(out))
         return x + self._drop(out), new_cache
 
 

@@ -18,14 +18,25 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext)
     Parameters marked `tensor_model_parallel = True` are shards: their squares are summed over the
     tensor-parallel group. Others are replicated across it and counted on TP rank 0 only. Pipeline
     stages hold disjoint parameters and are summed over the pipeline group, except the copies of
-    tied weights on later stages (DeepSpeed marks them `ds_pipe_replicated`), counted once.
+    tied weights on later stages (DeepSpeed marks them `ds_pipe_replicated`), counted once. Expert
+    parameters (`expert_parallel`: each expert-parallel rank holds other experts) are summed over the
+    expert-parallel group.
     """
     total = torch.zeros((), dtype=torch.float64)
+    experts = torch.zeros((), dtype=torch.float64)
     for p in params:
         if p.grad is None or getattr(p, "ds_pipe_replicated", False):
             continue
-        if getattr(p, "tensor_model_parallel", False) or ctx.tp_rank == 0:
-            total += p.grad.detach().double().pow(2).sum().cpu()
+        square = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "expert_parallel", False):
+            experts += square
+        elif getattr(p, "tensor_model_parallel", False) or ctx.tp_rank == 0:
+            total += square
+    if ctx.ep > 1:
+        t = experts.to(_comm_device())
+        dist.all_reduce(t, group=ctx.groups["ep"])
+        experts = t.cpu()
+    total += experts if ctx.tp_rank == 0 else 0.0
     if ctx.tp * ctx.pp > 1:
         t = total.to(_comm_device())
         dist.all_reduce(t, group=ctx.groups["mp"])

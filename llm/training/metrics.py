@@ -149,6 +149,10 @@ class MetricsLogger:
         extra = ""
         if record.get("mfu") is not None:
             extra = f" | {record['tflops_per_gpu']:.1f} TFLOP/s/gpu | mfu {100 * record['mfu']:.1f}%"
+        if record.get("moe_load_balancing_loss") is not None:  # compact: the per-layer values are in the files
+            extra += f" | moe lb {record['moe_load_balancing_loss']:.3f} imb {record['moe_load_imbalance']:.2f}"
+            if record.get("moe_dropped_fraction"):
+                extra += f" drop {100 * record['moe_dropped_fraction']:.1f}%"
         if record.get("peak_memory_gb") is not None:
             extra += f" | peak mem {record['peak_memory_gb']:.2f} GB"
         logger.info(

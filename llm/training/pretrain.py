@@ -22,6 +22,7 @@ from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from llm.engine.build import initialize_engine
 from llm.engine.comm import init_distributed
 from llm.engine.deepspeed_config import OptimizerPlan, deepspeed_setup
+from llm.engine.experts import register_experts
 from llm.engine.mpu import MeshMPU
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
@@ -152,7 +153,8 @@ def run_pretraining(
         raise on_every_rank(e) from None
     ctx = ParallelContext.build(
         tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size,
-        islands=cfg.parallel.diloco.islands, timeout_minutes=cfg.parallel.timeout_minutes,
+        islands=cfg.parallel.diloco.islands, ep=cfg.parallel.expert_model_parallel_size,
+        timeout_minutes=cfg.parallel.timeout_minutes,
     )  # fmt: skip
     lock = _claim_run(cfg, ctx)  # before anything is written into the run directory
     try:
@@ -235,6 +237,8 @@ def _build_engine(
         groups = muon_parameter_groups(model, cfg.train, cfg.model.num_layers)
     else:
         groups = parameter_groups(model, cfg.train.weight_decay)
+    if cfg.model.is_moe:  # expert parameters reduced and partitioned over the expert-data-parallel group
+        groups = register_experts(model, groups, ctx, num_experts=int(cfg.model.num_experts or 0))
     engine = initialize_engine(
         model,
         optimizer=clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None,

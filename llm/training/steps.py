@@ -27,6 +27,7 @@ from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, DataConfig
 from llm.engine.deepspeed_config import OptimizerPlan
 from llm.model.inputs import model_inputs
+from llm.model.moe import moe_metrics, update_expert_bias
 from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
 from llm.parallel.random import RNGTracker
@@ -65,6 +66,10 @@ class Steps:
         multiplies the loss before backward, so its gradients (NaN, or huge before clipping) reach the
         weights as a real spike's would."""
         raise NotImplementedError
+
+    def moe_metrics(self) -> dict[str, float]:
+        """The MoE layers' statistics since the last call (llm.model.moe.moe_metrics); {} for a dense model."""
+        return moe_metrics(self.module, self.ctx)
 
     def _accumulation(self, global_batch: int) -> int:
         """Micro-batches per rank for a global batch; DeepSpeed's engine (which sees one DiLoCo island's
@@ -107,6 +112,9 @@ class PlainSteps(Steps):
         accum = self._accumulation(global_batch)
         lr = float(self.engine.get_lr()[0])
         losses, norm = [], None
+        moe = getattr(self.module, "moe", None)
+        if moe is not None:  # the auxiliary losses' gradient, scaled as DeepSpeed scales the LM loss's
+            moe.aux_grad_scale = 1.0 / accum
         for micro in range(accum):
             # said, not counted: DeepSpeed's own count of micro-steps is off once the accumulation changes
             self.engine.set_gradient_accumulation_boundary(micro == accum - 1)
@@ -119,6 +127,7 @@ class PlainSteps(Steps):
                 norm = global_grad_norm(self.engine.module.parameters(), self.ctx)
             self.engine.step()
             losses.append(float(loss.detach()))
+        update_expert_bias(self.module, self.ctx)
         if self.plan.grad_norm_from != "llm_grads":
             norm = self._reported_grad_norm()
         return StepResult(self.ctx.mean_over_dp([sum(losses) / len(losses)])[0], norm, lr)

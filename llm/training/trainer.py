@@ -254,6 +254,7 @@ class Trainer:
         }
         if self.cfg.train.rampup_batch_size:
             record["global_batch_size"] = sizes[-1]
+        record.update(self.steps.moe_metrics())  # MoE: auxiliary losses, load, drops (nothing for a dense model)
         if self.peak_memory is not None:
             peak = self.ctx.max_over_world(float(self.peak_memory.peak_bytes() or -1))
             record["peak_memory_gb"] = peak / 2**30 if peak >= 0 else None  # the largest of any rank

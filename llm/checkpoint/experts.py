@@ -1,0 +1,80 @@
+"""The expert shards of a mixture-of-experts checkpoint: `experts/ep_EEE_tp_TT_pp_PP.pt`, each the
+stacked expert weights one expert-parallel rank holds ({plain-model name: (E / EP, ...) tensor}),
+written by the first replica of that rank (expert-data-parallel index 0).
+
+DeepSpeed's model-states file is written by data-parallel rank 0 alone, so it holds the experts of
+expert-parallel rank 0 only; these files hold every rank's. A resume at the same layout loads this
+rank's file over the module's experts (at ZeRO 1-2 DeepSpeed restores the same values from its fp32
+partitions; at ZeRO 0 only this file has them), and merging for evaluation and export joins them
+along the expert dimension.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llm.checkpoint.format import CheckpointError
+from llm.checkpoint.pickles import load_file
+from llm.model.names import canonical_name
+from llm.parallel.context import ParallelContext
+
+EXPERTS_DIR = "experts"
+Tensors = dict[str, torch.Tensor]
+
+
+def expert_file(tag_dir: Path, *, ep: int, tp: int = 0, pp: int = 0) -> Path:
+    return tag_dir / EXPERTS_DIR / f"ep_{ep:03d}_tp_{tp:02d}_pp_{pp:02d}.pt"
+
+
+def _experts(module: torch.nn.Module, num_layers: int) -> dict[str, torch.nn.Parameter]:
+    return {canonical_name(n, num_layers): p for n, p in module.named_parameters()
+            if getattr(p, "expert_parallel", False)}  # fmt: skip
+
+
+def write_expert_shard(module: torch.nn.Module, ctx: ParallelContext, tag_dir: Path, *, num_layers: int) -> None:
+    """This rank's experts, if it is the first replica of its expert-parallel rank (a dense model:
+    nothing)."""
+    experts = _experts(module, num_layers)
+    if not experts or ctx.dp_rank >= ctx.ep:
+        return
+    path = expert_file(tag_dir, ep=ctx.ep_rank, tp=ctx.tp_rank, pp=ctx.pp_rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({n: p.detach().cpu().clone() for n, p in experts.items()}, path)
+
+
+@torch.no_grad()
+def load_expert_shard(
+    module: torch.nn.Module, ctx: ParallelContext, tag_dir: Path, *, num_layers: int, trust: bool
+) -> None:
+    """This rank's experts back from its expert file (a dense model: nothing)."""
+    experts = _experts(module, num_layers)
+    if not experts:
+        return
+    saved = read_expert_file(expert_file(tag_dir, ep=ctx.ep_rank, tp=ctx.tp_rank, pp=ctx.pp_rank), trust=trust)
+    for name, p in experts.items():
+        if name not in saved or saved[name].shape != p.shape:
+            raise CheckpointError(
+                f"expert weights '{name}' of checkpoint '{tag_dir}' do not match this model: it was written by "
+                "another version or is damaged"
+            )
+        p.copy_(saved[name].to(p.dtype))
+
+
+def read_expert_file(path: Path, *, trust: bool) -> Tensors:
+    if not path.is_file():
+        raise CheckpointError(f"expert weights '{path}' are missing: the checkpoint is incomplete; use an earlier one")
+    return dict(load_file(path, trust=trust))
+
+
+def merge_expert_shards(tag_dir: Path, state: Tensors, *, ep: int, trust: bool) -> Tensors:
+    """`state` (DeepSpeed's model file: expert-parallel rank 0's experts) with every expert weight
+    replaced by all experts, joined in expert-parallel order."""
+    if not (tag_dir / EXPERTS_DIR).is_dir():
+        return state
+    shards = [read_expert_file(expert_file(tag_dir, ep=r), trust=trust) for r in range(ep)]
+    out = dict(state)
+    for name in shards[0]:
+        out[name] = torch.cat([s[name] for s in shards])
+    return out

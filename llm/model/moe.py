@@ -1,0 +1,353 @@
+"""The mixture-of-experts MLP (model.num_experts): a router, the experts, optional shared experts.
+
+    x (B, S, H) -> tokens (T, H) -> router: each token's top-k experts and their weights
+      -> the token copies sorted by expert (with a capacity: each expert's lowest-weighted copies
+         beyond it dropped)
+      -> llm.parallel.experts.dispatch: to the expert-parallel rank that holds each expert
+      -> the local experts (a loop on CPU, grouped GEMMs on GPU) -> combine: back where they came from
+      -> the weighted sum of each token's copies (+ the shared experts, which see every token)
+
+Routing (Megatron's and Mixtral's convention): scores are softmax (or sigmoid) of the router
+logits in fp32; the top-k by score (plus the expert bias of auxiliary-loss-free balancing, for the
+choice only) are chosen; their weights are the chosen scores normalised to sum to 1.
+
+The auxiliary losses (load balancing, z-loss) join the training objective but not the reported LM
+loss: `attach_aux_loss` passes the block's output through unchanged and, in backward, gives the
+auxiliary loss the gradient it would have had as a term of the loss (as Megatron's
+MoEAuxLossAutoScaler does). So they need no path of their own through a pipeline.
+
+Expert parameters hold this rank's E / EP experts stacked along dim 0 and carry `expert_parallel =
+True` and `full_shape`; the seam (llm/engine/experts.py) registers them with DeepSpeed, which reduces
+their gradients over the expert-data-parallel group only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.config import ModelConfig
+from llm.parallel.context import ParallelContext
+from llm.parallel.experts import combine, dispatch, sum_over_dp
+
+
+@dataclass
+class MoEState:
+    """Shared by a model's MoE layers. `aux_grad_scale`: the gradient factor of the auxiliary losses,
+    set by the training loop to what DeepSpeed multiplies the LM loss by in backward (1 / gradient
+    accumulation). `recomputing`: activation checkpointing is re-running a forward (statistics are
+    then not counted again)."""
+
+    aux_grad_scale: float = 1.0
+    recomputing: bool = False
+
+
+def checkpoint_contexts(
+    contexts: tuple[AbstractContextManager[None], AbstractContextManager[None]], state: MoEState
+) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    """`torch.utils.checkpoint`'s (forward, recompute) contexts, the recomputation marked in `state`."""
+
+    @contextmanager
+    def recompute() -> Iterator[None]:
+        state.recomputing = True
+        try:
+            with contexts[1]:
+                yield
+        finally:
+            state.recomputing = False
+
+    return contexts[0], recompute()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Forward: `out` unchanged. Backward: `out`'s gradient passes, and `aux` (a scalar) receives
+    `scale`, as if `aux` were a term of the loss. No collective."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
+
+
+def attach_aux_loss(out: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+    return _AttachAuxLoss.apply(out, aux, scale)  # type: ignore[no-any-return]
+
+
+# ---- routing: pure functions of the router logits (the tests check them against the formulas) ----
+def route(
+    logits: torch.Tensor, *, topk: int, score: str, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (T, E) fp32 -> scores (T, E), chosen experts (T, k), their weights (T, k), summing to 1."""
+    scores = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
+    choice = scores if bias is None else scores + bias
+    chosen = choice.topk(topk, dim=-1).indices
+    weights = scores.gather(1, chosen)
+    return scores, chosen, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+def load_balancing_loss(
+    scores: torch.Tensor, chosen: torch.Tensor, *, num_experts: int, sequences: int = 1
+) -> torch.Tensor:
+    """Switch Transformer's loss, E x sum_e f_e P_e (1 at a perfectly even load): f_e the fraction of
+    token copies routed to e, P_e the mean (normalised) score of e. With `sequences` > 1 (DeepSeek-V3's
+    sequence-wise loss) f and P are taken within each sequence and the losses averaged."""
+    t, k = chosen.shape
+    probs = scores / scores.sum(dim=-1, keepdim=True)  # softmax: unchanged; sigmoid: normalised
+    hits = torch.zeros_like(scores).scatter_(1, chosen, 1.0)  # (T, E)
+    f = hits.view(sequences, t // sequences, -1).mean(dim=1) / k  # (sequences, E)
+    p = probs.view(sequences, t // sequences, -1).mean(dim=1)
+    return num_experts * (f * p).sum(dim=-1).mean()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: the mean squared log-sum-exp of the logits."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def sort_by_expert(
+    chosen: torch.Tensor, weights: torch.Tensor, *, num_experts: int, capacity: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, k) choices -> the flat indices (into T x k) of the kept copies, sorted by expert, and how
+    many each expert keeps (E,). With a capacity each expert keeps its `capacity` highest-weighted
+    copies (Megatron's "probs" drop policy) and drops the rest."""
+    flat = chosen.flatten()
+    counts = torch.bincount(flat, minlength=num_experts)
+    if capacity is None:
+        return torch.argsort(flat, stable=True), counts
+    by_weight = torch.argsort(weights.flatten(), descending=True, stable=True)
+    order = by_weight[torch.argsort(flat[by_weight], stable=True)]  # by expert, then weight descending
+    starts = torch.cumsum(counts, 0) - counts
+    place = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    return order[place < capacity], counts.clamp(max=capacity)
+
+
+def expert_capacity(tokens: int, cfg: ModelConfig) -> int | None:
+    """Token copies each expert takes per micro-batch: capacity factor x an even share."""
+    if cfg.moe_expert_capacity_factor is None:
+        return None
+    k, e = cfg.moe_router_topk, int(cfg.num_experts or 1)
+    return math.ceil(cfg.moe_expert_capacity_factor * tokens * k / e)
+
+
+# ---- modules ---------------------------------------------------------------------------------------
+class ExpertLinear(nn.Module):
+    """The same linear layer of n experts, stacked: weight (n, out, in), bias (n, out)."""
+
+    def __init__(self, n: int, num_experts: int, in_features: int, out_features: int, *, bias: bool) -> None:
+        super().__init__()
+        self.weight = _expert_param(torch.empty(n, out_features, in_features), num_experts)
+        self.bias = _expert_param(torch.zeros(n, out_features), num_experts) if bias else None
+
+
+def _expert_param(t: torch.Tensor, num_experts: int) -> nn.Parameter:
+    p = nn.Parameter(t)
+    p.expert_parallel = True  # type: ignore[attr-defined]
+    p.full_shape = torch.Size((num_experts, *t.shape[1:]))  # type: ignore[attr-defined]
+    return p
+
+
+class Experts(nn.Module):
+    """This rank's experts (model.num_experts / EP of them), each an MLP as the dense one: fc (H ->
+    F, or 2F as [gate | up] for SwiGLU), the activation, proj (F -> H)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        e, n, ffn, h = int(cfg.num_experts or 1), int(cfg.num_experts or 1) // ctx.ep, cfg.moe_ffn_size, cfg.hidden_size
+        self.swiglu = cfg.is_llama
+        self.fc = ExpertLinear(n, e, h, 2 * ffn if self.swiglu else ffn, bias=not cfg.is_llama)
+        self.proj = ExpertLinear(n, e, ffn, h, bias=not cfg.is_llama)
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h, approximate="tanh")
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows (M, H) grouped by local expert, counts (n,) -> (M, H)."""
+        if rows.is_cuda and hasattr(torch, "_grouped_mm") and rows.dtype == torch.bfloat16:
+            return self._grouped(rows, counts)
+        outs = []
+        for e, x in enumerate(rows.split(counts.tolist())):
+            h = F.linear(x, self.fc.weight[e], None if self.fc.bias is None else self.fc.bias[e])
+            y = F.linear(self._activation(h), self.proj.weight[e])
+            outs.append(y if self.proj.bias is None else y + self.proj.bias[e])
+        return torch.cat(outs)
+
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every local expert in one grouped GEMM per projection (torch._grouped_mm, bf16 on GPU)."""
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        expert = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)  # (M,)
+        h = _grouped_mm(rows, self.fc.weight.transpose(-2, -1), offsets)  # (M, F or 2F)
+        if self.fc.bias is not None:
+            h = h + self.fc.bias[expert]
+        y = _grouped_mm(self._activation(h), self.proj.weight.transpose(-2, -1), offsets)
+        return y if self.proj.bias is None else y + self.proj.bias[expert]
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(M, K) rows grouped by expert x (n, K, N) -> (M, N): torch's grouped GEMM (private in torch 2.13)."""
+    return torch._grouped_mm(a, b, offs=offsets)  # type: ignore[attr-defined,no-any-return]
+
+
+class Router(nn.Module):
+    """weight (E, H); with auxiliary-loss-free balancing, `expert_bias` (E,) fp32, a buffer moved by
+    `update_expert_bias` after every step (saved with the model)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e = int(cfg.num_experts or 1)
+        self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size))
+        self.expert_bias: torch.Tensor | None = None
+        if cfg.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(tokens.float(), self.weight.float())  # (T, E) fp32
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer saw since the statistics were last read (detached tensors on its device:
+    no host synchronisation until they are read)."""
+
+    load_balancing: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    tokens: torch.Tensor | None = None  # (E,) token copies routed to each expert, before any drop
+    dropped: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    micro_batches: int = 0
+
+
+class MoE(nn.Module):
+    """The MLP of an MoE block. `forward(x)` (B, S, H) -> (B, S, H)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, state: MoEState, shared: nn.Module | None) -> None:
+        super().__init__()
+        self.cfg, self.ctx, self.state = cfg, ctx, state
+        self.num_experts = int(cfg.num_experts or 1)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg, ctx)
+        self.shared_experts = shared
+        self.stats = MoEStats()
+        self.step_tokens: torch.Tensor | None = None  # (E,) this step's routed copies (expert bias update)
+
+    def forward(self, x: torch.Tensor, *, gathered: bool = False, reduce: bool = True) -> torch.Tensor:
+        """`gathered`, `reduce`: the dense MLP's (tensor parallelism, which MoE models do not take yet:
+        at TP 1 both change nothing); the output is always complete, biases included."""
+        b, s, h = x.shape
+        tokens = x.reshape(b * s, h)  # (T, H)
+        logits = self.router(tokens)  # (T, E) fp32
+        cfg, k = self.cfg, self.cfg.moe_router_topk
+        scores, chosen, weights = route(logits, topk=k, score=cfg.moe_router_score_function,
+                                        bias=self.router.expert_bias)  # fmt: skip
+        order, counts = sort_by_expert(chosen, weights, num_experts=self.num_experts,
+                                       capacity=expert_capacity(b * s, cfg))  # fmt: skip
+        rows, local_counts, back = dispatch(tokens[order // k], counts, self.ctx)
+        out_rows = combine(self.experts(rows, local_counts), back, self.ctx)  # (N, H)
+        out_rows = out_rows * weights.flatten()[order].unsqueeze(1).to(out_rows.dtype)
+        out = torch.zeros_like(tokens).index_add(0, order // k, out_rows).view(b, s, h)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return self._auxiliary(out, logits, scores, chosen, sequences=b, kept=order.numel())
+
+    def _auxiliary(
+        self, out: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, *,
+        sequences: int, kept: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attaches the auxiliary losses to the output and records the statistics (training only)."""
+        if not self.training:
+            return out
+        cfg = self.cfg
+        seq = cfg.moe_router_load_balancing_type == "seq_aux_loss"
+        balance = load_balancing_loss(scores, chosen, num_experts=self.num_experts, sequences=sequences if seq else 1)
+        z = z_loss(logits)
+        terms = [c * t for c, t, on in [(cfg.moe_aux_loss_coeff, balance, cfg.moe_router_load_balancing_type != "none"),
+                                        (cfg.moe_z_loss_coeff, z, True)] if on and c > 0]  # fmt: skip
+        if terms and torch.is_grad_enabled():
+            out = attach_aux_loss(out, sum(terms), self.state.aux_grad_scale)  # type: ignore[arg-type]
+        if not self.state.recomputing:
+            self._record(balance.detach(), z.detach(), chosen, dropped=chosen.numel() - kept)
+        return out
+
+    def _record(self, balance: torch.Tensor, z: torch.Tensor, chosen: torch.Tensor, *, dropped: int) -> None:
+        hits = torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        st = self.stats
+        st.load_balancing = st.load_balancing.to(balance.device) + balance
+        st.z_loss = st.z_loss.to(z.device) + z
+        st.tokens = hits if st.tokens is None else st.tokens + hits
+        st.dropped = st.dropped.to(hits.device) + dropped
+        st.micro_batches += 1
+        self.step_tokens = hits if self.step_tokens is None else self.step_tokens + hits
+
+
+    def output_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y  # the experts' biases are inside the output already
+
+
+def moe_layers(model: nn.Module) -> list[tuple[int, MoE]]:
+    """(block number, layer) of every MoE layer of this rank's part of the model."""
+    return [(int(getattr(parent, "layer_number", -1)), m) for parent in model.modules()
+            for m in parent.children() if isinstance(m, MoE)]  # fmt: skip
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, ctx: ParallelContext) -> None:
+    """After an optimizer step, auxiliary-loss-free balancing (DeepSeek-V3): each expert's bias moves
+    by model.moe_router_bias_update_rate towards an even load, from the step's load over every
+    data-parallel rank (so the bias stays the same on all of them)."""
+    for _, layer in moe_layers(model):
+        if layer.router.expert_bias is None or layer.step_tokens is None:
+            continue
+        load = sum_over_dp(layer.step_tokens.float(), ctx)
+        layer.router.expert_bias += layer.cfg.moe_router_bias_update_rate * torch.sign(load.mean() - load)
+        layer.step_tokens = None
+
+
+def moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict[str, float]:
+    """The MoE statistics since the last call, per layer and in total, averaged over the data-parallel
+    ranks (the load summed over them), then reset: for each layer `moe/layer{i}/...` and in total
+    `moe_load_balancing_loss` and `moe_z_loss` (the mean over layers, without their coefficients),
+    `moe_load_imbalance` (the largest over layers of the busiest expert's share / the mean share),
+    `moe_dropped_fraction` (of all token copies) and `moe_expert_bias_range` (max - min, largest)."""
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    rows = []
+    for _, layer in layers:
+        st, micro = layer.stats, max(layer.stats.micro_batches, 1)
+        tokens = st.tokens.cpu().double() if st.tokens is not None else torch.zeros(layer.num_experts).double()
+        head = [float(st.load_balancing) / micro, float(st.z_loss) / micro, float(st.dropped)]
+        rows.append(torch.cat([torch.tensor(head, dtype=torch.float64), tokens]))
+        layer.stats = MoEStats()
+    summed = sum_over_dp(torch.stack(rows), ctx)  # (L, 3 + E): one all-reduce for every layer
+    out: dict[str, float] = {}
+    for (number, layer), row in zip(layers, summed):
+        load = row[3:]
+        copies = float(load.sum())
+        values = {"load_balancing_loss": float(row[0]) / ctx.dp, "z_loss": float(row[1]) / ctx.dp,
+                  "load_imbalance": float(load.max() / load.mean()) if copies else 0.0,
+                  "dropped_fraction": float(row[2]) / copies if copies else 0.0}  # fmt: skip
+        if layer.router.expert_bias is not None:
+            values["expert_bias_range"] = float(layer.router.expert_bias.max() - layer.router.expert_bias.min())
+        out.update({f"moe/layer{number}/{k}": v for k, v in values.items()})
+    per_layer = [{k.split("/")[-1]: v for k, v in out.items() if k.startswith(f"moe/layer{n}/")} for n, _ in layers]
+    copies = float(summed[:, 3:].sum())
+    out["moe_load_balancing_loss"] = sum(v["load_balancing_loss"] for v in per_layer) / len(layers)
+    out["moe_z_loss"] = sum(v["z_loss"] for v in per_layer) / len(layers)
+    out["moe_load_imbalance"] = max(v["load_imbalance"] for v in per_layer)
+    out["moe_dropped_fraction"] = float(summed[:, 2].sum()) / copies if copies else 0.0
+    ranges = [v["expert_bias_range"] for v in per_layer if "expert_bias_range" in v]
+    if ranges:
+        out["moe_expert_bias_range"] = max(ranges)
+    return out

@@ -1,0 +1,87 @@
+"""Expert parallelism's token exchange: the copies of this rank's tokens go to the ranks that hold
+their experts, and the experts' outputs come back, by all-to-all over the expert-parallel group (the
+EP consecutive data-parallel ranks of the mesh, llm/parallel/mesh.py).
+
+Global expert e lives on EP rank e // (E / EP) as its local expert e % (E / EP). Routing is dropless
+by default, so how many rows go where changes from step to step: the counts are exchanged first (one
+small all-to-all), then the rows (one all-to-all each way). Reading the counts on the host is the one
+host-device synchronisation an MoE layer needs (Megatron's dropless all-to-all dispatcher has it too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llm.parallel.context import ParallelContext
+
+
+class _AllToAll(torch.autograd.Function):
+    """Forward: all-to-all over `group`, `send[j]` rows to rank j and `recv[j]` rows from it.
+    Backward: the same exchange reversed, so each received row's gradient returns to its sender."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _exchange(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return _exchange(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
+@dataclass
+class Route:
+    """How one dispatch moved the rows, to move the outputs back."""
+
+    send: list[int]  # rows this rank sent to each EP rank
+    recv: list[int]  # rows it received from each
+    inverse: torch.Tensor  # (M,) the received order of the rows, from their order by local expert
+
+
+def dispatch(
+    rows: torch.Tensor, counts: torch.Tensor, ctx: ParallelContext
+) -> tuple[torch.Tensor, torch.Tensor, Route | None]:
+    """rows (N, H): this rank's token copies sorted by global expert; counts (E,): how many for each.
+    Returns the rows for this rank's local experts, grouped by local expert (M, H), how many for each
+    local expert (E / EP,), and the route back (None without expert parallelism: nothing moved)."""
+    if ctx.ep == 1:
+        return rows, counts, None
+    group, ep = ctx.groups["ep"], ctx.ep
+    local = counts.numel() // ep
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts.contiguous(), group=group)  # (EP x E_local): per source, per local expert
+    per_source = received.view(ep, local)
+    both = torch.cat([counts.view(ep, local).sum(1), per_source.sum(1)]).tolist()
+    send, recv = both[:ep], both[ep:]
+    arrived = _AllToAll.apply(rows, send, recv, group)  # (M, H), by source rank, then local expert
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(local, device=rows.device).repeat(ep), per_source.flatten()
+    )
+    order = torch.argsort(expert_of_row, stable=True)
+    return arrived[order], per_source.sum(0), Route(send, recv, torch.argsort(order))
+
+
+def combine(outputs: torch.Tensor, route: Route | None, ctx: ParallelContext) -> torch.Tensor:
+    """The experts' outputs (M, H), in dispatch's order, back to the ranks and order the rows came
+    from: (N, H), row for row with `dispatch`'s input."""
+    if route is None:
+        return outputs
+    return _AllToAll.apply(outputs[route.inverse], route.recv, route.send, ctx.groups["ep"])
+
+
+def sum_over_dp(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """`t` summed over the data-parallel group (a copy; `t` itself unchanged)."""
+    out = t.clone()
+    if ctx.dp > 1:
+        dist.all_reduce(out, group=ctx.groups["dp"])
+    return out
