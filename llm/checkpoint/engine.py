@@ -353,7 +353,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint '{tag_dir}' was written at {_describe(saved)}; a mixture-of-experts run resumes at the layout "
             f"it was saved with for now (this run: {_describe(ours)}): set the parallel sizes, DeepSpeed config and "
-            "number of processes it had (scripts/evaluate.py and convert_to_hf.py read it at any layout)"
+            "number of processes it had (scripts/evaluate.py and generate.py read it at any layout)"
         )
     if saved != ours:
         return _load_resharded(engine, tag_dir, cfg, ctx, meta, saved, ours)
@@ -399,7 +399,7 @@ def _describe(layout: dict[str, int] | None) -> str:
     if layout is None:
         return "the layout-independent form"
     ep = f" (EP {layout['ep']})" if layout.get("ep", 1) > 1 else ""
-    return "TP {tp} x PP {pp} x DP {dp}{ep}, ZeRO {zero}".format(ep=ep, **layout)
+    return f"TP {layout['tp']} x PP {layout['pp']} x DP {layout['dp']}{ep}, ZeRO {layout['zero']}"
 
 
 def _load_resharded(

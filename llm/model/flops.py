@@ -12,44 +12,71 @@ from llm.config import ModelConfig
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def block_params(m: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer block on one tensor-parallel rank."""
-    h, f, d = m.hidden_size, m.ffn_size, m.head_dim
-    qkv_rows = (m.num_attention_heads + 2 * m.kv_groups) * d
+def _mlp_params(m: ModelConfig, f: int, tp: int) -> int:
+    """One MLP of hidden size f on one tensor-parallel rank: fc, proj and (gpt2) their biases."""
     fc_rows = 2 * f if m.is_llama else f
-    sharded = qkv_rows * h + h * h + fc_rows * h + f * h
+    sharded = fc_rows * m.hidden_size + f * m.hidden_size
+    return sharded // tp if m.is_llama else sharded // tp + fc_rows // tp + m.hidden_size
+
+
+def _moe_params(m: ModelConfig, tp: int, *, experts: int) -> int:
+    """An MoE block's MLP with `experts` routed experts present: the router, the experts (replicated
+    over TP) and the shared experts (split as a dense MLP)."""
+    shared = m.moe_shared_expert_intermediate_size
+    router = int(m.num_experts or 0) * m.hidden_size
+    return router + experts * _mlp_params(m, m.moe_ffn_size, 1) + (_mlp_params(m, shared, tp) if shared else 0)
+
+
+def block_params(m: ModelConfig, tp: int, *, layer: int = 0, ep: int = 1, active: bool = False) -> int:
+    """Parameters of block `layer` on one tensor-parallel rank. An MoE block counts the experts one
+    expert-parallel rank of `ep` holds, or with `active` those one token uses (top-k of them)."""
+    h, d = m.hidden_size, m.head_dim
+    qkv_rows = (m.num_attention_heads + 2 * m.kv_groups) * d
+    attention = (qkv_rows * h + h * h) // tp + (0 if m.is_llama else qkv_rows // tp + h)
+    if layer in m.moe_layers:
+        experts = m.moe_router_topk if active else int(m.num_experts or 0) // ep
+        mlp = _moe_params(m, tp, experts=experts)
+    else:
+        mlp = _mlp_params(m, m.ffn_size, tp)
     norms = 1 if m.parallel_block and m.parallel_block_norms == 1 else 2
-    if m.is_llama:
-        return sharded // tp + norms * h  # RMSNorm weights
-    column_biases = qkv_rows + f
-    return sharded // tp + column_biases // tp + 2 * h + norms * 2 * h  # row biases + LayerNorms
+    return attention + mlp + norms * h * (1 if m.is_llama else 2)  # RMSNorm weights, LayerNorm weights and biases
 
 
-def pipeline_layer_params(m: ModelConfig, tp: int, vocab: int) -> list[int]:
+def pipeline_layer_params(
+    m: ModelConfig, tp: int, vocab: int, *, ep: int = 1, active: bool = False
+) -> list[int]:
     """Per DeepSpeed pipeline layer: embedding, blocks, final norm, LM head (the tied head holds a
     copy of the embedding, as DeepSpeed's TiedLayerSpec does on the last stage)."""
     padded = m.make_vocab_size_divisible_by * tp * math.ceil(vocab / (m.make_vocab_size_divisible_by * tp))
     embed = padded // tp * m.hidden_size + (0 if m.is_llama else m.max_positions * m.hidden_size)
     norm = m.hidden_size * (1 if m.is_llama else 2)
     head = padded // tp * m.hidden_size
-    return [embed, *([block_params(m, tp)] * m.num_layers), norm, head]
+    blocks = [block_params(m, tp, layer=i, ep=ep, active=active) for i in range(m.num_layers)]
+    return [embed, *blocks, norm, head]
 
 
 def total_params(m: ModelConfig, vocab: int) -> int:
-    """Unique parameters of the whole model (tied embeddings counted once)."""
+    """Unique parameters of the whole model (tied embeddings counted once; every expert)."""
     layers = pipeline_layer_params(m, 1, vocab)
     return sum(layers) - (layers[-1] if m.tied else 0)
 
 
+def active_params(m: ModelConfig, vocab: int) -> int:
+    """The parameters one token uses: a dense model's all; an MoE's top-k experts, shared experts and the
+    dense parts (router included)."""
+    layers = pipeline_layer_params(m, 1, vocab, active=True)
+    return sum(layers) - (layers[-1] if m.tied else 0)
+
+
 def model_flops_per_token(m: ModelConfig, num_params: int | None = None) -> float:
-    """Training FLOPs per token of the whole model, whatever the layout: 6 x the matmul parameters
-    (blocks and LM head, from the config: a rank's own parameter count would undercount by TP x PP)
-    plus attention scores (12 L h S, causal counted fully, as Megatron does). `num_params` is
-    used only when the vocabulary size is not known yet."""
+    """Training FLOPs per token of the whole model, whatever the layout: 6 x the matmul parameters a
+    token uses (blocks, with an MoE's top-k experts only, and the LM head, from the config: a rank's
+    own parameter count would undercount by TP x PP) plus attention scores (12 L h S, causal counted
+    fully, as Megatron does). `num_params` is used only when the vocabulary size is not known yet."""
     attention = 12.0 * m.num_layers * m.hidden_size * m.seq_length
     if m.vocab_size is None:
         return 6.0 * float(num_params or 0) + attention
-    layers = pipeline_layer_params(m, 1, m.vocab_size)
+    layers = pipeline_layer_params(m, 1, m.vocab_size, active=True)
     return 6.0 * (sum(layers[1 : 1 + m.num_layers]) + layers[-1]) + attention
 
 

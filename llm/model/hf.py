@@ -23,6 +23,11 @@ class NoHFClassError(LLMError, ValueError):
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuses, in one line, a model that no transformers class computes exactly."""
+    if cfg.is_moe:
+        raise NoHFClassError(
+            "export of a mixture of experts (model.num_experts) to Hugging Face is not built yet (Mixtral and "
+            "Qwen2-MoE classes are planned); evaluate and sample with scripts/evaluate.py and scripts/generate.py"
+        )
     if cfg.parallel_block:
         preset = "llama preset (RMSNorm, SwiGLU)" if cfg.is_llama else "gpt2 preset (learned positions)"
         raise NoHFClassError(

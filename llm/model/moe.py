@@ -209,9 +209,10 @@ class Router(nn.Module):
         super().__init__()
         e = int(cfg.num_experts or 1)
         self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size))
-        self.expert_bias: torch.Tensor | None = None
-        if cfg.moe_router_enable_expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32))
+        self.expert_bias: torch.Tensor | None
+        self.register_buffer(
+            "expert_bias", torch.zeros(e, dtype=torch.float32) if cfg.moe_router_enable_expert_bias else None
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.linear(tokens.float(), self.weight.float())  # (T, E) fp32

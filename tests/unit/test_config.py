@@ -161,8 +161,8 @@ def test_invalid_deepspeed_json(tmp_path: Path) -> None:
 def test_every_shipped_config_loads_and_validates(path: Path) -> None:
     cfg = load_config(path)
     cfg.model.vocab_size = 8192
-    tiny = path.name.startswith("tiny_cpu")  # the quickstart configs: one process on CPU
-    world = 1 if tiny else 8
+    tiny = path.name.startswith(("tiny_cpu", "tiny_moe_cpu"))  # CPU configs: one process (MoE: two)
+    world = (2 if "moe" in path.name else 1) if tiny else 8
     ds = build_deepspeed_config(cfg, world, cuda=not tiny)
     assert ds["train_batch_size"] == cfg.train.global_batch_size
     assert cfg.model.padded_vocab_size() % 128 == 0

@@ -1,0 +1,113 @@
+"""Expert parallelism 2 (2 gloo processes, DeepSpeed's engine at ZeRO 0, 1 and 2) against one process
+holding every expert, on the same weights and data: the loss of every step, the clipped gradient
+norm, the weights after the steps (which carry the gradients, the clipping and AdamW), the MoE
+statistics, and the full weights merged from the checkpoint the EP run saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.config import load_config
+from llm.model.gpt import build_model, parameter_groups
+from llm.model.inputs import model_inputs
+from llm.model.moe import moe_metrics, update_expert_bias
+from llm.parallel.context import ParallelContext
+from llm.parallel.random import RNGTracker
+from tests.distributed.harness import spawn
+
+pytestmark = pytest.mark.distributed
+VOCAB, STEPS = 300, 3
+OVERRIDES = [
+    "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2", "model.seq_length=16",
+    f"model.vocab_size={VOCAB}", "model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=16",
+    "model.moe_z_loss_coeff=1e-3", "model.moe_aux_loss_coeff=1e-2", "parallel.expert_model_parallel_size=2",
+    "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-3", "train.lr_warmup_iters=0",
+    "train.lr_decay_style=constant", "train.clip_grad=0.05", "train.precision=fp32",
+]  # fmt: skip
+CASES = {
+    "gpt2": ["model.architecture=gpt2"],  # GELU experts with biases
+    "llama_shared": ["model.architecture=llama", "model.moe_shared_expert_intermediate_size=24",
+                     "model.moe_router_load_balancing_type=seq_aux_loss", "model.moe_router_score_function=sigmoid",
+                     "model.moe_router_enable_expert_bias=true", "model.moe_router_bias_update_rate=0.01"],
+    "capacity": ["model.architecture=llama", "model.moe_expert_capacity_factor=1.0", "model.moe_layer_freq=[0, 1]"],
+}  # fmt: skip
+
+
+def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None) -> None:
+    from llm.checkpoint.engine import save_checkpoint
+    from llm.checkpoint.merge import load_model_state
+    from llm.engine.build import initialize_engine
+    from llm.engine.deepspeed_config import deepspeed_setup
+    from llm.engine.experts import register_experts
+    from llm.engine.mpu import MeshMPU
+    from llm.training.lr_schedule import make_scheduler
+    from llm.training.optim import clipped_optimizer
+    from llm.training.steps import make_steps
+
+    extra = [f"checkpoint.dir={save_dir}"] if save_dir else []
+    cfg = load_config(None, [*OVERRIDES, *CASES[case], f"deepspeed_config=configs/deepspeed/zero{zero}.json", *extra])
+    ctx = ParallelContext.build(ep=2)
+    ds, plan = deepspeed_setup(cfg, world, cuda=False)
+    rng = RNGTracker()
+    model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
+    groups = register_experts(model, parameter_groups(model, cfg.train.weight_decay), ctx, num_experts=4)
+    opt = clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None
+    engine = initialize_engine(model, optimizer=opt, parameter_groups=groups, ds_config=ds,
+                               lr_scheduler=make_scheduler(cfg.train), mpu=MeshMPU(ctx))  # fmt: skip
+    steps = make_steps(engine, cfg, ctx, plan, rng)
+
+    ref = build_model(cfg.model, seed=cfg.train.seed)  # one process, every expert
+    ref.moe.aux_grad_scale = 0.5  # two micro-batches of accumulation: the LM loss is halved too
+    ref_opt = torch.optim.AdamW(parameter_groups(ref, cfg.train.weight_decay), lr=cfg.train.lr,
+                                betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
+    single = ParallelContext.single()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(STEPS):
+        micro = [torch.randint(0, VOCAB, (2, 17), generator=gen) for _ in range(2)]  # one per data-parallel rank
+        result = steps.train(iter([micro[rank]]), None, 4)
+        ref_loss = sum(ref(*model_inputs(t, cfg.data)) for t in micro) / 2
+        ref_loss.backward()
+        ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.train.clip_grad))
+        ref_opt.step()
+        ref_opt.zero_grad()
+        update_expert_bias(ref, single)
+        assert abs(result.loss - float(ref_loss)) < 2e-6, f"step {step}: loss {result.loss} != {float(ref_loss)}"
+        assert result.grad_norm is not None and abs(result.grad_norm - ref_norm) < 1e-5 * ref_norm, (
+            f"step {step}: grad norm {result.grad_norm} != {ref_norm}"
+        )
+        ours, theirs = steps.moe_metrics(), moe_metrics(ref, single)
+        assert ours.keys() == theirs.keys() and ours, f"{sorted(ours)} != {sorted(theirs)}"
+        for key, value in theirs.items():
+            assert abs(ours[key] - value) < 1e-5 * max(1.0, abs(value)), f"step {step}: {key} {ours[key]} != {value}"
+        if case == "capacity":
+            assert theirs["moe_dropped_fraction"] > 0  # the capacity does drop copies here
+
+    ref_params = dict(ref.named_parameters())
+    for name, p in engine.module.named_parameters():
+        expected = ref_params[name]
+        if getattr(p, "expert_parallel", False):  # this rank's two experts of four
+            expected = expected[ctx.ep_rank * 2 : ctx.ep_rank * 2 + 2]
+        diff = (p - expected).abs().max().item()
+        assert diff < 1e-5, f"rank {rank}: {name} differs by {diff}"
+    for name, buf in ref.named_buffers():
+        if name.endswith("expert_bias"):
+            assert torch.equal(dict(engine.module.named_buffers())[name], buf), name
+
+    if save_dir is not None:  # the experts of both ranks reach the checkpoint, and merge into the full model
+        tag = save_checkpoint(engine, cfg, {"iteration": STEPS, "consumed_samples": 4 * STEPS}, ctx=ctx, rng=rng)
+        if rank == 0:
+            _, state, meta = load_model_state(tag)
+            assert meta["expert_parallel"] == 2
+            for name, value in ref.state_dict().items():
+                if "rotary" not in name:
+                    torch.testing.assert_close(state[name], value.float(), rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "zero, case", [(0, "gpt2"), (1, "llama_shared"), (2, "capacity"), (1, "gpt2")]
+)
+def test_expert_parallel_training_matches_one_process(zero: int, case: str, tmp_path: Path) -> None:
+    spawn(_run, 2, zero, case, tmp_path / "ckpt" if (zero, case) in ((0, "gpt2"), (1, "llama_shared")) else None)
