@@ -1,6 +1,7 @@
 """The expert shards of a mixture-of-experts checkpoint: `experts/ep_EEE_tp_TT_pp_PP.pt`, each the
 stacked expert weights one expert-parallel rank holds ({plain-model name: (E / EP, ...) tensor}),
-written by the first replica of that rank (expert-data-parallel index 0).
+written by the first replica of that rank (expert-data-parallel index 0, tensor-parallel rank 0: the
+experts are replicated over TP, so `tp` is 00 until experts are split over TP).
 
 DeepSpeed's model-states file is written by data-parallel rank 0 alone, so it holds the experts of
 expert-parallel rank 0 only; these files hold every rank's. A resume at the same layout loads this
@@ -37,9 +38,9 @@ def write_expert_shard(module: torch.nn.Module, ctx: ParallelContext, tag_dir: P
     """This rank's experts, if it is the first replica of its expert-parallel rank (a dense model:
     nothing)."""
     experts = _experts(module, num_layers)
-    if not experts or ctx.dp_rank >= ctx.ep:
+    if not experts or ctx.dp_rank >= ctx.ep or ctx.tp_rank > 0:
         return
-    path = expert_file(tag_dir, ep=ctx.ep_rank, tp=ctx.tp_rank, pp=ctx.pp_rank)
+    path = expert_file(tag_dir, ep=ctx.ep_rank, pp=ctx.pp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({n: p.detach().cpu().clone() for n, p in experts.items()}, path)
 
@@ -52,7 +53,7 @@ def load_expert_shard(
     experts = _experts(module, num_layers)
     if not experts:
         return
-    saved = read_expert_file(expert_file(tag_dir, ep=ctx.ep_rank, tp=ctx.tp_rank, pp=ctx.pp_rank), trust=trust)
+    saved = read_expert_file(expert_file(tag_dir, ep=ctx.ep_rank, pp=ctx.pp_rank), trust=trust)
     for name, p in experts.items():
         if name not in saved or saved[name].shape != p.shape:
             raise CheckpointError(

@@ -227,12 +227,19 @@ def _check_moe(cfg: Config) -> None:
             f"(model.num_layers = {m.num_layers}), with at least one 1"
         )
     unsupported = [
-        (cfg.parallel.tensor_model_parallel_size > 1, "parallel.tensor_model_parallel_size > 1"),
+        (cfg.parallel.tensor_model_parallel_size > 1 and m.parallel_block,
+         "model.parallel_block and parallel.tensor_model_parallel_size > 1"),
         (cfg.parallel.pipeline_model_parallel_size > 1, "parallel.pipeline_model_parallel_size > 1"),
         (cfg.parallel.diloco.islands > 1, "parallel.diloco.islands > 1"),
         (cfg.train.precision == "fp16", "train.precision: fp16 (use bf16 or fp32)"),
         (cfg.train.optimizer == "muon", "train.optimizer: muon (use adamw)"),
     ]
+    tp = cfg.parallel.tensor_model_parallel_size
+    if tp > 1 and m.seq_length % tp:
+        raise ConfigError(
+            f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor_model_parallel_size ({tp}) "
+            "for a mixture of experts: each TP rank routes its share of every sequence"
+        )
     for bad, what in unsupported:
         if bad:
             raise ConfigError(f"model.num_experts (a mixture of experts) with {what} is not supported yet")

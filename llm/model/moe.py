@@ -24,7 +24,7 @@ their gradients over the expert-data-parallel group only.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +35,9 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.parallel.context import ParallelContext
-from llm.parallel.experts import combine, dispatch, sum_over_dp
+from llm.parallel.experts import combine, dispatch, sum_over_data
+from llm.parallel.layers import sequence_parallel_param
+from llm.parallel.mappings import all_reduce_sum, gather_sequence_shards, scatter_to_sequence
 
 
 @dataclass
@@ -97,21 +99,30 @@ def route(
 
 
 def load_balancing_loss(
-    scores: torch.Tensor, chosen: torch.Tensor, *, num_experts: int, sequences: int = 1
-) -> torch.Tensor:
+    scores: torch.Tensor, chosen: torch.Tensor, *, num_experts: int, sequences: int = 1,
+    hits: torch.Tensor | None = None, share: int = 1,
+) -> torch.Tensor:  # fmt: skip
     """Switch Transformer's loss, E x sum_e f_e P_e (1 at a perfectly even load): f_e the fraction of
     token copies routed to e, P_e the mean (normalised) score of e. With `sequences` > 1 (DeepSeek-V3's
-    sequence-wise loss) f and P are taken within each sequence and the losses averaged."""
+    sequence-wise loss) f and P are taken within each sequence and the losses averaged.
+
+    When this rank holds 1 / `share` of every sequence's tokens (tensor parallelism), `hits`
+    (sequences, E) are the copies routed to each expert counted over all of them, and the result is
+    this rank's part: the parts of the `share` ranks add up to the loss of the whole."""
     t, k = chosen.shape
+    local = t // sequences  # this rank's tokens per sequence
     probs = scores / scores.sum(dim=-1, keepdim=True)  # softmax: unchanged; sigmoid: normalised
-    hits = torch.zeros_like(scores).scatter_(1, chosen, 1.0)  # (T, E)
-    f = hits.view(sequences, t // sequences, -1).mean(dim=1) / k  # (sequences, E)
-    p = probs.view(sequences, t // sequences, -1).mean(dim=1)
+    if hits is None:
+        hits = torch.zeros_like(scores).scatter_(1, chosen, 1.0).view(sequences, local, -1).sum(dim=1)
+    total = local * share  # tokens per sequence over every rank
+    f = hits / (total * k)  # (sequences, E)
+    p = probs.view(sequences, local, -1).sum(dim=1) / total
     return num_experts * (f * p).sum(dim=-1).mean()
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's router z-loss: the mean squared log-sum-exp of the logits."""
+    """ST-MoE's router z-loss: the mean squared log-sum-exp of the logits (under tensor parallelism
+    the caller divides this rank's mean by TP: the parts add up to the micro-batch's mean)."""
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
@@ -157,6 +168,10 @@ def _expert_param(t: torch.Tensor, num_experts: int) -> nn.Parameter:
     return p
 
 
+def _same(p: torch.Tensor) -> torch.Tensor:
+    return p
+
+
 class Experts(nn.Module):
     """This rank's experts (model.num_experts / EP of them), each an MLP as the dense one: fc (H ->
     F, or 2F as [gate | up] for SwiGLU), the activation, proj (F -> H)."""
@@ -174,26 +189,27 @@ class Experts(nn.Module):
             return F.silu(gate) * up
         return F.gelu(h, approximate="tanh")
 
-    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """rows (M, H) grouped by local expert, counts (n,) -> (M, H)."""
+    def forward(
+        self, rows: torch.Tensor, counts: torch.Tensor, *, param: Callable[[torch.Tensor], torch.Tensor] = _same
+    ) -> torch.Tensor:
+        """rows (M, H) grouped by local expert, counts (n,) -> (M, H). `param`: how each weight enters
+        (summed gradients under tensor parallelism, MoE._param)."""
+        fc_w, proj_w = param(self.fc.weight), param(self.proj.weight)
+        fc_b = None if self.fc.bias is None else param(self.fc.bias)
+        proj_b = None if self.proj.bias is None else param(self.proj.bias)
         if rows.is_cuda and hasattr(torch, "_grouped_mm") and rows.dtype == torch.bfloat16:
-            return self._grouped(rows, counts)
-        outs = []
+            offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # every local expert in one grouped GEMM
+            expert = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)  # (M,)
+            h = _grouped_mm(rows, fc_w.transpose(-2, -1), offsets)  # (M, F or 2F)
+            h = h if fc_b is None else h + fc_b[expert]
+            y = _grouped_mm(self._activation(h), proj_w.transpose(-2, -1), offsets)
+            return y if proj_b is None else y + proj_b[expert]
+        outs = []  # CPU (and fp32): a loop over the local experts
         for e, x in enumerate(rows.split(counts.tolist())):
-            h = F.linear(x, self.fc.weight[e], None if self.fc.bias is None else self.fc.bias[e])
-            y = F.linear(self._activation(h), self.proj.weight[e])
-            outs.append(y if self.proj.bias is None else y + self.proj.bias[e])
+            h = F.linear(x, fc_w[e], None if fc_b is None else fc_b[e])
+            y = F.linear(self._activation(h), proj_w[e])
+            outs.append(y if proj_b is None else y + proj_b[e])
         return torch.cat(outs)
-
-    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Every local expert in one grouped GEMM per projection (torch._grouped_mm, bf16 on GPU)."""
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        expert = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)  # (M,)
-        h = _grouped_mm(rows, self.fc.weight.transpose(-2, -1), offsets)  # (M, F or 2F)
-        if self.fc.bias is not None:
-            h = h + self.fc.bias[expert]
-        y = _grouped_mm(self._activation(h), self.proj.weight.transpose(-2, -1), offsets)
-        return y if self.proj.bias is None else y + self.proj.bias[expert]
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -213,9 +229,6 @@ class Router(nn.Module):
         self.register_buffer(
             "expert_bias", torch.zeros(e, dtype=torch.float32) if cfg.moe_router_enable_expert_bias else None
         )
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.linear(tokens.float(), self.weight.float())  # (T, E) fp32
 
 
 @dataclass
@@ -244,35 +257,55 @@ class MoE(nn.Module):
         self.step_tokens: torch.Tensor | None = None  # (E,) this step's routed copies (expert bias update)
 
     def forward(self, x: torch.Tensor, *, gathered: bool = False, reduce: bool = True) -> torch.Tensor:
-        """`gathered`, `reduce`: the dense MLP's (tensor parallelism, which MoE models do not take yet:
-        at TP 1 both change nothing); the output is always complete, biases included."""
+        """x (B, S, H) -> (B, S, H); under sequence parallelism (B, S / tp, H) -> the same. `gathered`,
+        `reduce`: the dense MLP's, for parallel blocks, which take an MoE at TP 1 only (both change
+        nothing there); the output is always complete, biases included.
+
+        Under tensor parallelism the experts are replicated over the TP group and each TP rank routes
+        its own share of the tokens (its sequence shard; without sequence parallelism it takes its
+        slice of the replicated input and the outputs are gathered after): no collective inside an
+        expert, and 1 / TP of the tokens in each rank's all-to-all."""
+        split = self.ctx.tp > 1 and not self.cfg.sequence_parallel
+        local = scatter_to_sequence(x, self.ctx) if split else x  # (B, S / tp, H) under TP
+        routed = self._routed(local)
+        out = gather_sequence_shards(routed, self.ctx) if split else routed
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+    def _param(self, p: torch.Tensor) -> torch.Tensor:
+        """A weight replicated over TP but used on each rank's own tokens: gradients summed over TP."""
+        return sequence_parallel_param(p, self.ctx, self.ctx.tp > 1)
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
-        tokens = x.reshape(b * s, h)  # (T, H)
-        logits = self.router(tokens)  # (T, E) fp32
+        tokens = x.reshape(b * s, h)  # (T, H): this rank's tokens
+        logits = F.linear(tokens.float(), self._param(self.router.weight).float())  # (T, E) fp32
         cfg, k = self.cfg, self.cfg.moe_router_topk
         scores, chosen, weights = route(logits, topk=k, score=cfg.moe_router_score_function,
                                         bias=self.router.expert_bias)  # fmt: skip
         order, counts = sort_by_expert(chosen, weights, num_experts=self.num_experts,
                                        capacity=expert_capacity(b * s, cfg))  # fmt: skip
         rows, local_counts, back = dispatch(tokens[order // k], counts, self.ctx)
-        out_rows = combine(self.experts(rows, local_counts), back, self.ctx)  # (N, H)
+        out_rows = combine(self.experts(rows, local_counts, param=self._param), back, self.ctx)  # (N, H)
         out_rows = out_rows * weights.flatten()[order].unsqueeze(1).to(out_rows.dtype)
         out = torch.zeros_like(tokens).index_add(0, order // k, out_rows).view(b, s, h)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
         return self._auxiliary(out, logits, scores, chosen, sequences=b, kept=order.numel())
 
     def _auxiliary(
         self, out: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, *,
         sequences: int, kept: int,
     ) -> torch.Tensor:  # fmt: skip
-        """Attaches the auxiliary losses to the output and records the statistics (training only)."""
+        """Attaches the auxiliary losses to the output and records the statistics (training only).
+        Under tensor parallelism each TP rank's losses are its part of the micro-batch's (the expert
+        counts summed over TP, its own scores over all tokens): the parts add up to the whole."""
         if not self.training:
             return out
-        cfg = self.cfg
+        cfg, share = self.cfg, self.ctx.tp
         seq = cfg.moe_router_load_balancing_type == "seq_aux_loss"
-        balance = load_balancing_loss(scores, chosen, num_experts=self.num_experts, sequences=sequences if seq else 1)
-        z = z_loss(logits)
+        groups = sequences if seq else 1
+        hits = torch.zeros_like(scores).scatter_(1, chosen, 1.0).view(groups, -1, self.num_experts).sum(1)
+        balance = load_balancing_loss(scores, chosen, num_experts=self.num_experts, sequences=groups,
+                                      hits=all_reduce_sum(hits, self.ctx), share=share)  # fmt: skip
+        z = z_loss(logits) / share
         terms = [c * t for c, t, on in [(cfg.moe_aux_loss_coeff, balance, cfg.moe_router_load_balancing_type != "none"),
                                         (cfg.moe_z_loss_coeff, z, True)] if on and c > 0]  # fmt: skip
         if terms and torch.is_grad_enabled():
@@ -310,7 +343,7 @@ def update_expert_bias(model: nn.Module, ctx: ParallelContext) -> None:
     for _, layer in moe_layers(model):
         if layer.router.expert_bias is None or layer.step_tokens is None:
             continue
-        load = sum_over_dp(layer.step_tokens.float(), ctx)
+        load = sum_over_data(layer.step_tokens.float(), ctx)
         layer.router.expert_bias += layer.cfg.moe_router_bias_update_rate * torch.sign(load.mean() - load)
         layer.step_tokens = None
 
@@ -331,7 +364,7 @@ def moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict[str, float]:
         head = [float(st.load_balancing) / micro, float(st.z_loss) / micro, float(st.dropped)]
         rows.append(torch.cat([torch.tensor(head, dtype=torch.float64), tokens]))
         layer.stats = MoEStats()
-    summed = sum_over_dp(torch.stack(rows), ctx)  # (L, 3 + E): one all-reduce for every layer
+    summed = sum_over_data(torch.stack(rows), ctx)  # (L, 3 + E): one all-reduce for every layer
     out: dict[str, float] = {}
     for (number, layer), row in zip(layers, summed):
         load = row[3:]

@@ -79,9 +79,12 @@ def combine(outputs: torch.Tensor, route: Route | None, ctx: ParallelContext) ->
     return _AllToAll.apply(outputs[route.inverse], route.recv, route.send, ctx.groups["ep"])
 
 
-def sum_over_dp(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """`t` summed over the data-parallel group (a copy; `t` itself unchanged)."""
+def sum_over_data(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """`t` summed over every rank of this pipeline stage that routes other tokens through the same
+    router: the tensor-parallel group (each routes its share of the tokens) and the data-parallel
+    group (a copy; `t` itself unchanged)."""
     out = t.clone()
-    if ctx.dp > 1:
-        dist.all_reduce(out, group=ctx.groups["dp"])
+    for kind, size in (("tp", ctx.tp), ("dp", ctx.dp)):
+        if size > 1:
+            dist.all_reduce(out, group=ctx.groups[kind])
     return out

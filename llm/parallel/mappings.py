@@ -132,6 +132,21 @@ class _GatherFromSequence(torch.autograd.Function):
         return _reduce_scatter(grad, ctx.pctx, 1), None
 
 
+class _GatherSequenceShards(torch.autograd.Function):
+    """Forward: all-gather the sequence shards of an output that joins the replicated residual stream
+    (a mixture of experts routes each TP rank's share of the tokens). Backward: this rank's slice, as
+    the gradient from the replicated stream is the same on every rank."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return _all_gather(x, pctx, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _split(grad, ctx.pctx, 1), None
+
+
 class _ReduceScatterToSequence(torch.autograd.Function):
     """Forward: reduce-scatter the partial sums of a row-parallel layer along the sequence.
     Backward: all-gather along the sequence."""
@@ -168,6 +183,10 @@ def scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 def gather_from_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return x if ctx.tp == 1 else _GatherFromSequence.apply(x, ctx)
+
+
+def gather_sequence_shards(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _GatherSequenceShards.apply(x, ctx)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

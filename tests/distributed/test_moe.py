@@ -5,6 +5,7 @@ statistics, and the full weights merged from the checkpoint the EP run saves."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,24 @@ CASES = {
                      "model.moe_router_load_balancing_type=seq_aux_loss", "model.moe_router_score_function=sigmoid",
                      "model.moe_router_enable_expert_bias=true", "model.moe_router_bias_update_rate=0.01"],
     "capacity": ["model.architecture=llama", "model.moe_expert_capacity_factor=1.0", "model.moe_layer_freq=[0, 1]"],
+    "llama_sp": ["model.architecture=llama", "model.sequence_parallel=true", "model.moe_router_load_balancing_type=seq_aux_loss",
+                 "model.moe_shared_expert_intermediate_size=24"],
 }  # fmt: skip
 
 
-def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None) -> None:
+def _gathered(p: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The full tensor of a tensor-parallel shard (itself when not split)."""
+    from llm.parallel.layers import merge_by_spec, partition_info
+
+    spec = partition_info(p)
+    if spec is None:
+        return p.detach()
+    parts = [torch.empty_like(p) for _ in range(ctx.tp)]
+    torch.distributed.all_gather(parts, p.detach().contiguous(), group=ctx.groups["tp"])
+    return merge_by_spec(parts, spec)
+
+
+def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None, tp: int = 1) -> None:
     from llm.checkpoint.engine import save_checkpoint
     from llm.checkpoint.merge import load_model_state
     from llm.engine.build import initialize_engine
@@ -48,8 +63,11 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None) -> 
     from llm.training.steps import make_steps
 
     extra = [f"checkpoint.dir={save_dir}"] if save_dir else []
-    cfg = load_config(None, [*OVERRIDES, *CASES[case], f"deepspeed_config=configs/deepspeed/zero{zero}.json", *extra])
-    ctx = ParallelContext.build(ep=2)
+    ep = 2 if world // tp >= 2 else 1
+    cfg = load_config(None, [*OVERRIDES, *CASES[case], f"deepspeed_config=configs/deepspeed/zero{zero}.json", *extra,
+                             f"parallel.tensor_model_parallel_size={tp}", f"parallel.expert_model_parallel_size={ep}"])
+    ctx = ParallelContext.build(tp=tp, ep=ep)
+    dp = ctx.dp
     ds, plan = deepspeed_setup(cfg, world, cuda=False)
     rng = RNGTracker()
     model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
@@ -59,16 +77,17 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None) -> 
                                lr_scheduler=make_scheduler(cfg.train), mpu=MeshMPU(ctx))  # fmt: skip
     steps = make_steps(engine, cfg, ctx, plan, rng)
 
-    ref = build_model(cfg.model, seed=cfg.train.seed)  # one process, every expert
-    ref.moe.aux_grad_scale = 0.5  # two micro-batches of accumulation: the LM loss is halved too
+    ref_cfg = dataclasses.replace(cfg.model, sequence_parallel=False)
+    ref = build_model(ref_cfg, seed=cfg.train.seed)  # one process, every expert
+    ref.moe.aux_grad_scale = 1 / dp  # DP micro-batches of accumulation: the LM loss is divided by DP too
     ref_opt = torch.optim.AdamW(parameter_groups(ref, cfg.train.weight_decay), lr=cfg.train.lr,
                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
     single = ParallelContext.single()
     gen = torch.Generator().manual_seed(0)
     for step in range(STEPS):
-        micro = [torch.randint(0, VOCAB, (2, 17), generator=gen) for _ in range(2)]  # one per data-parallel rank
-        result = steps.train(iter([micro[rank]]), None, 4)
-        ref_loss = sum(ref(*model_inputs(t, cfg.data)) for t in micro) / 2
+        micro = [torch.randint(0, VOCAB, (2, 17), generator=gen) for _ in range(dp)]  # one per data-parallel rank
+        result = steps.train(iter([micro[ctx.dp_rank]]), None, 2 * dp)
+        ref_loss = sum(ref(*model_inputs(t, cfg.data)) for t in micro) / dp
         ref_loss.backward()
         ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.train.clip_grad))
         ref_opt.step()
@@ -87,10 +106,13 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None) -> 
 
     ref_params = dict(ref.named_parameters())
     for name, p in engine.module.named_parameters():
-        expected = ref_params[name]
-        if getattr(p, "expert_parallel", False):  # this rank's two experts of four
-            expected = expected[ctx.ep_rank * 2 : ctx.ep_rank * 2 + 2]
-        diff = (p - expected).abs().max().item()
+        expected, got = ref_params[name], _gathered(p, ctx)
+        if getattr(p, "expert_parallel", False):  # this rank's experts (all four without EP, else two)
+            n = 4 // ctx.ep
+            expected = expected[ctx.ep_rank * n : ctx.ep_rank * n + n]
+        if name in ("embed.weight", "lm_head.weight"):  # the vocabulary padding depends on TP
+            expected, got = expected[:VOCAB], got[:VOCAB]
+        diff = (got - expected).abs().max().item()
         assert diff < 1e-5, f"rank {rank}: {name} differs by {diff}"
     for name, buf in ref.named_buffers():
         if name.endswith("expert_bias"):
@@ -103,7 +125,8 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None) -> 
             assert meta["expert_parallel"] == 2
             for name, value in ref.state_dict().items():
                 if "rotary" not in name:
-                    torch.testing.assert_close(state[name], value.float(), rtol=0, atol=1e-6, msg=name)
+                    rows = VOCAB if name in ("embed.weight", "lm_head.weight") else None
+                    torch.testing.assert_close(state[name][:rows], value.float()[:rows], rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -111,3 +134,10 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None) -> 
 )
 def test_expert_parallel_training_matches_one_process(zero: int, case: str, tmp_path: Path) -> None:
     spawn(_run, 2, zero, case, tmp_path / "ckpt" if (zero, case) in ((0, "gpt2"), (1, "llama_shared")) else None)
+
+
+@pytest.mark.parametrize("world, zero, case", [(4, 1, "llama_shared"), (2, 2, "llama_sp"), (4, 0, "gpt2")])
+def test_expert_and_tensor_parallelism_match_one_process(world: int, zero: int, case: str, tmp_path: Path) -> None:
+    """TP 2: the experts replicated over TP, each TP rank routing its share of the tokens (its sequence
+    shard under sequence parallelism); world 4 = TP 2 x DP 2 with EP 2."""
+    spawn(_run, world, zero, case, tmp_path / "ckpt" if world == 4 and zero == 1 else None, 2)

@@ -32,6 +32,18 @@ def _cfg(arch: str = "llama", **kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+def _record_router_logits(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """The router logits of every forward of an MoE layer, computed here from its input (T, E)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        x = args[0]
+        seen.append(x.reshape(-1, x.shape[-1]).float() @ module.router.weight.float().t())
+
+    layer.register_forward_pre_hook(hook)
+    return seen
+
+
 def _tokens(b: int = 3, s: int = 17, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(seed))
 
@@ -136,9 +148,7 @@ def test_auxiliary_losses_reach_the_router_as_terms_of_the_loss() -> None:
     (0.5 * injected(x[:, :-1], x[:, 1:])).backward()
 
     explicit = build_model(cfg, seed=3)
-    layer = explicit.layers[1].mlp
-    seen: list[torch.Tensor] = []
-    layer.router.register_forward_hook(lambda mod, args, out: seen.append(out))
+    seen = _record_router_logits(explicit.layers[1].mlp)
     lm = explicit(x[:, :-1], x[:, 1:])
     logits = seen[0]
     scores, chosen, _ = route(logits, topk=2, score="softmax")
@@ -168,8 +178,7 @@ def test_metrics_count_the_load_and_reset() -> None:
     cfg = _cfg(moe_layer_freq=[1, 0], moe_expert_capacity_factor=1.0)
     model = build_model(cfg, seed=8)
     assert [n for n, _ in moe_layers(model)] == [0]
-    seen: list[torch.Tensor] = []
-    model.layers[0].mlp.router.register_forward_hook(lambda mod, args, out: seen.append(out))
+    seen = _record_router_logits(model.layers[0].mlp)
     x = _tokens(b=4)
     model(x[:, :-1], x[:, 1:])
     scores, chosen, weights = route(seen[0], topk=2, score="softmax")
@@ -215,8 +224,10 @@ def test_expert_bias_moves_towards_an_even_load() -> None:
         (["model.num_experts=4", "model.moe_layer_freq=[1, 0]"], r"one 0 \(dense\) or 1 \(MoE\) per block"),
         (["model.num_experts=4", "model.moe_expert_capacity_factor=0"], "moe_expert_capacity_factor = 0.0 must be positive"),
         (["model.num_experts=4", "model.moe_router_score_function=relu"], "choose one of softmax, sigmoid"),
-        (["model.num_experts=4", "parallel.tensor_model_parallel_size=2"],
-         "with parallel.tensor_model_parallel_size > 1 is not supported yet"),
+        (["model.num_experts=4", "parallel.tensor_model_parallel_size=2", "model.parallel_block=true"],
+         "with model.parallel_block and parallel.tensor_model_parallel_size > 1 is not supported yet"),
+        (["model.num_experts=4", "parallel.tensor_model_parallel_size=4", "model.seq_length=18", "model.num_attention_heads=4",
+          "model.hidden_size=64"], r"seq_length \(18\) must be divisible by parallel.tensor_model_parallel_size \(4\)"),
         (["model.num_experts=4", "train.optimizer=muon"], "with train.optimizer: muon"),
     ],
 )  # fmt: skip
