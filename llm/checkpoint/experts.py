@@ -38,8 +38,8 @@ def write_expert_shard(module: torch.nn.Module, ctx: ParallelContext, tag_dir: P
     """This rank's experts, if it is the first replica of its expert-parallel rank (a dense model:
     nothing)."""
     experts = _experts(module, num_layers)
-    if not experts or ctx.dp_rank >= ctx.ep or ctx.tp_rank > 0:
-        return
+    if not experts or ctx.ep == 1 or ctx.dp_rank >= ctx.ep or ctx.tp_rank > 0:
+        return  # without expert parallelism DeepSpeed's own files hold every expert
     path = expert_file(tag_dir, ep=ctx.ep_rank, pp=ctx.pp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({n: p.detach().cpu().clone() for n, p in experts.items()}, path)
@@ -49,9 +49,9 @@ def write_expert_shard(module: torch.nn.Module, ctx: ParallelContext, tag_dir: P
 def load_expert_shard(
     module: torch.nn.Module, ctx: ParallelContext, tag_dir: Path, *, num_layers: int, trust: bool
 ) -> None:
-    """This rank's experts back from its expert file (a dense model: nothing)."""
+    """This rank's experts back from its expert file (a dense model or EP 1: nothing)."""
     experts = _experts(module, num_layers)
-    if not experts:
+    if not experts or ctx.ep == 1:
         return
     saved = read_expert_file(expert_file(tag_dir, ep=ctx.ep_rank, pp=ctx.pp_rank), trust=trust)
     for name, p in experts.items():
@@ -69,12 +69,21 @@ def read_expert_file(path: Path, *, trust: bool) -> Tensors:
     return dict(load_file(path, trust=trust))
 
 
+def _read_stages(tag_dir: Path, ep: int, *, trust: bool) -> Tensors:
+    """Every pipeline stage's file of one expert-parallel rank, as one dict."""
+    files = sorted((tag_dir / EXPERTS_DIR).glob(f"ep_{ep:03d}_tp_00_pp_*.pt"))
+    if not files:
+        raise CheckpointError(f"expert weights of expert-parallel rank {ep} are missing from '{tag_dir}': the "
+                              "checkpoint is incomplete; use an earlier one")  # fmt: skip
+    return {k: v for f in files for k, v in read_expert_file(f, trust=trust).items()}
+
+
 def merge_expert_shards(tag_dir: Path, state: Tensors, *, ep: int, trust: bool) -> Tensors:
     """`state` (DeepSpeed's model file: expert-parallel rank 0's experts) with every expert weight
-    replaced by all experts, joined in expert-parallel order."""
-    if not (tag_dir / EXPERTS_DIR).is_dir():
+    replaced by all experts, joined in expert-parallel order (EP 1: `state` holds them all)."""
+    if ep == 1:
         return state
-    shards = [read_expert_file(expert_file(tag_dir, ep=r), trust=trust) for r in range(ep)]
+    shards = [_read_stages(tag_dir, r, trust=trust) for r in range(ep)]
     out = dict(state)
     for name in shards[0]:
         out[name] = torch.cat([s[name] for s in shards])

@@ -50,9 +50,10 @@ def _marker_class() -> type[nn.Module]:
 def register_experts(model: nn.Module, groups: list[dict[str, Any]], ctx: ParallelContext,
                      *, num_experts: int) -> list[dict[str, Any]]:  # fmt: skip
     """Tags the expert parameters of `model`, registers the groups, adds the marker; returns the
-    optimizer's parameter groups split into dense and expert groups. A dense model: `groups` as given."""
+    optimizer's parameter groups split into dense and expert groups. A dense model, or EP 1 (every rank
+    holds every expert: they are ordinary replicated parameters): `groups` as given, nothing registered."""
     experts = [p for p in model.parameters() if getattr(p, "expert_parallel", False)]
-    if not experts:
+    if not experts or ctx.ep == 1:
         return groups
     name = f"ep_size_{ctx.ep}"
     for p in experts:

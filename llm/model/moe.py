@@ -349,14 +349,14 @@ def update_expert_bias(model: nn.Module, ctx: ParallelContext) -> None:
 
 
 def moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict[str, float]:
-    """The MoE statistics since the last call, per layer and in total, averaged over the data-parallel
-    ranks (the load summed over them), then reset: for each layer `moe/layer{i}/...` and in total
-    `moe_load_balancing_loss` and `moe_z_loss` (the mean over layers, without their coefficients),
-    `moe_load_imbalance` (the largest over layers of the busiest expert's share / the mean share),
-    `moe_dropped_fraction` (of all token copies) and `moe_expert_bias_range` (max - min, largest)."""
+    """The MoE statistics since the last call, per layer and in total, then reset; every rank calls it
+    (the load is summed over the ranks that route other tokens, the losses averaged over data-parallel
+    ranks, and with pipeline parallelism every stage's layers are gathered). Per layer `moe/layer{i}/`
+    `load_balancing_loss` and `z_loss` (without their coefficients), `load_imbalance` (the busiest
+    expert's share / the mean share), `dropped_fraction` (of the token copies) and `expert_bias_range`
+    (max - min); in total `moe_load_balancing_loss` and `moe_z_loss` (means over layers),
+    `moe_load_imbalance` (the largest), `moe_dropped_fraction` and `moe_expert_bias_range` (the largest)."""
     layers = moe_layers(model)
-    if not layers:
-        return {}
     rows = []
     for _, layer in layers:
         st, micro = layer.stats, max(layer.stats.micro_batches, 1)
@@ -364,24 +364,33 @@ def moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict[str, float]:
         head = [float(st.load_balancing) / micro, float(st.z_loss) / micro, float(st.dropped)]
         rows.append(torch.cat([torch.tensor(head, dtype=torch.float64), tokens]))
         layer.stats = MoEStats()
-    summed = sum_over_data(torch.stack(rows), ctx)  # (L, 3 + E): one all-reduce for every layer
-    out: dict[str, float] = {}
+    per_layer: dict[int, dict[str, float]] = {}
+    summed = sum_over_data(torch.stack(rows), ctx) if rows else torch.zeros(0)  # (L, 3 + E): one all-reduce
     for (number, layer), row in zip(layers, summed):
         load = row[3:]
         copies = float(load.sum())
-        values = {"load_balancing_loss": float(row[0]) / ctx.dp, "z_loss": float(row[1]) / ctx.dp,
+        entry = {"load_balancing_loss": float(row[0]) / ctx.dp, "z_loss": float(row[1]) / ctx.dp,
                   "load_imbalance": float(load.max() / load.mean()) if copies else 0.0,
-                  "dropped_fraction": float(row[2]) / copies if copies else 0.0}  # fmt: skip
+                  "dropped": float(row[2]), "copies": copies}  # fmt: skip
         if layer.router.expert_bias is not None:
-            values["expert_bias_range"] = float(layer.router.expert_bias.max() - layer.router.expert_bias.min())
-        out.update({f"moe/layer{number}/{k}": v for k, v in values.items()})
-    per_layer = [{k.split("/")[-1]: v for k, v in out.items() if k.startswith(f"moe/layer{n}/")} for n, _ in layers]
-    copies = float(summed[:, 3:].sum())
-    out["moe_load_balancing_loss"] = sum(v["load_balancing_loss"] for v in per_layer) / len(layers)
-    out["moe_z_loss"] = sum(v["z_loss"] for v in per_layer) / len(layers)
-    out["moe_load_imbalance"] = max(v["load_imbalance"] for v in per_layer)
-    out["moe_dropped_fraction"] = float(summed[:, 2].sum()) / copies if copies else 0.0
-    ranges = [v["expert_bias_range"] for v in per_layer if "expert_bias_range" in v]
+            entry["expert_bias_range"] = float(layer.router.expert_bias.max() - layer.router.expert_bias.min())
+        per_layer[number] = entry
+    if ctx.pp > 1:  # every stage's layers
+        per_layer = {n: v for part in ctx.all_gather_object(per_layer) for n, v in part.items()}
+    if not per_layer:
+        return {}
+    out: dict[str, float] = {}
+    for number, v in sorted(per_layer.items()):
+        shown = {k: x for k, x in v.items() if k not in ("dropped", "copies")}
+        shown["dropped_fraction"] = v["dropped"] / v["copies"] if v["copies"] else 0.0
+        out.update({f"moe/layer{number}/{k}": x for k, x in shown.items()})
+    values = list(per_layer.values())
+    copies = sum(v["copies"] for v in values)
+    out["moe_load_balancing_loss"] = sum(v["load_balancing_loss"] for v in values) / len(values)
+    out["moe_z_loss"] = sum(v["z_loss"] for v in values) / len(values)
+    out["moe_load_imbalance"] = max(v["load_imbalance"] for v in values)
+    out["moe_dropped_fraction"] = sum(v["dropped"] for v in values) / copies if copies else 0.0
+    ranges = [v["expert_bias_range"] for v in values if "expert_bias_range" in v]
     if ranges:
         out["moe_expert_bias_range"] = max(ranges)
     return out

@@ -26,6 +26,7 @@ from llm.config import Config, ModelConfig
 from llm.engine.pipeline_grid import keep_model_group_in_island, pipeline_module_class, pipeline_topology
 from llm.model.gpt import init_parameters, lm_head_local_logits, lm_loss
 from llm.model.layers import TransformerBlock, make_norm
+from llm.model.moe import MoEState, checkpoint_contexts
 from llm.parallel.context import ParallelContext
 from llm.parallel.layers import VocabParallelEmbedding
 from llm.parallel.mappings import scatter_to_sequence
@@ -77,9 +78,10 @@ class TransformerBlockPipe(TransformerBlock):
     """The plain block with a single-tensor interface for the pipeline."""
 
     def __init__(
-        self, cfg: ModelConfig, layer_number: int, ctx: ParallelContext, rng: RNGTracker, seed: int
-    ) -> None:
-        super().__init__(cfg, layer_number, ctx, rng)
+        self, cfg: ModelConfig, layer_number: int, ctx: ParallelContext, rng: RNGTracker, seed: int,
+        moe: MoEState | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(cfg, layer_number, ctx, rng, moe)
         init_parameters(self, cfg, seed, ctx, prefix=f"layers.{layer_number}.")
         if cfg.compile:
             self.compile()
@@ -138,6 +140,7 @@ def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> 
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     m, seed = cfg.model, cfg.train.seed
+    moe = MoEState()  # shared by this stage's MoE layers, as GPT.moe
     if m.tied:
         first: Any = TiedLayerSpec(
             "embed", EmbeddingPipe, m, ctx, rng, seed, tied_weight_attr=["embed.weight"]
@@ -156,7 +159,7 @@ def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> 
         first, last = LayerSpec(EmbeddingPipe, m, ctx, rng, seed), LayerSpec(LMHeadPipe, m, ctx, seed)
     specs = [
         first,
-        *(LayerSpec(TransformerBlockPipe, m, i, ctx, rng, seed) for i in range(m.num_layers)),
+        *(LayerSpec(TransformerBlockPipe, m, i, ctx, rng, seed, moe) for i in range(m.num_layers)),
         LayerSpec(FinalNormPipe, m, ctx, seed),
         last,
     ]
@@ -168,12 +171,14 @@ def build_pipeline_model(cfg: Config, ctx: ParallelContext, rng: RNGTracker) -> 
         loss_fn=PipelineLoss(m, ctx),
         partition_method=PARTITION_METHODS[cfg.parallel.pipeline_partition_method],
         activation_checkpoint_interval=1 if m.activation_checkpointing else 0,
-        activation_checkpoint_func=partial(_checkpoint, rng),
+        activation_checkpoint_func=partial(_checkpoint, rng, moe),
         checkpointable_layers=["TransformerBlockPipe"],
     )
+    module.moe = moe
     keep_model_group_in_island(module, ctx)
     return module
 
 
-def _checkpoint(rng: RNGTracker, function: Any, *args: torch.Tensor) -> Any:
-    return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: checkpoint_context_fn(rng))
+def _checkpoint(rng: RNGTracker, moe: MoEState, function: Any, *args: torch.Tensor) -> Any:
+    return checkpoint(function, *args, use_reentrant=False,
+                      context_fn=lambda: checkpoint_contexts(checkpoint_context_fn(rng), moe))  # fmt: skip

@@ -68,8 +68,15 @@ class Steps:
         raise NotImplementedError
 
     def moe_metrics(self) -> dict[str, float]:
-        """The MoE layers' statistics since the last call (llm.model.moe.moe_metrics); {} for a dense model."""
-        return moe_metrics(self.module, self.ctx)
+        """The MoE layers' statistics since the last call (llm.model.moe.moe_metrics); {} for a dense model.
+        Every rank calls it."""
+        return moe_metrics(self.module, self.ctx) if self.cfg.model.is_moe else {}
+
+    def _scale_auxiliary_losses(self, accum: int) -> None:
+        """MoE: the auxiliary losses' gradient, scaled as DeepSpeed's backward scales the LM loss's."""
+        moe = getattr(self.module, "moe", None)
+        if moe is not None:
+            moe.aux_grad_scale = 1.0 / accum
 
     def _accumulation(self, global_batch: int) -> int:
         """Micro-batches per rank for a global batch; DeepSpeed's engine (which sees one DiLoCo island's
@@ -112,9 +119,7 @@ class PlainSteps(Steps):
         accum = self._accumulation(global_batch)
         lr = float(self.engine.get_lr()[0])
         losses, norm = [], None
-        moe = getattr(self.module, "moe", None)
-        if moe is not None:  # the auxiliary losses' gradient, scaled as DeepSpeed scales the LM loss's
-            moe.aux_grad_scale = 1.0 / accum
+        self._scale_auxiliary_losses(accum)
         for micro in range(accum):
             # said, not counted: DeepSpeed's own count of micro-steps is off once the accumulation changes
             self.engine.set_gradient_accumulation_boundary(micro == accum - 1)
@@ -147,7 +152,7 @@ class PipelineSteps(Steps):
     function runs inside DeepSpeed's schedule)."""
 
     def train(self, batches: Iterator[torch.Tensor], scale: float | None, global_batch: int) -> StepResult:
-        self._accumulation(global_batch)
+        self._scale_auxiliary_losses(self._accumulation(global_batch))
         lr = float(self.engine.get_lr()[0])
         loss_fn = self.engine.module.loss_fn
         loss_fn.factor = scale
@@ -155,6 +160,7 @@ class PipelineSteps(Steps):
             loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data))
         finally:
             loss_fn.factor = None
+        update_expert_bias(self.module, self.ctx)
         norm = self._reported_grad_norm()
         return StepResult(self.ctx.mean_over_islands(float(loss)), norm, lr)
 

@@ -35,7 +35,11 @@ def _canonical(name: str, num_layers: int) -> str:
     return canonical_prefix(int(idx), num_layers) + rest
 
 
-def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False, norms: int = 0) -> None:
+MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=16", "model.moe_z_loss_coeff=1e-3",
+       "model.moe_layer_freq=[0, 1]", "model.moe_shared_expert_intermediate_size=16"]  # fmt: skip
+
+
+def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False, norms: int = 0, moe: bool = False) -> None:
     import deepspeed
 
     from llm.engine.deepspeed_config import build_deepspeed_config
@@ -47,11 +51,13 @@ def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False, norms:
         [*OVERRIDES, f"model.architecture={arch}", f"deepspeed_config=configs/deepspeed/zero{zero}.json",
          *(["data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true",
             "data.eod_token_id=7"] if docs else []),
-         *(["model.parallel_block=true", f"model.parallel_block_norms={norms}"] if norms else [])],
+         *(["model.parallel_block=true", f"model.parallel_block_norms={norms}"] if norms else []),
+         *(MOE if moe else [])],
     )  # fmt: skip
     ctx = ParallelContext.build(tp=1, pp=2)
     rng = RNGTracker()
     pipe = build_pipeline_model(cfg, ctx, rng)
+    pipe.moe.aux_grad_scale = 0.5  # MoE: what PipelineSteps sets for two micro-batches (the LM loss's scale)
     ds = build_deepspeed_config(cfg, world, cuda=False)
     groups = parameter_groups(pipe, cfg.train.weight_decay)
     opt = None if "optimizer" in ds else ClippedAdamW(groups, cfg.train, ctx)
@@ -59,6 +65,7 @@ def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False, norms:
                                       lr_scheduler=make_scheduler(cfg.train))  # fmt: skip
 
     ref = build_model(cfg.model, seed=cfg.train.seed)
+    ref.moe.aux_grad_scale = 0.5  # MoE: two micro-batches of accumulation, as the LM loss
     ref_opt = torch.optim.AdamW(parameter_groups(ref, cfg.train.weight_decay), lr=cfg.train.lr,
                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
@@ -92,9 +99,12 @@ def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False, norms:
 
 
 @pytest.mark.parametrize(
-    "arch, zero, docs, norms", [("gpt2", 0, False, 1), ("gpt2", 1, True, 0), ("llama", 1, True, 2)]
-)
-def test_pipeline_matches_plain_model(arch: str, zero: int, docs: bool, norms: int) -> None:
+    "arch, zero, docs, norms, moe",
+    [("gpt2", 0, False, 1, False), ("gpt2", 1, True, 0, False), ("llama", 1, True, 2, False), ("llama", 0, False, 0, True)],
+)  # fmt: skip
+def test_pipeline_matches_plain_model(arch: str, zero: int, docs: bool, norms: int, moe: bool) -> None:
     """docs: document-aware training (attention and positions per document, EOD loss masked);
-    norms: parallel attention + MLP blocks with that many norms (0: the sequential block)."""
-    spawn(_run, 2, arch, zero, docs, norms)
+    norms: parallel attention + MLP blocks with that many norms (0: the sequential block); moe: a
+    mixture of experts in the second block (on the second stage: its auxiliary losses' gradient
+    reaches the router through the pipeline's backward)."""
+    spawn(_run, 2, arch, zero, docs, norms, moe)
