@@ -318,9 +318,11 @@ def write_shard_map(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_lay
     if not flat:
         names = {id(p): canonical_name(n, num_layers) for n, p in engine.module.named_parameters()}
         groups = [[names[id(p)] for p in g] for g in optimizer_parameter_order(engine)]
-    model_file, optim_file = checkpoint_file_names(engine, tag_dir.parent, tag_dir.name, zero_files=flat)
+    model_file, optim_file = checkpoint_file_names(engine, tag_dir.parent, tag_dir.name, zero_files=flat,
+                                                   ep_rank=ctx.ep_rank if ctx.ep > 1 else None)  # fmt: skip
     info = {
         "rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
+        "ep_rank": ctx.ep_rank, "ep": ctx.ep,
         "zero_stage": stage, "bf16": bool(engine.bfloat16_enabled()),
         # what the engine really runs in (a silent fp32 run would pass a test that reads the config)
         "param_dtype": str(next(engine.module.parameters()).dtype),
@@ -349,12 +351,6 @@ def load_checkpoint(
     saved = layout_of(meta)
     ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "ep": ctx.ep, "zero": int(engine.zero_optimization_stage())}
     _check_islands(meta, tag_dir, ctx, saved == ours)
-    if saved != ours and cfg.model.is_moe:
-        raise CheckpointError(
-            f"checkpoint '{tag_dir}' was written at {_describe(saved)}; a mixture-of-experts run resumes at the layout "
-            f"it was saved with for now (this run: {_describe(ours)}): set the parallel sizes, DeepSpeed config and "
-            "number of processes it had (scripts/evaluate.py and generate.py read it at any layout)"
-        )
     if saved != ours:
         return _load_resharded(engine, tag_dir, cfg, ctx, meta, saved, ours)
     try:

@@ -99,7 +99,8 @@ def _shard_state_zero0(
 ) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 0: moments of one (PP, TP) shard from the torch state dict; with bf16 (DeepSpeed's unfused
     mixed-precision wrapper) also the fp32 master weights, which the bf16 module weights only round."""
-    sd = load_tensor_file(tag_dir / info["model_file"], trust=trust)
+    file = tag_dir / (info.get("optim_file") or info["model_file"])  # MoE at EP > 1: its EP rank's file
+    sd = load_tensor_file(file, trust=trust)
     opt = sd.get("optimizer") or {}
     masters: list[torch.Tensor] = []
     if (
@@ -109,7 +110,7 @@ def _shard_state_zero0(
         opt = opt["optimizer_state_dict"]
     if "state" not in opt:
         raise ReshardError(
-            f"'{tag_dir / info['model_file']}' holds no optimizer state; resume it at its own layout"
+            f"'{file}' holds no optimizer state; resume it at its own layout"
         )
     out: dict[str, Tensors] = {}
     flat_names = [n for g in info["groups"] for n in g]
@@ -131,7 +132,7 @@ def _shard_state_zero12(
     trust: bool,
 ) -> tuple[dict[str, Tensors], dict[str, Any]]:
     """ZeRO 1/2: concatenate each parameter's fragments over the DP ranks of one (PP, TP) shard."""
-    pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    pieces: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     step = 0.0
     for info in sorted(infos, key=lambda i: i["dp_rank"]):
         osd = load_tensor_file(tag_dir / info["optim_file"], trust=trust)["optimizer_state_dict"]
@@ -141,14 +142,29 @@ def _shard_state_zero12(
             step = float(base[g]["step"])
             for raw, frag in mapping.items():
                 name = canonical_name(raw, num_layers)
+                # MoE: an expert parameter is partitioned over its expert-data-parallel group (the
+                # ranks of one EP rank, in DP order); each EP rank holds other experts
+                owner = int(info.get("ep_rank", 0)) if is_expert(name) else 0
                 for key, t in flat.items():
-                    pieces[name][key].append(t.narrow(0, frag.start, frag.numel))
+                    pieces[(name, owner)][key].append(t.narrow(0, frag.start, frag.numel))
     shapes = {n: s for g in groups for n, s in g.items()}
-    out = {
-        name: {k: torch.cat(v).float().view(shapes[name]) for k, v in parts.items()}
-        for name, parts in pieces.items()
-    }
-    return out, {"step": step}
+    local = {key: {k: torch.cat(v).float().view(shapes[key[0]]) for k, v in parts.items()}
+             for key, parts in pieces.items()}  # fmt: skip
+    return _join_experts(local), {"step": step}
+
+
+def is_expert(name: str) -> bool:
+    """A routed expert's parameter (stacked experts, split over expert-parallel ranks along dim 0)."""
+    return ".mlp.experts." in name
+
+
+def _join_experts(local: dict[tuple[str, int], Tensors]) -> dict[str, Tensors]:
+    """(name, EP rank) -> state: the experts of every EP rank joined along dim 0 (others: rank 0's)."""
+    out: dict[str, Tensors] = {}
+    for name, _ in sorted(k for k in local if k[1] == 0):
+        ranks = sorted(r for n, r in local if n == name)
+        out[name] = {k: torch.cat([local[(name, r)][k] for r in ranks]) for k in local[(name, 0)]}
+    return out
 
 
 def _shard_state_zero3(
@@ -204,10 +220,13 @@ def _stage_state(
     for t in range(tp):
         group = by_tp[t]
         stage = group[0]["zero_stage"]
-        if stage == 0:
-            state, extra = _shard_state_zero0(
-                tag_dir, next(i for i in group if i["dp_rank"] == 0), trust=trust
-            )
+        if stage == 0:  # dp rank 0's state; with EP, each EP rank's first replica's for its experts
+            ep = int(group[0].get("ep", 1))
+            states = [_shard_state_zero0(tag_dir, next(i for i in group if i["dp_rank"] == e), trust=trust)
+                      for e in range(ep)]  # fmt: skip
+            extra = states[0][1]
+            state = _join_experts({(n, e): v for e, (st, _) in enumerate(states) for n, v in st.items()
+                                   if e == 0 or is_expert(n)})  # fmt: skip
         else:
             reader = _shard_state_zero3 if stage == 3 else _shard_state_zero12
             state, extra = reader(
@@ -278,6 +297,8 @@ def load_universal(engine: Any, universal: Path, cfg: Config, ctx: Any) -> None:
         spec = partition_info(p)  # the split of the running layout's parameter
         local = {k: full if spec is None else shard_by_spec(full, spec, rank=ctx.tp_rank, size=ctx.tp)
                  for k, full in entry.items()}  # fmt: skip
+        if getattr(p, "expert_parallel", False):  # this EP rank's experts of all of them
+            local = {k: v.narrow(0, ctx.ep_rank * p.shape[0], p.shape[0]) for k, v in local.items()}
         _set_param(p, local["fp32"], stage)
         moments = [k for k in STATE_KEYS if k in local]  # an import carries weights only: fresh optimizer state
         if stage == 0:

@@ -30,11 +30,18 @@ def torch_optimizer(engine: Any) -> Any:
     return getattr(opt, "optimizer", opt)
 
 
-def checkpoint_file_names(engine: Any, root: Path, tag: str, *, zero_files: bool) -> tuple[str, str | None]:
-    """The names of this rank's model-states file and (ZeRO 1-3) optimizer-states file in a save of
-    `tag` under `root`."""
+def checkpoint_file_names(
+    engine: Any, root: Path, tag: str, *, zero_files: bool, ep_rank: int | None = None
+) -> tuple[str, str | None]:
+    """The names of this rank's model-states file and optimizer-states file in a save of `tag` under
+    `root`: ZeRO 1-3's, or at ZeRO 0 with expert parallelism (`ep_rank`) the file of that
+    expert-parallel rank's optimizer (DeepSpeed's MoE save); else None (it is in the model file)."""
     model = Path(engine._get_ckpt_name(str(root), tag)).name
-    return model, Path(engine._get_zero_ckpt_name(str(root), tag)).name if zero_files else None
+    if zero_files:
+        return model, Path(engine._get_zero_ckpt_name(str(root), tag)).name
+    if ep_rank is not None:
+        return model, Path(engine._get_optimizer_ckpt_name(str(root), tag, ep_rank)).name
+    return model, None
 
 
 def optimizer_parameter_order(engine: Any) -> list[list[torch.nn.Parameter]]:

@@ -1,4 +1,4 @@
-"""Hugging Face import: a GPT-2 or Llama directory on disk -> an llm checkpoint to continue pretraining from.
+"""Hugging Face import: a GPT-2, Llama, Mixtral or Qwen2-MoE directory on disk -> an llm checkpoint to continue pretraining from.
 
 It is written in the layout-independent form a resume at another layout uses (`universal/`: full
 weights; the optimizer starts fresh), so it loads at any TP x PP x DP and ZeRO stage:
@@ -30,7 +30,8 @@ from llm.model.hf import from_hf_state_dict
 
 
 def model_config_from_hf(config: Any, *, seq_length: int | None = None) -> ModelConfig:
-    """transformers' GPT2Config / LlamaConfig -> our ModelConfig (the inverse of `hf_config`)."""
+    """transformers' GPT2Config / LlamaConfig / MixtralConfig / Qwen2MoeConfig -> our ModelConfig (the
+    inverse of `hf_config`)."""
     kind = config.model_type
     if kind == "gpt2":
         if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -44,18 +45,37 @@ def model_config_from_hf(config: Any, *, seq_length: int | None = None) -> Model
             vocab_size=config.vocab_size, norm_eps=config.layer_norm_epsilon,
             tie_embeddings=bool(config.tie_word_embeddings),
         )  # fmt: skip
-    if kind == "llama":
+    if kind in ("llama", "mixtral", "qwen2_moe"):
         rope = (getattr(config, "rope_parameters", None) or {}).get(
             "rope_theta", getattr(config, "rope_theta", 1e4)
         )
-        return ModelConfig(
+        llama = dict(
             architecture="llama", num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads, num_query_groups=config.num_key_value_heads,
             ffn_hidden_size=config.intermediate_size, seq_length=seq_length or config.max_position_embeddings,
             max_position_embeddings=config.max_position_embeddings, vocab_size=config.vocab_size,
             norm_eps=config.rms_norm_eps, rope_theta=float(rope), tie_embeddings=bool(config.tie_word_embeddings),
         )  # fmt: skip
-    raise CheckpointError(f"model type '{kind}' is not supported: import GPT-2 or Llama models")
+        return ModelConfig(**llama, **_moe_settings_from_hf(config))
+    raise CheckpointError(f"model type '{kind}' is not supported: import GPT-2, Llama, Mixtral or Qwen2-MoE models")
+
+
+def _moe_settings_from_hf(config: Any) -> dict[str, Any]:
+    """Mixtral / Qwen2-MoE routing and experts -> our MoE keys (a Llama: none)."""
+    kind = config.model_type
+    if kind == "mixtral":
+        return {"num_experts": config.num_local_experts, "moe_router_topk": config.num_experts_per_tok,
+                "moe_ffn_hidden_size": config.intermediate_size, "moe_aux_loss_coeff": config.router_aux_loss_coef}  # fmt: skip
+    if kind != "qwen2_moe":
+        return {}
+    if not config.norm_topk_prob:
+        raise CheckpointError("this Qwen2-MoE model does not renormalise its top-k weights (norm_topk_prob: false); "
+                              "llm's routing always does, so it cannot be imported exactly")  # fmt: skip
+    sparse = [int(i not in config.mlp_only_layers and (i + 1) % config.decoder_sparse_step == 0)
+              for i in range(config.num_hidden_layers)]  # fmt: skip
+    return {"num_experts": config.num_experts, "moe_router_topk": config.num_experts_per_tok,
+            "moe_ffn_hidden_size": config.moe_intermediate_size, "moe_aux_loss_coeff": config.router_aux_loss_coef,
+            "moe_shared_expert_intermediate_size": config.shared_expert_intermediate_size, "moe_layer_freq": sparse}  # fmt: skip
 
 
 def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_length: int | None = None) -> Path:

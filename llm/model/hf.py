@@ -24,10 +24,7 @@ class NoHFClassError(LLMError, ValueError):
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuses, in one line, a model that no transformers class computes exactly."""
     if cfg.is_moe:
-        raise NoHFClassError(
-            "export of a mixture of experts (model.num_experts) to Hugging Face is not built yet (Mixtral and "
-            "Qwen2-MoE classes are planned); evaluate and sample with scripts/evaluate.py and scripts/generate.py"
-        )
+        _check_moe_exportable(cfg)
     if cfg.parallel_block:
         preset = "llama preset (RMSNorm, SwiGLU)" if cfg.is_llama else "gpt2 preset (learned positions)"
         raise NoHFClassError(
@@ -35,6 +32,28 @@ def check_exportable(cfg: ModelConfig) -> None:
             "(GPT-J, GPT-NeoX, Phi, Falcon) use rotary positions with LayerNorm and a GELU MLP. Evaluate and "
             "sample with scripts/evaluate.py and scripts/generate.py instead"
         )
+
+
+def moe_class(cfg: ModelConfig) -> str:
+    """The transformers model type of an MoE: `mixtral` (every block MoE, no shared experts) or
+    `qwen2_moe` (shared experts; dense blocks allowed)."""
+    return "qwen2_moe" if cfg.moe_shared_expert_intermediate_size else "mixtral"
+
+
+def _check_moe_exportable(cfg: ModelConfig) -> None:
+    why = None
+    if not cfg.is_llama:
+        why = "the gpt2 preset's experts (GELU, biases) have no transformers class; the llama preset exports"
+    elif cfg.moe_router_score_function != "softmax":
+        why = "sigmoid routing has no transformers class that takes our attention (Mixtral and Qwen2-MoE route by softmax)"
+    elif cfg.moe_router_enable_expert_bias:
+        why = "the expert bias (moe_router_enable_expert_bias) changes which experts are chosen; Mixtral and Qwen2-MoE have none"
+    elif moe_class(cfg) == "mixtral" and len(cfg.moe_layers) < cfg.num_layers:
+        why = ("dense blocks (moe_layer_freq) without shared experts have no transformers class: Mixtral's blocks are "
+               "all MoE and Qwen2-MoE's MoE blocks have shared experts")  # fmt: skip
+    if why:
+        raise NoHFClassError(f"this mixture of experts cannot be exported: {why}. Evaluate and sample with "
+                             "scripts/evaluate.py and scripts/generate.py instead")  # fmt: skip
 
 
 def _qkv_to_parts(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,23 +71,11 @@ def hf_config(cfg: ModelConfig) -> Any:
 
     check_exportable(cfg)
     vocab = int(cfg.vocab_size or 0)
+    if cfg.is_moe:
+        return _moe_hf_config(cfg, vocab)
     if cfg.is_llama:
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.ffn_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.kv_groups,
-            head_dim=cfg.head_dim,
-            max_position_embeddings=cfg.max_positions,
-            rms_norm_eps=cfg.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-            tie_word_embeddings=cfg.tied,
-            attention_bias=False,
-            mlp_bias=False,
-            hidden_act="silu",
-        )
+        return LlamaConfig(**_llama_kwargs(cfg, vocab), intermediate_size=cfg.ffn_size, attention_bias=False,
+                           mlp_bias=False)  # fmt: skip
     return GPT2Config(
         vocab_size=vocab,
         n_embd=cfg.hidden_size,
@@ -85,6 +92,67 @@ def hf_config(cfg: ModelConfig) -> Any:
         bos_token_id=None,  # GPT-2's 50256 is not in our vocabulary; the exporter sets the tokenizer's
         eos_token_id=None,
     )
+
+
+def _llama_kwargs(cfg: ModelConfig, vocab: int) -> dict[str, Any]:
+    """What Llama, Mixtral and Qwen2-MoE configs share: the attention, norms, rotary and embeddings."""
+    return dict(
+        vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.kv_groups, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=cfg.tied,
+        hidden_act="silu",
+    )  # fmt: skip
+
+
+def _moe_hf_config(cfg: ModelConfig, vocab: int) -> Any:
+    """Mixtral or Qwen2-MoE (moe_class). Routing is softmax, top-k, renormalised, as ours; transformers
+    routes dropless (a training capacity does not apply to the exported model)."""
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    common = dict(_llama_kwargs(cfg, vocab), num_experts_per_tok=cfg.moe_router_topk,
+                  router_aux_loss_coef=cfg.moe_aux_loss_coeff)  # fmt: skip
+    if moe_class(cfg) == "mixtral":
+        return MixtralConfig(**common, intermediate_size=cfg.moe_ffn_size, num_local_experts=int(cfg.num_experts or 0),
+                             sliding_window=None)  # fmt: skip
+    dense = [i for i in range(cfg.num_layers) if i not in cfg.moe_layers]
+    return Qwen2MoeConfig(
+        **common, intermediate_size=cfg.ffn_size, moe_intermediate_size=cfg.moe_ffn_size,
+        shared_expert_intermediate_size=int(cfg.moe_shared_expert_intermediate_size or 0),
+        num_experts=int(cfg.num_experts or 0),
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=dense, qkv_bias=False, use_sliding_window=False,
+    )  # fmt: skip
+
+
+def _moe_mlp_to_hf(s: dict[str, torch.Tensor], src: str, dst: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """An MoE block's MLP: the router is transformers' `gate`, the stacked experts its fused
+    `gate_up_proj` ([gate | up], as ours) and `down_proj`. Qwen2-MoE gates its shared experts by
+    sigmoid(w . x): w = 0 gives 1/2, and the shared down projection is doubled to make up for it."""
+    out = {dst + "gate.weight": s[src + "router.weight"], dst + "experts.gate_up_proj": s[src + "experts.fc.weight"],
+           dst + "experts.down_proj": s[src + "experts.proj.weight"]}  # fmt: skip
+    if cfg.moe_shared_expert_intermediate_size:
+        gate, up = s[src + "shared_experts.fc.weight"].chunk(2, dim=0)
+        out.update({dst + "shared_expert.gate_proj.weight": gate, dst + "shared_expert.up_proj.weight": up,
+                    dst + "shared_expert.down_proj.weight": 2 * s[src + "shared_experts.proj.weight"],
+                    dst + "shared_expert_gate.weight": torch.zeros(1, cfg.hidden_size)})  # fmt: skip
+    return out
+
+
+def _moe_mlp_from_hf(hf: dict[str, torch.Tensor], h: str, p: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `_moe_mlp_to_hf`; a Qwen2-MoE whose shared-expert gate is not zero has no
+    equivalent here (nor attention biases that are not zero: `from_hf_state_dict`)."""
+    out = {p + "router.weight": hf[h + "gate.weight"], p + "experts.fc.weight": hf[h + "experts.gate_up_proj"],
+           p + "experts.proj.weight": hf[h + "experts.down_proj"]}  # fmt: skip
+    if cfg.moe_shared_expert_intermediate_size:
+        if torch.count_nonzero(hf[h + "shared_expert_gate.weight"]):
+            raise NoHFClassError(
+                f"{h}shared_expert_gate is not zero: llm's shared experts are not gated, so this Qwen2-MoE model "
+                "cannot be imported exactly (models exported by llm have a zero gate)"
+            )
+        out[p + "shared_experts.fc.weight"] = torch.cat([hf[h + "shared_expert.gate_proj.weight"],
+                                                         hf[h + "shared_expert.up_proj.weight"]])  # fmt: skip
+        out[p + "shared_experts.proj.weight"] = hf[h + "shared_expert.down_proj.weight"] / 2
+    return out
 
 
 def _gpt2_layer_to_hf(s: dict[str, torch.Tensor], i: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -110,22 +178,24 @@ def _gpt2_layer_to_hf(s: dict[str, torch.Tensor], i: int, cfg: ModelConfig) -> d
 def _llama_layer_to_hf(s: dict[str, torch.Tensor], i: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     src, dst = f"layers.{i}.", f"model.layers.{i}."
     q, k, v = _qkv_to_parts(s[src + "attention.qkv.weight"], cfg)
-    gate, up = s[src + "mlp.fc.weight"].chunk(2, dim=0)
-    return {
+    out = {
         dst + "input_layernorm.weight": s[src + "input_norm.weight"],
         dst + "self_attn.q_proj.weight": q,
         dst + "self_attn.k_proj.weight": k,
         dst + "self_attn.v_proj.weight": v,
         dst + "self_attn.o_proj.weight": s[src + "attention.proj.weight"],
         dst + "post_attention_layernorm.weight": s[src + "post_attention_norm.weight"],
-        dst + "mlp.gate_proj.weight": gate,
-        dst + "mlp.up_proj.weight": up,
-        dst + "mlp.down_proj.weight": s[src + "mlp.proj.weight"],
     }
+    if i in cfg.moe_layers:
+        return {**out, **_moe_mlp_to_hf(s, src + "mlp.", dst + "mlp.", cfg)}
+    gate, up = s[src + "mlp.fc.weight"].chunk(2, dim=0)
+    return {**out, dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": s[src + "mlp.proj.weight"]}  # fmt: skip
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our full state dict -> transformers' (GPT2LMHeadModel or LlamaForCausalLM) names and layouts."""
+    """Our full state dict -> transformers' (GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM or
+    Qwen2MoeForCausalLM) names and layouts."""
     vocab = int(cfg.vocab_size or 0)
     embed = state["embed.weight"][:vocab]
     out: dict[str, torch.Tensor] = {}
@@ -169,6 +239,13 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             )
             out[p + "attention.proj.weight"] = hf[h + "self_attn.o_proj.weight"]
             out[p + "post_attention_norm.weight"] = hf[h + "post_attention_layernorm.weight"]
+            biases = [k for k in ("q", "k", "v") if torch.count_nonzero(hf.get(h + f"self_attn.{k}_proj.bias", torch.zeros(1)))]
+            if biases:
+                raise NoHFClassError(f"{h}self_attn has attention biases ({', '.join(biases)}): the llama preset has none, "
+                                     "so this model cannot be imported exactly")  # fmt: skip
+            if i in cfg.moe_layers:
+                out.update(_moe_mlp_from_hf(hf, h + "mlp.", p + "mlp.", cfg))
+                continue
             out[p + "mlp.fc.weight"] = torch.cat(
                 [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]
             )

@@ -1,6 +1,6 @@
 """configs/tiny_moe_cpu.yaml through the real launchers with expert parallelism 2: it trains and logs
 the MoE statistics, resumes exactly from its checkpoints (every expert-parallel rank's experts come
-back), refuses a resume at another layout in one line, and evaluates at one process."""
+back), resumes at EP 1 on one process on the same curve, and evaluates at one process."""
 
 from __future__ import annotations
 
@@ -26,14 +26,16 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}  # later records win
 
 
-@pytest.mark.parametrize("zero, launcher", [(0, "deepspeed"), (1, "torchrun")])
+@pytest.mark.parametrize("zero, launcher, tp", [(0, "deepspeed", 1), (1, "torchrun", 1), (1, "torchrun", 2)])
 def test_tiny_moe_trains_with_expert_parallelism_and_resumes_exactly(
-    builtin_prefix: Path, tmp_path: Path, zero: int, launcher: str
+    builtin_prefix: Path, tmp_path: Path, zero: int, launcher: str, tp: int
 ) -> None:
     """ZeRO 0: the expert shards llm writes are the only copy of expert-parallel rank 1's experts;
-    ZeRO 1: DeepSpeed's partitions hold them too."""
+    ZeRO 1: DeepSpeed's partitions hold them too. TP 2 (EP 1): resumed at TP 1."""
+    ep = 2 // tp
     args = [*SMALL, f"data.train_data_path={builtin_prefix}", f"logging.dir={tmp_path}",
-            f"deepspeed_config=configs/deepspeed/zero{zero}.json"]  # fmt: skip
+            f"deepspeed_config=configs/deepspeed/zero{zero}.json", f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.expert_model_parallel_size={ep}"]  # fmt: skip
     command = deepspeed_cmd if launcher == "deepspeed" else launch_cmd
     check(run(command(2, *args)))
     records = read_metrics(tmp_path)
@@ -44,8 +46,9 @@ def test_tiny_moe_trains_with_expert_parallelism_and_resumes_exactly(
             "moe/layer1/load_imbalance"} <= set(step)  # fmt: skip
     assert step["moe_load_imbalance"] >= 1.0 and step["moe_dropped_fraction"] == 0.0  # dropless
     tag = tmp_path / "checkpoints" / "iter_0000002"
-    assert sorted(p.name for p in (tag / "experts").iterdir()) == ["ep_000_tp_00_pp_00.pt", "ep_001_tp_00_pp_00.pt"]
-    assert json.loads((tag / "llm_meta.json").read_text())["expert_parallel"] == 2
+    assert json.loads((tag / "llm_meta.json").read_text())["expert_parallel"] == ep
+    if ep == 2:
+        assert sorted(p.name for p in (tag / "experts").iterdir()) == ["ep_000_tp_00_pp_00.pt", "ep_001_tp_00_pp_00.pt"]
 
     shutil.rmtree(tmp_path / "checkpoints" / "iter_0000004")
     (tmp_path / "checkpoints" / "latest").write_text("iter_0000002")
@@ -53,13 +56,25 @@ def test_tiny_moe_trains_with_expert_parallelism_and_resumes_exactly(
     resumed = _losses(tmp_path)
     assert [resumed[i] for i in (3, 4)] == [first[i] for i in (3, 4)]  # bitwise
 
-    if zero == 0:  # one process cannot resume it (yet), in one line; evaluation reads it at any layout
-        p = run(launch_cmd(1, *args, "parallel.expert_model_parallel_size=1", "train.train_iters=6"))
-        assert p.returncode != 0
-        assert "a mixture-of-experts run resumes at the layout it was saved with" in p.stderr
-        assert "Traceback" not in p.stderr
-        p = run(["python", script("evaluate.py"), "--checkpoint", str(tmp_path / "checkpoints"), "--data",
-                 str(builtin_prefix), "--split", "valid", "--json"])  # fmt: skip
+    # at another layout: one process holding every expert (EP 1, TP 1) continues the same curve
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000002")
+    shutil.rmtree(tmp_path / "checkpoints" / "iter_0000004")
+    check(run(launch_cmd(1, *args, "parallel.expert_model_parallel_size=1", "parallel.tensor_model_parallel_size=1")))
+    other = _losses(tmp_path)
+    assert max(abs(other[i] - first[i]) / first[i] for i in (3, 4)) < 1e-5, (other, first)
+    if zero == 1 and tp == 1:  # and back out: the EP 1 checkpoint of iteration 4 continued at EP 2 and at EP 1
+        ckpt = tmp_path / "checkpoints"
+        shutil.copytree(ckpt, tmp_path / "saved")
+        check(run(launch_cmd(2, *args, "train.train_iters=6")))
+        spread = _losses(tmp_path)
+        shutil.rmtree(ckpt)
+        shutil.copytree(tmp_path / "saved", ckpt)
+        check(run(launch_cmd(1, *args, "parallel.expert_model_parallel_size=1", "train.train_iters=6")))
+        single = _losses(tmp_path)
+        assert max(abs(spread[i] - single[i]) / single[i] for i in (5, 6)) < 1e-5, (spread, single)
+    if zero == 0:  # evaluation reads the EP 2 checkpoint at one process
+        p = run(["python", script("evaluate.py"), "--checkpoint", str(tmp_path / "checkpoints" / "iter_0000002"),
+                 "--data", str(builtin_prefix), "--split", "valid", "--json"])  # fmt: skip
         check(p)
         result = json.loads(p.stdout.strip().splitlines()[-1])
         assert 1.0 < result["perplexity"] < 8000

@@ -274,8 +274,53 @@ def test_parameter_and_flop_counts_know_the_experts(arch: str) -> None:
     )
 
 
-def test_export_of_a_mixture_of_experts_is_refused_in_one_line() -> None:
+@pytest.mark.parametrize(
+    "kw, cls",
+    [({}, "MixtralForCausalLM"),
+     ({"moe_shared_expert_intermediate_size": 40, "moe_layer_freq": [0, 1], "tie_embeddings": True}, "Qwen2MoeForCausalLM")],
+)  # fmt: skip
+def test_hugging_face_export_and_import_of_a_mixture_of_experts(kw: dict, cls: str) -> None:
+    """Logits of transformers' Mixtral / Qwen2-MoE on our weights equal ours (fp32), and the weights
+    come back exactly (the import's config too)."""
+    import transformers
+
+    from llm.export.from_hf import model_config_from_hf
+    from llm.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+
+    cfg = _cfg(num_query_groups=2, num_layers=2, moe_router_topk=2, **kw)
+    model = build_model(cfg, seed=1).eval()
+    with torch.no_grad():  # routers that choose distinctly (the initial ones score nearly evenly)
+        for _, layer in moe_layers(model):
+            layer.router.weight.mul_(50)
+    config = hf_config(cfg)
+    hf = getattr(transformers, cls)(config).eval()
+    assert type(hf).__name__ == cls
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=False)
+    assert not unexpected and all("rotary" in m or m == "lm_head.weight" for m in missing), (missing, unexpected)
+    x = _tokens(b=2, s=16)
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    back_cfg = model_config_from_hf(config, seq_length=cfg.seq_length)
+    assert (back_cfg.num_experts, back_cfg.moe_router_topk, back_cfg.moe_ffn_size, back_cfg.moe_layers,
+            back_cfg.moe_shared_expert_intermediate_size) == (4, 2, 24, cfg.moe_layers,
+                                                             cfg.moe_shared_expert_intermediate_size)  # fmt: skip
+    back = from_hf_state_dict(hf.state_dict(), back_cfg)
+    for name, value in model.state_dict().items():
+        rows = VOCAB if name in ("embed.weight", "lm_head.weight") else value.shape[0]
+        if "rotary" not in name:
+            torch.testing.assert_close(back[name][:rows], value[:rows], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"architecture": "gpt2"}, "the gpt2 preset's experts"),
+     ({"moe_router_score_function": "sigmoid"}, "sigmoid routing"),
+     ({"moe_router_enable_expert_bias": True}, "the expert bias"),
+     ({"moe_layer_freq": [0, 1]}, "dense blocks .* without shared experts")],
+)  # fmt: skip
+def test_a_mixture_of_experts_without_a_transformers_class_is_refused(kw: dict, message: str) -> None:
     from llm.model.hf import NoHFClassError, check_exportable
 
-    with pytest.raises(NoHFClassError, match="mixture of experts.*scripts/evaluate.py"):
-        check_exportable(_cfg())
+    with pytest.raises(NoHFClassError, match=f"cannot be exported: {message}.*scripts/evaluate.py"):
+        check_exportable(_cfg(**kw))
