@@ -55,6 +55,14 @@ def pipeline_layer_params(
     return [embed, *blocks, norm, head]
 
 
+def expert_layer_params(m: ModelConfig, *, ep: int = 1) -> list[int]:
+    """Per pipeline layer (as `pipeline_layer_params`), the routed-expert parameters one
+    expert-parallel rank of `ep` holds: ZeRO partitions them over DP / EP ranks, not DP."""
+    per_expert = _mlp_params(m, m.moe_ffn_size, 1) if m.is_moe else 0
+    blocks = [int(m.num_experts or 0) // ep * per_expert if i in m.moe_layers else 0 for i in range(m.num_layers)]
+    return [0, *blocks, 0, 0]
+
+
 def total_params(m: ModelConfig, vocab: int) -> int:
     """Unique parameters of the whole model (tied embeddings counted once; every expert)."""
     layers = pipeline_layer_params(m, 1, vocab)

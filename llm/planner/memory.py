@@ -4,9 +4,11 @@ Everything is counted for the largest pipeline stage of one rank, from the model
 model is built, so 70B configs plan in milliseconds):
 
 - Parameters per stage: the exact per-layer counts of llm's GPT (tensor-parallel shards and
-  replicated norms/biases), cut into stages by DeepSpeed's own partition functions.
+  replicated norms/biases; of an MoE, the experts of one expert-parallel rank), cut into stages by
+  DeepSpeed's own partition functions.
 - Weights, gradients, optimizer: bytes per local parameter as DeepSpeed holds them for each ZeRO
-  stage and precision (`STATE_BYTES`); ZeRO shards over the data-parallel size D.
+  stage and precision (`STATE_BYTES`); ZeRO shards over the data-parallel size D (routed experts
+  over D / EP, the ranks that hold the same experts).
 - Activations: the tensors autograd keeps per layer in llm's blocks (see `layer_activation_bytes`),
   times the micro-batches in flight (1, or min(P - stage, m) under DeepSpeed's 1F1B schedule); with
   activation checkpointing only each block's input plus one block being recomputed.
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 from llm.config import ModelConfig
 from llm.engine.partition import deepspeed_partitioners
-from llm.model.flops import pipeline_layer_params
+from llm.model.flops import expert_layer_params, pipeline_layer_params
 
 GB = 2**30
 
@@ -36,6 +38,7 @@ class Layout:
     micro_batch_size: int
     activation_checkpointing: bool = False
     sequence_parallel: bool = False
+    ep: int = 1  # expert parallelism (a mixture of experts): divides DP
 
     @property
     def world_size(self) -> int:
@@ -45,7 +48,8 @@ class Layout:
         extras = [
             x for x, on in (("SP", self.sequence_parallel), ("AC", self.activation_checkpointing)) if on
         ]
-        return f"TP{self.tp} PP{self.pp} DP{self.dp} Z{self.zero} mb{self.micro_batch_size}" + (
+        ep = f" EP{self.ep}" if self.ep > 1 else ""
+        return f"TP{self.tp} PP{self.pp} DP{self.dp}{ep} Z{self.zero} mb{self.micro_batch_size}" + (
             " " + "+".join(extras) if extras else ""
         )
 
@@ -141,7 +145,7 @@ def _bounds(weights: tuple[int, ...], parts: int, uniform: bool) -> tuple[int, .
 
 def stage_bounds(m: ModelConfig, layout: Layout, vocab: int, method: str) -> list[int]:
     """Layer index bounds of each pipeline stage, computed by DeepSpeed's partitioners."""
-    counts = pipeline_layer_params(m, layout.tp, vocab)
+    counts = pipeline_layer_params(m, layout.tp, vocab, ep=layout.ep)
     if layout.pp == 1:
         return [0, len(counts)]
     if method == "uniform":
@@ -173,15 +177,28 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_l
     if m.is_llama:
         norms = 2 * (4 * h + 2 * a * h)
         attention = a * ((nq + 2 * g) * d + nq * d + g * d + nq * d) + 4 * nq
-        mlp = a * 4 * f
+        mlp: float = a * 4 * f
     else:
         norms = 2 * (2 * a * h)
         attention = a * (3 * nq * d + nq * d) + 4 * nq
         mlp = a * 2 * f
+    if m.is_moe:  # the larger of a dense block's MLP and an MoE block's (per token, its share over TP)
+        mlp = max(mlp if len(m.moe_layers) < m.num_layers else 0.0, _moe_activation_bytes(m, a))
     replicated = norms / t if sp else norms
     masks = 2 * h / (t if sp else 1) if m.dropout > 0 else 0
     tokens = layout.micro_batch_size * seq_length
     return tokens * (replicated + masks + (attention + mlp) / t)
+
+
+def _moe_activation_bytes(m: ModelConfig, a: int) -> float:
+    """Per token, an MoE block's MLP (counted with saved-tensor hooks, tests/unit/test_planner.py): the
+    router's float32 logits and scores (2 x 4 E); the choices, their weights and the sort's indices
+    (40 k + 12); the k copies sent to the experts, the experts' outputs and their weighted sum's input
+    (3 k a h); each copy's expert MLP (SwiGLU 4 F_e, GELU 2 F_e); the shared experts (as a dense MLP).
+    TP ranks route their share of the tokens, so the caller divides it by TP like the sharded terms."""
+    k, f, s = m.moe_router_topk, m.moe_ffn_size, m.moe_shared_expert_intermediate_size or 0
+    per_mlp = 4 if m.is_llama else 2
+    return 8 * int(m.num_experts or 0) + 40 * k + 12 + a * (3 * k * m.hidden_size + k * per_mlp * f + per_mlp * s)
 
 
 def loss_bytes(m: ModelConfig, layout: Layout, precision: str, vocab: int) -> float:
@@ -231,7 +248,8 @@ def estimate_memory(
     """The peak memory of the most loaded rank (the largest of the pipeline stages).
     `touched_only`: count memory as a CPU's resident set does (see `ZeroBuffers.nbytes`)."""
     bounds = stage_bounds(m, layout, vocab, partition_method)
-    counts = pipeline_layer_params(m, layout.tp, vocab)
+    counts = pipeline_layer_params(m, layout.tp, vocab, ep=layout.ep)
+    experts = expert_layer_params(m, ep=layout.ep)
     micro_batches = global_batch_size // (layout.micro_batch_size * layout.dp)
     state = STATE_BYTES[(precision, layout.zero)]
     best: MemoryEstimate | None = None
@@ -242,7 +260,9 @@ def estimate_memory(
             params -= counts[-1]  # one stage holds both ends: the tied head is the embedding itself
         blocks = sum(1 for i in range(lo, hi) if 1 <= i <= m.num_layers)
         in_flight = 1 if layout.pp == 1 else max(1, min(layout.pp - stage, micro_batches))
-        per = {k: params * (rep + shard / layout.dp) for k, (rep, shard) in state.items()}
+        routed = sum(experts[lo:hi])  # partitioned over the expert-data-parallel ranks, DP / EP
+        per = {k: (params - routed) * (rep + shard / layout.dp) + routed * (rep + shard * layout.ep / layout.dp)
+               for k, (rep, shard) in state.items()}  # fmt: skip
         loss = loss_bytes(m, layout, precision, vocab) if hi == len(counts) else 0.0
         est = MemoryEstimate(
             stage=stage,

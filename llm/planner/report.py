@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from llm.config import Config, ConfigError, load_config
-from llm.model.flops import total_params
+from llm.model.flops import active_params, total_params
 from llm.planner.memory import GB, Layout, MemoryEstimate, ZeroBuffers, estimate_memory
 from llm.planner.search import Candidate, Cluster
 
@@ -45,6 +45,7 @@ def config_layout(cfg: Config, world_size: int) -> Layout:
     return Layout(
         tp=tp, pp=pp, dp=world_size // (tp * pp), zero=zero_stage(cfg), micro_batch_size=cfg.train.micro_batch_size,
         activation_checkpointing=cfg.model.activation_checkpointing, sequence_parallel=cfg.model.sequence_parallel,
+        ep=cfg.parallel.expert_model_parallel_size,
     )  # fmt: skip
 
 
@@ -64,7 +65,10 @@ def format_table(
     m = cfg.model
     flops = cands[0].step_flops
     head = [
-        f"model: {m.architecture}, {total_params(m, vocab) / 1e9:.2f}B parameters, {m.num_layers} layers x "
+        f"model: {m.architecture}, {total_params(m, vocab) / 1e9:.2f}B parameters"
+        + (f" ({active_params(m, vocab) / 1e9:.2f}B active: {m.num_experts} experts, top {m.moe_router_topk})"
+           if m.is_moe else "")
+        + f", {m.num_layers} layers x "
         f"{m.hidden_size}, seq {m.seq_length}; global batch {cfg.train.global_batch_size}; {precision}",
         f"cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, {cluster.gpu_memory_gb:g} GiB each "
         f"(fits: <= {100 * cluster.usable_fraction:.0f}%); step {flops / 1e15:.1f} PFLOP (model FLOPs)",
@@ -83,7 +87,8 @@ def format_table(
             f"parallel.pipeline_model_parallel_size={lay.pp} train.micro_batch_size={lay.micro_batch_size} "
             f"model.activation_checkpointing={str(lay.activation_checkpointing).lower()} "
             f"model.sequence_parallel={str(lay.sequence_parallel).lower()} "
-            f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json"
+            + (f"parallel.expert_model_parallel_size={lay.ep} " if cfg.model.is_moe else "")
+            + f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json"
         )
         tail.append(
             f"checkpoint.async_save=true would hold up to {pick.memory.async_save_host_bytes / GB:.1f} GiB of host "

@@ -6,8 +6,10 @@ The step-time model is deliberately simple, for ranking layouts rather than prom
             / (world x peak FLOP/s x achievable MFU)
   + tensor-parallel all-reduces (4 per block per micro-batch over the activations, fwd + bwd)
     at NVLink speed inside a node, network speed across nodes
-  + data-parallel gradient reduction (ring: 2 (D-1)/D x gradient bytes; ZeRO 3 adds a parameter
-    all-gather per forward and backward) at network speed across nodes
+  + expert parallelism's all-to-alls (an MoE: 4 per MoE block per micro-batch, k copies of each
+    token, (EP-1)/EP of them leaving the rank)
+  + data-parallel gradient reduction (ring: 2 (D-1)/D x gradient bytes, routed experts over D/EP
+    ranks; ZeRO 3 adds a parameter all-gather per forward and backward) at network speed across nodes
   divided by (1 - bubble), bubble = (P - 1) / (m + P - 1) for P stages and m micro-batches.
 
 The pick is the fastest layout whose memory fits `usable_fraction` of the device (the rest is
@@ -22,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 from llm.config import Config, ConfigError, replace_validated
-from llm.model.flops import model_flops_per_token, pipeline_layer_params
+from llm.model.flops import expert_layer_params, model_flops_per_token, pipeline_layer_params
 from llm.planner.memory import GB, Layout, MemoryEstimate, estimate_memory
 
 
@@ -54,7 +56,7 @@ class Candidate:
     def to_dict(self) -> dict[str, object]:
         lay, mem = self.layout, self.memory
         return {
-            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero": lay.zero, "micro_batch_size": lay.micro_batch_size,
+            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "zero": lay.zero, "micro_batch_size": lay.micro_batch_size,
             "activation_checkpointing": lay.activation_checkpointing, "sequence_parallel": lay.sequence_parallel,
             "params_per_gpu": mem.params, "weights_gb": mem.weights / GB, "gradients_gb": mem.gradients / GB,
             "optimizer_gb": mem.optimizer / GB, "activations_gb": mem.activations / GB, "buffers_gb": mem.buffers / GB,
@@ -79,14 +81,30 @@ def _step_time(
     tp_bw = (cluster.intra_node_gbps if layout.tp <= cluster.gpus_per_node else cluster.inter_node_gbps) * 1e9
     tp_bytes = 4 * m.num_layers / layout.pp * micro * layout.micro_batch_size * m.seq_length * m.hidden_size
     tp_time = 0.0 if layout.tp == 1 else tp_bytes * act_bytes * 2 * (layout.tp - 1) / layout.tp / tp_bw
-    params = sum(pipeline_layer_params(m, layout.tp, vocab)) / layout.pp
+    routed = sum(expert_layer_params(m, ep=layout.ep)) / layout.pp
+    params = sum(pipeline_layer_params(m, layout.tp, vocab, ep=layout.ep)) / layout.pp - routed
     dp_inside = layout.tp * layout.dp <= cluster.gpus_per_node
     dp_bw = (cluster.intra_node_gbps if dp_inside else cluster.inter_node_gbps) * 1e9
-    grad_bytes = params * act_bytes * 2 * (layout.dp - 1) / layout.dp
+    edp = layout.dp // layout.ep  # routed experts are reduced over the ranks holding the same ones
+    grad_bytes = params * act_bytes * 2 * (layout.dp - 1) / layout.dp + routed * act_bytes * 2 * (edp - 1) / edp
     if layout.zero == 3:
         grad_bytes *= 1.5  # + all-gather of parameters in forward and backward
     dp_time = 0.0 if layout.dp == 1 else grad_bytes / dp_bw
-    return (compute + tp_time) / (1.0 - bubble) + dp_time
+    return (compute + tp_time + _all_to_all_time(cfg, layout, cluster, micro, act_bytes)) / (1.0 - bubble) + dp_time
+
+
+def _all_to_all_time(cfg: Config, layout: Layout, cluster: Cluster, micro: int, act_bytes: int) -> float:
+    """Expert parallelism: per MoE block and micro-batch, each TP rank's share of the tokens goes to the
+    experts and back, in forward and again in backward: 4 exchanges of k x tokens / TP x h x bytes, of
+    which (EP - 1) / EP leave the rank; inside a node when TP x EP GPUs fit in one."""
+    m = cfg.model
+    if layout.ep == 1:
+        return 0.0
+    inside = layout.tp * layout.ep <= cluster.gpus_per_node
+    bw = (cluster.intra_node_gbps if inside else cluster.inter_node_gbps) * 1e9
+    tokens = micro * layout.micro_batch_size * m.seq_length / layout.tp
+    layers = len(m.moe_layers) / layout.pp
+    return 4 * layers * m.moe_router_topk * tokens * m.hidden_size * act_bytes * (layout.ep - 1) / layout.ep / bw
 
 
 def _divisors(n: int) -> list[int]:
@@ -106,7 +124,7 @@ def _valid_tp(cfg: Config, tp: int, pp: int) -> bool:
     return True
 
 
-def candidate_layouts(cfg: Config, cluster: Cluster) -> list[Layout]:
+def candidate_layouts(cfg: Config, cluster: Cluster, *, precision: str = "bf16") -> list[Layout]:
     """Every layout llm can run on this cluster at the config's global batch size."""
     world, gbs, out = cluster.world_size, cfg.train.global_batch_size, []
     for tp in (t for t in _divisors(cluster.gpus_per_node) if world % t == 0):
@@ -118,10 +136,21 @@ def candidate_layouts(cfg: Config, cluster: Cluster) -> list[Layout]:
                 for zero in range(4):
                     if (pp > 1 and zero > 1) or (tp > 1 and zero == 3) or (dp == 1 and zero > 0):
                         continue
+                    if cfg.model.is_moe and (zero == 3 or (zero == 0 and precision != "fp32")):
+                        continue  # what a mixture of experts cannot run at (validation refuses it)
                     for ac in (False, True):
                         for sp in (False, True) if tp > 1 and cfg.model.seq_length % tp == 0 else (False,):
-                            out.append(Layout(tp, pp, dp, zero, mb, ac, sp))
+                            out += [Layout(tp, pp, dp, zero, mb, ac, sp, ep) for ep in _expert_sizes(cfg, dp, pp)]
     return out
+
+
+def _expert_sizes(cfg: Config, dp: int, pp: int) -> list[int]:
+    """The expert-parallel sizes a layout can take: divisors of DP that divide the experts (an MoE
+    with pipeline parallelism: 1, as validation requires)."""
+    experts = cfg.model.num_experts
+    if experts is None or pp > 1:
+        return [1]
+    return [e for e in _divisors(dp) if experts % e == 0]
 
 
 def evaluate_layout(
@@ -145,7 +174,7 @@ def plan(cfg: Config, cluster: Cluster, *, precision: str, vocab: int) -> list[C
     estimated time (1% steps) the one with less model parallelism, then less memory."""
     cands = [
         evaluate_layout(cfg, lay, cluster, precision=precision, vocab=vocab)
-        for lay in candidate_layouts(cfg, cluster)
+        for lay in candidate_layouts(cfg, cluster, precision=precision)
     ]
     return sorted(
         cands,
@@ -153,6 +182,7 @@ def plan(cfg: Config, cluster: Cluster, *, precision: str, vocab: int) -> list[C
             not c.fits,
             round(math.log(c.step_time) / math.log(1.01)),
             c.layout.tp * c.layout.pp,
+            c.layout.ep,
             c.memory.total,
         ),
     )

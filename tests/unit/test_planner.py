@@ -38,23 +38,28 @@ def _model(overrides: list[str]) -> tuple:
     return cfg, build_model(cfg.model, seed=1, ctx=ParallelContext.single(), rng=rng)
 
 
-@pytest.mark.parametrize(
-    "overrides", [["model.architecture=gpt2"], ["model.architecture=llama", "model.num_query_groups=2"]],
-    ids=["gpt2", "llama_gqa"],
-)  # fmt: skip
+MOE = ["model.num_experts=8", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=96"]
+MODELS = {
+    "gpt2": ["model.architecture=gpt2"],
+    "llama_gqa": ["model.architecture=llama", "model.num_query_groups=2"],
+    "gpt2_moe": ["model.architecture=gpt2", *MOE],
+    "llama_moe_shared": ["model.architecture=llama", "model.num_query_groups=2", *MOE,
+                         "model.moe_shared_expert_intermediate_size=64"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", list(MODELS.values()), ids=list(MODELS))
 def test_parameter_count_is_the_models(overrides: list[str]) -> None:
     cfg, model = _model(overrides)
     assert total_params(cfg.model, 1000) == count_parameters(model)
 
 
-@pytest.mark.parametrize(
-    "overrides", [["model.architecture=gpt2"], ["model.architecture=llama", "model.num_query_groups=2"]],
-    ids=["gpt2", "llama_gqa"],
-)  # fmt: skip
+@pytest.mark.parametrize("overrides", list(MODELS.values()), ids=list(MODELS))
 def test_activation_bytes_are_what_autograd_keeps(overrides: list[str]) -> None:
     """Every distinct storage autograd saves in one block's forward (parameters excluded), counted
     with saved-tensor hooks, against the planner's per-layer formula (fp32, SDPA on CPU). The block is
-    a real one, so a change to llm's layers that keeps more tensors fails here."""
+    a real one, so a change to llm's layers that keeps more tensors fails here. An MoE block routes
+    dropless, so the token copies (k per token) do not depend on the routing."""
     cfg, model = _model(overrides)
     block = model.layers[0]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -95,6 +100,34 @@ def test_recommendation_for_a_model_too_big_for_one_gpu_fits() -> None:
     build_deepspeed_config(chosen, 8, cuda=True)  # a layout llm accepts: no ConfigError
     # bigger sequences need more: a layout that does not fit is never ranked above one that does
     assert all(a.fits or not b.fits for a, b in zip(cands, cands[1:]))
+
+
+def test_the_planner_counts_experts_per_expert_parallel_rank_and_chooses_ep() -> None:
+    """Memory: the routed experts of one EP rank, partitioned over DP / EP; the pick for the fine-grained
+    MoE preset on one node divides its experts, and llm accepts it."""
+    from llm.model.flops import expert_layer_params, pipeline_layer_params
+    from llm.planner.memory import estimate_memory
+
+    cfg = load_config("configs/moe_fine_grained_a2b.yaml", ["model.vocab_size=32000"])
+    m = cfg.model
+    one, two = (estimate_memory(m, Layout(1, 1, 8, 1, 1, ep=ep), precision="bf16", vocab=32000,
+                                global_batch_size=1024) for ep in (1, 2))  # fmt: skip
+    routed = sum(expert_layer_params(m, ep=1))
+    assert one.params == sum(pipeline_layer_params(m, 1, 32000)) and one.params - two.params == routed // 2
+    # ZeRO 1: fp32 master and moments (12 bytes) of dense parameters over DP, of routed experts over DP / EP
+    dense = one.params - routed
+    assert two.optimizer == pytest.approx(12 * dense / 8 + 12 * (routed // 2) / 4)
+    cands = plan(cfg, Cluster(1, 8), precision="bf16", vocab=32000)
+    pick = cands[0]
+    assert pick.fits and pick.layout.ep > 1 and m.num_experts % pick.layout.ep == 0
+    lay = pick.layout
+    chosen = load_config("configs/moe_fine_grained_a2b.yaml", [
+        "model.vocab_size=32000", f"parallel.expert_model_parallel_size={lay.ep}",
+        f"parallel.tensor_model_parallel_size={lay.tp}", f"train.micro_batch_size={lay.micro_batch_size}",
+        f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json",
+    ])  # fmt: skip
+    build_deepspeed_config(chosen, 8, cuda=True)  # a layout llm accepts: no ConfigError
+    assert {c.layout.ep for c in cands} == {1, 2, 4, 8}
 
 
 @pytest.mark.parametrize("name", sorted(CLUSTER_CONFIGS))
