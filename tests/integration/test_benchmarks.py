@@ -26,7 +26,7 @@ def _report(stdout: str) -> dict:
 
 def test_every_benchmark_script_is_smoke_tested() -> None:
     assert BENCHMARKS == [
-        "checkpoint_io.py", "data_startup.py", "diloco.py", "framework_overhead.py", "model_throughput.py", "plan_memory.py", "preprocess_throughput.py",
+        "checkpoint_io.py", "data_startup.py", "diloco.py", "framework_overhead.py", "model_throughput.py", "moe.py", "plan_memory.py", "preprocess_throughput.py",
         "recipes.py", "sample_read.py", "tp_comm.py",
     ]  # fmt: skip
 
@@ -71,6 +71,12 @@ def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
         sync, islands = report["runs"]["sync_dp"], report["runs"]["diloco_h8_int4"]
         assert sync["bytes_per_token"] > islands["bytes_per_token"] > 0 and islands["val_loss"] > 0
         assert islands["bytes_by_collective"]["all_gather"] >= islands["diloco_bytes_reported_per_rank"] > 0
+        return
+    if name == "moe.py":  # bytes counted from the real all-to-alls; backward repeats forward's exchange
+        a2a, step = report["all_to_all_ep2"], report["step_ep1"]
+        assert a2a["forward_and_backward_bytes_per_token"] == 2 * a2a["forward_bytes_per_token"] > 0
+        assert 0.5 < a2a["forward_over_formula"] < 1.5 and a2a["count_exchange_bytes_forward"] > 0
+        assert step["dense_step_s"] > 0 and step["moe_step_s"] > 0 and step["moe_params"] > step["moe_active_params"]
         return
     if name == "recipes.py":  # every run reached its end, the cool-downs at min_lr's side of the schedule
         runs = report["runs"]
