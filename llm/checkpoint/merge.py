@@ -32,7 +32,7 @@ from llm.checkpoint.pickles import check_files, load_file, pickled_files
 from llm.config import Config, replace_validated
 from llm.engine.zero import zero3_fp32_state_dict
 from llm.model.gpt import GPT
-from llm.model.names import canonical_prefix
+from llm.model.names import canonical_name, canonical_prefix
 from llm.parallel.layers import merge_by_spec
 
 Tensors = dict[str, torch.Tensor]
@@ -89,6 +89,19 @@ def _read_pipeline_layers(tag_dir: Path, tp_rank: int, num_layers: int, *, trust
     return state
 
 
+def _read_pipeline_stages(tag_dir: Path, tp_rank: int, num_layers: int, *, trust: bool) -> Tensors:
+    """A pipeline with expert parallelism: DeepSpeed writes each stage's module into the model file of
+    its first data-parallel rank (named in the shard maps) instead of per-layer files -> plain-model
+    names (the experts there are expert-parallel rank 0's; `merge_expert_shards` adds the others)."""
+    infos = sorted((i for i in read_shard_maps(tag_dir) if i["tp_rank"] == tp_rank and i["dp_rank"] == 0),
+                   key=lambda i: i["pp_rank"])  # fmt: skip
+    state: Tensors = {}
+    for info in infos:  # the first stage's copy of the tied embedding wins
+        for k, v in _read_model_file(tag_dir / info["model_file"], trust=trust).items():
+            state.setdefault(canonical_name(k, num_layers), v)
+    return state
+
+
 def merge_tensor_parallel(shards: list[Tensors], specs: dict[str, dict[str, Any] | None]) -> Tensors:
     """Tensor-parallel shards (in TP-rank order) -> full tensors; replicated ones are taken from rank 0."""
     if len(shards) == 1:
@@ -125,7 +138,9 @@ def load_model_state(
             check_files(pickled_files(tag_dir))
         state = zero3_fp32_state_dict(tag_dir)
     else:
-        if pp > 1:
+        if pp > 1 and int(meta.get("expert_parallel", 1)) > 1:  # DeepSpeed's MoE save: one file per stage
+            shards = [_read_pipeline_stages(tag_dir, r, cfg.model.num_layers, trust=trust) for r in range(tp)]
+        elif pp > 1:
             shards = [_read_pipeline_layers(tag_dir, r, cfg.model.num_layers, trust=trust) for r in range(tp)]
         else:
             shards = [

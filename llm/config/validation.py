@@ -229,8 +229,6 @@ def _check_moe(cfg: Config) -> None:
     unsupported = [
         (cfg.parallel.tensor_model_parallel_size > 1 and m.parallel_block,
          "model.parallel_block and parallel.tensor_model_parallel_size > 1"),
-        (cfg.parallel.pipeline_model_parallel_size > 1 and ep > 1,
-         "parallel.pipeline_model_parallel_size > 1 and parallel.expert_model_parallel_size > 1"),
         (cfg.parallel.diloco.islands > 1, "parallel.diloco.islands > 1"),
         (cfg.train.precision == "fp16", "train.precision: fp16 (use bf16 or fp32)"),
         (cfg.train.optimizer == "muon", "train.optimizer: muon (use adamw)"),

@@ -141,3 +141,73 @@ def test_expert_and_tensor_parallelism_match_one_process(world: int, zero: int, 
     """TP 2: the experts replicated over TP, each TP rank routing its share of the tokens (its sequence
     shard under sequence parallelism); world 4 = TP 2 x DP 2 with EP 2."""
     spawn(_run, world, zero, case, tmp_path / "ckpt" if world == 4 and zero == 1 else None, 2)
+
+
+def _run_pipeline(rank: int, world: int, zero: int, save_dir: Path) -> None:
+    """PP 2 x DP 2 with EP 2 through llm's pipeline steps against one process (world 4)."""
+    from llm.checkpoint.engine import save_checkpoint
+    from llm.checkpoint.merge import load_model_state
+    from llm.engine.build import initialize_engine
+    from llm.engine.deepspeed_config import deepspeed_setup
+    from llm.engine.experts import register_experts
+    from llm.model.names import canonical_name
+    from llm.model.pipeline import build_pipeline_model
+    from llm.training.lr_schedule import make_scheduler
+    from llm.training.optim import clipped_optimizer
+    from llm.training.steps import make_steps
+
+    cfg = load_config(None, [*OVERRIDES, *CASES["llama_shared"], "model.num_layers=4", "model.moe_layer_freq=[0, 1, 0, 1]",
+                             "parallel.pipeline_model_parallel_size=2", f"deepspeed_config=configs/deepspeed/zero{zero}.json",
+                             f"checkpoint.dir={save_dir}"])  # fmt: skip
+    ctx = ParallelContext.build(pp=2, ep=2)
+    ds, plan = deepspeed_setup(cfg, world, cuda=False)
+    rng = RNGTracker()
+    pipe = build_pipeline_model(cfg, ctx, rng)
+    groups = register_experts(pipe, parameter_groups(pipe, cfg.train.weight_decay), ctx, num_experts=4)
+    opt = clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None
+    engine = initialize_engine(pipe, optimizer=opt, parameter_groups=groups, ds_config=ds,
+                               lr_scheduler=make_scheduler(cfg.train), mpu=None)  # fmt: skip
+    steps = make_steps(engine, cfg, ctx, plan, rng)
+    ref = build_model(cfg.model, seed=cfg.train.seed)
+    ref.moe.aux_grad_scale = 0.5
+    ref_opt = torch.optim.AdamW(parameter_groups(ref, cfg.train.weight_decay), lr=cfg.train.lr,
+                                betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
+    single = ParallelContext.single()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(STEPS):
+        micro = [torch.randint(0, VOCAB, (2, 17), generator=gen) for _ in range(2)]
+        result = steps.train(iter([micro[ctx.dp_rank]]), None, 4)
+        ref_loss = sum(ref(*model_inputs(t, cfg.data)) for t in micro) / 2
+        ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.train.clip_grad)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        update_expert_bias(ref, single)
+        assert abs(result.loss - float(ref_loss)) < 2e-6, f"step {step}: loss {result.loss} != {float(ref_loss)}"
+        ours, theirs = steps.moe_metrics(), moe_metrics(ref, single)
+        assert ours.keys() == theirs.keys(), f"{sorted(ours)} != {sorted(theirs)}"
+        for key, value in theirs.items():
+            assert abs(ours[key] - value) < 1e-5 * max(1.0, abs(value)), f"step {step}: {key} {ours[key]} != {value}"
+    ref_params = dict(ref.named_parameters())
+    for name, p in engine.module.named_parameters():
+        canon = canonical_name(name, cfg.model.num_layers)
+        if canon not in ref_params or (ctx.pp_rank == 1 and canon == "pos_embed.weight"):
+            continue
+        expected = ref_params[canon]
+        if getattr(p, "expert_parallel", False):
+            expected = expected[ctx.ep_rank * 2 : ctx.ep_rank * 2 + 2]
+        rows = VOCAB if canon in ("embed.weight", "lm_head.weight") else p.shape[0]
+        diff = (p[:rows] - expected[:rows]).abs().max().item()
+        assert diff < 1e-5, f"rank {rank}: {canon} differs by {diff}"
+    tag = save_checkpoint(engine, cfg, {"iteration": STEPS, "consumed_samples": 4 * STEPS}, ctx=ctx, rng=rng)
+    if rank == 0:  # every stage's and EP rank's experts merge into the full model
+        _, state, _ = load_model_state(tag)
+        for name, value in ref.state_dict().items():
+            if "rotary" not in name:
+                rows = VOCAB if name in ("embed.weight", "lm_head.weight") else None
+                torch.testing.assert_close(state[name][:rows], value.float()[:rows], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_expert_parallelism_inside_pipeline_stages_matches_one_process(zero: int, tmp_path: Path) -> None:
+    spawn(_run_pipeline, 4, zero, tmp_path / "ckpt")
