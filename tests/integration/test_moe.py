@@ -37,7 +37,7 @@ def test_tiny_moe_trains_with_expert_parallelism_and_resumes_exactly(
             f"deepspeed_config=configs/deepspeed/zero{zero}.json", f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.expert_model_parallel_size={ep}"]  # fmt: skip
     command = deepspeed_cmd if launcher == "deepspeed" else launch_cmd
-    check(run(command(2, *args)))
+    check(run(command(2, *args, *([f"logging.tensorboard_dir={tmp_path / 'tb'}"] if zero == 0 else []))))
     records = read_metrics(tmp_path)
     first = _losses(tmp_path)
     assert sorted(first) == [1, 2, 3, 4]
@@ -45,6 +45,12 @@ def test_tiny_moe_trains_with_expert_parallelism_and_resumes_exactly(
     assert {"moe_load_balancing_loss", "moe_z_loss", "moe_load_imbalance", "moe_dropped_fraction",
             "moe/layer1/load_imbalance"} <= set(step)  # fmt: skip
     assert step["moe_load_imbalance"] >= 1.0 and step["moe_dropped_fraction"] == 0.0  # dropless
+    if zero == 0:  # TensorBoard has them too (wandb gets the same numbers: MetricsLogger.log)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tb = EventAccumulator(str(tmp_path / "tb"))
+        tb.Reload()
+        assert {"train/moe_load_balancing_loss", "train/moe/layer1/load_imbalance"} <= set(tb.Tags()["scalars"])
     tag = tmp_path / "checkpoints" / "iter_0000002"
     assert json.loads((tag / "llm_meta.json").read_text())["expert_parallel"] == ep
     if ep == 2:
