@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What only a GPU shows, in one pass (a few minutes on one H100/H200): the NCCL + bf16 + FusedAdam
 # training path of scripts/pretrain.py, tokens/s and MFU of the GPT-2 125M preset, an exact bf16
-# resume, and the model step of ours against transformers' GPT-2 under bf16 autocast.
+# resume, the model step of ours against transformers' GPT-2 under bf16 autocast, an MoE layer's grouped
+# GEMMs against the per-expert loop, and the CUDA tests (tests/gpu).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (from the repository root; needs data/builtin, made by
 #                                                scripts/prepare_builtin_data.py or the quickstart)
@@ -59,3 +60,8 @@ EOF
 echo "== model step, bf16 autocast, ours vs transformers GPT-2"
 timeout 240 python3 benchmarks/model_throughput.py --device cuda --dtype bf16 --shape gpt2:12:768:12:1024:16 \
   --repeats 10 > "$out/model_throughput_125m.json" 2>&1; cat "$out/model_throughput_125m.json" | tail -20
+
+echo "== MoE layer: grouped GEMMs (torch._grouped_mm) vs the per-expert loop, bf16"
+timeout 180 python3 benchmarks/moe.py --device cuda --repeats 5 > "$out/moe_gpu.json" 2>&1; tail -20 "$out/moe_gpu.json"
+echo "== CUDA tests (bf16 model, grouped-GEMM experts against the loop)"
+timeout 180 python3 -m pytest -q -m gpu tests/gpu > "$out/gpu_tests.log" 2>&1; tail -3 "$out/gpu_tests.log"

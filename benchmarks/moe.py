@@ -11,6 +11,13 @@
 2. Step cost: one training step (forward, backward, AdamW) of a GPT whose blocks are MoE (E experts of
    F / k, top-k: the active MLP parameters of the dense model) against the dense GPT with MLP F, same
    tokens, one process (EP 1): routing, sorting and the per-expert loop are the difference.
+
+  python benchmarks/moe.py --device cuda     (benchmarks/gpu_check.sh runs it)
+
+On a GPU instead: one MoE layer's forward + backward in bf16 at a DeepSeek/Qwen-like shape (hidden
+2048, 64 experts of 1408, top-6, 16k tokens), the experts as grouped GEMMs (torch._grouped_mm)
+against the per-expert loop, and the TFLOP/s and MFU (989 TFLOP/s peak) of the grouped path counted
+by active parameters: 6 x (router + top-k experts) x tokens.
 """
 
 from __future__ import annotations
@@ -98,6 +105,31 @@ def _step_seconds(cfg: ModelConfig, args: argparse.Namespace) -> float:
     return best_of(step, repeats=args.repeats)
 
 
+def _gpu(args: argparse.Namespace) -> dict[str, Any]:
+    import llm.model.moe as moe
+
+    cfg = ModelConfig(architecture="llama", num_layers=1, hidden_size=2048, num_attention_heads=16, seq_length=4096,
+                      vocab_size=8192, num_experts=64, moe_router_topk=6, moe_ffn_hidden_size=1408)  # fmt: skip
+    layer = build_model(cfg, seed=0).layers[0].mlp.cuda().to(torch.bfloat16)
+    x = torch.randn(4, 4096, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    active = 64 * 2048 + 6 * 3 * 2048 * 1408  # router + top-k SwiGLU experts
+    flops = 6.0 * active * x.shape[0] * x.shape[1]
+    out: dict[str, Any] = {"shape": "hidden 2048, 64 experts x 1408, top-6, 16384 tokens, bf16"}
+    for name, grouped in (("grouped_mm", True), ("loop", False)):
+        moe.USE_GROUPED_MM = grouped
+
+        def step() -> None:
+            layer(x).sum().backward()
+            torch.cuda.synchronize()
+
+        seconds = best_of(step, repeats=args.repeats, warmup=2)
+        out[name] = {"ms": round(1e3 * seconds, 2), "tflops": round(flops / seconds / 1e12, 1),
+                     "mfu_active": round(flops / seconds / 989e12, 3)}  # fmt: skip
+    moe.USE_GROUPED_MM = True
+    out["grouped_over_loop_speedup"] = round(out["loop"]["ms"] / out["grouped_mm"]["ms"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
@@ -109,7 +141,11 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="seconds: a tiny shape")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda":
+        report("moe", {"gpu_layer": _gpu(args)})
+        return
     if args.smoke:
         args.layers, args.hidden, args.ffn, args.seq, args.batch, args.repeats = 1, 64, 128, 32, 2, 1
     with mp.Manager() as manager:

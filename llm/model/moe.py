@@ -168,6 +168,9 @@ def _expert_param(t: torch.Tensor, num_experts: int) -> nn.Parameter:
     return p
 
 
+USE_GROUPED_MM = True  # False: the per-expert loop on GPU too (tests and benchmarks compare the two)
+
+
 def _same(p: torch.Tensor) -> torch.Tensor:
     return p
 
@@ -197,7 +200,7 @@ class Experts(nn.Module):
         fc_w, proj_w = param(self.fc.weight), param(self.proj.weight)
         fc_b = None if self.fc.bias is None else param(self.fc.bias)
         proj_b = None if self.proj.bias is None else param(self.proj.bias)
-        if rows.is_cuda and hasattr(torch, "_grouped_mm") and rows.dtype == torch.bfloat16:
+        if USE_GROUPED_MM and rows.is_cuda and hasattr(torch, "_grouped_mm") and rows.dtype == torch.bfloat16:
             offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # every local expert in one grouped GEMM
             expert = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)  # (M,)
             h = _grouped_mm(rows, fc_w.transpose(-2, -1), offsets)  # (M, F or 2F)
