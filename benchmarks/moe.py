@@ -37,6 +37,7 @@ from common import best_of, report
 from llm.config import ModelConfig
 from llm.model.flops import active_params, total_params
 from llm.model.gpt import build_model, parameter_groups
+from llm.model.moe import moe_layers
 from llm.parallel.context import ParallelContext
 
 SENT = {"rows": 0, "counts": 0}
@@ -80,7 +81,7 @@ def _exchange_worker(rank: int, world: int, port: int, args: argparse.Namespace,
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ctx = ParallelContext.build(ep=world)
     cfg = _cfg(args, moe=True)
-    layer = build_model(dataclasses.replace(cfg, num_layers=1), seed=0, ctx=ctx).layers[0].mlp
+    layer = moe_layers(build_model(dataclasses.replace(cfg, num_layers=1), seed=0, ctx=ctx))[0][1]
     x = torch.randn(args.batch, args.seq, args.hidden, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     layer(x).sum().backward()  # warm-up
     _count_all_to_all()
@@ -110,7 +111,7 @@ def _gpu(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = ModelConfig(architecture="llama", num_layers=1, hidden_size=2048, num_attention_heads=16, seq_length=4096,
                       vocab_size=8192, num_experts=64, moe_router_topk=6, moe_ffn_hidden_size=1408)  # fmt: skip
-    layer = build_model(cfg, seed=0).layers[0].mlp.cuda().to(torch.bfloat16)
+    layer = moe_layers(build_model(cfg, seed=0))[0][1].cuda().to(torch.bfloat16)
     x = torch.randn(4, 4096, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     active = 64 * 2048 + 6 * 3 * 2048 * 1408  # router + top-k SwiGLU experts
     flops = 6.0 * active * x.shape[0] * x.shape[1]

@@ -140,15 +140,14 @@ def candidate_layouts(cfg: Config, cluster: Cluster, *, precision: str = "bf16")
                         continue  # what a mixture of experts cannot run at (validation refuses it)
                     for ac in (False, True):
                         for sp in (False, True) if tp > 1 and cfg.model.seq_length % tp == 0 else (False,):
-                            out += [Layout(tp, pp, dp, zero, mb, ac, sp, ep) for ep in _expert_sizes(cfg, dp, pp)]
+                            out += [Layout(tp, pp, dp, zero, mb, ac, sp, ep) for ep in _expert_sizes(cfg, dp)]
     return out
 
 
-def _expert_sizes(cfg: Config, dp: int, pp: int) -> list[int]:
-    """The expert-parallel sizes a layout can take: divisors of DP that divide the experts (an MoE
-    with pipeline parallelism: 1, as validation requires)."""
+def _expert_sizes(cfg: Config, dp: int) -> list[int]:
+    """The expert-parallel sizes a layout can take: divisors of DP that divide the experts."""
     experts = cfg.model.num_experts
-    if experts is None or pp > 1:
+    if experts is None:
         return [1]
     return [e for e in _divisors(dp) if experts % e == 0]
 

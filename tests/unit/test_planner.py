@@ -103,8 +103,8 @@ def test_recommendation_for_a_model_too_big_for_one_gpu_fits() -> None:
 
 
 def test_the_planner_counts_experts_per_expert_parallel_rank_and_chooses_ep() -> None:
-    """Memory: the routed experts of one EP rank, partitioned over DP / EP; the pick for the fine-grained
-    MoE preset on one node divides its experts, and llm accepts it."""
+    """Memory: the routed experts of one EP rank, partitioned over DP / EP; the planner weighs every EP
+    that divides DP and the experts, and llm accepts its pick and its best layout with EP > 1."""
     from llm.model.flops import expert_layer_params, pipeline_layer_params
     from llm.planner.memory import estimate_memory
 
@@ -118,15 +118,16 @@ def test_the_planner_counts_experts_per_expert_parallel_rank_and_chooses_ep() ->
     dense = one.params - routed
     assert two.optimizer == pytest.approx(12 * dense / 8 + 12 * (routed // 2) / 4)
     cands = plan(cfg, Cluster(1, 8), precision="bf16", vocab=32000)
-    pick = cands[0]
-    assert pick.fits and pick.layout.ep > 1 and m.num_experts % pick.layout.ep == 0
-    lay = pick.layout
-    chosen = load_config("configs/moe_fine_grained_a2b.yaml", [
-        "model.vocab_size=32000", f"parallel.expert_model_parallel_size={lay.ep}",
-        f"parallel.tensor_model_parallel_size={lay.tp}", f"train.micro_batch_size={lay.micro_batch_size}",
-        f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json",
-    ])  # fmt: skip
-    build_deepspeed_config(chosen, 8, cuda=True)  # a layout llm accepts: no ConfigError
+    assert cands[0].fits
+    best_ep = next(c for c in cands if c.layout.ep > 1)
+    assert best_ep.fits and m.num_experts % best_ep.layout.ep == 0
+    for lay in (cands[0].layout, best_ep.layout):  # layouts llm accepts: no ConfigError
+        chosen = load_config("configs/moe_fine_grained_a2b.yaml", [
+            "model.vocab_size=32000", f"parallel.expert_model_parallel_size={lay.ep}",
+            f"parallel.tensor_model_parallel_size={lay.tp}", f"parallel.pipeline_model_parallel_size={lay.pp}",
+            f"train.micro_batch_size={lay.micro_batch_size}", f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json",
+        ])  # fmt: skip
+        build_deepspeed_config(chosen, 8, cuda=True)
     assert {c.layout.ep for c in cands} == {1, 2, 4, 8}
 
 
