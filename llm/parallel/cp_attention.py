@@ -1,0 +1,228 @@
+"""Attention over a sequence split across the context-parallel group (parallel.context_parallel_size C).
+
+Every rank holds S / C tokens of each sample, as two chunks of S / 2C: chunk r and chunk 2C - 1 - r
+of the 2C equal chunks (`cp_positions`). Under causal attention the early chunk has little to attend
+to and the late one much, so every rank does the same work (Megatron's load balance).
+
+Two ways to attend (`parallel.cp_comm_type`, Megatron's names):
+
+- `p2p`, ring attention (`ring_attention`): K/V blocks travel around the ring of C ranks, each rank
+  attends its queries to the block it holds while the next one is in flight, and the partial results
+  are merged by their log-sum-exp (the online softmax). Backward passes the blocks around again with
+  their accumulated K/V gradients, which end at the block's owner. Communication: each rank sends
+  C - 1 K/V blocks forward, and C - 1 K/V blocks plus C K/V gradient blocks backward.
+- `a2a`, DeepSpeed-Ulysses (`ulysses_attention`): an all-to-all turns sequence shards of all heads
+  into the whole sequence of H / C heads, attention runs as it does without CP (document masks
+  included), and an all-to-all turns it back. Needs the (local) query and KV heads divisible by C.
+
+Tensors are (B, heads, S_local, d), as llm's attention holds them; K/V may have fewer heads (GQA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llm.parallel.context import ParallelContext
+
+
+def cp_positions(seq_length: int, size: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
+    """The positions in the full sequence of the S / C tokens context-parallel rank `rank` holds:
+    chunk `rank` and chunk 2C - 1 - `rank` of 2C equal chunks."""
+    if seq_length % (2 * size):
+        raise ValueError(f"sequence length {seq_length} is not divisible by 2 x context-parallel size {2 * size}")
+    c = seq_length // (2 * size)
+    front = torch.arange(rank * c, (rank + 1) * c, device=device)
+    return torch.cat([front, front + (2 * size - 1 - 2 * rank) * c])
+
+
+def cp_shard(x: torch.Tensor, size: int, rank: int, *, dim: int = 1) -> torch.Tensor:
+    """This rank's tokens of a full-length tensor (its two chunks, `cp_positions`) along `dim`."""
+    if size == 1:
+        return x
+    return x.index_select(dim, cp_positions(x.shape[dim], size, rank, device=x.device))
+
+
+def cp_unshard(shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor:
+    """The inverse of `cp_shard` over every rank's shard (in rank order)."""
+    size = len(shards)
+    full = torch.cat(shards, dim=dim)
+    positions = torch.cat([cp_positions(full.shape[dim], size, r, device=full.device) for r in range(size)])
+    return full.index_select(dim, torch.argsort(positions))
+
+
+# ---- ring attention (p2p) ------------------------------------------------------------------------
+def _expand(kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, g, S, d) K/V groups -> (B, heads, S, d), each group repeated for its query heads."""
+    return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
+
+
+def _fold(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of `_expand` for gradients: (B, heads, S, d) -> (B, g, S, d), summed per group."""
+    b, h, s, d = grad.shape
+    return grad if h == groups else grad.view(b, groups, h // groups, s, d).sum(dim=2)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, h, Sq, Sk)
+    return s.masked_fill(~mask, float("-inf"))
+
+
+def _ring_exchange(tensors: list[torch.Tensor], group: Any, ranks: list[int], rank: int) -> tuple[list[torch.Tensor], list[Any]]:
+    """Starts sending `tensors` to the next rank of the ring and receiving the previous rank's; returns
+    the receive buffers and the requests to wait on."""
+    size = len(ranks)
+    nxt, prv = ranks[(rank + 1) % size], ranks[(rank - 1) % size]
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, prv, group) for r in received]
+    return received, dist.batch_isend_irecv(ops)
+
+
+class _RingAttention(torch.autograd.Function):
+    """Forward: C steps; at each, attend to the K/V block held (masked by the global positions) while
+    the next block arrives from the previous rank (send/recv around the CP ring), and merge by
+    log-sum-exp. Backward: the same ring, recomputing each block's probabilities from the saved
+    log-sum-exp; each block's K/V gradient travels with it and a last send returns it to its owner."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pctx: ParallelContext,
+                scale: float) -> torch.Tensor:  # fmt: skip
+        size, rank, group, ranks = pctx.cp, pctx.cp_rank, pctx.groups["cp"], pctx.groups["cp_ranks"]
+        heads, s_local = q.shape[1], q.shape[2]
+        q_pos = cp_positions(s_local * size, size, rank, device=q.device)
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        kv = [k, v]
+        for step in range(size):
+            pending = _ring_exchange(kv, group, ranks, rank) if step < size - 1 else None
+            source = (rank - step) % size
+            mask = q_pos[:, None] >= cp_positions(s_local * size, size, source, device=q.device)[None, :]
+            scores = _scores(q.float(), _expand(kv[0], heads).float(), mask, scale)
+            block_lse = torch.logsumexp(scores, dim=-1)  # (B, h, Sq); -inf where nothing is visible
+            block_out = torch.matmul(torch.exp(scores - block_lse.clamp_min(-1e30)[..., None]),
+                                     _expand(kv[1], heads).float())  # fmt: skip
+            new_lse = torch.logaddexp(lse, block_lse)
+            old_w = torch.exp(lse - new_lse.clamp_min(-1e30)).nan_to_num(0.0)[..., None]
+            new_w = torch.exp(block_lse - new_lse.clamp_min(-1e30)).nan_to_num(0.0)[..., None]
+            out, lse = out * old_w + block_out * new_w, new_lse
+            if pending is not None:
+                received, requests = pending
+                for request in requests:
+                    request.wait()
+                kv = received
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pctx, ctx.scale = pctx, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        pctx, scale = ctx.pctx, ctx.scale
+        size, rank, group, ranks = pctx.cp, pctx.cp_rank, pctx.groups["cp"], pctx.groups["cp_ranks"]
+        heads, groups, s_local = q.shape[1], k.shape[1], q.shape[2]
+        q_pos = cp_positions(s_local * size, size, rank, device=q.device)
+        dout = grad_out.float()
+        delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, h, Sq, 1)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        travelling = [k, v, torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+                      torch.zeros(v.shape, dtype=torch.float32, device=v.device)]  # fmt: skip
+        for step in range(size):
+            kb, vb, dk_acc, dv_acc = travelling
+            source = (rank - step) % size
+            mask = q_pos[:, None] >= cp_positions(s_local * size, size, source, device=q.device)[None, :]
+            ke, ve = _expand(kb, heads).float(), _expand(vb, heads).float()
+            probs = torch.exp(_scores(q.float(), ke, mask, scale) - lse.clamp_min(-1e30)[..., None])
+            dv = _fold(torch.matmul(probs.transpose(-2, -1), dout), groups)
+            ds = probs * (torch.matmul(dout, ve.transpose(-2, -1)) - delta)
+            dq += torch.matmul(ds, ke) * scale
+            dk = _fold(torch.matmul(ds.transpose(-2, -1), q.float()) * scale, groups)
+            travelling = [kb, vb, dk_acc + dk, dv_acc + dv]
+            if step < size - 1:  # the block, with its gradient so far, on to the next rank
+                received, requests = _ring_exchange(travelling, group, ranks, rank)
+                for request in requests:
+                    request.wait()
+                travelling = received
+        if size > 1:  # the last holder of each block is the rank before its owner
+            (dk_own, dv_own), requests = _ring_exchange(travelling[2:], group, ranks, rank)
+            for request in requests:
+                request.wait()
+        else:
+            dk_own, dv_own = travelling[2:]
+        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Causal attention of this rank's queries over the whole sequence's keys: (B, nq, S / C, d) and
+    K/V (B, g, S / C, d), each rank's two chunks (`cp_positions`) -> (B, nq, S / C, d)."""
+    return _RingAttention.apply(q, k, v, ctx, q.shape[-1] ** -0.5)  # type: ignore[no-any-return]
+
+
+# ---- Ulysses (a2a) ------------------------------------------------------------------------------
+class _SequenceToHeads(torch.autograd.Function):
+    """Forward: all-to-all over the CP group, (B, h, S / C, d) sequence shards of every head ->
+    (B, h / C, S, d) the whole sequence (in position order) of this rank's heads. Backward: the
+    inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return _to_heads(x, pctx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _to_sequence(grad, ctx.pctx), None
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    """Forward: the inverse of `_SequenceToHeads`. Backward: `_SequenceToHeads`' all-to-all."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        ctx.pctx = pctx
+        return _to_sequence(x, pctx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _to_heads(grad, ctx.pctx), None
+
+
+def _order(seq_length: int, size: int, device: torch.device) -> torch.Tensor:
+    """Positions of the gathered sequence (every rank's two chunks, in rank order)."""
+    return torch.cat([cp_positions(seq_length, size, r, device=device) for r in range(size)])
+
+
+def _to_heads(x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+    c = pctx.cp
+    b, h, s, d = x.shape
+    if h % c:
+        raise ValueError(f"{h} heads are not divisible by the context-parallel size {c} (Ulysses splits heads)")
+    send = x.reshape(b, c, h // c, s, d).transpose(0, 1).contiguous()  # (C, B, h / C, S / C, d): to rank j
+    recv = torch.empty_like(send)  # (C, B, h / C, S / C, d): from rank j, its sequence shard
+    dist.all_to_all_single(recv, send, group=pctx.groups["cp"])
+    gathered = recv.permute(1, 2, 0, 3, 4).reshape(b, h // c, c * s, d)  # sequence in rank-chunk order
+    return gathered.index_select(2, torch.argsort(_order(c * s, c, x.device)))
+
+
+def _to_sequence(x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+    c = pctx.cp
+    b, hc, s_full, d = x.shape
+    s = s_full // c
+    ordered = x.index_select(2, _order(s_full, c, x.device))  # back to rank-chunk order
+    send = ordered.reshape(b, hc, c, s, d).permute(2, 0, 1, 3, 4).contiguous()  # (C, B, h / C, S / C, d)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=pctx.groups["cp"])
+    return recv.transpose(0, 1).reshape(b, c * hc, s, d)  # (B, h, S / C, d)
+
+
+def ulysses_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ParallelContext,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:  # fmt: skip
+    """Sequence shards -> the whole sequence of H / C heads (queries and K/V groups alike), `attend`
+    (any attention over whole sequences: causal SDPA, per document, ...) -> back to sequence shards."""
+    heads = [_SequenceToHeads.apply(t, ctx) for t in (q, k, v)]
+    return _HeadsToSequence.apply(attend(*heads), ctx)  # type: ignore[no-any-return]
