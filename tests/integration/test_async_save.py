@@ -101,3 +101,39 @@ def test_a_process_killed_during_a_background_write_resumes_from_the_previous_ch
     assert f"resumed from {ckpt / 'iter_0000002'} at iteration 2" in p.stdout + p.stderr
     resumed = [r["loss"] for r in read_metrics(killed) if "loss" in r][-4:]
     assert resumed == train_losses(straight)[2:]
+
+
+def test_keep_last_with_async_saves_never_leaves_the_run_without_a_complete_checkpoint(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
+    """checkpoint.keep_last=1 with a save every step, each background write slowed by 1 s: watched
+    from outside while the run goes, `latest` always names a complete checkpoint (a MANIFEST), and the
+    previous checkpoint stays until the next one is complete (pruning runs after `latest` moved). At
+    the end only the last checkpoint is left."""
+    run_dir = tmp_path / "run"
+    args = ["train.train_iters=5", "checkpoint.save_interval=1", "checkpoint.keep_last=1", "checkpoint.async_save=true",
+            "debug.checkpoint_write_delay_seconds=1"]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([str(BIN / "python"), script("pretrain.py"), *tiny_args(builtin_prefix, run_dir, *args)],
+                            cwd=Path(script("pretrain.py")).parents[1], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    ckpt, observed, writing_seen, deadline = run_dir / "checkpoints", set(), False, time.time() + 240
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            before = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None
+            complete = before is not None and (ckpt / before / "MANIFEST.json").is_file()
+            after = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None
+            if before is not None and before == after:  # `latest` did not move while we looked
+                assert complete, f"'latest' names {before}, which has no MANIFEST"
+                observed.add(before)
+                tags = [p.name for p in ckpt.glob("iter_*") if p.is_dir()]
+                writing_seen |= any(t > before and not (ckpt / t / "MANIFEST.json").exists() for t in tags)
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert writing_seen and len(observed) >= 3, (observed, writing_seen)  # the watch saw saves in flight
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000005"]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000005"
