@@ -2,6 +2,10 @@
 
   python benchmarks/framework_overhead.py [--iters 40] [--data PREFIX] [--smoke]
 
+Two shapes: the CPU benchmark shape (5.3M parameters: compute dominates, the throughput ratio), and a
+model so small that compute is negligible (`HOST`: 1 layer of width 16, 8 tokens per step), where
+the step time of each is its fixed host cost: Python, hooks, bookkeeping, what a GPU would wait on.
+
 pretrain.py runs as one plain `python` process on configs/tiny_cpu.yaml (DeepSpeed engine, ZeRO 0,
 data loading, LR schedule, clipping, metrics); the median step_time of its iterations after the
 first 5 is compared with the median time of the same work in a bare loop: the same model, AdamW,
@@ -30,6 +34,8 @@ PREFIX = REPO / "data" / "builtin" / "builtin_text_document"
 # --smoke: a seconds-long run of the same code paths (tests/integration/test_benchmarks.py)
 SMOKE = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.seq_length=64",
          "train.micro_batch_size=2", "train.global_batch_size=4"]  # fmt: skip
+HOST = ["model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads=2", "model.seq_length=8",
+        "train.micro_batch_size=1", "train.global_batch_size=1"]  # fmt: skip
 
 
 def framework_step_times(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> list[float]:
@@ -83,9 +89,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fw = statistics.median(framework_step_times(iters, Path(tmp), args.data, extra))
     bare = statistics.median(bare_step_times(iters, extra))
+    host_iters = 12 if args.smoke else 4 * args.iters
+    with tempfile.TemporaryDirectory() as tmp:
+        fw_host = statistics.median(framework_step_times(host_iters, Path(tmp), args.data, HOST))
+    bare_host = statistics.median(bare_step_times(host_iters, HOST))
     report("framework_overhead", {
         "pretrain_py_step_seconds": round(fw, 4), "bare_loop_step_seconds": round(bare, 4),
         "throughput_ratio_framework_over_bare": round(bare / fw, 3),
+        "host_cost_pretrain_py_ms": round(1e3 * fw_host, 2), "host_cost_bare_loop_ms": round(1e3 * bare_host, 2),
+        "host_cost_ratio": round(fw_host / bare_host, 2),
     })  # fmt: skip
 
 

@@ -112,17 +112,17 @@ class OptimizerPlan:
 
     - `optimizer_from`: "deepspeed" builds the optimizer the DeepSpeed dict names and clips at
       `gradient_clipping`; "llm" hands DeepSpeed llm's own clipped optimizer (llm.training.optim) and
-      sets DeepSpeed's clipping to 0: with pipeline parallelism at ZeRO 0 in fp32, DeepSpeed's
-      clipping counts only the first stage's replicated parameters; Muon is always llm's.
-    - `grad_norm_from`: "deepspeed" (the engine's global norm), "llm_optimizer" (the norm llm's
-      optimizer clipped with), or "llm_grads" (ZeRO 0 in fp32 without a pipeline: DeepSpeed reports no
-      norm, so the step measures the reduced gradients itself, llm.parallel.grads)."""
+      sets DeepSpeed's clipping to 0: at ZeRO 0 in fp32 (DeepSpeed's clipping there counts only the
+      first pipeline stage's replicated parameters, averages the ranks' norms, and reports none), and
+      for Muon always.
+    - `grad_norm_from`: "deepspeed" (the engine's global norm) or "llm_optimizer" (the norm llm's
+      optimizer clipped with)."""
 
     precision: RunPrecision
     zero_stage: int
     pipeline: bool
     optimizer_from: Literal["deepspeed", "llm"]
-    grad_norm_from: Literal["deepspeed", "llm_optimizer", "llm_grads"]
+    grad_norm_from: Literal["deepspeed", "llm_optimizer"]
 
     @property
     def clipped_by(self) -> Literal["deepspeed", "llm"]:
@@ -132,15 +132,14 @@ class OptimizerPlan:
 def _plan(cfg: Config, zero_stage: int, precision: RunPrecision) -> OptimizerPlan:
     pipeline = cfg.parallel.pipeline_model_parallel_size > 1
     plain_fp32 = zero_stage == 0 and precision == "fp32"
-    # llm's optimizer clips at the exact global norm where DeepSpeed's would not: pipeline stages (its
-    # clipping counts the first stage's parameters only) and expert parallelism at ZeRO 0 (it averages
-    # each rank's norm, and the ranks hold different experts)
-    experts_apart = cfg.model.is_moe and cfg.parallel.expert_model_parallel_size > 1
-    own = ((pipeline or experts_apart) and plain_fp32) or cfg.train.optimizer == "muon"
+    # At ZeRO 0 in fp32 llm's optimizer clips: DeepSpeed's clipping there counts only the first pipeline
+    # stage's parameters, averages the ranks' norms (wrong when expert-parallel ranks hold other
+    # experts) and reports no norm (so it was computed twice); llm's computes the exact global norm once.
+    own = plain_fp32 or cfg.train.optimizer == "muon"
     return OptimizerPlan(
         precision=precision, zero_stage=zero_stage, pipeline=pipeline,
         optimizer_from="llm" if own else "deepspeed",
-        grad_norm_from="llm_optimizer" if own else "llm_grads" if plain_fp32 else "deepspeed",
+        grad_norm_from="llm_optimizer" if own else "deepspeed",
     )  # fmt: skip
 
 

@@ -22,26 +22,35 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext)
     parameters (`expert_parallel`: each expert-parallel rank holds other experts) are summed over the
     expert-parallel group.
     """
-    total = torch.zeros((), dtype=torch.float64)
-    experts = torch.zeros((), dtype=torch.float64)
+    counted, experts = [], []
     for p in params:
         if p.grad is None or getattr(p, "ds_pipe_replicated", False):
             continue
-        square = p.grad.detach().double().pow(2).sum().cpu()
         if getattr(p, "expert_parallel", False):
-            experts += square
+            experts.append(p.grad.detach())
         elif getattr(p, "tensor_model_parallel", False) or ctx.tp_rank == 0:
-            total += square
+            counted.append(p.grad.detach())
+    # squared norms on the gradients' device (one fused kernel per list), moved to the host once
+    total = _squared_norm(counted)
+    experts_sq = _squared_norm(experts)
     if ctx.ep > 1:
-        t = experts.to(_comm_device())
+        t = experts_sq.to(_comm_device())
         dist.all_reduce(t, group=ctx.groups["ep"])
-        experts = t.cpu()
-    total += experts if ctx.tp_rank == 0 else 0.0
+        experts_sq = t.cpu()
+    total += experts_sq if ctx.tp_rank == 0 else 0.0
     if ctx.tp * ctx.pp > 1:
         t = total.to(_comm_device())
         dist.all_reduce(t, group=ctx.groups["mp"])
         total = t.cpu()
     return float(total.sqrt())
+
+
+def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of squares of `grads` as a float64 CPU scalar (0 for none)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    wide = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]  # bf16 norms round
+    return torch.nn.utils.get_total_norm(wide, 2.0).double().cpu() ** 2
 
 
 def full_matrix(local: torch.Tensor, spec: dict | None, ctx: ParallelContext) -> torch.Tensor:

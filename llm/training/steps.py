@@ -29,7 +29,6 @@ from llm.engine.deepspeed_config import OptimizerPlan
 from llm.model.inputs import model_inputs
 from llm.model.moe import moe_metrics, update_expert_bias
 from llm.parallel.context import ParallelContext
-from llm.parallel.grads import global_grad_norm
 from llm.parallel.random import RNGTracker
 
 
@@ -118,7 +117,7 @@ class PlainSteps(Steps):
     def train(self, batches: Iterator[torch.Tensor], scale: float | None, global_batch: int) -> StepResult:
         accum = self._accumulation(global_batch)
         lr = float(self.engine.get_lr()[0])
-        losses, norm = [], None
+        losses = []
         self._scale_auxiliary_losses(accum)
         for micro in range(accum):
             # said, not counted: DeepSpeed's own count of micro-steps is off once the accumulation changes
@@ -127,14 +126,10 @@ class PlainSteps(Steps):
             if scale is not None:
                 loss = loss * scale
             self.engine.backward(loss)
-            if micro == accum - 1 and self.plan.grad_norm_from == "llm_grads":
-                # DeepSpeed reports no norm for ZeRO 0 in fp32; gradients are reduced by now.
-                norm = global_grad_norm(self.engine.module.parameters(), self.ctx)
             self.engine.step()
             losses.append(float(loss.detach()))
         update_expert_bias(self.module, self.ctx)
-        if self.plan.grad_norm_from != "llm_grads":
-            norm = self._reported_grad_norm()
+        norm = self._reported_grad_norm()
         return StepResult(self.ctx.mean_over_dp([sum(losses) / len(losses)])[0], norm, lr)
 
     @torch.no_grad()

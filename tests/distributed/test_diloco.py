@@ -236,9 +236,10 @@ def test_islands_match_a_simulation_of_diloco(tmp_path: Path) -> None:
 def _reduce_in(rank: int, world: int, out: str) -> None:
     import deepspeed
 
-    from llm.engine.deepspeed_config import build_deepspeed_config
+    from llm.engine.deepspeed_config import deepspeed_setup
     from llm.engine.mpu import MeshMPU
     from llm.parallel.context import ParallelContext
+    from llm.training.optim import clipped_optimizer
 
     train, _ = _data()
     diffs = {}
@@ -249,10 +250,11 @@ def _reduce_in(rank: int, world: int, out: str) -> None:
                                      f"parallel.communication_data_type={comm}"])  # fmt: skip
             model = build_model(cfg.model, seed=cfg.train.seed)
             groups = parameter_groups(model, cfg.train.weight_decay)
-            ds = build_deepspeed_config(cfg, world, cuda=False)
-            engine, *_ = deepspeed.initialize(
-                model=model, model_parameters=groups, config=ds, mpu=MeshMPU(ParallelContext.build())
-            )
+            ds, plan = deepspeed_setup(cfg, world, cuda=False)
+            ctx = ParallelContext.build()
+            opt = clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None  # ZeRO 0
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=opt, config=ds,
+                                              mpu=MeshMPU(ctx))  # fmt: skip
             assert engine.communication_data_type == (torch.bfloat16 if comm == "bf16" else torch.float32)
             for step in range(3):
                 for tokens in _island_micro_batches(train, step, rank):  # each rank its half of the batch

@@ -118,9 +118,11 @@ def test_deepspeed_dict_is_derived_and_merged(tmp_path: Path) -> None:
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     params = ds["optimizer"]["params"]
     assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True and params["fused"] is True
-    cpu = build_deepspeed_config(load_config(None, []), 1, cuda=False)
+    cpu = build_deepspeed_config(load_config(None, ["deepspeed_config=configs/deepspeed/zero1.json"]), 1, cuda=False)
     assert not cpu["bf16"]["enabled"] and cpu["optimizer"]["params"]["torch_adam"] is True
     assert "fused" not in cpu["optimizer"]["params"]
+    zero0 = build_deepspeed_config(load_config(None, []), 1, cuda=False)  # fp32 ZeRO 0: llm's optimizer clips
+    assert "optimizer" not in zero0 and zero0["gradient_clipping"] == 0.0
     offload = build_deepspeed_config(load_config(None, ["deepspeed_config=configs/deepspeed/zero3_offload.json"]),
                                      1, cuda=True)  # fmt: skip
     assert (
@@ -252,8 +254,9 @@ def test_islands_split_the_world_and_the_global_batch() -> None:
 
 def test_compressed_communication_settings(tmp_path: Path) -> None:
     cfg = load_config(
-        None, ["parallel.communication_data_type=bf16", "train.optimizer=sgd", "train.sgd_momentum=0.9"]
-    )
+        None, ["parallel.communication_data_type=bf16", "train.optimizer=sgd", "train.sgd_momentum=0.9",
+               "deepspeed_config=configs/deepspeed/zero1.json"],
+    )  # fmt: skip
     ds = build_deepspeed_config(cfg, 2, cuda=False)
     assert ds["communication_data_type"] == "bf16"
     assert ds["optimizer"] == {
@@ -281,8 +284,9 @@ def test_compressed_communication_settings(tmp_path: Path) -> None:
     [
         # pipeline, ZeRO 0, fp32: DeepSpeed's clipping miscounts the norm, llm's optimizer clips and reports it
         (["parallel.pipeline_model_parallel_size=2"], False, ("fp32", 0, True, "llm", "llm_optimizer")),
-        # no pipeline, ZeRO 0, fp32: DeepSpeed clips but reports no norm; the step measures it
-        ([], False, ("fp32", 0, False, "deepspeed", "llm_grads")),
+        # no pipeline, ZeRO 0, fp32: DeepSpeed's clipping reports no norm (it was computed twice); llm's
+        # optimizer clips once and reports it
+        ([], False, ("fp32", 0, False, "llm", "llm_optimizer")),
         (
             ["deepspeed_config=configs/deepspeed/zero1.json"],
             False,
