@@ -52,6 +52,7 @@ class ParallelContext:
     ep: int = 1
     mesh: Mesh = field(init=False, repr=False)
     world_group: Any = field(default=None, repr=False)  # the world's collectives (None: the default group)
+    host_group: Any = field(default=None, repr=False)  # NCCL runs: a gloo world group for host-side flags
 
     def __post_init__(self) -> None:
         self.mesh = Mesh.for_world(
@@ -128,6 +129,8 @@ class ParallelContext:
             cp=cp,
             ep=ep,
         )
+        if dist.get_backend() == "nccl":  # flags every step (stop requests) go over gloo: no GPU sync
+            ctx.host_group = dist.new_group(backend="gloo", timeout=timeout)
         made: dict[tuple[int, ...], Any] = {}
         for name, lists in ctx.grid().items():
             for ranks in lists:
@@ -176,6 +179,16 @@ class ParallelContext:
             t = t.cpu() / self.data_size
         return [float(x) for x in t]
 
+    def mean_loss(self, loss: torch.Tensor) -> float:
+        """`mean_over_dp` of a 0-dim loss that is still on its device: reduced there and read once (one
+        host-device synchronisation)."""
+        t = loss.detach().double()
+        if self.data_size > 1:
+            t = t.to(_comm_device())
+            dist.all_reduce(t, group=self.groups["data" if self.islands > 1 else "dp"])
+            t = t / self.data_size
+        return float(t)
+
     def mean_over_islands(self, value: float) -> float:
         """The mean of `value` over the islands (the ranks at this rank's place in each)."""
         if self.islands == 1:
@@ -204,9 +217,10 @@ class ParallelContext:
         """True on every rank when `flag` is True on any rank (one tiny all-reduce over the world)."""
         if self.world_size == 1:
             return flag
-        device = torch.device("cpu") if self.world_group is not None else _comm_device()
+        group = self.world_group or self.host_group  # on the host where there is one (no device sync)
+        device = torch.device("cpu") if group is not None else _comm_device()
         t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.world_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return bool(t.item() > 0)
 
     def barrier(self) -> None:

@@ -12,8 +12,9 @@ from llm.parallel.context import ParallelContext, _comm_device
 from llm.parallel.layers import merge_by_spec
 
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext) -> float:
-    """L2 norm of all gradients of the full model.
+def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext) -> torch.Tensor:
+    """L2 norm of all gradients of the full model, as a 0-dim float64 tensor on the gradients' device:
+    computing it forces no host synchronisation (reading it does).
 
     Parameters marked `tensor_model_parallel = True` are shards: their squares are summed over the
     tensor-parallel group. Others are replicated across it and counted on TP rank 0 only. Pipeline
@@ -30,27 +31,27 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext)
             experts.append(p.grad.detach())
         elif getattr(p, "tensor_model_parallel", False) or ctx.tp_rank == 0:
             counted.append(p.grad.detach())
-    # squared norms on the gradients' device (one fused kernel per list), moved to the host once
-    total = _squared_norm(counted)
-    experts_sq = _squared_norm(experts)
-    if ctx.ep > 1:
-        t = experts_sq.to(_comm_device())
-        dist.all_reduce(t, group=ctx.groups["ep"])
-        experts_sq = t.cpu()
-    total += experts_sq if ctx.tp_rank == 0 else 0.0
+    device = (counted or experts)[0].device if counted or experts else torch.device("cpu")
+    total = _squared_norm(counted, device)  # one fused norm per list
+    if experts:
+        experts_sq = _squared_norm(experts, device)
+        if ctx.ep > 1:
+            experts_sq = experts_sq.to(_comm_device())
+            dist.all_reduce(experts_sq, group=ctx.groups["ep"])
+        total = total + (experts_sq.to(device) if ctx.tp_rank == 0 else 0.0)
     if ctx.tp * ctx.pp > 1:
         t = total.to(_comm_device())
         dist.all_reduce(t, group=ctx.groups["mp"])
-        total = t.cpu()
-    return float(total.sqrt())
+        total = t.to(device)
+    return total.sqrt()
 
 
-def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of squares of `grads` as a float64 CPU scalar (0 for none)."""
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of squares of `grads` as a float64 scalar on `device` (0 for none)."""
     if not grads:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=device)
     wide = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]  # bf16 norms round
-    return torch.nn.utils.get_total_norm(wide, 2.0).double().cpu() ** 2
+    return torch.nn.utils.get_total_norm(wide, 2.0).double() ** 2
 
 
 def full_matrix(local: torch.Tensor, spec: dict | None, ctx: ParallelContext) -> torch.Tensor:

@@ -20,20 +20,20 @@ from llm.training.muon import Muon
 
 
 class _ClipsGlobalNorm(torch.optim.Optimizer):
+    """Clips at the global norm before the step, on the device: no host synchronisation (the norm
+    stays a tensor, `last_grad_norm`, read when the trainer logs it)."""
+
     ctx: ParallelContext
     max_norm: float
-    last_grad_norm: float | None = None
+    last_grad_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         params = [p for group in self.param_groups for p in group["params"]]
         norm = global_grad_norm(params, self.ctx)
         self.last_grad_norm = norm
-        if self.max_norm > 0 and norm > self.max_norm:
-            scale = self.max_norm / (norm + 1e-6)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+        if self.max_norm > 0:  # grads x min(1, max_norm / (norm + 1e-6)), as torch's clip_grad_norm_
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
         return super().step(closure)
 
 

@@ -34,8 +34,11 @@ from llm.parallel.random import RNGTracker
 
 @dataclass
 class StepResult:
+    """`loss` is read every step (spike detection): the one host-device synchronisation a step makes.
+    `grad_norm` may still be a device tensor: `float()` it only when it is logged."""
+
     loss: float  # the mean over the global batch: every micro-batch, data-parallel rank and island
-    grad_norm: float | None  # the global norm before clipping (None where no one measures it)
+    grad_norm: float | torch.Tensor | None  # the global norm before clipping (None where no one measures it)
     lr: float  # the rate this step used
 
 
@@ -103,11 +106,12 @@ class Steps:
         if saved is not None:
             restore_rng_state(saved, self.rng)
 
-    def _reported_grad_norm(self) -> float | None:
-        """The norm the plan says someone reports: llm's clipped optimizer, or DeepSpeed."""
+    def _reported_grad_norm(self) -> float | torch.Tensor | None:
+        """The norm the plan says someone reports: llm's clipped optimizer, or DeepSpeed (a tensor or a
+        number: not read here)."""
         if self.plan.grad_norm_from == "llm_optimizer":
             return self.engine.optimizer.last_grad_norm  # type: ignore[no-any-return]
-        return _as_float(self.engine.get_global_grad_norm())
+        return self.engine.get_global_grad_norm()  # type: ignore[no-any-return]
 
 
 class PlainSteps(Steps):
@@ -117,7 +121,7 @@ class PlainSteps(Steps):
     def train(self, batches: Iterator[torch.Tensor], scale: float | None, global_batch: int) -> StepResult:
         accum = self._accumulation(global_batch)
         lr = float(self.engine.get_lr()[0])
-        losses = []
+        total: torch.Tensor | None = None  # the losses summed on the device: read once, below
         self._scale_auxiliary_losses(accum)
         for micro in range(accum):
             # said, not counted: DeepSpeed's own count of micro-steps is off once the accumulation changes
@@ -127,10 +131,11 @@ class PlainSteps(Steps):
                 loss = loss * scale
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(float(loss.detach()))
+            total = loss.detach() if total is None else total + loss.detach()
         update_expert_bias(self.module, self.ctx)
         norm = self._reported_grad_norm()
-        return StepResult(self.ctx.mean_over_dp([sum(losses) / len(losses)])[0], norm, lr)
+        assert total is not None
+        return StepResult(self.ctx.mean_loss(total / accum), norm, lr)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
@@ -170,12 +175,6 @@ class PipelineSteps(Steps):
 
 def make_steps(engine: Any, cfg: Config, ctx: ParallelContext, plan: OptimizerPlan, rng: RNGTracker) -> Steps:
     return (PipelineSteps if plan.pipeline else PlainSteps)(engine, cfg, ctx, plan, rng)
-
-
-def _as_float(x: Any) -> float | None:
-    if x is None:
-        return None
-    return float(x.item() if isinstance(x, torch.Tensor) else x)
 
 
 def pipeline_pairs(batches: Iterator[torch.Tensor], data: DataConfig) -> Iterator[tuple[Any, torch.Tensor]]:

@@ -81,7 +81,7 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(cfg.model, num_params)
         self.peak = gpu_peak_tflops()
         self._bad_steps = 0
-        self._grad_norm: float | None = None
+        self._grad_norm: float | torch.Tensor | None = None  # maybe a device tensor, read when logged
         self._lr = 0.0
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.spikes = SpikeDetector(cfg.train.spike_detection)
@@ -247,7 +247,7 @@ class Trainer:
             "iteration": self.state.iteration,
             "loss": sum(losses) / len(losses),
             "lr": self._lr,
-            "grad_norm": self._grad_norm,
+            "grad_norm": None if self._grad_norm is None else float(self._grad_norm),  # read only here
             "tokens_per_sec": tokens / step_time,
             "step_time": step_time,
             "consumed_samples": self.state.consumed_samples,
