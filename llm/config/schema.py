@@ -27,6 +27,7 @@ Exchange = Literal["fp32", "bf16", "fp16", "int8", "int4"]
 CommDtype = Literal["fp32", "bf16", "fp16"]
 RouterScore = Literal["softmax", "sigmoid"]
 LoadBalancing = Literal["aux_loss", "seq_aux_loss", "none"]
+CPCommType = Literal["p2p", "a2a"]
 
 
 class ConfigError(LLMError, ValueError):
@@ -266,6 +267,10 @@ class ParallelConfig:
     communication_data_type: CommDtype | None = None
     # the experts of every MoE layer divided over this many data-parallel ranks (Megatron's name)
     expert_model_parallel_size: int = 1
+    # the sequence split over this many ranks for attention (Megatron's --context-parallel-size):
+    # cp_comm_type p2p = ring attention, a2a = DeepSpeed-Ulysses. The model takes it; training does not yet.
+    context_parallel_size: int = 1
+    cp_comm_type: CPCommType = "p2p"
     diloco: DilocoConfig = field(default_factory=DilocoConfig)
 
 

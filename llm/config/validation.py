@@ -57,6 +57,7 @@ _RANGES: dict[str, str] = {
     "model.moe_router_bias_update_rate": "non-negative",
     "model.moe_expert_capacity_factor": "positive",
     "parallel.expert_model_parallel_size": "positive",
+    "parallel.context_parallel_size": "positive",
     "train.train_iters": "positive",
     "train.micro_batch_size": "positive",
     "train.global_batch_size": "positive",
@@ -244,6 +245,25 @@ def _check_moe(cfg: Config) -> None:
             raise ConfigError(f"model.num_experts (a mixture of experts) with {what} is not supported yet")
 
 
+def check_context_parallel(m: ModelConfig, *, cp: int, tp: int, comm: str) -> None:
+    """What a context-parallel model needs: every rank two equal chunks of the sequence; Ulysses
+    (a2a) splits the (local) query heads and KV groups over the CP ranks."""
+    if cp == 1:
+        return
+    if m.seq_length % (2 * cp):
+        raise ConfigError(
+            f"model.seq_length ({m.seq_length}) must be divisible by 2 x parallel.context_parallel_size ({2 * cp}): "
+            "each rank holds two equal chunks of the sequence (the causal load balance)"
+        )
+    if comm == "a2a" and (m.num_attention_heads % (tp * cp) or m.kv_groups % (tp * cp)):
+        raise ConfigError(
+            f"parallel.cp_comm_type: a2a needs model.num_attention_heads ({m.num_attention_heads}) and the KV groups "
+            f"({m.kv_groups}) divisible by TP x CP ({tp} x {cp}); use cp_comm_type: p2p or a smaller CP"
+        )
+    if m.attention_dropout > 0:
+        raise ConfigError("model.attention_dropout with parallel.context_parallel_size > 1 is not supported; set it to 0")
+
+
 def _check_diloco(cfg: Config) -> None:
     d = cfg.parallel.diloco
     if d.islands == 1:
@@ -320,6 +340,14 @@ def validate(cfg: Config) -> None:
     _check_model(cfg.model)
     _check_parallel(cfg)
     _check_moe(cfg)
+    p = cfg.parallel
+    check_context_parallel(cfg.model, cp=p.context_parallel_size, tp=p.tensor_model_parallel_size, comm=p.cp_comm_type)
+    if p.context_parallel_size > 1:
+        raise ConfigError(
+            "parallel.context_parallel_size > 1 is not supported in training yet: the model and its attention "
+            "are context-parallel (llm/parallel/cp_attention.py), the data path and the engine's gradient "
+            "reduction over DP x CP are not; set it to 1"
+        )
     _check_diloco(cfg)
     try:
         cfg.train.skip_ranges  # noqa: B018 (parsed for its error)

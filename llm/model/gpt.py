@@ -25,6 +25,7 @@ from llm.config import ModelConfig
 from llm.model.layers import KVCache, TransformerBlock, make_norm, output_init_std
 from llm.model.moe import MoEState, checkpoint_contexts
 from llm.parallel.context import ParallelContext
+from llm.parallel.cp_attention import cp_positions, cp_token_mean
 from llm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from llm.parallel.layers import VocabParallelEmbedding, full_shape_of, partition_info, shard_by_spec
 from llm.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, scatter_to_sequence
@@ -89,7 +90,12 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KVCache] | None]:
         """`positions` (B, S): each token's position (restarting per document) instead of
-        offset + 0..S-1; `doc_ids` (B, S): attention stays inside each token's document."""
+        offset + 0..S-1; `doc_ids` (B, S): attention stays inside each token's document. Under context
+        parallelism `input_ids` are this rank's two chunks of the sequence (`cp_shard`), and their
+        positions follow the chunks."""
+        if self.ctx.cp > 1 and positions is None:
+            b, s = input_ids.shape
+            positions = cp_positions(s * self.ctx.cp, self.ctx.cp, self.ctx.cp_rank, device=input_ids.device).expand(b, s)
         x = self.embed_tokens(input_ids, offset, positions)
         new_caches: list[KVCache] | None = [] if caches is not None else None
         for i, layer in enumerate(self.layers):
@@ -119,7 +125,16 @@ class GPT(nn.Module):
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy over the labels that are not IGNORE (-100); vocabulary-parallel
-        when TP > 1 (full logits never gathered)."""
+        when TP > 1 (full logits never gathered). Under context parallelism: the mean over every CP
+        rank's tokens, the same on each (`cp_token_mean`)."""
+        if self.ctx.cp > 1:
+            if self.ctx.tp == 1:
+                losses = F.cross_entropy(self.logits(hidden).float().flatten(0, 1), labels.flatten(), reduction="none")
+            else:
+                losses = vocab_parallel_cross_entropy(self.local_logits(hidden).flatten(0, 1), labels.flatten(),
+                                                      self.ctx, vocab_start=self.embed.vocab_start,
+                                                      vocab_size=self.vocab_size)  # fmt: skip
+            return cp_token_mean(losses, labels.flatten() != IGNORE, self.ctx)
         if self.ctx.tp == 1:
             return F.cross_entropy(self.logits(hidden).float().flatten(0, 1), labels.flatten())
         return lm_loss(self.local_logits(hidden), labels, self.ctx, vocab_start=self.embed.vocab_start,

@@ -22,6 +22,7 @@ from torch import nn
 from llm.config import ModelConfig
 from llm.model.moe import MoE, MoEState
 from llm.parallel.context import ParallelContext
+from llm.parallel.cp_attention import ring_attention, ulysses_attention
 from llm.parallel.layers import (
     ColumnParallelLinear,
     GroupedQKVParallelLinear,
@@ -138,6 +139,10 @@ def _document_attention(
     return torch.cat(rows, dim=0)
 
 
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+
+
 class RMSNorm(nn.Module):
     def __init__(
         self, size: int, *, eps: float, ctx: ParallelContext, sequence_parallel: bool = False
@@ -214,6 +219,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, rng: RNGTracker) -> None:
         super().__init__()
         self.rng = rng
+        self.ctx = ctx
         self.num_heads = cfg.num_attention_heads // ctx.tp  # local
         self.num_groups = cfg.kv_groups // ctx.tp  # local
         self.head_dim = cfg.head_dim
@@ -273,6 +279,17 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         # Dropout draws from the model-parallel stream; without dropout nothing is drawn.
         rng = self.rng.fork() if dropout > 0 else contextlib.nullcontext()
+        if self.ctx.cp > 1 and cache is None:  # this rank's two chunks of the sequence (cp_attention.py)
+            if doc_ids is not None:
+                raise ValueError("document-aware attention with context parallelism is not supported yet")
+            gqa = self.num_groups != self.num_heads
+            out = (
+                ring_attention(q, k, v, self.ctx)
+                if self.ctx.cp_comm_type == "p2p"
+                else ulysses_attention(q, k, v, self.ctx, functools.partial(_causal, gqa=gqa))
+            )  # (B, nq, S / C, d)
+            out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+            return self.proj(out, reduce=reduce), None
         if doc_ids is not None and cache is None:
             with rng:
                 out = self.document_attention(

@@ -50,6 +50,7 @@ class ParallelContext:
     islands: int = 1  # DiLoCo islands: the slowest axis of the mesh
     cp: int = 1
     ep: int = 1
+    cp_comm_type: str = "p2p"  # context parallelism: p2p (ring attention) or a2a (Ulysses)
     mesh: Mesh = field(init=False, repr=False)
     world_group: Any = field(default=None, repr=False)  # the world's collectives (None: the default group)
     host_group: Any = field(default=None, repr=False)  # NCCL runs: a gloo world group for host-side flags
@@ -113,7 +114,7 @@ class ParallelContext:
     @classmethod
     def build(
         cls, *, tp: int = 1, pp: int = 1, islands: int = 1, cp: int = 1, ep: int = 1,
-        timeout_minutes: float | None = None,
+        timeout_minutes: float | None = None, cp_comm_type: str = "p2p",
     ) -> ParallelContext:  # fmt: skip
         """Creates every group of every kind (mesh.GROUP_AXES); all ranks must call this in the same
         order. Groups of the same ranks are made once and shared (dp_cp is dp while CP is 1)."""
@@ -128,6 +129,7 @@ class ParallelContext:
             islands=islands,
             cp=cp,
             ep=ep,
+            cp_comm_type=cp_comm_type,
         )
         if dist.get_backend() == "nccl":  # flags every step (stop requests) go over gloo: no GPU sync
             ctx.host_group = dist.new_group(backend="gloo", timeout=timeout)

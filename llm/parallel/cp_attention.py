@@ -54,6 +54,31 @@ def cp_unshard(shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor:
     return full.index_select(dim, torch.argsort(positions))
 
 
+class _SumOverCP(torch.autograd.Function):
+    """Forward: all-reduce (sum) over the CP group, so every CP rank holds the whole sequence's value.
+    Backward: identity: each rank's part keeps its own gradient (the data-parallel reduction, which
+    spans DP x CP, sums the parts)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, group=pctx.groups["cp"])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def cp_token_mean(losses: torch.Tensor, valid: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The mean token loss over every CP rank's tokens (never a mean of per-rank means): each rank
+    divides its tokens' sum by the count over all ranks, and the parts are summed over CP."""
+    count = valid.sum().to(losses.dtype)
+    dist.all_reduce(count, group=ctx.groups["cp"])  # a count: no gradient
+    part = losses.masked_fill(~valid, 0.0).sum() / count
+    return _SumOverCP.apply(part, ctx)  # type: ignore[no-any-return]
+
+
 # ---- ring attention (p2p) ------------------------------------------------------------------------
 def _expand(kv: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, g, S, d) K/V groups -> (B, heads, S, d), each group repeated for its query heads."""
@@ -76,8 +101,9 @@ def _ring_exchange(tensors: list[torch.Tensor], group: Any, ranks: list[int], ra
     the receive buffers and the requests to wait on."""
     size = len(ranks)
     nxt, prv = ranks[(rank + 1) % size], ranks[(rank - 1) % size]
+    tensors = [t.contiguous() for t in tensors]
     received = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, r, prv, group) for r in received]
     return received, dist.batch_isend_irecv(ops)
 

@@ -82,3 +82,47 @@ def test_the_load_balanced_chunks_cover_the_sequence_once() -> None:
     assert torch.equal(cp_unshard([cp_shard(x, 4, r) for r in range(4)]), x)
     with pytest.raises(ValueError, match="not divisible by 2 x context-parallel size 8"):
         cp_positions(36, 4, 0)
+
+
+def _model(rank: int, world: int, arch: str, comm: str, tp: int) -> None:
+    """The GPT at CP (x TP) against one process: the loss (the token mean over every chunk) and the
+    gradients (each CP rank's summed over the CP group, as the DP x CP reduction will)."""
+    from llm.config import ModelConfig
+    from llm.model.gpt import build_model
+    from llm.parallel.layers import merge_by_spec, partition_info
+
+    cp = world // tp
+    ctx = ParallelContext.build(tp=tp, cp=cp, cp_comm_type=comm)
+    extra = {"num_query_groups": 2} if arch == "llama" else {}
+    cfg = ModelConfig(architecture=arch, num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=300, **extra)  # fmt: skip
+    model, ref = build_model(cfg, seed=3, ctx=ctx), build_model(cfg, seed=3)
+    tokens = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    tokens[0, 3] = 0  # an ignored label: the mean counts the real tokens of every chunk
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[0, 5] = -100
+    loss = model(cp_shard(x, cp, ctx.cp_rank), cp_shard(y, cp, ctx.cp_rank))
+    ref_loss = ref(x, y)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=2e-6)
+    loss.backward()
+    ref_loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        torch.distributed.all_reduce(g, group=ctx.groups["cp"])
+        spec = partition_info(p)
+        if spec is not None and tp > 1:
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            torch.distributed.all_gather(parts, g.contiguous(), group=ctx.groups["tp"])
+            g = merge_by_spec(parts, spec)
+        expected = ref_params[name].grad
+        rows = 300 if name in ("embed.weight", "lm_head.weight") else g.shape[0]
+        torch.testing.assert_close(g[:rows], expected[:rows], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "world, arch, comm, tp", [(2, "gpt2", "p2p", 1), (2, "llama", "a2a", 1), (4, "llama", "p2p", 2)]
+)
+def test_the_gpt_at_context_parallelism_matches_one_process(world: int, arch: str, comm: str, tp: int) -> None:
+    """CP 2 with learned positions (ring) and rotary positions (Ulysses), and TP 2 x CP 2 (ring)."""
+    spawn(_model, world, arch, comm, tp)

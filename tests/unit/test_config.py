@@ -353,3 +353,20 @@ def test_muon_outside_zero0_fp32_is_refused_with_the_fix() -> None:
         deepspeed_setup(load_config(None, ["train.optimizer=muon"]), 1, cuda=True)  # auto = bf16 on a GPU
     _, plan = deepspeed_setup(load_config(None, ["train.optimizer=muon", "train.precision=fp32"]), 1, cuda=True)
     assert (plan.optimizer_from, plan.grad_norm_from) == ("llm", "llm_optimizer")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.context_parallel_size=2", "model.seq_length=30"],
+         r"seq_length \(30\) must be divisible by 2 x parallel.context_parallel_size \(4\)"),
+        (["parallel.context_parallel_size=8", "parallel.cp_comm_type=a2a", "model.seq_length=64"],
+         r"a2a needs model.num_attention_heads \(12\) and the KV groups \(12\) divisible by TP x CP \(1 x 8\)"),
+        (["parallel.context_parallel_size=2", "model.attention_dropout=0.1"], "attention_dropout with"),
+        (["parallel.context_parallel_size=2"], "context_parallel_size > 1 is not supported in training yet"),
+        (["parallel.cp_comm_type=ring"], "choose one of p2p, a2a"),
+    ],
+)  # fmt: skip
+def test_context_parallel_mistakes_name_the_setting(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
