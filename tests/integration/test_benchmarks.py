@@ -26,7 +26,7 @@ def _report(stdout: str) -> dict:
 
 def test_every_benchmark_script_is_smoke_tested() -> None:
     assert BENCHMARKS == [
-        "checkpoint_io.py", "data_startup.py", "diloco.py", "framework_overhead.py", "model_throughput.py", "moe.py", "plan_memory.py", "preprocess_throughput.py",
+        "checkpoint_io.py", "context_parallel.py", "data_startup.py", "diloco.py", "framework_overhead.py", "model_throughput.py", "moe.py", "plan_memory.py", "preprocess_throughput.py",
         "recipes.py", "sample_read.py", "tp_comm.py",
     ]  # fmt: skip
 
@@ -71,6 +71,11 @@ def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
         sync, islands = report["runs"]["sync_dp"], report["runs"]["diloco_h8_int4"]
         assert sync["bytes_per_token"] > islands["bytes_per_token"] > 0 and islands["val_loss"] > 0
         assert islands["bytes_by_collective"]["all_gather"] >= islands["diloco_bytes_reported_per_rank"] > 0
+        return
+    if name == "context_parallel.py":  # bytes counted from the real sends; C = 2 keeps about half per rank
+        one, two = report["c1"], report["c2_p2p"]
+        assert two["forward_sent_per_layer"] == two["forward_formula_per_layer"] > 0
+        assert 0 < two["activation_bytes"] < one["activation_bytes"] and report["c2_a2a"]["backward_sent_per_layer"] > 0
         return
     if name == "moe.py":  # bytes counted from the real all-to-alls; backward repeats forward's exchange
         a2a, step = report["all_to_all_ep2"], report["step_ep1"]
