@@ -322,7 +322,7 @@ def write_shard_map(engine: Any, ctx: ParallelContext, tag_dir: Path, *, num_lay
                                                    ep_rank=ctx.ep_rank if ctx.ep > 1 else None)  # fmt: skip
     info = {
         "rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
-        "ep_rank": ctx.ep_rank, "ep": ctx.ep,
+        "ep_rank": ctx.ep_rank, "ep": ctx.ep, "cp_rank": ctx.cp_rank,
         "zero_stage": stage, "bf16": bool(engine.bfloat16_enabled()),
         # what the engine really runs in (a silent fp32 run would pass a test that reads the config)
         "param_dtype": str(next(engine.module.parameters()).dtype),
@@ -349,7 +349,8 @@ def load_checkpoint(
     if not trust:  # before DeepSpeed's loader, which unpickles without restriction, sees any file
         check_pickles_distributed(tag_dir, ctx)
     saved = layout_of(meta)
-    ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "ep": ctx.ep, "zero": int(engine.zero_optimization_stage())}
+    ours = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "ep": ctx.ep, "cp": ctx.cp,
+            "zero": int(engine.zero_optimization_stage())}  # fmt: skip
     _check_islands(meta, tag_dir, ctx, saved == ours)
     if saved != ours:
         return _load_resharded(engine, tag_dir, cfg, ctx, meta, saved, ours)
@@ -395,7 +396,8 @@ def _describe(layout: dict[str, int] | None) -> str:
     if layout is None:
         return "the layout-independent form"
     ep = f" (EP {layout['ep']})" if layout.get("ep", 1) > 1 else ""
-    return f"TP {layout['tp']} x PP {layout['pp']} x DP {layout['dp']}{ep}, ZeRO {layout['zero']}"
+    cp = f" x CP {layout['cp']}" if layout.get("cp", 1) > 1 else ""
+    return f"TP {layout['tp']} x PP {layout['pp']} x DP {layout['dp']}{cp}{ep}, ZeRO {layout['zero']}"
 
 
 def _load_resharded(

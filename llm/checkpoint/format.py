@@ -92,6 +92,7 @@ def build_meta(state: dict[str, Any], cfg: Config, *, zero_stage: int, world_siz
         tensor_parallel=cfg.parallel.tensor_model_parallel_size,
         pipeline_parallel=cfg.parallel.pipeline_model_parallel_size,
         expert_parallel=cfg.parallel.expert_model_parallel_size,
+        context_parallel=cfg.parallel.context_parallel_size,
         world_size=world_size,
     )
 
@@ -128,8 +129,9 @@ def layout_of(meta: dict[str, Any]) -> dict[str, int] | None:
     if is_universal_only(meta):
         return None
     tp, pp = int(meta.get("tensor_parallel", 1)), int(meta.get("pipeline_parallel", 1))
-    return {"tp": tp, "pp": pp, "dp": int(meta.get("world_size", tp * pp)) // (tp * pp),
-            "ep": int(meta.get("expert_parallel", 1)), "zero": int(meta.get("zero_stage", 0))}  # fmt: skip
+    cp = int(meta.get("context_parallel", 1))
+    return {"tp": tp, "pp": pp, "dp": int(meta.get("world_size", tp * pp * cp)) // (tp * pp * cp),
+            "ep": int(meta.get("expert_parallel", 1)), "cp": cp, "zero": int(meta.get("zero_stage", 0))}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------- manifest

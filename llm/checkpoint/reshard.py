@@ -134,7 +134,9 @@ def _shard_state_zero12(
     """ZeRO 1/2: concatenate each parameter's fragments over the DP ranks of one (PP, TP) shard."""
     pieces: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     step = 0.0
-    for info in sorted(infos, key=lambda i: i["dp_rank"]):
+    # ZeRO partitions over DP x CP (context-parallel ranks are DeepSpeed's "sequence data parallel"),
+    # in the mesh's order: DP rank, then CP rank
+    for info in sorted(infos, key=lambda i: (i["dp_rank"], i.get("cp_rank", 0))):
         osd = load_tensor_file(tag_dir / info["optim_file"], trust=trust)["optimizer_state_dict"]
         base = osd["base_optimizer_state"]["state"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):

@@ -343,10 +343,11 @@ class Config:
         return self.checkpoint.dir or str(Path(self.logging.dir) / "checkpoints")
 
     def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel ranks of one island (of the world without DiLoCo islands)."""
+        """Data-parallel ranks of one island (of the world without DiLoCo islands); context-parallel
+        ranks hold parts of the same samples and are not counted."""
         p = self.parallel
         return world_size // (
-            p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.diloco.islands
+            p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size * p.diloco.islands
         )
 
     def grad_accumulation_steps(self, world_size: int) -> int:

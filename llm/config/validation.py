@@ -343,11 +343,13 @@ def validate(cfg: Config) -> None:
     p = cfg.parallel
     check_context_parallel(cfg.model, cp=p.context_parallel_size, tp=p.tensor_model_parallel_size, comm=p.cp_comm_type)
     if p.context_parallel_size > 1:
-        raise ConfigError(
-            "parallel.context_parallel_size > 1 is not supported in training yet: the model and its attention "
-            "are context-parallel (llm/parallel/cp_attention.py), the data path and the engine's gradient "
-            "reduction over DP x CP are not; set it to 1"
-        )
+        unsupported = [(p.pipeline_model_parallel_size > 1, "parallel.pipeline_model_parallel_size > 1"),
+                       (cfg.model.is_moe, "model.num_experts"), (p.diloco.islands > 1, "parallel.diloco.islands > 1"),
+                       (cfg.data.reset_position_ids or cfg.data.reset_attention_mask,
+                        "data.reset_position_ids / data.reset_attention_mask (document-aware attention)")]  # fmt: skip
+        for bad, what in unsupported:
+            if bad:
+                raise ConfigError(f"parallel.context_parallel_size > 1 with {what} is not supported yet")
     _check_diloco(cfg)
     try:
         cfg.train.skip_ranges  # noqa: B018 (parsed for its error)
@@ -405,8 +407,10 @@ def validate_world(cfg: Config, world_size: int) -> None:
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
     islands = cfg.parallel.diloco.islands
-    if world_size % (tp * pp * islands):
+    cp = cfg.parallel.context_parallel_size
+    if world_size % (tp * pp * islands * cp):
         what = f"islands x TP x PP = {islands} x {tp} x {pp}" if islands > 1 else f"TP x PP = {tp} x {pp}"
+        what += f" x CP {cp}" if cp > 1 else ""
         raise ConfigError(f"world size {world_size} is not divisible by {what}")
     ep = cfg.parallel.expert_model_parallel_size
     if cfg.data_parallel_size(world_size) % ep:

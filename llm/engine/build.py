@@ -35,9 +35,10 @@ def initialize_engine(
         model=model, optimizer=optimizer, model_parameters=parameter_groups,  # type: ignore[arg-type]
         config=ds_config, lr_scheduler=lr_scheduler, mpu=mpu,
     )  # fmt: skip
-    if mpu is not None and mpu.get_data_parallel_world_size() == 1 and engine.zero_optimization_stage() == 0:
-        # one data-parallel rank: DeepSpeed's ZeRO-0 gradient all-reduce would flatten, reduce over a
-        # group of one and copy back every gradient each step, for nothing (a third of the host cost of
+    if mpu is not None and mpu.get_sequence_data_parallel_world_size() == 1 and engine.zero_optimization_stage() == 0:
+        # one data-parallel rank (and no context-parallel ones, whose gradients it sums): DeepSpeed's
+        # ZeRO-0 gradient all-reduce would flatten, reduce over a group of one and copy back every
+        # gradient each step, for nothing (a third of the host cost of
         # a tiny model's step, benchmarks/framework_overhead.py)
         engine.enable_backward_allreduce = False
     return engine

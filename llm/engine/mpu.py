@@ -44,6 +44,26 @@ class MeshMPU:
     def get_pipe_parallel_group(self) -> Any:
         return self.ctx.groups["pp"]
 
+    # Context parallelism is DeepSpeed's "sequence parallelism": it sums gradients over DP x CP and
+    # divides by DP (each CP rank's gradient is its part of the samples'), and ZeRO shards over DP x CP.
+    def get_sequence_parallel_group(self) -> Any:
+        return self.ctx.groups["cp"]
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.ctx.cp
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.ctx.cp_rank
+
+    def get_sequence_data_parallel_group(self) -> Any:
+        return self.ctx.groups["dp_cp"]
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.ctx.dp * self.ctx.cp
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.ctx.dp_rank * self.ctx.cp + self.ctx.cp_rank
+
     # Megatron's names for the same (DeepSpeed asks for either)
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size

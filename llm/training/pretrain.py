@@ -154,6 +154,7 @@ def run_pretraining(
     ctx = ParallelContext.build(
         tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size,
         islands=cfg.parallel.diloco.islands, ep=cfg.parallel.expert_model_parallel_size,
+        cp=cfg.parallel.context_parallel_size, cp_comm_type=cfg.parallel.cp_comm_type,
         timeout_minutes=cfg.parallel.timeout_minutes,
     )  # fmt: skip
     lock = _claim_run(cfg, ctx)  # before anything is written into the run directory

@@ -29,6 +29,7 @@ from llm.engine.deepspeed_config import OptimizerPlan
 from llm.model.inputs import model_inputs
 from llm.model.moe import moe_metrics, update_expert_bias
 from llm.parallel.context import ParallelContext
+from llm.parallel.cp_attention import cp_shard
 from llm.parallel.random import RNGTracker
 
 
@@ -68,6 +69,14 @@ class Steps:
         multiplies the loss before backward, so its gradients (NaN, or huge before clipping) reach the
         weights as a real spike's would."""
         raise NotImplementedError
+
+    def _inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The model's inputs of a (B, S + 1) batch; under context parallelism this rank's two chunks
+        of ids and labels (cp_shard): no rank keeps the full-length activations."""
+        inputs = model_inputs(tokens, self.cfg.data)
+        if self.ctx.cp == 1:
+            return inputs
+        return tuple(None if t is None else cp_shard(t, self.ctx.cp, self.ctx.cp_rank) for t in inputs)
 
     def moe_metrics(self) -> dict[str, float]:
         """The MoE layers' statistics since the last call (llm.model.moe.moe_metrics); {} for a dense model.
@@ -126,7 +135,7 @@ class PlainSteps(Steps):
         for micro in range(accum):
             # said, not counted: DeepSpeed's own count of micro-steps is off once the accumulation changes
             self.engine.set_gradient_accumulation_boundary(micro == accum - 1)
-            loss = self.engine(*model_inputs(next(batches), self.cfg.data))
+            loss = self.engine(*self._inputs(next(batches)))
             if scale is not None:
                 loss = loss * scale
             self.engine.backward(loss)
@@ -140,7 +149,7 @@ class PlainSteps(Steps):
     @torch.no_grad()
     def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
         self.engine.eval()
-        losses = [float(self.engine(*model_inputs(t, self.cfg.data))) for t in batches]
+        losses = [float(self.engine(*self._inputs(t))) for t in batches]
         self.engine.train()
         return self.ctx.mean_over_dp([sum(losses) / max(1, len(losses))])[0]
 

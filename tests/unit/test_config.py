@@ -363,7 +363,8 @@ def test_muon_outside_zero0_fp32_is_refused_with_the_fix() -> None:
         (["parallel.context_parallel_size=8", "parallel.cp_comm_type=a2a", "model.seq_length=64"],
          r"a2a needs model.num_attention_heads \(12\) and the KV groups \(12\) divisible by TP x CP \(1 x 8\)"),
         (["parallel.context_parallel_size=2", "model.attention_dropout=0.1"], "attention_dropout with"),
-        (["parallel.context_parallel_size=2"], "context_parallel_size > 1 is not supported in training yet"),
+        (["parallel.context_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+         "context_parallel_size > 1 with parallel.pipeline_model_parallel_size > 1 is not supported yet"),
         (["parallel.cp_comm_type=ring"], "choose one of p2p, a2a"),
     ],
 )  # fmt: skip
