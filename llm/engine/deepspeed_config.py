@@ -206,6 +206,11 @@ def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[s
             f"a mixture of experts (model.num_experts) in {precision} needs ZeRO stage 1 or 2 (DeepSpeed's mixed-precision "
             "wrapper at stage 0 does not handle expert parameters): use configs/deepspeed/zero1.json"
         )
+    if stage == 3 and cfg.parallel.context_parallel_size > 1:
+        raise ConfigError(
+            "ZeRO stage 3 with context parallelism (parallel.context_parallel_size > 1) is not tested yet: use "
+            "configs/deepspeed/zero1.json or zero2.json"
+        )
     if stage == 3 and cfg.model.is_moe:
         raise ConfigError(
             "ZeRO stage 3 with a mixture of experts (model.num_experts) is not supported: DeepSpeed partitions "

@@ -39,17 +39,19 @@ class Layout:
     activation_checkpointing: bool = False
     sequence_parallel: bool = False
     ep: int = 1  # expert parallelism (a mixture of experts): divides DP
+    cp: int = 1  # context parallelism: each rank holds S / CP tokens of every sample
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
     def describe(self) -> str:
         extras = [
             x for x, on in (("SP", self.sequence_parallel), ("AC", self.activation_checkpointing)) if on
         ]
         ep = f" EP{self.ep}" if self.ep > 1 else ""
-        return f"TP{self.tp} PP{self.pp} DP{self.dp}{ep} Z{self.zero} mb{self.micro_batch_size}" + (
+        cp = f" CP{self.cp}" if self.cp > 1 else ""
+        return f"TP{self.tp}{cp} PP{self.pp} DP{self.dp}{ep} Z{self.zero} mb{self.micro_batch_size}" + (
             " " + "+".join(extras) if extras else ""
         )
 
@@ -208,7 +210,7 @@ def loss_bytes(m: ModelConfig, layout: Layout, precision: str, vocab: int) -> fl
     padded_local = (
         m.make_vocab_size_divisible_by * math.ceil(vocab / m.make_vocab_size_divisible_by) / layout.tp
     )
-    tokens = layout.micro_batch_size * m.seq_length
+    tokens = layout.micro_batch_size * m.seq_length // layout.cp  # this rank's tokens under CP
     upcast = 4 if a == 2 else 0  # logits.float() is a copy only from bf16
     return tokens * padded_local * (a + upcast + 4 + 4 + a)
 
@@ -221,8 +223,8 @@ def activation_bytes(
     checkpointing everything is alive when the loss's backward starts; with it only the block
     inputs, and the loss's tensors are gone before the first block is recomputed."""
     a = _act_bytes(precision)
-    tokens = layout.micro_batch_size * m.seq_length
-    per_layer = layer_activation_bytes(m, layout, precision, m.seq_length)
+    tokens = layout.micro_batch_size * m.seq_length // layout.cp  # this rank's tokens under CP
+    per_layer = layer_activation_bytes(m, layout, precision, m.seq_length // layout.cp)
     block_input = tokens * m.hidden_size * a / (layout.tp if layout.sequence_parallel else 1)
     if layout.activation_checkpointing:
         kept = in_flight * layers * block_input + max(per_layer if layers else 0.0, loss)
@@ -261,7 +263,8 @@ def estimate_memory(
         blocks = sum(1 for i in range(lo, hi) if 1 <= i <= m.num_layers)
         in_flight = 1 if layout.pp == 1 else max(1, min(layout.pp - stage, micro_batches))
         routed = sum(experts[lo:hi])  # partitioned over the expert-data-parallel ranks, DP / EP
-        per = {k: (params - routed) * (rep + shard / layout.dp) + routed * (rep + shard * layout.ep / layout.dp)
+        zero_ranks = layout.dp * layout.cp  # ZeRO shards dense parameters over DP x CP
+        per = {k: (params - routed) * (rep + shard / zero_ranks) + routed * (rep + shard * layout.ep / layout.dp)
                for k, (rep, shard) in state.items()}  # fmt: skip
         loss = loss_bytes(m, layout, precision, vocab) if hi == len(counts) else 0.0
         est = MemoryEstimate(

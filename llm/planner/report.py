@@ -40,12 +40,13 @@ def zero_stage(cfg: Config) -> int:
 def config_layout(cfg: Config, world_size: int) -> Layout:
     """The layout a config runs at on `world_size` processes."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    cp = cfg.parallel.context_parallel_size
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}")
     return Layout(
-        tp=tp, pp=pp, dp=world_size // (tp * pp), zero=zero_stage(cfg), micro_batch_size=cfg.train.micro_batch_size,
+        tp=tp, pp=pp, dp=world_size // (tp * pp * cp), zero=zero_stage(cfg), micro_batch_size=cfg.train.micro_batch_size,
         activation_checkpointing=cfg.model.activation_checkpointing, sequence_parallel=cfg.model.sequence_parallel,
-        ep=cfg.parallel.expert_model_parallel_size,
+        ep=cfg.parallel.expert_model_parallel_size, cp=cp,
     )  # fmt: skip
 
 
@@ -88,6 +89,7 @@ def format_table(
             f"model.activation_checkpointing={str(lay.activation_checkpointing).lower()} "
             f"model.sequence_parallel={str(lay.sequence_parallel).lower()} "
             + (f"parallel.expert_model_parallel_size={lay.ep} " if cfg.model.is_moe else "")
+            + f"parallel.context_parallel_size={lay.cp} "
             + f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json"
         )
         tail.append(

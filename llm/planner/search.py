@@ -56,7 +56,7 @@ class Candidate:
     def to_dict(self) -> dict[str, object]:
         lay, mem = self.layout, self.memory
         return {
-            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "zero": lay.zero, "micro_batch_size": lay.micro_batch_size,
+            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "cp": lay.cp, "zero": lay.zero, "micro_batch_size": lay.micro_batch_size,
             "activation_checkpointing": lay.activation_checkpointing, "sequence_parallel": lay.sequence_parallel,
             "params_per_gpu": mem.params, "weights_gb": mem.weights / GB, "gradients_gb": mem.gradients / GB,
             "optimizer_gb": mem.optimizer / GB, "activations_gb": mem.activations / GB, "buffers_gb": mem.buffers / GB,
@@ -90,7 +90,21 @@ def _step_time(
     if layout.zero == 3:
         grad_bytes *= 1.5  # + all-gather of parameters in forward and backward
     dp_time = 0.0 if layout.dp == 1 else grad_bytes / dp_bw
-    return (compute + tp_time + _all_to_all_time(cfg, layout, cluster, micro, act_bytes)) / (1.0 - bubble) + dp_time
+    exchanges = _all_to_all_time(cfg, layout, cluster, micro, act_bytes) + _cp_time(cfg, layout, cluster, micro, act_bytes)
+    return (compute + tp_time + exchanges) / (1.0 - bubble) + dp_time
+
+
+def _cp_time(cfg: Config, layout: Layout, cluster: Cluster, micro: int, act_bytes: int) -> float:
+    """Context parallelism: per layer and micro-batch about 8 exchanges (forward and backward) of this
+    rank's S / CP tokens x hidden, (CP - 1) / CP of them leaving the rank (Ulysses' all-to-alls; the
+    ring's K/V blocks are of the same order); inside a node when TP x CP GPUs fit in one."""
+    if layout.cp == 1:
+        return 0.0
+    m = cfg.model
+    inside = layout.tp * layout.cp <= cluster.gpus_per_node
+    bw = (cluster.intra_node_gbps if inside else cluster.inter_node_gbps) * 1e9
+    tokens = micro * layout.micro_batch_size * m.seq_length / layout.cp
+    return 8 * m.num_layers / layout.pp * tokens * m.hidden_size * act_bytes * (layout.cp - 1) / layout.cp / bw
 
 
 def _all_to_all_time(cfg: Config, layout: Layout, cluster: Cluster, micro: int, act_bytes: int) -> float:
@@ -111,9 +125,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _valid_tp(cfg: Config, tp: int, pp: int) -> bool:
+def _valid_tp(cfg: Config, tp: int, pp: int, cp: int = 1) -> bool:
     parallel = dataclasses.replace(
-        cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
     )
     try:
         replace_validated(
@@ -129,18 +143,25 @@ def candidate_layouts(cfg: Config, cluster: Cluster, *, precision: str = "bf16")
     world, gbs, out = cluster.world_size, cfg.train.global_batch_size, []
     for tp in (t for t in _divisors(cluster.gpus_per_node) if world % t == 0):
         for pp in (p for p in _divisors(world // tp) if p <= cfg.model.num_layers):
-            if not _valid_tp(cfg, tp, pp):
+            for cp in (c for c in _divisors(world // (tp * pp)) if c == 1 or cfg.model.seq_length % (2 * c) == 0):
+                if _valid_tp(cfg, tp, pp, cp):
+                    out += _layouts(cfg, tp, pp, cp, world // (tp * pp * cp), gbs, precision)
+    return out
+
+
+def _layouts(cfg: Config, tp: int, pp: int, cp: int, dp: int, gbs: int, precision: str) -> list[Layout]:
+    out = []
+    for mb in (b for b in (1, 2, 4, 8, 16, 32) if gbs % (b * dp) == 0):
+        for zero in range(4):
+            if (pp > 1 and zero > 1) or (tp > 1 and zero == 3) or (dp * cp == 1 and zero > 0):
                 continue
-            dp = world // (tp * pp)
-            for mb in (b for b in (1, 2, 4, 8, 16, 32) if gbs % (b * dp) == 0):
-                for zero in range(4):
-                    if (pp > 1 and zero > 1) or (tp > 1 and zero == 3) or (dp == 1 and zero > 0):
-                        continue
-                    if cfg.model.is_moe and (zero == 3 or (zero == 0 and precision != "fp32")):
-                        continue  # what a mixture of experts cannot run at (validation refuses it)
-                    for ac in (False, True):
-                        for sp in (False, True) if tp > 1 and cfg.model.seq_length % tp == 0 else (False,):
-                            out += [Layout(tp, pp, dp, zero, mb, ac, sp, ep) for ep in _expert_sizes(cfg, dp)]
+            if cfg.model.is_moe and (zero == 3 or (zero == 0 and precision != "fp32")):
+                continue  # what a mixture of experts cannot run at (validation refuses it)
+            if cp > 1 and zero == 3:
+                continue  # refused with context parallelism (not tested yet)
+            for ac in (False, True):
+                for sp in (False, True) if tp > 1 and cfg.model.seq_length % tp == 0 else (False,):
+                    out += [Layout(tp, pp, dp, zero, mb, ac, sp, ep, cp) for ep in _expert_sizes(cfg, dp)]
     return out
 
 
@@ -180,7 +201,7 @@ def plan(cfg: Config, cluster: Cluster, *, precision: str, vocab: int) -> list[C
         key=lambda c: (
             not c.fits,
             round(math.log(c.step_time) / math.log(1.01)),
-            c.layout.tp * c.layout.pp,
+            c.layout.tp * c.layout.pp * c.layout.cp,
             c.layout.ep,
             c.memory.total,
         ),

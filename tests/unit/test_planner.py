@@ -166,3 +166,24 @@ def test_plan_script_recommends_and_explains_failures() -> None:
     assert (
         p.returncode == 1 and p.stderr.startswith("error: unknown config key") and "Traceback" not in p.stderr
     )
+
+
+def test_the_planner_divides_activations_by_cp_and_chooses_it_for_a_long_sequence() -> None:
+    from llm.planner.memory import estimate_memory
+
+    cfg = load_config("configs/llama_1b_32k.yaml", ["model.vocab_size=32000", "model.seq_length=131072"])
+    one, two = (estimate_memory(cfg.model, Layout(1, 1, 8 // cp, 1, 1, cp=cp), precision="bf16", vocab=32000,
+                                global_batch_size=64) for cp in (1, 2))  # fmt: skip
+    assert two.activations == pytest.approx(one.activations / 2, rel=1e-6)
+    assert two.optimizer == pytest.approx(one.optimizer)  # ZeRO shards over DP x CP: the same 8 ranks
+    cands = plan(cfg, Cluster(1, 8), precision="bf16", vocab=32000)
+    assert not any(c.fits for c in cands if c.layout.cp == 1 and c.layout.tp == 1 and c.layout.pp == 1)
+    pick = cands[0]
+    assert pick.fits and pick.layout.cp > 1
+    chosen = load_config("configs/llama_1b_32k.yaml", [
+        "model.vocab_size=32000", "model.seq_length=131072", f"parallel.context_parallel_size={pick.layout.cp}",
+        f"parallel.tensor_model_parallel_size={pick.layout.tp}", f"parallel.pipeline_model_parallel_size={pick.layout.pp}",
+        f"model.activation_checkpointing={str(pick.layout.activation_checkpointing).lower()}",
+        f"deepspeed_config=configs/deepspeed/zero{pick.layout.zero}.json",
+    ])  # fmt: skip
+    build_deepspeed_config(chosen, 8, cuda=True)  # a layout llm accepts
