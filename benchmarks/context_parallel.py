@@ -29,8 +29,8 @@ from common import report
 
 from llm.config import ModelConfig
 from llm.model.gpt import build_model
-from llm.parallel.context import ParallelContext
 from llm.parallel.cp_attention import cp_shard
+from llm.parallel.process_groups import ParallelContext
 
 SENT = {"bytes": 0}
 

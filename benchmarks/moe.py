@@ -38,7 +38,7 @@ from llm.config import ModelConfig
 from llm.model.flops import active_params, total_params
 from llm.model.gpt import build_model, parameter_groups
 from llm.model.moe import moe_layers
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 SENT = {"rows": 0, "counts": 0}
 

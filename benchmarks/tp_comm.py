@@ -26,7 +26,7 @@ from common import report
 
 from llm.config import ModelConfig
 from llm.model.gpt import build_model
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 COUNTED = {"all_reduce": 0, "all_gather": 0, "reduce_scatter_tensor": 0}
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 
 def host_copy(obj: Any, buffers: HostBuffers) -> Any:

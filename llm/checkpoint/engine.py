@@ -54,8 +54,8 @@ from llm.engine.internals import (
 )
 from llm.errors import LLMError, on_every_rank
 from llm.model.names import canonical_name
-from llm.parallel.context import ParallelContext
 from llm.parallel.layers import full_shape_of, partition_info
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 
 logger = logging.getLogger("llm")

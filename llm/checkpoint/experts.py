@@ -19,7 +19,7 @@ import torch
 from llm.checkpoint.format import CheckpointError
 from llm.checkpoint.pickles import load_file
 from llm.model.names import canonical_name
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 EXPERTS_DIR = "experts"
 Tensors = dict[str, torch.Tensor]

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from llm.engine.internals import register_expert_groups
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 MARKER = "deepspeed_moe_marker"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 
 class MeshMPU:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 
 def pipeline_topology(ctx: ParallelContext) -> Any:

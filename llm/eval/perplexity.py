@@ -20,7 +20,7 @@ from llm.config import DataConfig
 from llm.data.sources import InputError, Record, parse_record
 from llm.model.gpt import GPT, IGNORE
 from llm.model.inputs import model_inputs
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 from llm.progress import Progress
 
 

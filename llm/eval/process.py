@@ -7,8 +7,8 @@ import os
 import torch
 
 from llm.engine.comm import init_distributed
-from llm.parallel.context import ParallelContext
 from llm.parallel.launcher import detect_launch
+from llm.parallel.process_groups import ParallelContext
 
 
 def default_device() -> str:

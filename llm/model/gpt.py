@@ -24,11 +24,11 @@ from torch.utils.checkpoint import checkpoint
 from llm.config import ModelConfig
 from llm.model.layers import KVCache, TransformerBlock, make_norm, output_init_std
 from llm.model.moe import MoEState, checkpoint_contexts
-from llm.parallel.context import ParallelContext
 from llm.parallel.cp_attention import cp_positions, cp_token_mean
 from llm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from llm.parallel.layers import VocabParallelEmbedding, full_shape_of, partition_info, shard_by_spec
 from llm.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, scatter_to_sequence
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker, checkpoint_context_fn
 
 # the projections that write into the residual stream (scaled init)

@@ -21,7 +21,6 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.model.moe import MoE, MoEState
-from llm.parallel.context import ParallelContext
 from llm.parallel.cp_attention import ring_attention, ulysses_attention
 from llm.parallel.layers import (
     ColumnParallelLinear,
@@ -31,6 +30,7 @@ from llm.parallel.layers import (
     tp_input,
     tp_output,
 )
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.qkv import split_qkv
 from llm.parallel.random import RNGTracker
 

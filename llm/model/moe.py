@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
-from llm.parallel.context import ParallelContext
 from llm.parallel.experts import combine, dispatch, sum_over_data
 from llm.parallel.layers import sequence_parallel_param
 from llm.parallel.mappings import all_reduce_sum, gather_sequence_shards, scatter_to_sequence
+from llm.parallel.process_groups import ParallelContext
 
 
 @dataclass

@@ -27,9 +27,9 @@ from llm.engine.pipeline_grid import keep_model_group_in_island, pipeline_module
 from llm.model.gpt import init_parameters, lm_head_local_logits, lm_loss
 from llm.model.layers import TransformerBlock, make_norm
 from llm.model.moe import MoEState, checkpoint_contexts
-from llm.parallel.context import ParallelContext
 from llm.parallel.layers import VocabParallelEmbedding
 from llm.parallel.mappings import scatter_to_sequence
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker, checkpoint_context_fn
 
 PARTITION_METHODS = {

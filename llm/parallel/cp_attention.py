@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 
 def cp_positions(seq_length: int, size: int, rank: int, device: torch.device | None = None) -> torch.Tensor:

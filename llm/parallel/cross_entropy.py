@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from llm.parallel.context import ParallelContext
 from llm.parallel.mappings import all_reduce_max, all_reduce_sum
+from llm.parallel.process_groups import ParallelContext
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

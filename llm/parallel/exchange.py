@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llm.parallel.context import ParallelContext, _comm_device
+from llm.parallel.process_groups import ParallelContext, _comm_device
 
 _LEVELS = {"int8": 127, "int4": 7}
 _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 
 class _AllToAll(torch.autograd.Function):

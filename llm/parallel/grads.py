@@ -8,8 +8,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from llm.parallel.context import ParallelContext, _comm_device
 from llm.parallel.layers import merge_by_spec
+from llm.parallel.process_groups import ParallelContext, _comm_device
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], ctx: ParallelContext) -> torch.Tensor:

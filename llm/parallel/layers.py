@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.parallel.context import ParallelContext
 from llm.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -23,6 +22,7 @@ from llm.parallel.mappings import (
     reduce_from_tp,
     reduce_scatter_to_sequence,
 )
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.qkv import qkv_blocks
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 
 def _all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

@@ -13,8 +13,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm.parallel.context import ParallelContext
 from llm.parallel.launcher import LaunchEnv
+from llm.parallel.process_groups import ParallelContext
 
 SHOWN_GROUPS = 4
 
@@ -30,11 +30,12 @@ class Placement:
     groups: dict[str, list[list[int]]]
     warnings: list[str] = field(default_factory=list)
     islands: int = 1  # DiLoCo islands (TP x PP x DP is one island's)
+    cp: int = 1  # context-parallel ranks (the sequence split across them)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "launcher": self.launcher, "world_size": self.world_size, "tp": self.tp, "pp": self.pp,
-            "dp": self.dp, "islands": self.islands, "nodes": self.nodes, "groups": self.groups,
+            "dp": self.dp, "cp": self.cp, "islands": self.islands, "nodes": self.nodes, "groups": self.groups,
             "warnings": self.warnings,
         }  # fmt: skip
 
@@ -44,7 +45,8 @@ class Placement:
         islands = f"{self.islands} DiLoCo islands x " if self.islands > 1 else ""
         lines = [
             f"layout: {self.launcher}, {len(self.nodes)} node(s) x {ranks_per_node} rank(s) = world "
-            f"{self.world_size} = {islands}TP {self.tp} x PP {self.pp} x DP {self.dp}"
+            f"{self.world_size} = {islands}TP {self.tp}{f' x CP {self.cp}' if self.cp > 1 else ''} x PP {self.pp} "
+            f"x DP {self.dp}"
         ]
         for n in self.nodes[:8]:
             lines.append(f"  node {n['node']} ({n['host']}): ranks {_ranks(n['ranks'])}")
@@ -89,7 +91,7 @@ def build_placement(
             )
         nodes[node_of[key]]["ranks"].append(rank)
         rank_node.append(node_of[key])
-    shown = ("tp", "pp", "dp", "island") if ctx.islands > 1 else ("tp", "pp", "dp")
+    shown = ("tp", *(("cp",) if ctx.cp > 1 else ()), "pp", "dp", *(("island",) if ctx.islands > 1 else ()))
     groups: dict[str, list[list[int]]] = {kind: ctx.mesh.groups(kind) for kind in shown}
     warnings = [
         f"tensor-parallel group {g} spans nodes {sorted({nodes[rank_node[r]]['node'] for r in g})}: its "
@@ -103,7 +105,7 @@ def build_placement(
         for i, g in enumerate(_islands(ctx))
         if ctx.islands > 1 and len({rank_node[r] for r in g}) > 1 and len(nodes) >= ctx.islands
     ][:SHOWN_GROUPS]
-    return Placement(launcher, ctx.world_size, ctx.tp, ctx.pp, ctx.dp, nodes, groups, warnings, ctx.islands)
+    return Placement(launcher, ctx.world_size, ctx.tp, ctx.pp, ctx.dp, nodes, groups, warnings, ctx.islands, ctx.cp)
 
 
 def _islands(ctx: ParallelContext) -> list[list[int]]:

@@ -32,8 +32,8 @@ import torch
 from llm.config import DilocoConfig
 from llm.engine.internals import partitioned_fp32_masters
 from llm.model.names import canonical_name
-from llm.parallel.context import ParallelContext
 from llm.parallel.exchange import Exchange, check_block, start_exchange
+from llm.parallel.process_groups import ParallelContext
 
 
 @dataclass

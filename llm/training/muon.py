@@ -35,9 +35,9 @@ from torch import nn
 
 from llm.config import TrainConfig
 from llm.model.names import canonical_name
-from llm.parallel.context import ParallelContext
 from llm.parallel.grads import full_matrix
 from llm.parallel.layers import partition_info, shard_by_spec
+from llm.parallel.process_groups import ParallelContext
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic iteration of Muon's reference implementation
 

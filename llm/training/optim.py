@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from llm.config import TrainConfig
-from llm.parallel.context import ParallelContext
 from llm.parallel.grads import global_grad_norm
+from llm.parallel.process_groups import ParallelContext
 from llm.training.muon import Muon
 
 

@@ -26,8 +26,8 @@ from llm.engine.experts import register_experts
 from llm.engine.mpu import MeshMPU
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
-from llm.parallel.context import ParallelContext, is_collective_timeout
 from llm.parallel.placement import gather_placement
+from llm.parallel.process_groups import ParallelContext, is_collective_timeout
 from llm.parallel.random import RNGTracker
 from llm.training.diloco import DiLoCo
 from llm.training.lr_schedule import make_scheduler

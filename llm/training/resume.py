@@ -20,7 +20,7 @@ from llm.config import Config, ConfigError, TrainConfig
 from llm.data.identity import identity_differences
 from llm.engine.internals import torch_optimizer
 from llm.errors import on_every_rank
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 from llm.training.diloco import DiLoCo
 from llm.training.lr_schedule import lr_at
 from llm.training.muon import muon_lr_scale

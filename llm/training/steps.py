@@ -28,8 +28,8 @@ from llm.config import Config, DataConfig
 from llm.engine.deepspeed_config import OptimizerPlan
 from llm.model.inputs import model_inputs
 from llm.model.moe import moe_metrics, update_expert_bias
-from llm.parallel.context import ParallelContext
 from llm.parallel.cp_attention import cp_shard
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 
 

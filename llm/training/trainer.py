@@ -19,7 +19,7 @@ from llm.config import Config, ConfigError
 from llm.data.loader import GlobalBatchSampler, make_loader
 from llm.errors import LLMError
 from llm.model.flops import gpu_peak_tflops, model_flops_per_token
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 from llm.training.diloco import DiLoCo
 from llm.training.faults import Spike, SpikeDetector, injected_loss_factor
 from llm.training.memory import PeakMemory

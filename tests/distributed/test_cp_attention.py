@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.parallel.context import ParallelContext
 from llm.parallel.cp_attention import (
     cp_positions,
     cp_shard,
@@ -17,6 +16,7 @@ from llm.parallel.cp_attention import (
     ring_attention,
     ulysses_attention,
 )
+from llm.parallel.process_groups import ParallelContext
 from tests.distributed.harness import spawn
 
 pytestmark = pytest.mark.distributed

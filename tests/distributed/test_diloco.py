@@ -65,7 +65,7 @@ def _run(rank: int, world: int, out: str) -> None:
     from llm.engine.deepspeed_config import build_deepspeed_config
     from llm.engine.mpu import MeshMPU
     from llm.model.pipeline import build_pipeline_model
-    from llm.parallel.context import ParallelContext
+    from llm.parallel.process_groups import ParallelContext
     from llm.parallel.random import RNGTracker
     from llm.training.diloco import DiLoCo
     from llm.training.lr_schedule import make_scheduler
@@ -238,7 +238,7 @@ def _reduce_in(rank: int, world: int, out: str) -> None:
 
     from llm.engine.deepspeed_config import deepspeed_setup
     from llm.engine.mpu import MeshMPU
-    from llm.parallel.context import ParallelContext
+    from llm.parallel.process_groups import ParallelContext
     from llm.training.optim import clipped_optimizer
 
     train, _ = _data()

@@ -16,7 +16,7 @@ import torch
 
 from llm.config import load_config
 from llm.model.gpt import build_model, parameter_groups
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 from tests.distributed.harness import spawn
 

@@ -13,8 +13,8 @@ pytestmark = [pytest.mark.distributed]
 
 
 def _check_groups(rank: int, world: int) -> None:
-    from llm.parallel.context import ParallelContext
     from llm.parallel.mesh import GROUP_AXES
+    from llm.parallel.process_groups import ParallelContext
 
     for sizes in ({"tp": 2, "cp": 2}, {"tp": 1, "ep": 2}, {"pp": 2, "tp": 2}):
         ctx = ParallelContext.build(**sizes)

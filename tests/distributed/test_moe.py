@@ -15,7 +15,7 @@ from llm.config import load_config
 from llm.model.gpt import build_model, parameter_groups
 from llm.model.inputs import model_inputs
 from llm.model.moe import moe_metrics, update_expert_bias
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 from tests.distributed.harness import spawn
 

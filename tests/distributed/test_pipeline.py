@@ -13,7 +13,7 @@ from llm.model.gpt import build_model, parameter_groups
 from llm.model.inputs import model_inputs
 from llm.model.names import canonical_prefix
 from llm.model.pipeline import build_pipeline_model
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 from llm.training.steps import pipeline_pairs
 from tests.distributed.harness import spawn

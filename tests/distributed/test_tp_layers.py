@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.parallel.context import ParallelContext
 from llm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from llm.parallel.layers import (
     ColumnParallelLinear,
@@ -16,6 +15,7 @@ from llm.parallel.layers import (
     shard_tensor,
 )
 from llm.parallel.mappings import gather_from_sequence, scatter_to_sequence
+from llm.parallel.process_groups import ParallelContext
 from tests.distributed.harness import spawn
 
 pytestmark = pytest.mark.distributed

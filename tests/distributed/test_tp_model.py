@@ -10,8 +10,8 @@ from llm.checkpoint.engine import parameter_splits
 from llm.config import DataConfig, ModelConfig
 from llm.model.gpt import build_model
 from llm.model.inputs import model_inputs
-from llm.parallel.context import ParallelContext
 from llm.parallel.layers import merge_by_spec, partition_info
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 from tests.distributed.harness import spawn
 

@@ -30,7 +30,7 @@ def test_grouped_gemm_experts_match_the_loop_on_cuda() -> None:
     """The bf16 grouped-GEMM path of the experts (torch._grouped_mm) against the per-expert loop on the
     same weights and rows, forward and backward, with an expert that receives no rows."""
     import llm.model.moe as moe
-    from llm.parallel.context import ParallelContext
+    from llm.parallel.process_groups import ParallelContext
 
     cfg = ModelConfig(architecture="llama", num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=128,
                       vocab_size=1000, num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=512)  # fmt: skip

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llm.parallel.context import ParallelContext
 from llm.parallel.launcher import LaunchError, detect_launch, expand_nodelist
 from llm.parallel.placement import build_placement
+from llm.parallel.process_groups import ParallelContext
 
 
 def test_slurm_nodelists_expand_like_scontrol() -> None:

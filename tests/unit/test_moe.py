@@ -21,7 +21,7 @@ from llm.model.moe import (
     update_expert_bias,
     z_loss,
 )
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 
 VOCAB = 200
 

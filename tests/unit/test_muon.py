@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llm.config import TrainConfig
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 from llm.training.muon import Muon
 
 

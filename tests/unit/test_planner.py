@@ -14,7 +14,7 @@ from llm.config import load_config, validate_world
 from llm.engine.deepspeed_config import build_deepspeed_config
 from llm.model.flops import total_params
 from llm.model.gpt import build_model, count_parameters
-from llm.parallel.context import ParallelContext
+from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 from llm.planner.memory import GB, Layout, layer_activation_bytes
 from llm.planner.report import config_layout, config_vocab

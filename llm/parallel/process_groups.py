@@ -1,5 +1,7 @@
 """ParallelContext: this process's place in the device mesh and the process groups made from it,
-built once and passed explicitly.
+built once and passed explicitly. (Not to be confused with context parallelism, the `cp` axis: the
+sequence split across ranks, llm/parallel/cp_attention.py. This module was `context.py` until context
+parallelism arrived.)
 
 The rank order and every group's ranks are the mesh's (mesh.py: island, pp, dp, cp, tp, slowest to
 fastest; with CP 1 this is DeepSpeed's `PipeModelDataParallelTopology` order, tensor parallelism
