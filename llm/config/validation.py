@@ -344,9 +344,7 @@ def validate(cfg: Config) -> None:
     check_context_parallel(cfg.model, cp=p.context_parallel_size, tp=p.tensor_model_parallel_size, comm=p.cp_comm_type)
     if p.context_parallel_size > 1:
         unsupported = [(p.pipeline_model_parallel_size > 1, "parallel.pipeline_model_parallel_size > 1"),
-                       (cfg.model.is_moe, "model.num_experts"), (p.diloco.islands > 1, "parallel.diloco.islands > 1"),
-                       (cfg.data.reset_position_ids or cfg.data.reset_attention_mask,
-                        "data.reset_position_ids / data.reset_attention_mask (document-aware attention)")]  # fmt: skip
+                       (cfg.model.is_moe, "model.num_experts"), (p.diloco.islands > 1, "parallel.diloco.islands > 1")]  # fmt: skip
         for bad, what in unsupported:
             if bad:
                 raise ConfigError(f"parallel.context_parallel_size > 1 with {what} is not supported yet")

@@ -280,13 +280,14 @@ class Attention(nn.Module):
         # Dropout draws from the model-parallel stream; without dropout nothing is drawn.
         rng = self.rng.fork() if dropout > 0 else contextlib.nullcontext()
         if self.ctx.cp > 1 and cache is None:  # this rank's two chunks of the sequence (cp_attention.py)
-            if doc_ids is not None:
-                raise ValueError("document-aware attention with context parallelism is not supported yet")
+            # doc_ids: the whole sequence's (every rank computes them from the whole batch)
             gqa = self.num_groups != self.num_heads
+            attend = (functools.partial(_causal, gqa=gqa) if doc_ids is None else
+                      functools.partial(self.document_attention, doc_ids=doc_ids, dropout=0.0, gqa=gqa))  # fmt: skip
             out = (
-                ring_attention(q, k, v, self.ctx)
+                ring_attention(q, k, v, self.ctx, doc_ids)
                 if self.ctx.cp_comm_type == "p2p"
-                else ulysses_attention(q, k, v, self.ctx, functools.partial(_causal, gqa=gqa))
+                else ulysses_attention(q, k, v, self.ctx, attend)
             )  # (B, nq, S / C, d)
             out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
             return self.proj(out, reduce=reduce), None

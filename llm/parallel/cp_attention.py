@@ -91,6 +91,16 @@ def _fold(grad: torch.Tensor, groups: int) -> torch.Tensor:
     return grad if h == groups else grad.view(b, groups, h // groups, s, d).sum(dim=2)
 
 
+def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    """Causal by global position, and with `doc_ids` (B, S: the whole sequence's document ids) inside
+    each document: (Sq, Sk), or (B, 1, Sq, Sk) with documents."""
+    mask = q_pos[:, None] >= k_pos[None, :]
+    if doc_ids is None:
+        return mask
+    same = doc_ids[:, q_pos][:, :, None] == doc_ids[:, k_pos][:, None, :]  # (B, Sq, Sk)
+    return (mask & same).unsqueeze(1)
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, h, Sq, Sk)
     return s.masked_fill(~mask, float("-inf"))
@@ -116,7 +126,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pctx: ParallelContext,
-                scale: float) -> torch.Tensor:  # fmt: skip
+                scale: float, doc_ids: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         size, rank, group, ranks = pctx.cp, pctx.cp_rank, pctx.groups["cp"], pctx.groups["cp_ranks"]
         heads, s_local = q.shape[1], q.shape[2]
         q_pos = cp_positions(s_local * size, size, rank, device=q.device)
@@ -126,7 +136,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(size):
             pending = _ring_exchange(kv, group, ranks, rank) if step < size - 1 else None
             source = (rank - step) % size
-            mask = q_pos[:, None] >= cp_positions(s_local * size, size, source, device=q.device)[None, :]
+            mask = _block_mask(q_pos, cp_positions(s_local * size, size, source, device=q.device), doc_ids)
             scores = _scores(q.float(), _expand(kv[0], heads).float(), mask, scale)
             block_lse = torch.logsumexp(scores, dim=-1)  # (B, h, Sq); -inf where nothing is visible
             block_out = torch.matmul(torch.exp(scores - block_lse.clamp_min(-1e30)[..., None]),
@@ -141,13 +151,13 @@ class _RingAttention(torch.autograd.Function):
                     request.wait()
                 kv = received
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pctx, ctx.scale = pctx, scale
+        ctx.pctx, ctx.scale, ctx.doc_ids = pctx, scale, doc_ids
         return out.to(q.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
         q, k, v, out, lse = ctx.saved_tensors
-        pctx, scale = ctx.pctx, ctx.scale
+        pctx, scale, doc_ids = ctx.pctx, ctx.scale, ctx.doc_ids
         size, rank, group, ranks = pctx.cp, pctx.cp_rank, pctx.groups["cp"], pctx.groups["cp_ranks"]
         heads, groups, s_local = q.shape[1], k.shape[1], q.shape[2]
         q_pos = cp_positions(s_local * size, size, rank, device=q.device)
@@ -159,7 +169,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(size):
             kb, vb, dk_acc, dv_acc = travelling
             source = (rank - step) % size
-            mask = q_pos[:, None] >= cp_positions(s_local * size, size, source, device=q.device)[None, :]
+            mask = _block_mask(q_pos, cp_positions(s_local * size, size, source, device=q.device), doc_ids)
             ke, ve = _expand(kb, heads).float(), _expand(vb, heads).float()
             probs = torch.exp(_scores(q.float(), ke, mask, scale) - lse.clamp_min(-1e30)[..., None])
             dv = _fold(torch.matmul(probs.transpose(-2, -1), dout), groups)
@@ -178,13 +188,16 @@ class _RingAttention(torch.autograd.Function):
                 request.wait()
         else:
             dk_own, dv_own = travelling[2:]
-        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None
+        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+def ring_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ParallelContext, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal attention of this rank's queries over the whole sequence's keys: (B, nq, S / C, d) and
-    K/V (B, g, S / C, d), each rank's two chunks (`cp_positions`) -> (B, nq, S / C, d)."""
-    return _RingAttention.apply(q, k, v, ctx, q.shape[-1] ** -0.5)  # type: ignore[no-any-return]
+    K/V (B, g, S / C, d), each rank's two chunks (`cp_positions`) -> (B, nq, S / C, d). `doc_ids`
+    (B, S), the whole sequence's document ids: attention stays inside each document."""
+    return _RingAttention.apply(q, k, v, ctx, q.shape[-1] ** -0.5, doc_ids)  # type: ignore[no-any-return]
 
 
 # ---- Ulysses (a2a) ------------------------------------------------------------------------------

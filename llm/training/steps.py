@@ -72,11 +72,12 @@ class Steps:
 
     def _inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """The model's inputs of a (B, S + 1) batch; under context parallelism this rank's two chunks
-        of ids and labels (cp_shard): no rank keeps the full-length activations."""
+        of ids, labels and positions (cp_shard): no rank keeps the full-length activations."""
         inputs = model_inputs(tokens, self.cfg.data)
         if self.ctx.cp == 1:
             return inputs
-        return tuple(None if t is None else cp_shard(t, self.ctx.cp, self.ctx.cp_rank) for t in inputs)
+        ids, labels, *docs = (None if t is None else cp_shard(t, self.ctx.cp, self.ctx.cp_rank) for t in inputs[:3])
+        return (ids, labels, *docs, *inputs[3:])  # document ids stay whole: attention needs every token's
 
     def moe_metrics(self) -> dict[str, float]:
         """The MoE layers' statistics since the last call (llm.model.moe.moe_metrics); {} for a dense model.

@@ -1,7 +1,7 @@
 """Context-parallel attention alone (gloo, C = 2 and 4) against full causal attention in one process:
 ring attention (p2p, with the load-balanced chunks) and Ulysses (a2a), outputs and gradients of
-queries, keys and values to 1e-5 in fp32, with grouped-query attention, and Ulysses with
-document masks."""
+queries, keys and values to 1e-5 in fp32, with grouped-query attention, with and without document
+masks; and the GPT at CP (x TP) against one process."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _run(rank: int, world: int, kind: str, groups: int, docs: bool) -> None:
 
     local = [cp_shard(t.detach(), world, rank, dim=2).requires_grad_() for t in (q, k, v)]
     if kind == "p2p":
-        out = ring_attention(*local, ctx)
+        out = ring_attention(*local, ctx, doc_ids)
     else:
         out = ulysses_attention(*local, ctx, _attend(doc_ids))
     (out * cp_shard(weight, world, rank, dim=2)).sum().backward()
@@ -65,7 +65,7 @@ def _run(rank: int, world: int, kind: str, groups: int, docs: bool) -> None:
 @pytest.mark.parametrize(
     "world, kind, groups, docs",
     [(2, "p2p", 4, False), (4, "p2p", 2, False), (2, "p2p", 1, False), (2, "a2a", 2, False), (4, "a2a", 4, False),
-     (2, "a2a", 2, True), (4, "a2a", 4, True)],
+     (2, "a2a", 2, True), (4, "a2a", 4, True), (2, "p2p", 2, True), (4, "p2p", 1, True)],
 )  # fmt: skip
 def test_context_parallel_attention_matches_full_attention(world: int, kind: str, groups: int, docs: bool) -> None:
     spawn(_run, world, kind, groups, docs)

@@ -73,3 +73,18 @@ def test_context_parallel_runs_train_the_curve_of_one_process(
     (ckpt / "latest").write_text("iter_0000002")
     check(run(launch_cmd(1, *args, "parallel.context_parallel_size=1")))  # C = 2 -> 1
     _close(_curve(tmp_path), one_process)
+
+
+@pytest.mark.parametrize("comm", ["p2p", "a2a"])
+def test_document_aware_training_at_c2_trains_the_curve_of_one_process(
+    comm: str, builtin_prefix: Path, tmp_path: Path
+) -> None:
+    """Attention and positions per document, EOD loss masked: every rank computes the document ids of
+    the whole sequence; Ulysses attends per document over whole sequences, the ring masks each block
+    by document."""
+    docs = ["data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true"]
+    args = [*SMALL, f"data.train_data_path={builtin_prefix}", *docs]
+    check(run(launch_cmd(1, *args, f"logging.dir={tmp_path / 'one'}")))
+    check(run(launch_cmd(2, *args, f"logging.dir={tmp_path / 'cp'}", "parallel.context_parallel_size=2",
+                         f"parallel.cp_comm_type={comm}")))  # fmt: skip
+    _close(_curve(tmp_path / "cp"), _curve(tmp_path / "one"))
