@@ -94,7 +94,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, comm: st
     if rank == 0:
         out.update(activation_bytes=sum(saved.values()), forward_sent_per_layer=forward_sent // args.layers,
                    backward_sent_per_layer=backward_sent // args.layers, step_seconds=min(times))  # fmt: skip
-    dist.destroy_process_group()
+    ctx.shutdown()  # meet, then tear down: a rank leaving while another still uses gloo can abort it
+    os._exit(0)  # as scripts/pretrain.py: interpreter finalization now and then aborts in gloo's threads
 
 
 def measure(world: int, args: argparse.Namespace, comm: str) -> dict:

@@ -90,7 +90,8 @@ def _exchange_worker(rank: int, world: int, port: int, args: argparse.Namespace,
     y.sum().backward()
     if rank == 0:
         out.update(forward=forward, total=dict(SENT))
-    dist.destroy_process_group()
+    ctx.shutdown()  # meet, then tear down: a rank leaving while another still uses gloo can abort it
+    os._exit(0)  # as scripts/pretrain.py: interpreter finalization now and then aborts in gloo's threads
 
 
 def _step_seconds(cfg: ModelConfig, args: argparse.Namespace) -> float:
