@@ -46,14 +46,6 @@ def cp_shard(x: torch.Tensor, size: int, rank: int, *, dim: int = 1) -> torch.Te
     return x.index_select(dim, cp_positions(x.shape[dim], size, rank, device=x.device))
 
 
-def cp_unshard(shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor:
-    """The inverse of `cp_shard` over every rank's shard (in rank order)."""
-    size = len(shards)
-    full = torch.cat(shards, dim=dim)
-    positions = torch.cat([cp_positions(full.shape[dim], size, r, device=full.device) for r in range(size)])
-    return full.index_select(dim, torch.argsort(positions))
-
-
 class _SumOverCP(torch.autograd.Function):
     """Forward: all-reduce (sum) over the CP group, so every CP rank holds the whole sequence's value.
     Backward: identity: each rank's part keeps its own gradient (the data-parallel reduction, which

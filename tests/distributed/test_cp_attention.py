@@ -9,18 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.parallel.cp_attention import (
-    cp_positions,
-    cp_shard,
-    cp_unshard,
-    ring_attention,
-    ulysses_attention,
-)
+from llm.parallel.cp_attention import cp_positions, cp_shard, ring_attention, ulysses_attention
 from llm.parallel.process_groups import ParallelContext
 from tests.distributed.harness import spawn
 
 pytestmark = pytest.mark.distributed
 B, HEADS, S, D = 2, 4, 32, 8
+
+
+def _unshard(shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor:
+    """The inverse of `cp_shard` over every rank's shard (in rank order)."""
+    full = torch.cat(shards, dim=dim)
+    positions = torch.cat([cp_positions(full.shape[dim], len(shards), r) for r in range(len(shards))])
+    return full.index_select(dim, torch.argsort(positions))
 
 
 def _attend(doc_ids: torch.Tensor | None):
@@ -79,7 +80,7 @@ def test_the_load_balanced_chunks_cover_the_sequence_once() -> None:
         work = [int((cp_positions(32, size, r) + 1).sum()) for r in range(size)]
         assert len(set(work)) == 1, work
     x = torch.arange(2 * 32).view(2, 32)
-    assert torch.equal(cp_unshard([cp_shard(x, 4, r) for r in range(4)]), x)
+    assert torch.equal(_unshard([cp_shard(x, 4, r) for r in range(4)]), x)
     with pytest.raises(ValueError, match="not divisible by 2 x context-parallel size 8"):
         cp_positions(36, 4, 0)
 
