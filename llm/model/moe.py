@@ -287,10 +287,11 @@ class MoE(nn.Module):
                                         bias=self.router.expert_bias)  # fmt: skip
         order, counts = sort_by_expert(chosen, weights, num_experts=self.num_experts,
                                        capacity=expert_capacity(b * s, cfg))  # fmt: skip
-        rows, local_counts, back = dispatch(tokens[order // k], counts, self.ctx)
+        token_of = order // k  # the token each kept copy belongs to
+        rows, local_counts, back = dispatch(tokens[token_of], counts, self.ctx)
         out_rows = combine(self.experts(rows, local_counts, param=self._param), back, self.ctx)  # (N, H)
         out_rows = out_rows * weights.flatten()[order].unsqueeze(1).to(out_rows.dtype)
-        out = torch.zeros_like(tokens).index_add(0, order // k, out_rows).view(b, s, h)
+        out = torch.zeros_like(tokens).index_add(0, token_of, out_rows).view(b, s, h)
         return self._auxiliary(out, logits, scores, chosen, sequences=b, kept=order.numel())
 
     def _auxiliary(
@@ -343,11 +344,14 @@ def update_expert_bias(model: nn.Module, ctx: ParallelContext) -> None:
     """After an optimizer step, auxiliary-loss-free balancing (DeepSeek-V3): each expert's bias moves
     by model.moe_router_bias_update_rate towards an even load, from the step's load over every
     data-parallel rank (so the bias stays the same on all of them)."""
-    for _, layer in moe_layers(model):
-        if layer.router.expert_bias is None or layer.step_tokens is None:
-            continue
-        load = sum_over_data(layer.step_tokens.float(), ctx)
-        layer.router.expert_bias += layer.cfg.moe_router_bias_update_rate * torch.sign(load.mean() - load)
+    layers = [m for _, m in moe_layers(model) if m.router.expert_bias is not None and m.step_tokens is not None]
+    if not layers:
+        return
+    loads = sum_over_data(torch.stack([m.step_tokens.float() for m in layers]), ctx)  # type: ignore[union-attr]
+    for layer, load in zip(layers, loads):  # one all-reduce for every layer
+        bias = layer.router.expert_bias
+        assert bias is not None
+        bias += layer.cfg.moe_router_bias_update_rate * torch.sign(load.mean() - load)
         layer.step_tokens = None
 
 

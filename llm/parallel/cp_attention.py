@@ -20,6 +20,7 @@ Tensors are (B, heads, S_local, d), as llm's attention holds them; K/V may have 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -221,9 +222,12 @@ class _HeadsToSequence(torch.autograd.Function):
         return _to_heads(grad, ctx.pctx), None
 
 
-def _order(seq_length: int, size: int, device: torch.device) -> torch.Tensor:
-    """Positions of the gathered sequence (every rank's two chunks, in rank order)."""
-    return torch.cat([cp_positions(seq_length, size, r, device=device) for r in range(size)])
+@functools.lru_cache(maxsize=16)
+def _orders(seq_length: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the gathered sequence (every rank's two chunks, in rank order) and the
+    permutation back to position order: made once per shape, not for each tensor of each layer."""
+    order = torch.cat([cp_positions(seq_length, size, r, device=device) for r in range(size)])
+    return order, torch.argsort(order)
 
 
 def _to_heads(x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
@@ -235,14 +239,14 @@ def _to_heads(x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
     recv = torch.empty_like(send)  # (C, B, h / C, S / C, d): from rank j, its sequence shard
     dist.all_to_all_single(recv, send, group=pctx.groups["cp"])
     gathered = recv.permute(1, 2, 0, 3, 4).reshape(b, h // c, c * s, d)  # sequence in rank-chunk order
-    return gathered.index_select(2, torch.argsort(_order(c * s, c, x.device)))
+    return gathered.index_select(2, _orders(c * s, c, x.device)[1])
 
 
 def _to_sequence(x: torch.Tensor, pctx: ParallelContext) -> torch.Tensor:
     c = pctx.cp
     b, hc, s_full, d = x.shape
     s = s_full // c
-    ordered = x.index_select(2, _order(s_full, c, x.device))  # back to rank-chunk order
+    ordered = x.index_select(2, _orders(s_full, c, x.device)[0])  # back to rank-chunk order
     send = ordered.reshape(b, hc, c, s, d).permute(2, 0, 1, 3, 4).contiguous()  # (C, B, h / C, S / C, d)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=pctx.groups["cp"])

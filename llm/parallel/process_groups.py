@@ -176,22 +176,21 @@ class ParallelContext:
     def mean_over_dp(self, values: list[float]) -> list[float]:
         """The mean over every rank that read other samples for the same parameters: the island's DP
         group, and with DiLoCo islands every island's too (a loss over the whole global batch)."""
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.data_size > 1:
-            t = t.to(_comm_device())
-            dist.all_reduce(t, group=self.groups["data" if self.islands > 1 else "dp"])
-            t = t.cpu() / self.data_size
-        return [float(x) for x in t]
+        return [float(x) for x in self._mean_over_data(torch.tensor(values, dtype=torch.float64)).cpu()]
 
     def mean_loss(self, loss: torch.Tensor) -> float:
         """`mean_over_dp` of a 0-dim loss that is still on its device: reduced there and read once (one
         host-device synchronisation)."""
-        t = loss.detach().double()
-        if self.data_size > 1:
-            t = t.to(_comm_device())
-            dist.all_reduce(t, group=self.groups["data" if self.islands > 1 else "dp"])
-            t = t / self.data_size
-        return float(t)
+        return float(self._mean_over_data(loss.detach().double()))
+
+    def _mean_over_data(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` averaged over the ranks that read other samples (DP, and DiLoCo's islands), on the
+        communication device."""
+        if self.data_size == 1:
+            return t
+        t = t.to(_comm_device())
+        dist.all_reduce(t, group=self.groups["data" if self.islands > 1 else "dp"])
+        return t / self.data_size
 
     def mean_over_islands(self, value: float) -> float:
         """The mean of `value` over the islands (the ranks at this rank's place in each)."""
