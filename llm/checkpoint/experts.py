@@ -38,7 +38,7 @@ def write_expert_shard(module: torch.nn.Module, ctx: ParallelContext, tag_dir: P
     """This rank's experts, if it is the first replica of its expert-parallel rank (a dense model:
     nothing)."""
     experts = _experts(module, num_layers)
-    if not experts or ctx.ep == 1 or ctx.dp_rank >= ctx.ep or ctx.tp_rank > 0:
+    if not experts or ctx.ep == 1 or ctx.dp_rank >= ctx.ep or ctx.tp_rank > 0 or ctx.cp_rank > 0:
         return  # without expert parallelism DeepSpeed's own files hold every expert
     path = expert_file(tag_dir, ep=ctx.ep_rank, pp=ctx.pp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -354,9 +354,13 @@ class Config:
         dp = self.data_parallel_size(world_size) * self.parallel.diloco.islands
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
 
-    def island_batch_size(self) -> int:
-        """The samples of one global batch that each island trains on (all of them without islands)."""
-        return self.train.global_batch_size // self.parallel.diloco.islands
+    def deepspeed_batch_size(self, global_batch: int | None = None) -> int:
+        """The batch DeepSpeed's engine is told of a global batch (default train.global_batch_size): one
+        island's samples; under pipeline and context parallelism DeepSpeed's data axis holds DP x CP
+        ranks (engine.pipeline_grid), each counted with its micro-batches: CP times that."""
+        batch = (self.train.global_batch_size if global_batch is None else global_batch) // self.parallel.diloco.islands
+        p = self.parallel
+        return batch * p.context_parallel_size if p.pipeline_model_parallel_size > 1 else batch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -234,11 +234,12 @@ def _check_moe(cfg: Config) -> None:
         (cfg.train.precision == "fp16", "train.precision: fp16 (use bf16 or fp32)"),
         (cfg.train.optimizer == "muon", "train.optimizer: muon (use adamw)"),
     ]
-    tp = cfg.parallel.tensor_model_parallel_size
-    if tp > 1 and m.seq_length % tp:
+    tp, cp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.context_parallel_size
+    if tp > 1 and m.seq_length % (tp * cp):
         raise ConfigError(
-            f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor_model_parallel_size ({tp}) "
-            "for a mixture of experts: each TP rank routes its share of every sequence"
+            f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor_model_parallel_size ({tp})"
+            + (f" x context_parallel_size ({cp})" if cp > 1 else "")
+            + " for a mixture of experts: each TP rank routes its share of every sequence"
         )
     for bad, what in unsupported:
         if bad:
@@ -342,12 +343,6 @@ def validate(cfg: Config) -> None:
     _check_moe(cfg)
     p = cfg.parallel
     check_context_parallel(cfg.model, cp=p.context_parallel_size, tp=p.tensor_model_parallel_size, comm=p.cp_comm_type)
-    if p.context_parallel_size > 1:
-        unsupported = [(p.pipeline_model_parallel_size > 1, "parallel.pipeline_model_parallel_size > 1"),
-                       (cfg.model.is_moe, "model.num_experts"), (p.diloco.islands > 1, "parallel.diloco.islands > 1")]  # fmt: skip
-        for bad, what in unsupported:
-            if bad:
-                raise ConfigError(f"parallel.context_parallel_size > 1 with {what} is not supported yet")
     _check_diloco(cfg)
     try:
         cfg.train.skip_ranges  # noqa: B018 (parsed for its error)

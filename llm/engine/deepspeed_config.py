@@ -24,7 +24,7 @@ def _derived_deepspeed(
         )
     t = cfg.train
     return {
-        "train_batch_size": cfg.island_batch_size(),  # DeepSpeed sees one island
+        "train_batch_size": cfg.deepspeed_batch_size(),  # DeepSpeed sees one island
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation_steps(world_size),
         "gradient_clipping": t.clip_grad,
@@ -116,13 +116,19 @@ class OptimizerPlan:
       first pipeline stage's replicated parameters, averages the ranks' norms, and reports none), and
       for Muon always.
     - `grad_norm_from`: "deepspeed" (the engine's global norm) or "llm_optimizer" (the norm llm's
-      optimizer clipped with)."""
+      optimizer clipped with).
+    - `cp_grad_factor`: what the loss's gradient is multiplied by under context parallelism. Each CP
+      rank's gradient is its part of the samples' gradient: the data-parallel reduction must sum the
+      parts over CP and average over DP. DeepSpeed's plain engine at ZeRO 0-2 does (it knows CP as
+      "sequence parallelism"); its pipeline engine (CP folded into its data axis: engine.pipeline_grid)
+      divides by DP x CP, so there the gradient is scaled by CP."""
 
     precision: RunPrecision
     zero_stage: int
     pipeline: bool
     optimizer_from: Literal["deepspeed", "llm"]
     grad_norm_from: Literal["deepspeed", "llm_optimizer"]
+    cp_grad_factor: int = 1
 
     @property
     def clipped_by(self) -> Literal["deepspeed", "llm"]:
@@ -136,10 +142,12 @@ def _plan(cfg: Config, zero_stage: int, precision: RunPrecision) -> OptimizerPla
     # stage's parameters, averages the ranks' norms (wrong when expert-parallel ranks hold other
     # experts) and reports no norm (so it was computed twice); llm's computes the exact global norm once.
     own = plain_fp32 or cfg.train.optimizer == "muon"
+    cp = cfg.parallel.context_parallel_size
     return OptimizerPlan(
         precision=precision, zero_stage=zero_stage, pipeline=pipeline,
         optimizer_from="llm" if own else "deepspeed",
         grad_norm_from="llm_optimizer" if own else "deepspeed",
+        cp_grad_factor=cp if pipeline else 1,
     )  # fmt: skip
 
 
@@ -206,11 +214,6 @@ def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[s
             f"a mixture of experts (model.num_experts) in {precision} needs ZeRO stage 1 or 2 (DeepSpeed's mixed-precision "
             "wrapper at stage 0 does not handle expert parameters): use configs/deepspeed/zero1.json"
         )
-    if stage == 3 and cfg.parallel.context_parallel_size > 1:
-        raise ConfigError(
-            "ZeRO stage 3 with context parallelism (parallel.context_parallel_size > 1) is not tested yet: use "
-            "configs/deepspeed/zero1.json or zero2.json"
-        )
     if stage == 3 and cfg.model.is_moe:
         raise ConfigError(
             "ZeRO stage 3 with a mixture of experts (model.num_experts) is not supported: DeepSpeed partitions "
@@ -222,6 +225,13 @@ def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[s
             f"train.optimizer: muon runs at ZeRO stage 0 in fp32 (this run: stage {stage}, {precision}): it "
             "orthogonalizes whole weight matrices, and DeepSpeed's ZeRO 1-3 and bf16/fp16 optimizers hand the optimizer "
             "flat partitions instead; use configs/deepspeed/zero0.json and train.precision: fp32, or train.optimizer: adamw"
+        )
+    if stage == 3 and cfg.parallel.context_parallel_size > 1:
+        raise ConfigError(
+            "ZeRO stage 3 with context parallelism (parallel.context_parallel_size > 1) is not supported: "
+            "DeepSpeed's stage-3 gradient reduction does not sum the CP ranks' gradient parts (measured: the "
+            "run leaves the one-process curve); use configs/deepspeed/zero1.json or zero2.json, which shard "
+            "the optimizer state over DP x CP"
         )
     plan = _plan(cfg, stage, precision)
     if plan.optimizer_from == "llm":  # DeepSpeed gets no optimizer entry and does not clip

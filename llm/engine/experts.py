@@ -3,7 +3,8 @@ expert-data-parallel group (and everything else over the data-parallel group), a
 
 - each expert parameter (llm marks them `expert_parallel`, llm/model/moe.py) gets DeepSpeed's tags:
   `allreduce = False` and `group_name = "ep_size_<EP>"`;
-- the mesh's `ep` and `edp` groups are registered under that name (internals.register_expert_groups);
+- the mesh's `ep` and `edp_cp` groups (`edp` without context parallelism) are registered under that
+  name (internals.register_expert_groups);
 - the optimizer's parameter groups are split into dense and expert groups (`moe: True`), which ZeRO
   1-2 partition over the expert-data-parallel group;
 - the engine learns that the model has MoE layers from an instance of DeepSpeed's MoE layer class in
@@ -59,8 +60,9 @@ def register_experts(model: nn.Module, groups: list[dict[str, Any]], ctx: Parall
     for p in experts:
         p.allreduce = False  # type: ignore[attr-defined]
         p.group_name = name  # type: ignore[attr-defined]
+    # the expert-data-parallel group spans CP too: CP ranks' expert gradients are parts to be summed
     register_expert_groups(name, ep=(ctx.groups["ep"], ctx.groups["ep_ranks"]),
-                           edp=(ctx.groups["edp"], ctx.groups["edp_ranks"]))  # fmt: skip
+                           edp=(ctx.groups["edp_cp"], ctx.groups["edp_cp_ranks"]))  # fmt: skip
     model.add_module(MARKER, _marker_class()(name, ctx.ep, num_experts))
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 

@@ -1,9 +1,16 @@
-"""DeepSpeed's pipeline grid inside DiLoCo islands.
+"""DeepSpeed's pipeline grid over llm's mesh: inside DiLoCo islands, and with context parallelism.
 
-`PipelineModule` builds its process groups from a topology over the whole world. With islands
-(the slowest axis of llm's rank grid) the topology gets an `island` axis in front of DeepSpeed's
-(pipe, data, model), so its data, pipe and model groups stay inside an island. Two places of
-DeepSpeed assume its three axes are the whole world, and are set right here:
+`PipelineModule` builds its process groups from a topology over the whole world, with llm's rank
+order (mesh.py). Context parallelism is folded into DeepSpeed's data axis, as Megatron folds CP into
+its data-parallel group: DeepSpeed's data groups are DP x CP, so the gradient all-reduce (ZeRO 0),
+ZeRO 1's partitions and the loss average span them. DeepSpeed then divides the gradient sum by DP x CP
+where CP ranks' gradients are parts of the same samples' (to be divided by DP only): the pipeline
+loss scales its gradient by CP to make up (`PipelineLoss`), and DeepSpeed is told a batch of CP times
+the samples (`Config.deepspeed_batch_size`). Only CP rank 0 of DP rank 0 writes the layer files.
+
+With DiLoCo islands (the slowest axis of llm's rank grid) the topology gets an `island` axis in front
+of DeepSpeed's (pipe, data, model), so its data, pipe and model groups stay inside an island. Two
+places of DeepSpeed assume its three axes are the whole world, and are set right here:
 
 - the "model parallel" group it builds (all ranks of one data index) would join the same data
   index of every island: it becomes the island's TP x PP group (gradient norms, overflow checks);
@@ -26,9 +33,9 @@ def pipeline_topology(ctx: ParallelContext) -> Any:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, ProcessTopology
 
     if ctx.islands == 1:
-        return PipeModelDataParallelTopology(num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp)
+        return PipeModelDataParallelTopology(num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp * ctx.cp)
     return ProcessTopology(
-        axes=["island", "pipe", "data", "model"], dims=[ctx.islands, ctx.pp, ctx.dp, ctx.tp]
+        axes=["island", "pipe", "data", "model"], dims=[ctx.islands, ctx.pp, ctx.dp * ctx.cp, ctx.tp]
     )
 
 

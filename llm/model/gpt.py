@@ -125,17 +125,9 @@ class GPT(nn.Module):
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy over the labels that are not IGNORE (-100); vocabulary-parallel
-        when TP > 1 (full logits never gathered). Under context parallelism: the mean over every CP
-        rank's tokens, the same on each (`cp_token_mean`)."""
-        if self.ctx.cp > 1:
-            if self.ctx.tp == 1:
-                losses = F.cross_entropy(self.logits(hidden).float().flatten(0, 1), labels.flatten(), reduction="none")
-            else:
-                losses = vocab_parallel_cross_entropy(self.local_logits(hidden).flatten(0, 1), labels.flatten(),
-                                                      self.ctx, vocab_start=self.embed.vocab_start,
-                                                      vocab_size=self.vocab_size)  # fmt: skip
-            return cp_token_mean(losses, labels.flatten() != IGNORE, self.ctx)
-        if self.ctx.tp == 1:
+        when TP > 1 (full logits never gathered); under context parallelism the mean over every CP
+        rank's tokens (`lm_loss`)."""
+        if self.ctx.tp == 1 and self.ctx.cp == 1:
             return F.cross_entropy(self.logits(hidden).float().flatten(0, 1), labels.flatten())
         return lm_loss(self.local_logits(hidden), labels, self.ctx, vocab_start=self.embed.vocab_start,
                        vocab_size=self.vocab_size)  # fmt: skip
@@ -171,14 +163,21 @@ def lm_loss(
     vocab_size: int,
 ) -> torch.Tensor:
     """Mean token cross-entropy from local logits over the labels that are not IGNORE (-100, as in
-    `F.cross_entropy`); padded ids never take probability mass."""
-    if ctx.tp == 1:
+    `F.cross_entropy`); padded ids never take probability mass. Under context parallelism the labels
+    are this rank's chunks and the mean is over every CP rank's tokens, the same on each
+    (`cp_token_mean`): never a mean of per-rank means."""
+    if ctx.tp == 1 and ctx.cp == 1:
         return F.cross_entropy(local_logits[..., :vocab_size].float().flatten(0, 1), labels.flatten())
     labels = labels.flatten()
-    losses = vocab_parallel_cross_entropy(
-        local_logits.flatten(0, 1), labels, ctx, vocab_start=vocab_start, vocab_size=vocab_size
-    )
+    if ctx.tp == 1:
+        losses = F.cross_entropy(local_logits[..., :vocab_size].float().flatten(0, 1), labels, reduction="none")
+    else:
+        losses = vocab_parallel_cross_entropy(
+            local_logits.flatten(0, 1), labels, ctx, vocab_start=vocab_start, vocab_size=vocab_size
+        )
     valid = labels != IGNORE
+    if ctx.cp > 1:
+        return cp_token_mean(losses, valid, ctx)
     return losses.masked_fill(~valid, 0.0).sum() / valid.sum()
 
 

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
-from llm.parallel.experts import combine, dispatch, sum_over_data
+from llm.parallel.experts import combine, dispatch, sum_over_data, sum_over_sequence
 from llm.parallel.layers import sequence_parallel_param
-from llm.parallel.mappings import all_reduce_sum, gather_sequence_shards, scatter_to_sequence
+from llm.parallel.mappings import gather_sequence_shards, scatter_to_sequence
 from llm.parallel.process_groups import ParallelContext
 
 
@@ -106,7 +106,7 @@ def load_balancing_loss(
     token copies routed to e, P_e the mean (normalised) score of e. With `sequences` > 1 (DeepSeek-V3's
     sequence-wise loss) f and P are taken within each sequence and the losses averaged.
 
-    When this rank holds 1 / `share` of every sequence's tokens (tensor parallelism), `hits`
+    When this rank holds 1 / `share` of every sequence's tokens (tensor and context parallelism), `hits`
     (sequences, E) are the copies routed to each expert counted over all of them, and the result is
     this rank's part: the parts of the `share` ranks add up to the loss of the whole."""
     t, k = chosen.shape
@@ -121,8 +121,8 @@ def load_balancing_loss(
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's router z-loss: the mean squared log-sum-exp of the logits (under tensor parallelism
-    the caller divides this rank's mean by TP: the parts add up to the micro-batch's mean)."""
+    """ST-MoE's router z-loss: the mean squared log-sum-exp of the logits (under tensor and context
+    parallelism the caller divides this rank's mean by TP x CP: the parts add up to the micro-batch's mean)."""
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
@@ -299,16 +299,17 @@ class MoE(nn.Module):
         sequences: int, kept: int,
     ) -> torch.Tensor:  # fmt: skip
         """Attaches the auxiliary losses to the output and records the statistics (training only).
-        Under tensor parallelism each TP rank's losses are its part of the micro-batch's (the expert
-        counts summed over TP, its own scores over all tokens): the parts add up to the whole."""
+        Under tensor and context parallelism each rank's losses are its part of the micro-batch's (the
+        expert counts summed over TP x CP, its own scores over all tokens): the parts add up to the
+        whole."""
         if not self.training:
             return out
-        cfg, share = self.cfg, self.ctx.tp
+        cfg, share = self.cfg, self.ctx.tp * self.ctx.cp
         seq = cfg.moe_router_load_balancing_type == "seq_aux_loss"
         groups = sequences if seq else 1
         hits = torch.zeros_like(scores).scatter_(1, chosen, 1.0).view(groups, -1, self.num_experts).sum(1)
         balance = load_balancing_loss(scores, chosen, num_experts=self.num_experts, sequences=groups,
-                                      hits=all_reduce_sum(hits, self.ctx), share=share)  # fmt: skip
+                                      hits=sum_over_sequence(hits, self.ctx), share=share)  # fmt: skip
         z = z_loss(logits) / share
         terms = [c * t for c, t, on in [(cfg.moe_aux_loss_coeff, balance, cfg.moe_router_load_balancing_type != "none"),
                                         (cfg.moe_z_loss_coeff, z, True)] if on and c > 0]  # fmt: skip

@@ -27,6 +27,7 @@ from llm.engine.pipeline_grid import keep_model_group_in_island, pipeline_module
 from llm.model.gpt import init_parameters, lm_head_local_logits, lm_loss
 from llm.model.layers import TransformerBlock, make_norm
 from llm.model.moe import MoEState, checkpoint_contexts
+from llm.parallel.cp_attention import scale_grad
 from llm.parallel.layers import VocabParallelEmbedding
 from llm.parallel.mappings import scatter_to_sequence
 from llm.parallel.process_groups import ParallelContext
@@ -51,8 +52,8 @@ class EmbeddingPipe(nn.Module):
         init_parameters(self, cfg, seed, ctx)
 
     def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
-        """ids (B, S), or (ids, positions, doc_ids) for document-aware training, passed on with the
-        hidden state to every block."""
+        """ids (B, S), or (ids, positions, doc_ids) for document-aware training, or (ids, positions)
+        under context parallelism (this rank's chunks), passed on with the hidden state to every block."""
         input_ids, *docs = inputs if isinstance(inputs, tuple) else (inputs,)
         x = self.embed(input_ids)  # (B, S, H)
         if self.pos_embed is not None:
@@ -87,9 +88,10 @@ class TransformerBlockPipe(TransformerBlock):
             self.compile()
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:  # type: ignore[override]
-        if isinstance(x, tuple):  # (hidden, positions, doc_ids)
-            hidden, positions, doc_ids = x
-            return super().forward(hidden, positions=positions, doc_ids=doc_ids)[0], positions, doc_ids
+        if isinstance(x, tuple):  # (hidden, positions, doc_ids), or (hidden, positions) under CP
+            hidden, *passed = x
+            doc_ids = passed[1] if len(passed) > 1 else None
+            return super().forward(hidden, positions=passed[0], doc_ids=doc_ids)[0], *passed
         return super().forward(x)[0]
 
 
@@ -121,18 +123,21 @@ class LMHeadPipe(nn.Module):
 class PipelineLoss:
     """loss_fn(local logits, labels) for the last stage: the plain model's loss. `factor` (set by the
     trainer for one step: debug.inject_loss_spike_at) multiplies it before backward, so an injected
-    spike reaches the weights under the pipeline engine as it does without one."""
+    spike reaches the weights under the pipeline engine as it does without one; `grad_factor`
+    multiplies only its gradient (context parallelism: OptimizerPlan.cp_grad_factor)."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
         self.ctx = ctx
         self.vocab_size = int(cfg.vocab_size or 0)
         self.vocab_start = ctx.tp_rank * (cfg.padded_vocab_size(ctx.tp) // ctx.tp)
         self.factor: float | None = None
+        self.grad_factor = 1  # the run's OptimizerPlan.cp_grad_factor (set by the trainer's steps)
 
     def __call__(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = lm_loss(
             local_logits, labels, self.ctx, vocab_start=self.vocab_start, vocab_size=self.vocab_size
         )
+        loss = scale_grad(loss, self.grad_factor)
         return loss if self.factor is None else loss * self.factor
 
 

@@ -72,6 +72,23 @@ def cp_token_mean(losses: torch.Tensor, valid: torch.Tensor, ctx: ParallelContex
     return _SumOverCP.apply(part, ctx)  # type: ignore[no-any-return]
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """`x` itself, whose gradient is multiplied by `factor` (where DeepSpeed divides CP ranks'
+    gradient parts by DP x CP: llm.engine.deepspeed_config.OptimizerPlan.cp_grad_factor)."""
+    return x if factor == 1 else _ScaleGrad.apply(x, factor)  # type: ignore[no-any-return]
+
+
 # ---- ring attention (p2p) ------------------------------------------------------------------------
 def _expand(kv: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, g, S, d) K/V groups -> (B, heads, S, d), each group repeated for its query heads."""

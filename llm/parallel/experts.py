@@ -79,12 +79,21 @@ def combine(outputs: torch.Tensor, route: Route | None, ctx: ParallelContext) ->
     return _AllToAll.apply(outputs[route.inverse], route.recv, route.send, ctx.groups["ep"])
 
 
+def sum_over_sequence(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """`t` summed in place (no autograd) over the ranks that hold other tokens of the same sequences:
+    the tensor-parallel group (each routes its share of the tokens) and the context-parallel group
+    (each holds its chunks)."""
+    for kind, size in (("tp", ctx.tp), ("cp", ctx.cp)):
+        if size > 1:
+            dist.all_reduce(t, group=ctx.groups[kind])
+    return t
+
+
 def sum_over_data(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """`t` summed over every rank of this pipeline stage that routes other tokens through the same
-    router: the tensor-parallel group (each routes its share of the tokens) and the data-parallel
-    group (a copy; `t` itself unchanged)."""
-    out = t.clone()
-    for kind, size in (("tp", ctx.tp), ("dp", ctx.dp)):
-        if size > 1:
-            dist.all_reduce(out, group=ctx.groups[kind])
+    router: the tensor- and context-parallel groups (`sum_over_sequence`) and the data-parallel group
+    (a copy; `t` itself unchanged)."""
+    out = sum_over_sequence(t.clone(), ctx)
+    if ctx.dp > 1:
+        dist.all_reduce(out, group=ctx.groups["dp"])
     return out

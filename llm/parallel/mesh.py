@@ -20,7 +20,7 @@ DP / EP others:
 
 Groups (all ranks that differ only in the named axes): `tp`, `cp`, `pp`, `dp`, `ep`, `edp` (expert
 data parallel), `dp_cp` (the gradient reduction of dense parameters: DP x CP, as Megatron folds CP
-into it), `mp` (pp x tp within a replica: DeepSpeed's pipeline "model parallel" group), `island`
+into it), `edp_cp` (the same for expert parameters: EDP x CP), `mp` (pp x tp within a replica: DeepSpeed's pipeline "model parallel" group), `island`
 (one rank per island, same place) and `data` (island x dp: the slices of each global batch).
 Everything here is rank arithmetic; process groups are made from these lists by ParallelContext.
 """
@@ -39,6 +39,7 @@ GROUP_AXES: dict[str, tuple[str, ...]] = {
     "ep": ("ep",),
     "edp": ("edp",),
     "dp_cp": ("dp", "cp"),
+    "edp_cp": ("edp", "cp"),
     "mp": ("pp", "tp"),
     "island": ("island",),
     "data": ("island", "dp"),

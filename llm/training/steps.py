@@ -28,7 +28,7 @@ from llm.config import Config, DataConfig
 from llm.engine.deepspeed_config import OptimizerPlan
 from llm.model.inputs import model_inputs
 from llm.model.moe import moe_metrics, update_expert_bias
-from llm.parallel.cp_attention import cp_shard
+from llm.parallel.cp_attention import cp_shard, scale_grad
 from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 
@@ -71,13 +71,7 @@ class Steps:
         raise NotImplementedError
 
     def _inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """The model's inputs of a (B, S + 1) batch; under context parallelism this rank's two chunks
-        of ids, labels and positions (cp_shard): no rank keeps the full-length activations."""
-        inputs = model_inputs(tokens, self.cfg.data)
-        if self.ctx.cp == 1:
-            return inputs
-        ids, labels, *docs = (None if t is None else cp_shard(t, self.ctx.cp, self.ctx.cp_rank) for t in inputs[:3])
-        return (ids, labels, *docs, *inputs[3:])  # document ids stay whole: attention needs every token's
+        return rank_inputs(tokens, self.cfg.data, self.ctx)
 
     def moe_metrics(self) -> dict[str, float]:
         """The MoE layers' statistics since the last call (llm.model.moe.moe_metrics); {} for a dense model.
@@ -85,17 +79,18 @@ class Steps:
         return moe_metrics(self.module, self.ctx) if self.cfg.model.is_moe else {}
 
     def _scale_auxiliary_losses(self, accum: int) -> None:
-        """MoE: the auxiliary losses' gradient, scaled as DeepSpeed's backward scales the LM loss's."""
+        """MoE: the auxiliary losses' gradient, scaled as DeepSpeed's backward scales the LM loss's (and
+        as the LM loss's is under context parallelism: OptimizerPlan.cp_grad_factor)."""
         moe = getattr(self.module, "moe", None)
         if moe is not None:
-            moe.aux_grad_scale = 1.0 / accum
+            moe.aux_grad_scale = self.plan.cp_grad_factor / accum
 
     def _accumulation(self, global_batch: int) -> int:
         """Micro-batches per rank for a global batch; DeepSpeed's engine (which sees one DiLoCo island's
-        share) is told when it changes."""
+        share: `Config.deepspeed_batch_size`) is told when it changes."""
         accum = global_batch // (self.cfg.train.micro_batch_size * self.ctx.data_size)
         if accum != self.engine.gradient_accumulation_steps():
-            self.engine.set_train_batch_size(global_batch // self.ctx.islands)
+            self.engine.set_train_batch_size(self.cfg.deepspeed_batch_size(global_batch))
         return accum
 
     def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
@@ -139,7 +134,7 @@ class PlainSteps(Steps):
             loss = self.engine(*self._inputs(next(batches)))
             if scale is not None:
                 loss = loss * scale
-            self.engine.backward(loss)
+            self.engine.backward(scale_grad(loss, self.plan.cp_grad_factor))
             self.engine.step()
             total = loss.detach() if total is None else total + loss.detach()
         update_expert_bias(self.module, self.ctx)
@@ -165,9 +160,9 @@ class PipelineSteps(Steps):
         self._scale_auxiliary_losses(self._accumulation(global_batch))
         lr = float(self.engine.get_lr()[0])
         loss_fn = self.engine.module.loss_fn
-        loss_fn.factor = scale
+        loss_fn.factor, loss_fn.grad_factor = scale, self.plan.cp_grad_factor
         try:
-            loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data))
+            loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data, self.ctx))
         finally:
             loss_fn.factor = None
         update_expert_bias(self.module, self.ctx)
@@ -176,7 +171,7 @@ class PipelineSteps(Steps):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[torch.Tensor], iters: int) -> float:
-        pairs = pipeline_pairs(batches, self.cfg.data)
+        pairs = pipeline_pairs(batches, self.cfg.data, self.ctx)
         micro = self.cfg.grad_accumulation_steps(self.ctx.world_size)  # at the full global batch
         losses = [float(self.engine.eval_batch(pairs, num_micro_batches=micro)) for _ in range(iters)]
         # already averaged over micro-batches and the island's data-parallel ranks
@@ -187,19 +182,37 @@ def make_steps(engine: Any, cfg: Config, ctx: ParallelContext, plan: OptimizerPl
     return (PipelineSteps if plan.pipeline else PlainSteps)(engine, cfg, ctx, plan, rng)
 
 
-def pipeline_pairs(batches: Iterator[torch.Tensor], data: DataConfig) -> Iterator[tuple[Any, torch.Tensor]]:
+def rank_inputs(tokens: torch.Tensor, data: DataConfig, ctx: ParallelContext) -> tuple[torch.Tensor | None, ...]:
+    """The model's inputs (ids, labels, positions, doc ids: `model_inputs`) of a (B, S + 1) batch; under
+    context parallelism this rank's two chunks of ids, labels and positions (`cp_shard`): no rank
+    keeps the full-length activations. Document ids stay whole: attention needs every token's."""
+    inputs = model_inputs(tokens, data)
+    if ctx.cp == 1:
+        return inputs
+    ids, labels, *docs = (None if t is None else cp_shard(t, ctx.cp, ctx.cp_rank) for t in inputs[:3])
+    return (ids, labels, *docs, *inputs[3:])
+
+
+def pipeline_pairs(
+    batches: Iterator[torch.Tensor], data: DataConfig, ctx: ParallelContext
+) -> Iterator[tuple[Any, torch.Tensor]]:
     """(B, S + 1) token batches -> (inputs, labels) as DeepSpeed's pipeline expects: the first stage
-    reads the inputs (with document-aware training: ids, positions, doc ids; each passed on from
-    stage to stage), the last the labels."""
+    reads the inputs (with document-aware training: ids, positions, doc ids; under context parallelism
+    ids and positions, the positions of this rank's chunks; each passed on from stage to stage), the
+    last the labels."""
     for tokens in batches:
-        inputs, labels, *docs = model_inputs(tokens, data)
+        inputs, labels, *docs = rank_inputs(tokens, data, ctx)
         assert inputs is not None and labels is not None
-        if not docs:
+        if not docs and ctx.cp == 1:
             yield inputs.contiguous(), labels.contiguous()
             continue
-        positions, doc_ids = docs
+        positions, doc_ids = docs if docs else (None, None)
         if positions is None:
-            positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+            full = torch.arange(inputs.shape[1] * ctx.cp, device=inputs.device)
+            positions = cp_shard(full, ctx.cp, ctx.cp_rank, dim=0).expand_as(inputs)
+        if not docs:  # plain causal attention under CP: no document ids to pass
+            yield (inputs.contiguous(), positions.contiguous()), labels.contiguous()
+            continue
         if doc_ids is None:
-            doc_ids = torch.zeros_like(inputs)
+            doc_ids = torch.zeros(inputs.shape[0], inputs.shape[1] * ctx.cp, dtype=inputs.dtype, device=inputs.device)
         yield (inputs.contiguous(), positions.contiguous(), doc_ids.contiguous()), labels.contiguous()

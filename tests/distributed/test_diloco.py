@@ -102,7 +102,7 @@ def _run(rank: int, world: int, out: str) -> None:
             if pipe:
                 losses.append(
                     ctx.mean_over_islands(
-                        float(engine.train_batch(data_iter=pipeline_pairs(iter(micro), cfg.data)))
+                        float(engine.train_batch(data_iter=pipeline_pairs(iter(micro), cfg.data, ctx)))
                     )
                 )
             else:
@@ -122,7 +122,7 @@ def _run(rank: int, world: int, out: str) -> None:
         with torch.no_grad():
             if pipe:  # two micro-batches of 2: the mean of their means is the batch's mean
                 final = [
-                    float(engine.eval_batch(pipeline_pairs(iter([held_out[:2], held_out[2:]]), cfg.data)))
+                    float(engine.eval_batch(pipeline_pairs(iter([held_out[:2], held_out[2:]]), cfg.data, ctx)))
                 ]
             else:
                 final = [float(engine(*model_inputs(held_out, cfg.data)))]

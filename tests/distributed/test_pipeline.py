@@ -74,7 +74,7 @@ def _run(rank: int, world: int, arch: str, zero: int, docs: bool = False, norms:
         if docs:  # end-of-document tokens: (ids, positions, doc ids) travel through the stages
             for t in micro:
                 t[:, [2, 8, 9]] = 7
-        loss = engine.train_batch(pipeline_pairs(iter(micro), cfg.data))
+        loss = engine.train_batch(pipeline_pairs(iter(micro), cfg.data, ctx))
         ref_loss = sum(ref(*model_inputs(t, cfg.data)) for t in micro) / 2
         ref_loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.train.clip_grad)

@@ -1,6 +1,8 @@
-"""Context parallelism through the real launchers: C = 2 with ring attention (deepspeed, ZeRO 0) and with
-Ulysses (torchrun, ZeRO 2), and TP 2 x C 2, train the curve of one process (training and validation
-losses to 1e-5 relative); a C = 2 run resumes exactly, and at C = 1 on the same curve."""
+"""Context parallelism through the real launchers: C = 2 with ring attention (deepspeed, ZeRO 0, compiled
+blocks) and with Ulysses (torchrun, ZeRO 2), TP 2 x C 2 and PP 2 x C 2, train the curve of one process
+(training and validation losses to 1e-5 relative); a C = 2 run resumes exactly, and at C = 1 on the
+same curve. C = 2 composes with document-aware training, a mixture of experts (with EP 2 and with PP 2)
+and DiLoCo islands, each on the curve of its C = 1 run."""
 
 from __future__ import annotations
 
@@ -45,10 +47,11 @@ def one_process(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.parametrize(
     "world, extra",
-    [(2, ["parallel.cp_comm_type=p2p"]),
+    [(2, ["parallel.cp_comm_type=p2p", "model.compile=true"]),
      (2, ["parallel.cp_comm_type=a2a", "deepspeed_config=configs/deepspeed/zero2.json"]),
-     (4, ["parallel.cp_comm_type=p2p", "parallel.tensor_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json"])],
-    ids=["c2_ring_zero0_deepspeed", "c2_ulysses_zero2", "tp2_c2_ring_zero1"],
+     (4, ["parallel.cp_comm_type=p2p", "parallel.tensor_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json"]),
+     (4, ["parallel.cp_comm_type=p2p", "parallel.pipeline_model_parallel_size=2"])],
+    ids=["c2_ring_zero0_compiled_deepspeed", "c2_ulysses_zero2", "tp2_c2_ring_zero1", "pp2_c2_ring"],
 )  # fmt: skip
 def test_context_parallel_runs_train_the_curve_of_one_process(
     world: int, extra: list[str], one_process: dict[str, float], builtin_prefix: Path, tmp_path: Path
@@ -88,3 +91,41 @@ def test_document_aware_training_at_c2_trains_the_curve_of_one_process(
     check(run(launch_cmd(2, *args, f"logging.dir={tmp_path / 'cp'}", "parallel.context_parallel_size=2",
                          f"parallel.cp_comm_type={comm}")))  # fmt: skip
     _close(_curve(tmp_path / "cp"), _curve(tmp_path / "one"))
+
+
+MOE = ["model.architecture=llama", "model.num_query_groups=2", "model.num_experts=4", "model.moe_router_topk=2",
+       "model.moe_ffn_hidden_size=64", "model.moe_aux_loss_coeff=0.01", "model.moe_z_loss_coeff=0.001",
+       "model.moe_router_load_balancing_type=seq_aux_loss"]  # fmt: skip
+
+
+def _moe_curve(run_dir: Path) -> dict[str, float]:
+    """The losses and the MoE statistics (auxiliary losses summed over the CP ranks' parts, the load
+    over every token) by iteration."""
+    out = _curve(run_dir)
+    for r in read_metrics(run_dir):
+        for key in ("moe_load_balancing_loss", "moe_z_loss", "moe_load_imbalance"):
+            if key in r:
+                out[f"{key}@{r['iteration']}"] = r[key]
+    return out
+
+
+def test_mixture_of_experts_at_c2_trains_the_curve_of_one_process(builtin_prefix: Path, tmp_path: Path) -> None:
+    """Routing on each rank's chunks, the sequence-wise balancing loss from the expert counts summed over
+    CP: EP 2 x C 2 at ZeRO 1 (expert gradients reduced over EDP x CP) and PP 2 x C 2 (the auxiliary
+    losses' gradients scaled as the LM loss's) match one process, statistics included."""
+    args = [*SMALL, f"data.train_data_path={builtin_prefix}", *MOE]
+    check(run(launch_cmd(1, *args, f"logging.dir={tmp_path / 'one'}")))
+    ref = _moe_curve(tmp_path / "one")
+    assert any(k.startswith("moe_load_balancing_loss@") for k in ref)
+    for name, extra in [("ep2", ["parallel.expert_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json"]),
+                        ("pp2", ["parallel.pipeline_model_parallel_size=2"])]:  # fmt: skip
+        check(run(launch_cmd(4, *args, f"logging.dir={tmp_path / name}", "parallel.context_parallel_size=2", *extra)))
+        _close(_moe_curve(tmp_path / name), ref)
+
+
+def test_diloco_islands_at_c2_train_the_curve_of_islands_at_c1(builtin_prefix: Path, tmp_path: Path) -> None:
+    """2 islands x C 2 (each island a context-parallel pair) against 2 islands of one process each."""
+    args = [*SMALL, f"data.train_data_path={builtin_prefix}", "parallel.diloco.islands=2", "parallel.diloco.inner_steps=2"]
+    check(run(launch_cmd(2, *args, f"logging.dir={tmp_path / 'c1'}")))
+    check(run(launch_cmd(4, *args, f"logging.dir={tmp_path / 'c2'}", "parallel.context_parallel_size=2")))
+    _close(_curve(tmp_path / "c2"), _curve(tmp_path / "c1"))

@@ -363,11 +363,29 @@ def test_muon_outside_zero0_fp32_is_refused_with_the_fix() -> None:
         (["parallel.context_parallel_size=8", "parallel.cp_comm_type=a2a", "model.seq_length=64"],
          r"a2a needs model.num_attention_heads \(12\) and the KV groups \(12\) divisible by TP x CP \(1 x 8\)"),
         (["parallel.context_parallel_size=2", "model.attention_dropout=0.1"], "attention_dropout with"),
-        (["parallel.context_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
-         "context_parallel_size > 1 with parallel.pipeline_model_parallel_size > 1 is not supported yet"),
         (["parallel.cp_comm_type=ring"], "choose one of p2p, a2a"),
     ],
 )  # fmt: skip
 def test_context_parallel_mistakes_name_the_setting(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_context_parallel_at_zero3_is_refused_with_the_reason_and_the_fix() -> None:
+    from llm.engine.deepspeed_config import deepspeed_setup
+
+    cfg = load_config(None, ["parallel.context_parallel_size=2", "deepspeed_config=configs/deepspeed/zero3.json"])
+    with pytest.raises(ConfigError, match=r"ZeRO stage 3 with context parallelism .* does not sum .*zero2.json"):
+        deepspeed_setup(cfg, 2, cuda=False)
+
+
+def test_under_pipeline_and_context_parallelism_deepspeed_counts_cp_times_the_batch() -> None:
+    """DeepSpeed's pipeline data axis is DP x CP (engine.pipeline_grid): its batch is CP x the samples,
+    so that its accumulation steps stay ours; the loss's gradient is scaled by CP."""
+    from llm.engine.deepspeed_config import deepspeed_setup
+
+    over = ["parallel.context_parallel_size=2", "train.global_batch_size=16", "train.micro_batch_size=2"]
+    ds, plan = deepspeed_setup(load_config(None, [*over, "parallel.pipeline_model_parallel_size=2"]), 8, cuda=False)
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], plan.cp_grad_factor) == (32, 4, 2)
+    ds, plan = deepspeed_setup(load_config(None, over), 4, cuda=False)
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], plan.cp_grad_factor) == (16, 4, 1)

@@ -54,12 +54,13 @@ def test_islands_are_the_slowest_axis() -> None:
 
 
 def test_deepspeeds_pipeline_topology_agrees() -> None:
-    """DeepSpeed's PipeModelDataParallelTopology (pipe, data, model) over the same ranks, with CP folded
-    into its data axis as the gradient reduction needs: its groups are the mesh's pp, dp_cp and tp."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    """The pipeline's DeepSpeed topology (pipe, data, model) over the same ranks, with CP folded into its
+    data axis as the gradient reduction needs: its groups are the mesh's pp, dp_cp and tp."""
+    from llm.engine.pipeline_grid import pipeline_topology
+    from llm.parallel.process_groups import ParallelContext
 
     m = Mesh.for_world(16, tp=2, cp=2, pp=2)
-    topo = PipeModelDataParallelTopology(num_pp=m.pp, num_mp=m.tp, num_dp=m.dp * m.cp)
+    topo = pipeline_topology(ParallelContext(world_size=16, rank=0, tp=2, cp=2, pp=2))
     assert sorted(topo.get_axis_comm_lists("pipe")) == m.groups("pp")
     assert sorted(topo.get_axis_comm_lists("data")) == m.groups("dp_cp")
     assert sorted(topo.get_axis_comm_lists("model")) == m.groups("tp")
