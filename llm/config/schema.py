@@ -295,6 +295,11 @@ class LoggingConfig:
     wandb_name: str | None = None
     wandb_mode: WandbMode = "auto"  # auto = online when logged in, else offline
     tensorboard_dir: str | None = None  # Megatron's --tensorboard-dir: event files of the same scalars
+    # torch.profiler over the steps of iterations start..end (Megatron's --profile-step-start/-end) on
+    # these ranks: a Chrome trace and a per-step table in <dir>/profile/ (llm/training/profile.py)
+    profile_step_start: int | None = None
+    profile_step_end: int | None = None
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass

@@ -97,6 +97,8 @@ _RANGES: dict[str, str] = {
     "train.muon_momentum": "fraction",
     "train.muon_ns_steps": "positive",
     "eval.eval_interval": "positive",
+    "logging.profile_step_start": "positive",
+    "logging.profile_step_end": "positive",
     "eval.eval_iters": "non-negative",
     "eval.lm_eval_interval": "positive",
     "eval.lm_eval_limit": "positive",
@@ -324,6 +326,22 @@ def _check_documents(cfg: Config) -> None:
         )
 
 
+def _check_profile(cfg: Config) -> None:
+    log = cfg.logging
+    start, end = log.profile_step_start, log.profile_step_end
+    if (start is None) != (end is None):
+        raise ConfigError(
+            "logging.profile_step_start and logging.profile_step_end go together: set both (the first and last "
+            "iteration profiled) or neither"
+        )
+    if start is not None and end is not None and end < start:
+        raise ConfigError(f"logging.profile_step_end ({end}) is before logging.profile_step_start ({start})")
+    if not isinstance(log.profile_ranks, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in log.profile_ranks
+    ):
+        raise ConfigError(f"logging.profile_ranks: {log.profile_ranks!r} must be a list of ranks (integers from 0)")
+
+
 def _check_faults(cfg: Config) -> None:
     bad = [
         x for x in cfg.debug.inject_loss_spike_at if not isinstance(x, int) or isinstance(x, bool) or x < 1
@@ -337,6 +355,7 @@ def validate(cfg: Config) -> None:
     _check_ranges(cfg)
     _check_documents(cfg)
     _check_faults(cfg)
+    _check_profile(cfg)
     _check_lm_eval(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)

@@ -31,6 +31,7 @@ from llm.model.moe import moe_metrics, update_expert_bias
 from llm.parallel.cp_attention import cp_shard, scale_grad
 from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
+from llm.training.profile import step_part
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Steps:
     ) -> None:
         self.engine, self.cfg, self.ctx, self.plan, self.rng = engine, cfg, ctx, plan, rng
         self.device = engine.device
+        self.profiling = False  # a profiler runs: the step's parts are named ranges (llm.training.profile)
         # checkpoint.async_save: the save in flight (None: every save completes before it returns)
         self.background = (
             BackgroundSave(ctx, delay_seconds=cfg.debug.checkpoint_write_delay_seconds)
@@ -128,14 +130,20 @@ class PlainSteps(Steps):
         lr = float(self.engine.get_lr()[0])
         total: torch.Tensor | None = None  # the losses summed on the device: read once, below
         self._scale_auxiliary_losses(accum)
+        on = self.profiling
         for micro in range(accum):
             # said, not counted: DeepSpeed's own count of micro-steps is off once the accumulation changes
             self.engine.set_gradient_accumulation_boundary(micro == accum - 1)
-            loss = self.engine(*self._inputs(next(batches)))
+            with step_part("llm/data", on):
+                inputs = self._inputs(next(batches))
+            with step_part("llm/forward", on):
+                loss = self.engine(*inputs)
             if scale is not None:
                 loss = loss * scale
-            self.engine.backward(scale_grad(loss, self.plan.cp_grad_factor))
-            self.engine.step()
+            with step_part("llm/backward", on):
+                self.engine.backward(scale_grad(loss, self.plan.cp_grad_factor))
+            with step_part("llm/optimizer_step", on):  # the gradient reduction too, where DeepSpeed does it here
+                self.engine.step()
             total = loss.detach() if total is None else total + loss.detach()
         update_expert_bias(self.module, self.ctx)
         norm = self._reported_grad_norm()
@@ -162,7 +170,8 @@ class PipelineSteps(Steps):
         loss_fn = self.engine.module.loss_fn
         loss_fn.factor, loss_fn.grad_factor = scale, self.plan.cp_grad_factor
         try:
-            loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data, self.ctx))
+            with step_part("llm/pipeline_schedule", self.profiling):  # data, stages, reduction and step
+                loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data, self.ctx))
         finally:
             loss_fn.factor = None
         update_expert_bias(self.module, self.ctx)

@@ -24,6 +24,7 @@ from llm.training.diloco import DiLoCo
 from llm.training.faults import Spike, SpikeDetector, injected_loss_factor
 from llm.training.memory import PeakMemory
 from llm.training.metrics import MetricsLogger
+from llm.training.profile import StepProfiler
 from llm.training.resume import resume
 from llm.training.signals import StopRequest
 from llm.training.state import TrainState
@@ -87,6 +88,9 @@ class Trainer:
         self.spikes = SpikeDetector(cfg.train.spike_detection)
         self.spikes.restore(state.spike_history)  # a resumed run sees spikes from its first step
         self._skip_ranges = cfg.train.skip_ranges  # parsed once: looked at before every step
+        log = cfg.logging
+        self.profiler = StepProfiler(log.profile_step_start, log.profile_step_end, rank=ctx.rank,
+                                     ranks=log.profile_ranks, out_dir=Path(log.dir) / "profile")  # fmt: skip
 
     # ----------------------------------------------------------------------------- batches
     def _batches(
@@ -353,9 +357,13 @@ class Trainer:
             start = time.perf_counter()
             batch = schedule.size_of(self.state.iteration)
             inject = injected_loss_factor(cfg.debug, schedule.iteration_at(self.state.consumed_samples))
+            self.profiler.before_step(self.state.iteration + 1)
+            self.steps.profiling = self.profiler.active
+            self.profiler.step_began()
             result = self.steps.train(batches, inject, batch)
             loss, self._grad_norm, self._lr = result.loss, result.grad_norm, result.lr
             times.append(time.perf_counter() - start)
+            self.profiler.after_step(self.state.iteration + 1)  # writing the profile is not the step's time
             sizes.append(batch)
             self.state.iteration += 1
             self.state.consumed_samples += batch

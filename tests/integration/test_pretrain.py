@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -285,14 +286,31 @@ def test_user_errors_are_one_clear_line(
     assert message in p.stderr and "Traceback" not in p.stderr
 
 
-def test_llama_preset_is_deterministic_for_a_seed(builtin_prefix: Path, tmp_path: Path) -> None:
+def test_llama_preset_is_deterministic_for_a_seed_and_profiling_changes_nothing(
+    builtin_prefix: Path, tmp_path: Path
+) -> None:
+    """The second run profiles iterations 2-3 (logging.profile_step_start/end): the same losses bit for
+    bit, a Chrome trace with the step's named parts, and the per-step table."""
     llama = ["model.architecture=llama", "model.num_query_groups=1", "model.activation_checkpointing=true"]
+    profile = ["logging.profile_step_start=2", "logging.profile_step_end=3"]
     curves = []
-    for name in ("a", "b"):
-        _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path / name), *llama]))
+    for name, extra in (("a", []), ("b", profile)):
+        _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path / name), *llama, *extra]))
         curves.append(train_losses(tmp_path / name))
     assert curves[0] == curves[1]  # bitwise: same seed, same data, fp32 on CPU
     assert curves[0][-1] < curves[0][0]
+    assert not (tmp_path / "a" / "profile").exists()
+    trace = json.loads((tmp_path / "b" / "profile" / "trace_rank00000.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"llm/data", "llm/forward", "llm/backward", "llm/optimizer_step"} <= names
+    table = (tmp_path / "b" / "profile" / "summary_rank00000.txt").read_text()
+    assert table.startswith("one step, mean of 2 (ms)")
+    rows = {label: float(value) for label, value in (re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:])}
+    assert set(rows) == {"data", "forward", "backward", "optimizer_step", "of which collectives",
+                         "outside these parts", "step (wall)"}  # fmt: skip
+    parts = rows["data"] + rows["forward"] + rows["backward"] + rows["optimizer_step"]
+    assert rows["forward"] > 0 and rows["backward"] > 0 and rows["optimizer_step"] > 0
+    assert abs(parts + rows["outside these parts"] - rows["step (wall)"]) < 0.05 * rows["step (wall)"]
 
 
 def test_non_finite_loss_stops_with_the_iteration(builtin_prefix: Path, tmp_path: Path) -> None:

@@ -389,3 +389,17 @@ def test_under_pipeline_and_context_parallelism_deepspeed_counts_cp_times_the_ba
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], plan.cp_grad_factor) == (32, 4, 2)
     ds, plan = deepspeed_setup(load_config(None, over), 4, cuda=False)
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], plan.cp_grad_factor) == (16, 4, 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["logging.profile_step_start=3"], "profile_step_start and logging.profile_step_end go together"),
+        (["logging.profile_step_start=5", "logging.profile_step_end=4"], r"profile_step_end \(4\) is before"),
+        (["logging.profile_step_start=0", "logging.profile_step_end=1"], "logging.profile_step_start"),
+        (["logging.profile_ranks=[-1]"], "must be a list of ranks"),
+    ],
+)
+def test_profile_mistakes_name_the_setting(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
