@@ -11,7 +11,8 @@
    share of the save spent on checksums, and the save against a training step.
 3. Asynchronous saves (checkpoint.async_save) on a model whose synchronous save takes seconds
    (GPT-2 125M shape, fp32 weights and AdamW state: about 1.4 GB per save): the same run saving every
-   4 steps synchronously and asynchronously. Reported: the synchronous save, the blocking part of an
+   4 steps synchronously and asynchronously. `--async-only --async-config configs/gpt2_125m.yaml
+   --async-override ...` runs only this part, on another config (benchmarks/gpu_profile.sh on a GPU). Reported: the synchronous save, the blocking part of an
    asynchronous one (`checkpoint_block_seconds`: the host copy) and its background part
    (`checkpoint_write_seconds`), and the step time of the steps that ran while a background write was
    in flight against the other steps (the first 2 steps left out).
@@ -70,9 +71,10 @@ BIG = ["model.num_layers=12", "model.hidden_size=768", "model.num_attention_head
        "train.micro_batch_size=1", "train.global_batch_size=1"]  # fmt: skip
 
 
-def _pretrain(run_dir: Path, prefix: Path, iters: int, extra: list[str], *, save_interval: int = 4) -> list[dict]:
-    """scripts/pretrain.py on configs/tiny_cpu.yaml (with `extra`), every step logged; its metrics."""
-    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "configs/tiny_cpu.yaml", *extra,
+def _pretrain(run_dir: Path, prefix: Path, iters: int, extra: list[str], *, save_interval: int = 4,
+              config: str = "configs/tiny_cpu.yaml") -> list[dict]:  # fmt: skip
+    """scripts/pretrain.py on `config` (with `extra`), every step logged; its metrics."""
+    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", config, *extra,
            f"train.train_iters={iters}", "train.lr_warmup_iters=1", "logging.log_interval=1",
            f"eval.eval_interval={10 * iters}", "eval.eval_iters=1", f"checkpoint.save_interval={save_interval}",
            "logging.wandb_mode=disabled", f"logging.dir={run_dir}", f"data.train_data_path={prefix}"]  # fmt: skip
@@ -98,9 +100,10 @@ def save_overhead(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> 
     }
 
 
-def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str]) -> dict[str, float]:
-    sync = _pretrain(directory / "sync", prefix, iters, shape)
-    background = _pretrain(directory / "async", prefix, iters, [*shape, "checkpoint.async_save=true"])
+def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str],
+                config: str = "configs/tiny_cpu.yaml") -> dict[str, float]:  # fmt: skip
+    sync = _pretrain(directory / "sync", prefix, iters, shape, config=config)
+    background = _pretrain(directory / "async", prefix, iters, [*shape, "checkpoint.async_save=true"], config=config)
     saves = [r["checkpoint_save_seconds"] for r in sync if "checkpoint_save_seconds" in r]
     blocks = [r["checkpoint_block_seconds"] for r in background if "checkpoint_block_seconds" in r]
     writes = [r["checkpoint_write_seconds"] for r in background if "checkpoint_write_seconds" in r]
@@ -139,9 +142,19 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=8, help="training iterations, a save after each")
     parser.add_argument("--data", type=Path, default=PREFIX, help="token prefix (default: the built-in corpus)")
     parser.add_argument("--smoke", action="store_true", help="seconds: 16 MB, a tiny model, 3 saves")
+    parser.add_argument("--async-only", action="store_true", help="only part 3, on --async-config")
+    parser.add_argument("--async-config", default="configs/tiny_cpu.yaml",
+                        help="with --async-only: the config trained (a GPU: configs/gpt2_125m.yaml)")
+    parser.add_argument("--async-override", nargs="*", default=[],
+                        help="with --async-only: overrides for it (default: the GPT-2 125M shape on tiny_cpu)")
     args = parser.parse_args()
     if not args.data.with_suffix(".idx").exists():
         raise SystemExit(f"{args.data}.idx missing: run scripts/quickstart.sh (or preprocess_data.py) first")
+    if args.async_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            shape = args.async_override if args.async_config != "configs/tiny_cpu.yaml" else [*BIG, *args.async_override]
+            report("checkpoint_io", {"async_saves": async_saves(16, Path(tmp), args.data, shape, args.async_config)})
+        return
     gb, iters, extra = (1 / 64, 3, SMOKE) if args.smoke else (args.gb, args.iters, BENCH_SHAPE)
     with tempfile.TemporaryDirectory() as tmp:
         results = {"hashing": hashing(gb, Path(tmp)), "tiny_cpu_saves": save_overhead(iters, Path(tmp) / "run",

@@ -4,8 +4,10 @@
 # resume, the model step of ours against transformers' GPT-2 under bf16 autocast, an MoE layer's grouped
 # GEMMs against the per-expert loop, and the CUDA tests (tests/gpu).
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      (from the repository root; needs data/builtin, made by
-#                                                scripts/prepare_builtin_data.py or the quickstart)
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (from the repository root; makes data/builtin if missing)
+#
+# Where the step's time goes (profiles, MFU of the 1B presets, 32k tokens, async saves) is the second
+# call: benchmarks/gpu_profile.sh.
 #
 # Environment: WHEELS=dir installs the wheels/sdists found there first (a machine without network).
 set -uo pipefail

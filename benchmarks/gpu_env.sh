@@ -10,3 +10,9 @@ if [ -n "${WHEELS:-}" ]; then
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# the built-in corpus (ignored by git, so not carried to a fresh machine): made once, in seconds
+if [ ! -f data/builtin/builtin_text_document.idx ]; then
+  python3 scripts/preprocess_data.py --builtin-corpus --tokenizer tokenizer/llm_sp8k.model \
+    --output-prefix data/builtin/builtin_text_document --workers 8 --no-progress > "$out/builtin_data.log" 2>&1 \
+    || { tail -5 "$out/builtin_data.log"; exit 1; }
+fi
