@@ -128,40 +128,99 @@ def _ring_exchange(tensors: list[torch.Tensor], group: Any, ranks: list[int], ra
     return received, dist.batch_isend_irecv(ops)
 
 
+def _ring_blocks(rank: int, source: int, chunk: int) -> tuple[slice, slice, bool]:
+    """What of the K/V block of CP rank `source` this rank's queries see, without document masks:
+    (query rows, key rows, causal). Both hold their chunks i and 2C - 1 - i (`cp_positions`), so:
+    their own block is causal over the 2 x chunk local tokens; a lower rank's first chunk is seen
+    whole by both query chunks, its second by neither; a higher rank's two chunks are seen whole by
+    the second query chunk only. Every block is then one unmasked (or causal) attention call."""
+    every = slice(None)
+    if source == rank:
+        return every, every, True
+    if source < rank:
+        return every, slice(0, chunk), False
+    return slice(chunk, None), every, False
+
+
+def _fused_blocks(q: torch.Tensor) -> bool:
+    """Blocks through torch's fused attention with its log-sum-exp: its CPU kernel (any dtype), and
+    flash attention on a GPU in bf16 / fp16 (head dim <= 256); otherwise explicit masked matmuls."""
+    if q.device.type == "cpu":
+        return True
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
+
+
+def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One block's attention: (out in q's dtype, log-sum-exp fp32 (B, h, Sq), what its backward needs)."""
+    if q.is_cuda:
+        out, lse, *rest = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return out, lse.float(), rest
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse.float(), None
+
+
+def _block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, causal: bool, scale: float, saved: Any) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """One block's gradients given the merged output and log-sum-exp of all blocks (so that each block's
+    probabilities are its share of the whole softmax): (dq, dk, dv)."""
+    if q.is_cuda:
+        cum_q, cum_k, max_q, max_k, rng_state, unused, _ = saved
+        return tuple(torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, rng_state, unused, scale=scale))  # fmt: skip
+    return tuple(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale))  # fmt: skip
+
+
 class _RingAttention(torch.autograd.Function):
-    """Forward: C steps; at each, attend to the K/V block held (masked by the global positions) while
-    the next block arrives from the previous rank (send/recv around the CP ring), and merge by
-    log-sum-exp. Backward: the same ring, recomputing each block's probabilities from the saved
-    log-sum-exp; each block's K/V gradient travels with it and a last send returns it to its owner."""
+    """Forward: C steps; at each, attend to the K/V block held while the next block arrives from the
+    previous rank (send/recv around the CP ring), and merge by log-sum-exp. Without document masks
+    each block is one call of torch's fused attention on the rows and keys it sees (`_ring_blocks`);
+    with them, masked matmuls by global position and document. Backward: the same ring, each block's
+    gradients from the merged output and log-sum-exp; each block's K/V gradient travels with it and a
+    last send returns it to its owner."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pctx: ParallelContext,
                 scale: float, doc_ids: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         size, rank, group, ranks = pctx.cp, pctx.cp_rank, pctx.groups["cp"], pctx.groups["cp_ranks"]
         heads, s_local = q.shape[1], q.shape[2]
+        fused = doc_ids is None and _fused_blocks(q)
         q_pos = cp_positions(s_local * size, size, rank, device=q.device)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        kv = [k, v]
+        kv, saved = [k, v], []
         for step in range(size):
             pending = _ring_exchange(kv, group, ranks, rank) if step < size - 1 else None
             source = (rank - step) % size
-            mask = _block_mask(q_pos, cp_positions(s_local * size, size, source, device=q.device), doc_ids)
-            scores = _scores(q.float(), _expand(kv[0], heads).float(), mask, scale)
-            block_lse = torch.logsumexp(scores, dim=-1)  # (B, h, Sq); -inf where nothing is visible
-            block_out = torch.matmul(torch.exp(scores - block_lse.clamp_min(-1e30)[..., None]),
-                                     _expand(kv[1], heads).float())  # fmt: skip
-            new_lse = torch.logaddexp(lse, block_lse)
-            old_w = torch.exp(lse - new_lse.clamp_min(-1e30)).nan_to_num(0.0)[..., None]
-            new_w = torch.exp(block_lse - new_lse.clamp_min(-1e30)).nan_to_num(0.0)[..., None]
-            out, lse = out * old_w + block_out * new_w, new_lse
+            if fused:
+                rows, keys, causal = _ring_blocks(rank, source, s_local // 2)
+                block_out, block_lse, rest = _block_forward(q[:, :, rows], _expand(kv[0][:, :, keys], heads),
+                                                            _expand(kv[1][:, :, keys], heads), causal, scale)  # fmt: skip
+                saved.append(rest)
+                if step == 0:  # every query sees itself: the log-sum-exp is finite from here on
+                    out, lse = block_out.float(), block_lse
+                else:
+                    old, new = lse[:, :, rows], torch.logaddexp(lse[:, :, rows], block_lse)
+                    out[:, :, rows] = (out[:, :, rows] * torch.exp(old - new)[..., None]
+                                       + block_out.float() * torch.exp(block_lse - new)[..., None])  # fmt: skip
+                    lse[:, :, rows] = new
+            else:
+                mask = _block_mask(q_pos, cp_positions(s_local * size, size, source, device=q.device), doc_ids)
+                scores = _scores(q.float(), _expand(kv[0], heads).float(), mask, scale)
+                block_lse = torch.logsumexp(scores, dim=-1)  # (B, h, Sq); -inf where nothing is visible
+                block_out = torch.matmul(torch.exp(scores - block_lse.clamp_min(-1e30)[..., None]),
+                                         _expand(kv[1], heads).float())  # fmt: skip
+                new_lse = torch.logaddexp(lse, block_lse)
+                old_w = torch.exp(lse - new_lse.clamp_min(-1e30)).nan_to_num(0.0)[..., None]
+                new_w = torch.exp(block_lse - new_lse.clamp_min(-1e30)).nan_to_num(0.0)[..., None]
+                out, lse = out * old_w + block_out * new_w, new_lse
             if pending is not None:
                 received, requests = pending
                 for request in requests:
                     request.wait()
                 kv = received
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pctx, ctx.scale, ctx.doc_ids = pctx, scale, doc_ids
+        ctx.pctx, ctx.scale, ctx.doc_ids, ctx.fused, ctx.blocks = pctx, scale, doc_ids, fused, saved
         return out.to(q.dtype)
 
     @staticmethod
@@ -172,20 +231,30 @@ class _RingAttention(torch.autograd.Function):
         heads, groups, s_local = q.shape[1], k.shape[1], q.shape[2]
         q_pos = cp_positions(s_local * size, size, rank, device=q.device)
         dout = grad_out.float()
-        delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, h, Sq, 1)
+        out_q = out.to(q.dtype)  # what the fused kernels' backward takes
+        delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, h, Sq, 1): the explicit path's softmax term
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         travelling = [k, v, torch.zeros(k.shape, dtype=torch.float32, device=k.device),
                       torch.zeros(v.shape, dtype=torch.float32, device=v.device)]  # fmt: skip
         for step in range(size):
             kb, vb, dk_acc, dv_acc = travelling
             source = (rank - step) % size
-            mask = _block_mask(q_pos, cp_positions(s_local * size, size, source, device=q.device), doc_ids)
-            ke, ve = _expand(kb, heads).float(), _expand(vb, heads).float()
-            probs = torch.exp(_scores(q.float(), ke, mask, scale) - lse.clamp_min(-1e30)[..., None])
-            dv = _fold(torch.matmul(probs.transpose(-2, -1), dout), groups)
-            ds = probs * (torch.matmul(dout, ve.transpose(-2, -1)) - delta)
-            dq += torch.matmul(ds, ke) * scale
-            dk = _fold(torch.matmul(ds.transpose(-2, -1), q.float()) * scale, groups)
+            if ctx.fused:
+                rows, keys, causal = _ring_blocks(rank, source, s_local // 2)
+                dq_b, dk_b, dv_b = _block_backward(grad_out[:, :, rows], q[:, :, rows], _expand(kb[:, :, keys], heads),
+                                                   _expand(vb[:, :, keys], heads), out_q[:, :, rows],
+                                                   lse[:, :, rows].contiguous(), causal, scale, ctx.blocks[step])  # fmt: skip
+                dq[:, :, rows] += dq_b.float()
+                dk, dv = torch.zeros_like(dk_acc), torch.zeros_like(dv_acc)
+                dk[:, :, keys], dv[:, :, keys] = _fold(dk_b.float(), groups), _fold(dv_b.float(), groups)
+            else:
+                mask = _block_mask(q_pos, cp_positions(s_local * size, size, source, device=q.device), doc_ids)
+                ke, ve = _expand(kb, heads).float(), _expand(vb, heads).float()
+                probs = torch.exp(_scores(q.float(), ke, mask, scale) - lse.clamp_min(-1e30)[..., None])
+                dv = _fold(torch.matmul(probs.transpose(-2, -1), dout), groups)
+                ds = probs * (torch.matmul(dout, ve.transpose(-2, -1)) - delta)
+                dq += torch.matmul(ds, ke) * scale
+                dk = _fold(torch.matmul(ds.transpose(-2, -1), q.float()) * scale, groups)
             travelling = [kb, vb, dk_acc + dk, dv_acc + dv]
             if step < size - 1:  # the block, with its gradient so far, on to the next rank
                 received, requests = _ring_exchange(travelling, group, ranks, rank)

@@ -127,3 +127,11 @@ def _model(rank: int, world: int, arch: str, comm: str, tp: int) -> None:
 def test_the_gpt_at_context_parallelism_matches_one_process(world: int, arch: str, comm: str, tp: int) -> None:
     """CP 2 with learned positions (ring) and rotary positions (Ulysses), and TP 2 x CP 2 (ring)."""
     spawn(_model, world, arch, comm, tp)
+
+
+def test_one_ring_block_through_the_fused_cpu_kernel_matches_explicit_attention() -> None:
+    """The block the ring hands to torch's fused CPU attention (the same check runs on CUDA with flash
+    attention in tests/gpu)."""
+    from tests.gpu.test_cuda import _block_check
+
+    _block_check("cpu", torch.float32, 1e-5)
