@@ -176,8 +176,8 @@ class _RingAttention(torch.autograd.Function):
     previous rank (send/recv around the CP ring), and merge by log-sum-exp. Without document masks
     each block is one call of torch's fused attention on the rows and keys it sees (`_ring_blocks`);
     with them, masked matmuls by global position and document. Backward: the same ring, each block's
-    gradients from the merged output and log-sum-exp; each block's K/V gradient travels with it and a
-    last send returns it to its owner."""
+    gradients from the merged output and log-sum-exp; the blocks travel while each rank computes, each
+    block's K/V gradient follows it once computed, and a last send returns it to its owner."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pctx: ParallelContext,
@@ -238,6 +238,8 @@ class _RingAttention(torch.autograd.Function):
                       torch.zeros(v.shape, dtype=torch.float32, device=v.device)]  # fmt: skip
         for step in range(size):
             kb, vb, dk_acc, dv_acc = travelling
+            # the block itself moves on while this rank computes with it; its gradient follows after
+            moving = _ring_exchange([kb, vb], group, ranks, rank) if step < size - 1 else None
             source = (rank - step) % size
             if ctx.fused:
                 rows, keys, causal = _ring_blocks(rank, source, s_local // 2)
@@ -256,11 +258,12 @@ class _RingAttention(torch.autograd.Function):
                 dq += torch.matmul(ds, ke) * scale
                 dk = _fold(torch.matmul(ds.transpose(-2, -1), q.float()) * scale, groups)
             travelling = [kb, vb, dk_acc + dk, dv_acc + dv]
-            if step < size - 1:  # the block, with its gradient so far, on to the next rank
-                received, requests = _ring_exchange(travelling, group, ranks, rank)
-                for request in requests:
+            if moving is not None:  # the block's gradient so far on to the next rank, after the block
+                grads, requests = _ring_exchange(travelling[2:], group, ranks, rank)
+                blocks, block_requests = moving
+                for request in [*block_requests, *requests]:
                     request.wait()
-                travelling = received
+                travelling = [*blocks, *grads]
         if size > 1:  # the last holder of each block is the rank before its owner
             (dk_own, dv_own), requests = _ring_exchange(travelling[2:], group, ranks, rank)
             for request in requests:
