@@ -51,6 +51,9 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # None = True for gpt2, False for llama
     activation_checkpointing: bool = False
     sequence_parallel: bool = False
+    # The LM head and the loss over chunks of this many tokens (None: all at once): the fp32 logits of
+    # one chunk exist at a time instead of (tokens x vocabulary), recomputed in backward
+    loss_chunk_tokens: int | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02

@@ -49,6 +49,7 @@ _RANGES: dict[str, str] = {
     "model.rope_theta": "positive",
     "model.init_std": "positive",
     "model.num_experts": "positive",
+    "model.loss_chunk_tokens": "positive",
     "model.moe_router_topk": "positive",
     "model.moe_ffn_hidden_size": "positive",
     "model.moe_shared_expert_intermediate_size": "positive",
@@ -326,6 +327,14 @@ def _check_documents(cfg: Config) -> None:
         )
 
 
+def _check_loss_chunks(cfg: Config) -> None:
+    if cfg.model.loss_chunk_tokens and cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            "model.loss_chunk_tokens with parallel.pipeline_model_parallel_size > 1 is not supported: the LM head "
+            "is a pipeline layer of its own there; leave model.loss_chunk_tokens unset"
+        )
+
+
 def _check_profile(cfg: Config) -> None:
     log = cfg.logging
     start, end = log.profile_step_start, log.profile_step_end
@@ -356,6 +365,7 @@ def validate(cfg: Config) -> None:
     _check_documents(cfg)
     _check_faults(cfg)
     _check_profile(cfg)
+    _check_loss_chunks(cfg)
     _check_lm_eval(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)

@@ -25,7 +25,7 @@ from llm.config import ModelConfig
 from llm.model.layers import KVCache, TransformerBlock, make_norm, output_init_std
 from llm.model.moe import MoEState, checkpoint_contexts
 from llm.parallel.cp_attention import cp_positions, cp_token_mean
-from llm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from llm.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
 from llm.parallel.layers import VocabParallelEmbedding, full_shape_of, partition_info, shard_by_spec
 from llm.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, scatter_to_sequence
 from llm.parallel.process_groups import ParallelContext
@@ -45,6 +45,7 @@ class GPT(nn.Module):
         self.ctx = ctx or ParallelContext.single()
         self.rng = rng or RNGTracker()
         self.vocab_size = int(cfg.vocab_size or 0)
+        self.loss_chunk_tokens = cfg.loss_chunk_tokens
         padded = cfg.padded_vocab_size(self.ctx.tp)
         self.embed = VocabParallelEmbedding(padded, cfg.hidden_size, ctx=self.ctx)
         self.pos_embed = None if cfg.is_llama else nn.Embedding(cfg.max_positions, cfg.hidden_size)
@@ -126,7 +127,14 @@ class GPT(nn.Module):
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy over the labels that are not IGNORE (-100); vocabulary-parallel
         when TP > 1 (full logits never gathered); under context parallelism the mean over every CP
-        rank's tokens (`lm_loss`)."""
+        rank's tokens (`lm_loss`). With model.loss_chunk_tokens the LM head and the loss run together
+        over chunks of tokens (`chunked_linear_cross_entropy`): no (tokens x vocabulary) logits."""
+        if self.loss_chunk_tokens:
+            x = lm_head_input(hidden, self.ctx, sequence_parallel=self.sequence_parallel).flatten(0, 1)
+            losses = chunked_linear_cross_entropy(x, self.output_weight(), labels.flatten(), self.ctx,
+                                                  vocab_start=self.embed.vocab_start, vocab_size=self.vocab_size,
+                                                  chunk=self.loss_chunk_tokens)  # fmt: skip
+            return token_mean(losses, labels.flatten(), self.ctx)
         if self.ctx.tp == 1 and self.ctx.cp == 1:
             return F.cross_entropy(self.logits(hidden).float().flatten(0, 1), labels.flatten())
         return lm_loss(self.local_logits(hidden), labels, self.ctx, vocab_start=self.embed.vocab_start,
@@ -150,8 +158,13 @@ def lm_head_local_logits(
     hidden: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext, *, sequence_parallel: bool
 ) -> torch.Tensor:
     """(B, S[/tp], H) and this rank's output rows (V_padded / tp, H) -> local logits (B, S, V_padded / tp)."""
-    hidden = gather_from_sequence(hidden, ctx) if sequence_parallel else copy_to_tp(hidden, ctx)
-    return F.linear(hidden, weight)
+    return F.linear(lm_head_input(hidden, ctx, sequence_parallel=sequence_parallel), weight)
+
+
+def lm_head_input(hidden: torch.Tensor, ctx: ParallelContext, *, sequence_parallel: bool) -> torch.Tensor:
+    """What the vocabulary-parallel LM head multiplies: the whole sequence's hidden states on every TP
+    rank (gathered under sequence parallelism), their gradient summed over TP in backward."""
+    return gather_from_sequence(hidden, ctx) if sequence_parallel else copy_to_tp(hidden, ctx)
 
 
 def lm_loss(
@@ -175,6 +188,12 @@ def lm_loss(
         losses = vocab_parallel_cross_entropy(
             local_logits.flatten(0, 1), labels, ctx, vocab_start=vocab_start, vocab_size=vocab_size
         )
+    return token_mean(losses, labels, ctx)
+
+
+def token_mean(losses: torch.Tensor, labels: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The mean of per-token losses (N,) over the labels (N,) that are not IGNORE; under context
+    parallelism over every CP rank's tokens (`cp_token_mean`)."""
     valid = labels != IGNORE
     if ctx.cp > 1:
         return cp_token_mean(losses, valid, ctx)

@@ -55,3 +55,71 @@ def vocab_parallel_cross_entropy(
 ) -> torch.Tensor:
     """Per-token losses (N,) from local logits (N, V/tp) and global target ids (N,)."""
     return _VocabParallelCrossEntropy.apply(logits.float(), target, ctx, vocab_start, vocab_size)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The LM head and the cross-entropy together, `chunk` tokens at a time: the logits (fp32, this
+    rank's vocabulary shard) of one chunk exist at a time, in forward and again in backward, where
+    they are recomputed from the hidden states and the saved log-sum-exp. Same collectives as
+    `_VocabParallelCrossEntropy`, per chunk."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, pctx: ParallelContext,
+        vocab_start: int, vocab_size: int, chunk: int,
+    ) -> torch.Tensor:  # fmt: skip
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(losses)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits, local_target, outside = _chunk_logits(hidden[rows], weight, target[rows], vocab_start, vocab_size)
+            row_max = all_reduce_max(logits.max(dim=-1).values, pctx)
+            shifted = logits - row_max.unsqueeze(-1)
+            target_logit = shifted.gather(1, local_target.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)
+            target_logit = all_reduce_sum(target_logit.contiguous(), pctx)
+            log_sum = all_reduce_sum(shifted.exp_().sum(dim=-1), pctx).log_()
+            losses[rows] = log_sum - target_logit
+            lse[rows] = log_sum + row_max
+        ctx.save_for_backward(hidden, weight, target, lse)
+        ctx.pctx, ctx.vocab, ctx.chunk = pctx, (vocab_start, vocab_size), chunk
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, target, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            logits, local_target, outside = _chunk_logits(hidden[rows], weight, target[rows], *ctx.vocab)
+            g = logits.sub_(lse[rows].unsqueeze(-1)).exp_()  # softmax over the whole vocabulary
+            n = torch.arange(g.shape[0], device=g.device)
+            g[n, local_target] -= (~outside).to(g.dtype)
+            g.mul_(grad[rows].unsqueeze(-1))
+            grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_weight += g.t() @ hidden[rows].float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk's local logits (fp32, padded ids at -inf), its targets as local columns, and which
+    targets lie outside this rank's shard."""
+    local = weight.shape[0]
+    logits = (hidden @ weight.t()).float()
+    if vocab_start + local > vocab_size:  # padded ids take no probability mass
+        logits[:, max(vocab_size - vocab_start, 0):] = float("-inf")
+    outside = (target < vocab_start) | (target >= vocab_start + local)
+    return logits, (target - vocab_start).masked_fill(outside, 0), outside
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ctx: ParallelContext, *,
+    vocab_start: int, vocab_size: int, chunk: int,
+) -> torch.Tensor:  # fmt: skip
+    """Per-token losses (N,) of hidden states (N, H) under this rank's output rows (V_padded / tp, H) for
+    global target ids (N,), without the (N, V) logits: `chunk` tokens' logits at a time
+    (model.loss_chunk_tokens). The same values and gradients as the LM head followed by
+    `vocab_parallel_cross_entropy` (or F.cross_entropy at TP 1)."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, target, ctx, vocab_start, vocab_size, chunk)  # type: ignore[no-any-return]

@@ -19,9 +19,12 @@ pytestmark = pytest.mark.distributed
 VOCAB = 300  # padded to 384 at TP 1 and 512 at TP 2/4: padding must not change anything
 
 
-def _cfg(arch: str, sp: bool, groups: int = 2, norms: int = 0) -> ModelConfig:
-    """norms: 0 = the sequential block, 1 or 2 = the parallel block with that many norms."""
-    extra = {"num_query_groups": groups} if arch == "llama" else {}
+def _cfg(arch: str, sp: bool, groups: int = 2, norms: int = 0, chunk: int | None = None) -> ModelConfig:
+    """norms: 0 = the sequential block, 1 or 2 = the parallel block with that many norms; chunk: the
+    LM head and loss over chunks of that many tokens (model.loss_chunk_tokens)."""
+    extra: dict = {"num_query_groups": groups} if arch == "llama" else {}
+    if chunk:
+        extra["loss_chunk_tokens"] = chunk
     if norms:
         extra.update(parallel_block=True, parallel_block_norms=norms)
     return ModelConfig(architecture=arch, num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
@@ -53,11 +56,12 @@ def _expected_spec(name: str, cfg: ModelConfig, tp: int) -> dict | None:
 
 
 def _parity(
-    rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: bool = False, norms: int = 0
-) -> None:
+    rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: bool = False, norms: int = 0,
+    chunk: int | None = None,
+) -> None:  # fmt: skip
     torch.manual_seed(0)
     ctx = ParallelContext.build(tp=world)
-    cfg = _cfg(arch, sp, groups, norms)
+    cfg = _cfg(arch, sp, groups, norms, chunk)
     dense_cfg = _cfg(arch, False, groups, norms)
     tp_model = build_model(cfg, seed=7, ctx=ctx)
     expected = {n: _expected_spec(n, cfg, world) for n, _ in tp_model.named_parameters()}
@@ -106,6 +110,15 @@ def test_tensor_parallel_model_matches_single_process(world: int, arch: str, sp:
 @pytest.mark.parametrize("world, arch, sp, norms", [(2, "gpt2", True, 1), (4, "llama", False, 2)])
 def test_parallel_block_matches_single_process(world: int, arch: str, sp: bool, norms: int) -> None:
     spawn(_parity, world, arch, sp, 2, False, norms)
+
+
+@pytest.mark.parametrize("world, arch, sp, chunk", [(2, "gpt2", True, 7), (4, "llama", False, 16)])
+def test_chunked_loss_under_tensor_parallelism_matches_the_whole_logits_of_one_process(
+    world: int, arch: str, sp: bool, chunk: int
+) -> None:
+    """model.loss_chunk_tokens: the vocabulary-parallel LM head and loss over chunks of tokens (7: the
+    last chunk shorter) against one process computing the whole logits."""
+    spawn(_parity, world, arch, sp, 2, False, 0, chunk)
 
 
 def test_document_aware_attention_under_tensor_parallelism() -> None:

@@ -26,7 +26,7 @@ def _report(stdout: str) -> dict:
 
 def test_every_benchmark_script_is_smoke_tested() -> None:
     assert BENCHMARKS == [
-        "checkpoint_io.py", "context_parallel.py", "data_startup.py", "diloco.py", "framework_overhead.py", "model_throughput.py", "moe.py", "plan_memory.py", "preprocess_throughput.py",
+        "checkpoint_io.py", "context_parallel.py", "data_startup.py", "diloco.py", "framework_overhead.py", "loss_memory.py", "model_throughput.py", "moe.py", "plan_memory.py", "preprocess_throughput.py",
         "recipes.py", "sample_read.py", "tp_comm.py",
     ]  # fmt: skip
 
@@ -76,6 +76,11 @@ def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
         one, two = report["c1"], report["c2_p2p"]
         assert two["forward_sent_per_layer"] == two["forward_formula_per_layer"] > 0
         assert 0 < two["activation_bytes"] < one["activation_bytes"] and report["c2_a2a"]["backward_sent_per_layer"] > 0
+        return
+    if name == "loss_memory.py":  # measured peaks; the chunked loss equals the whole-logits loss
+        whole, chunked = report["whole_logits"], report["chunks_1024"]
+        assert 0 < chunked["peak_bytes_over_inputs"] < whole["peak_bytes_over_inputs"]
+        assert abs(chunked["loss_minus_whole"]) < 1e-5 and whole["loss"] > 0
         return
     if name == "moe.py":  # bytes counted from the real all-to-alls; backward repeats forward's exchange
         a2a, step = report["all_to_all_ep2"], report["step_ep1"]

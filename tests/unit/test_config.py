@@ -403,3 +403,10 @@ def test_under_pipeline_and_context_parallelism_deepspeed_counts_cp_times_the_ba
 def test_profile_mistakes_name_the_setting(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_chunked_loss_with_pipeline_parallelism_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match="loss_chunk_tokens with parallel.pipeline_model_parallel_size > 1"):
+        load_config(None, ["model.loss_chunk_tokens=1024", "parallel.pipeline_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match="model.loss_chunk_tokens"):
+        load_config(None, ["model.loss_chunk_tokens=0"])

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -157,3 +159,23 @@ def test_padded_logits_never_used() -> None:
     x = torch.randint(0, VOCAB, (1, 8))
     assert model(x).shape[-1] == VOCAB
     assert torch.isfinite(model(x, x))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_chunked_loss_equals_the_whole_logits_loss(arch: str) -> None:
+    """model.loss_chunk_tokens: the same loss and gradients as the LM head over every token at once,
+    with padded vocabulary rows, ignored labels and a last chunk shorter than the others."""
+    from llm.model.gpt import IGNORE
+
+    cfg = ModelConfig(architecture=arch, num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=16,
+                      vocab_size=300)  # fmt: skip
+    whole, chunked = build_model(cfg, seed=3), build_model(dataclasses.replace(cfg, loss_chunk_tokens=7), seed=3)
+    tokens = torch.randint(0, 300, (3, 17), generator=torch.Generator().manual_seed(0))
+    labels = tokens[:, 1:].clone()
+    labels[0, :5] = IGNORE
+    a, b = whole(tokens[:, :-1], labels), chunked(tokens[:, :-1], labels)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    a.backward()
+    b.backward()
+    for (name, p), q in zip(whole.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
