@@ -198,8 +198,11 @@ def make_loader(
     dataset: Any, sampler: GlobalBatchSampler, *, num_workers: int = 0
 ) -> torch.utils.data.DataLoader:
     # A private generator: creating the loader's iterator must not draw from the global torch RNG
-    # (dropout's), or a resumed run would see other masks than an uninterrupted one.
+    # (dropout's), or a resumed run would see other masks than an uninterrupted one. On a GPU the
+    # batches come in pinned memory, so that the trainer's non-blocking copy to the device is
+    # asynchronous (from pageable memory it makes the host wait).
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=False,
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
