@@ -137,7 +137,7 @@ def summarize(prof: Any, *, steps: int, wall_seconds: float) -> str:
     events = list(prof.events())
     if cuda:
         kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-        comm = sum(e.device_time for e in kernels if _is_collective(e.name)) / 1e3 / steps
+        comm = sum(e.time_range.elapsed_us() for e in kernels if _is_collective(e.name)) / 1e3 / steps
         busy = _device_busy_us(kernels) / 1e3 / steps
         comm_row: tuple[str, float, float | None] = ("  of which collectives", float("nan"), comm)
     else:

@@ -202,6 +202,15 @@ def _on_self(node: ast.Attribute) -> bool:
     return isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
 
 
+def _aten_operator(node: ast.Attribute) -> bool:
+    """`torch.ops.aten.<name>`: an operator of torch's registry, looked up by its schema'd name (an API,
+    not some object's private attribute), as llm's ring attention calls the fused kernels' forward and
+    backward with their log-sum-exp."""
+    v = node.value
+    return (isinstance(v, ast.Attribute) and v.attr == "aten" and isinstance(v.value, ast.Attribute)
+            and v.value.attr == "ops" and isinstance(v.value.value, ast.Name) and v.value.value.id == "torch")  # fmt: skip
+
+
 def _defined_names(root: Path) -> set[str]:
     """Every function, class, variable and `self.` attribute name llm itself defines."""
     out: set[str] = set()
@@ -230,7 +239,7 @@ def foreign_private_reads(root: Path, *, seam: str = "engine") -> list[str]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Attribute) and not (
                 isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
-            ):
+            ) and not _aten_operator(node):
                 attr = node.attr
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "setattr")
                   and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):  # fmt: skip
