@@ -31,6 +31,13 @@ def initialize_engine(
     import deepspeed
 
     filter_known_warnings()
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3 and mpu is not None and mpu.get_sequence_data_parallel_world_size() != mpu.get_data_parallel_world_size():
+        # Context parallelism at ZeRO 3: DeepSpeed converts a model built outside zero.Init with its
+        # parameters partitioned over the data-parallel group alone, and then reduces their gradients
+        # over it: the CP ranks' parts would never be summed. Partitioned here over DP x CP instead.
+        deepspeed.zero.Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
+                            config_dict_or_path=ds_config, mpu=mpu)  # fmt: skip
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=parameter_groups,  # type: ignore[arg-type]
         config=ds_config, lr_scheduler=lr_scheduler, mpu=mpu,

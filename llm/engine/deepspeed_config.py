@@ -121,7 +121,7 @@ class OptimizerPlan:
       rank's gradient is its part of the samples' gradient: the data-parallel reduction must sum the
       parts over CP and average over DP. DeepSpeed's plain engine at ZeRO 0-2 does (it knows CP as
       "sequence parallelism"); its pipeline engine (CP folded into its data axis: engine.pipeline_grid)
-      divides by DP x CP, so there the gradient is scaled by CP."""
+      and ZeRO 3's reduce-scatter divide by DP x CP, so there the gradient is scaled by CP."""
 
     precision: RunPrecision
     zero_stage: int
@@ -147,7 +147,7 @@ def _plan(cfg: Config, zero_stage: int, precision: RunPrecision) -> OptimizerPla
         precision=precision, zero_stage=zero_stage, pipeline=pipeline,
         optimizer_from="llm" if own else "deepspeed",
         grad_norm_from="llm_optimizer" if own else "deepspeed",
-        cp_grad_factor=cp if pipeline else 1,
+        cp_grad_factor=cp if pipeline or zero_stage == 3 else 1,
     )  # fmt: skip
 
 
@@ -227,12 +227,14 @@ def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[s
             "flat partitions instead; use configs/deepspeed/zero0.json and train.precision: fp32, or train.optimizer: adamw"
         )
     if stage == 3 and cfg.parallel.context_parallel_size > 1:
-        raise ConfigError(
-            "ZeRO stage 3 with context parallelism (parallel.context_parallel_size > 1) is not supported: "
-            "DeepSpeed's stage-3 gradient reduction does not sum the CP ranks' gradient parts (measured: the "
-            "run leaves the one-process curve); use configs/deepspeed/zero1.json or zero2.json, which shard "
-            "the optimizer state over DP x CP"
-        )
+        # ZeRO 3 divides the gradient sum by DP x CP on its reduce-scatter path (and by DP on its other
+        # one): the reduce-scatter it is, and OptimizerPlan.cp_grad_factor makes up for the division
+        if ds["zero_optimization"].get("reduce_scatter", True) is not True:
+            raise ConfigError(
+                f"zero_optimization.reduce_scatter: false in '{cfg.deepspeed_config}' with context parallelism "
+                "(parallel.context_parallel_size > 1) at ZeRO stage 3 is not supported: remove it"
+            )
+        ds["zero_optimization"]["reduce_scatter"] = True
     plan = _plan(cfg, stage, precision)
     if plan.optimizer_from == "llm":  # DeepSpeed gets no optimizer entry and does not clip
         del ds["optimizer"]

@@ -157,8 +157,6 @@ def _layouts(cfg: Config, tp: int, pp: int, cp: int, dp: int, gbs: int, precisio
                 continue
             if cfg.model.is_moe and (zero == 3 or (zero == 0 and precision != "fp32")):
                 continue  # what a mixture of experts cannot run at (validation refuses it)
-            if cp > 1 and zero == 3:
-                continue  # refused with context parallelism (llm.engine.deepspeed_config says why)
             for ac in (False, True):
                 for sp in (False, True) if tp > 1 and cfg.model.seq_length % tp == 0 else (False,):
                     out += [Layout(tp, pp, dp, zero, mb, ac, sp, ep, cp) for ep in _expert_sizes(cfg, dp)]

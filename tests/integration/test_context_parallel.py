@@ -1,7 +1,7 @@
 """Context parallelism through the real launchers: C = 2 with ring attention (deepspeed, ZeRO 0, compiled
-blocks) and with Ulysses (torchrun, ZeRO 2), TP 2 x C 2 and PP 2 x C 2, train the curve of one process
-(training and validation losses to 1e-5 relative); a C = 2 run resumes exactly, and at C = 1 on the
-same curve. C = 2 composes with document-aware training, a mixture of experts (with EP 2 and with PP 2)
+blocks) and with Ulysses (torchrun, ZeRO 2), TP 2 x C 2, PP 2 x C 2 and DP 2 x C 2 at ZeRO 3 train the
+curve of one process (training and validation losses to 1e-5 relative); C = 2 runs at ZeRO 2 and 3
+resume exactly, and at C = 1 on the same curve. C = 2 composes with document-aware training, a mixture of experts (with EP 2 and with PP 2)
 and DiLoCo islands, each on the curve of its C = 1 run."""
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def one_process(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) 
     [(2, ["parallel.cp_comm_type=p2p", "model.compile=true"]),
      (2, ["parallel.cp_comm_type=a2a", "deepspeed_config=configs/deepspeed/zero2.json"]),
      (4, ["parallel.cp_comm_type=p2p", "parallel.tensor_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json"]),
-     (4, ["parallel.cp_comm_type=p2p", "parallel.pipeline_model_parallel_size=2"])],
-    ids=["c2_ring_zero0_compiled_deepspeed", "c2_ulysses_zero2", "tp2_c2_ring_zero1", "pp2_c2_ring"],
+     (4, ["parallel.cp_comm_type=p2p", "parallel.pipeline_model_parallel_size=2"]),
+     (4, ["parallel.cp_comm_type=p2p", "deepspeed_config=configs/deepspeed/zero3.json"])],
+    ids=["c2_ring_zero0_compiled_deepspeed", "c2_ulysses_zero2", "tp2_c2_ring_zero1", "pp2_c2_ring", "dp2_c2_ring_zero3"],
 )  # fmt: skip
 def test_context_parallel_runs_train_the_curve_of_one_process(
     world: int, extra: list[str], one_process: dict[str, float], builtin_prefix: Path, tmp_path: Path
@@ -61,7 +62,7 @@ def test_context_parallel_runs_train_the_curve_of_one_process(
     command = deepspeed_cmd if "p2p" in extra[0] and world == 2 else launch_cmd
     check(run(command(world, *args)))
     _close(_curve(tmp_path), one_process)
-    if "a2a" not in extra[0]:
+    if "a2a" not in extra[0] and "zero3" not in extra[-1]:  # the resumes: at ZeRO 2 and 3
         return
     first = _curve(tmp_path)
     ckpt = tmp_path / "checkpoints"

@@ -371,11 +371,25 @@ def test_context_parallel_mistakes_name_the_setting(overrides: list[str], messag
         load_config(None, overrides)
 
 
-def test_context_parallel_at_zero3_is_refused_with_the_reason_and_the_fix() -> None:
+def test_context_parallel_at_zero3_takes_the_reduce_scatter_and_scales_the_gradient() -> None:
+    """ZeRO 3 divides CP ranks' gradient parts by DP x CP on its reduce-scatter path (by DP on the other):
+    the reduce-scatter is chosen and the loss's gradient scaled by CP; a JSON that turns it off is refused."""
     from llm.engine.deepspeed_config import deepspeed_setup
 
     cfg = load_config(None, ["parallel.context_parallel_size=2", "deepspeed_config=configs/deepspeed/zero3.json"])
-    with pytest.raises(ConfigError, match=r"ZeRO stage 3 with context parallelism .* does not sum .*zero2.json"):
+    ds, plan = deepspeed_setup(cfg, 2, cuda=False)
+    assert (ds["zero_optimization"]["reduce_scatter"], plan.cp_grad_factor) == (True, 2)
+    ds, plan = deepspeed_setup(load_config(None, ["deepspeed_config=configs/deepspeed/zero3.json"]), 2, cuda=False)
+    assert plan.cp_grad_factor == 1
+
+
+def test_zero3_without_reduce_scatter_under_context_parallelism_is_refused(tmp_path: Path) -> None:
+    from llm.engine.deepspeed_config import deepspeed_setup
+
+    cfg_json = tmp_path / "z3.json"
+    cfg_json.write_text('{"zero_optimization": {"stage": 3, "reduce_scatter": false}}')
+    cfg = load_config(None, ["parallel.context_parallel_size=2", f"deepspeed_config={cfg_json}"])
+    with pytest.raises(ConfigError, match="reduce_scatter: false .* context parallelism .* remove it"):
         deepspeed_setup(cfg, 2, cuda=False)
 
 
