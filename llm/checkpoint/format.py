@@ -317,6 +317,8 @@ RESUMABLE_MODEL_KEYS = (
     "dropout",
     "attention_dropout",
     "init_std",
+    "compile",
+    "loss_chunk_tokens",
 )
 
 

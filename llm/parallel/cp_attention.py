@@ -232,7 +232,7 @@ class _RingAttention(torch.autograd.Function):
         q_pos = cp_positions(s_local * size, size, rank, device=q.device)
         dout = grad_out.float()
         out_q = out.to(q.dtype)  # what the fused kernels' backward takes
-        delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, h, Sq, 1): the explicit path's softmax term
+        delta = None if ctx.fused else (dout * out).sum(dim=-1, keepdim=True)  # (B, h, Sq, 1): explicit blocks
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         travelling = [k, v, torch.zeros(k.shape, dtype=torch.float32, device=k.device),
                       torch.zeros(v.shape, dtype=torch.float32, device=v.device)]  # fmt: skip
@@ -250,6 +250,7 @@ class _RingAttention(torch.autograd.Function):
                 dk, dv = torch.zeros_like(dk_acc), torch.zeros_like(dv_acc)
                 dk[:, :, keys], dv[:, :, keys] = _fold(dk_b.float(), groups), _fold(dv_b.float(), groups)
             else:
+                assert delta is not None
                 mask = _block_mask(q_pos, cp_positions(s_local * size, size, source, device=q.device), doc_ids)
                 ke, ve = _expand(kb, heads).float(), _expand(vb, heads).float()
                 probs = torch.exp(_scores(q.float(), ke, mask, scale) - lse.clamp_min(-1e30)[..., None])
