@@ -96,8 +96,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             n = torch.arange(g.shape[0], device=g.device)
             g[n, local_target] -= (~outside).to(g.dtype)
             g.mul_(grad[rows].unsqueeze(-1))
-            grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight += g.t() @ hidden[rows].float()
+            g_low = g.to(weight.dtype)  # the matmuls in the weights' precision (bf16 on a GPU), as F.linear's
+            grad_hidden[rows] = (g_low @ weight).to(hidden.dtype)
+            grad_weight += (g_low.t() @ hidden[rows].to(weight.dtype)).float()  # summed over chunks in fp32
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 

@@ -80,3 +80,21 @@ def _block_check(device: str, dtype: torch.dtype, tol: float) -> None:
 
 def test_ring_attention_blocks_through_flash_attention_match_explicit_attention_on_cuda() -> None:
     _block_check("cuda", torch.bfloat16, 2e-2)
+
+
+def test_the_chunked_loss_tracks_the_whole_logits_in_bf16_on_cuda() -> None:
+    """model.loss_chunk_tokens in bf16 on a GPU: the loss and the output layer's gradient as the whole
+    logits give them, within bf16's precision."""
+    import dataclasses
+
+    cfg = ModelConfig(architecture="llama", num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=128,
+                      vocab_size=5000)  # fmt: skip
+    whole = build_model(cfg, seed=0).cuda().to(torch.bfloat16)
+    chunked = build_model(dataclasses.replace(cfg, loss_chunk_tokens=96), seed=0).cuda().to(torch.bfloat16)
+    tokens = torch.randint(0, 5000, (4, 129), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    a, b = whole(tokens[:, :-1], tokens[:, 1:]), chunked(tokens[:, :-1], tokens[:, 1:])
+    assert abs(a.item() - b.item()) / a.item() < 1e-2
+    a.backward()
+    b.backward()
+    ga, gb = whole.lm_head.weight.grad.float(), chunked.lm_head.weight.grad.float()
+    assert torch.isfinite(gb).all() and (ga - gb).norm() / ga.norm() < 5e-2
