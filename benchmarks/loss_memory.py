@@ -53,7 +53,7 @@ def variant(tokens: int, hidden: int, vocab: int, chunk: int, device: str) -> di
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    before = _peak_bytes(device) if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _peak_bytes(device)  # what the inputs (and the interpreter) hold
     loss = step()
     peak = _peak_bytes(device) - before
     times = []

@@ -410,7 +410,7 @@ def test_under_pipeline_and_context_parallelism_deepspeed_counts_cp_times_the_ba
     [
         (["logging.profile_step_start=3"], "profile_step_start and logging.profile_step_end go together"),
         (["logging.profile_step_start=5", "logging.profile_step_end=4"], r"profile_step_end \(4\) is before"),
-        (["logging.profile_step_start=0", "logging.profile_step_end=1"], "logging.profile_step_start"),
+        (["logging.profile_step_start=0", "logging.profile_step_end=1"], "logging.profile_step_start = 0 must be positive"),
         (["logging.profile_ranks=[-1]"], "must be a list of ranks"),
     ],
 )
@@ -422,5 +422,5 @@ def test_profile_mistakes_name_the_setting(overrides: list[str], message: str) -
 def test_chunked_loss_with_pipeline_parallelism_is_refused_in_one_line() -> None:
     with pytest.raises(ConfigError, match="loss_chunk_tokens with parallel.pipeline_model_parallel_size > 1"):
         load_config(None, ["model.loss_chunk_tokens=1024", "parallel.pipeline_model_parallel_size=2"])
-    with pytest.raises(ConfigError, match="model.loss_chunk_tokens"):
+    with pytest.raises(ConfigError, match="model.loss_chunk_tokens = 0 must be positive"):
         load_config(None, ["model.loss_chunk_tokens=0"])
