@@ -15,7 +15,7 @@ from llm.config.batches import BatchSchedule
 from llm.errors import LLMError
 
 Architecture = Literal["gpt2", "llama"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "fp8"]
 RunPrecision = Literal["fp32", "bf16", "fp16"]  # auto settled (resolve_precision)
 DecayStyle = Literal["cosine", "linear", "constant", "WSD"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
@@ -174,7 +174,7 @@ class TrainConfig:
     muon_scale: MuonScale = "rms"  # rms: 0.2 sqrt(max(rows, cols)) (Moonlight); shape: sqrt(max(1, rows/cols))
     clip_grad: float = 1.0
     seed: int = 1234
-    precision: Precision = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    precision: Precision = "auto"  # auto = bf16 on CUDA, fp32 on CPU; fp8 = bf16 with FP8 linear layers
     exit_interval: int | None = None
     spike_detection: SpikeDetectionConfig = field(default_factory=SpikeDetectionConfig)
     max_rollbacks: int = 3  # reloads of the latest checkpoint after spikes before the run stops
@@ -332,6 +332,9 @@ class DebugConfig:
     # A slow disk: the background checkpoint writer (checkpoint.async_save) waits this long before
     # writing, so that a test can kill a process while a write is in flight.
     checkpoint_write_delay_seconds: float = 0.0
+    # train.precision: fp8 on CPU, through torch's reference FP8 matmul: slow, and for tests of the FP8
+    # path on a machine without an FP8 GPU only (a real run on CPU is refused).
+    fp8_on_cpu: bool = False
 
 
 @dataclass
@@ -375,7 +378,10 @@ class Config:
 
 
 def resolve_precision(precision: str, *, cuda: bool) -> RunPrecision:
-    """train.precision with `auto` settled: bf16 on a GPU, fp32 on CPU."""
+    """train.precision with `auto` settled (bf16 on a GPU, fp32 on CPU): the engine's precision. fp8 is
+    bf16 to the engine (weights, gradients, everything but the FP8 matmuls of the linear layers)."""
+    if precision == "fp8":
+        return "bf16"
     if precision == "auto":
         return "bf16" if cuda else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):

@@ -366,6 +366,7 @@ def validate(cfg: Config) -> None:
     _check_faults(cfg)
     _check_profile(cfg)
     _check_loss_chunks(cfg)
+    _check_fp8(cfg)
     _check_lm_eval(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)
@@ -394,6 +395,29 @@ def validate(cfg: Config) -> None:
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(
             f"deepspeed_config '{cfg.deepspeed_config}' does not exist; use one of configs/deepspeed/*.json"
+        )
+
+
+def _check_fp8(cfg: Config) -> None:
+    """FP8 GEMMs multiply over the tokens in the weight gradient: a rank's tokens per micro-batch must
+    be a multiple of 16 (the layers' own dimensions are checked where they are built)."""
+    if cfg.train.precision != "fp8":
+        return
+    tp, groups = cfg.parallel.tensor_model_parallel_size, cfg.model.kv_groups
+    if groups % tp:
+        raise ConfigError(
+            f"train.precision: fp8 needs whole KV groups on each tensor-parallel rank (model.num_query_groups = {groups} "
+            f"divisible by parallel.tensor_model_parallel_size = {tp}): where ranks share a group, each holds a partial "
+            "sum of its K/V gradient, which float8 would round unlike one process; use a TP size that divides the "
+            "query groups, or train.precision: bf16"
+        )
+    cp = cfg.parallel.context_parallel_size
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_length // cp
+    if tokens % 16:
+        raise ConfigError(
+            "train.precision: fp8 needs each rank's tokens per micro-batch (train.micro_batch_size x model.seq_length"
+            + (" / parallel.context_parallel_size" if cp > 1 else "")
+            + f" = {tokens}) to be a multiple of 16 (FP8 GEMMs): change model.seq_length or train.micro_batch_size"
         )
 
 

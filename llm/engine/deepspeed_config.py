@@ -15,6 +15,20 @@ from llm.config.loading import merge_trees
 from llm.config.schema import RunPrecision
 
 
+def _check_fp8_device(cfg: Config, *, cuda: bool) -> None:
+    """train.precision: fp8 runs on GPUs with FP8 tensor cores (compute capability 8.9: Ada; 9.0:
+    Hopper; Blackwell), on CPU only for tests (debug.fp8_on_cpu)."""
+    from llm.parallel.fp8 import fp8_available
+
+    why = fp8_available("cuda" if cuda else "cpu")
+    if why is None or (not cuda and cfg.debug.fp8_on_cpu):
+        return
+    raise ConfigError(
+        f"train.precision: fp8 needs an NVIDIA GPU with FP8 tensor cores (H100/H200 or another of compute "
+        f"capability 8.9 or newer), and {why}: use train.precision: bf16"
+    )
+
+
 def _derived_deepspeed(
     cfg: Config, world_size: int, precision: RunPrecision, *, cuda: bool
 ) -> dict[str, Any]:
@@ -171,6 +185,8 @@ def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[s
                 f"deepspeed_config '{cfg.deepspeed_config}' sets '{key}'; the optimizer and LR schedule come "
                 "from the train.* settings: remove it from the JSON"
             )
+    if cfg.train.precision == "fp8":
+        _check_fp8_device(cfg, cuda=cuda)
     precision = resolve_precision(cfg.train.precision, cuda=cuda)
     derived = _derived_deepspeed(cfg, world_size, precision, cuda=cuda)
     problems = _conflicts(user, derived, "")

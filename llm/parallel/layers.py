@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.parallel.fp8 import Fp8Groups, check_fp8_shape, fp8_linear
 from llm.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -113,6 +114,14 @@ def tp_output(partial: torch.Tensor, ctx: ParallelContext, sequence_parallel: bo
     return reduce_scatter_to_sequence(partial, ctx) if sequence_parallel else reduce_from_tp(partial, ctx)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8: Fp8Groups | None) -> torch.Tensor:
+    """x W^T + b, the matmuls in float8 when the layer was switched to FP8 (llm.parallel.fp8)."""
+    if fp8 is None:
+        return F.linear(x, weight, bias)
+    y = fp8_linear(x, weight, fp8)
+    return y if bias is None else y + bias
+
+
 def _divide(n: int, tp: int, what: str) -> int:
     if n % tp:
         raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({tp})")
@@ -141,6 +150,7 @@ class ColumnParallelLinear(nn.Module):
         self.ctx = ctx
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
+        self.fp8: Fp8Groups | None = None  # set by use_fp8 (train.precision: fp8)
         local = _divide(out_features, ctx.tp * stride, "output features / stride") * stride
         self.weight = mark_sharded(
             nn.Parameter(torch.empty(local, in_features)),
@@ -157,7 +167,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, *, gathered: bool = False) -> torch.Tensor:
         """`gathered`: x already went through `tp_input` (shared by several layers reading it)."""
         x = x if gathered else tp_input(x, self.ctx, self.sequence_parallel)
-        y = F.linear(x, self.weight, self.bias)  # (B, S, out / tp)
+        y = linear(x, self.weight, self.bias, self.fp8)  # (B, S, out / tp)
         return gather_from_tp(y, self.ctx) if self.gather_output else y
 
 
@@ -178,6 +188,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.sequence_parallel = sequence_parallel
+        self.fp8: Fp8Groups | None = None  # set by use_fp8 (train.precision: fp8)
         local = _divide(in_features, ctx.tp, "input features")
         self.weight = mark_sharded(
             nn.Parameter(torch.empty(out_features, local)),
@@ -190,7 +201,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
         """`reduce=False`: this rank's partial sums, without the bias (the caller adds several layers'
         partial sums, calls `tp_output` once and adds their `output_bias`)."""
-        y = F.linear(x, self.weight)  # (B, S, out) partial sums
+        y = linear(x, self.weight, None, self.fp8)  # (B, S, out) partial sums
         if not reduce:
             return y
         return self.output_bias(tp_output(y, self.ctx, self.sequence_parallel))
@@ -261,6 +272,7 @@ class GroupedQKVParallelLinear(nn.Module):
         weight.full_shape = torch.Size(((heads + 2 * groups) * head_dim, hidden))  # type: ignore[attr-defined]
         self.weight = weight
         self.bias = None
+        self.fp8: Fp8Groups | None = None  # set by use_fp8 (train.precision: fp8)
 
     def forward(self, x: torch.Tensor, *, gathered: bool = False) -> torch.Tensor:
         x = x if gathered else tp_input(x, self.ctx, self.sequence_parallel)
@@ -271,4 +283,31 @@ class GroupedQKVParallelLinear(nn.Module):
         kv = kv.view(self.share, 2, self.kv_slice, -1)  # (r, k|v, d / r, H)
         k_w = kv[:, 0].reshape(self.share * self.kv_slice, -1)  # (d, H)
         v_w = kv[:, 1].reshape(self.share * self.kv_slice, -1)
-        return F.linear(x, torch.cat([q_w, k_w, v_w]))  # (B, S, (heads / tp + 2) d)
+        return linear(x, torch.cat([q_w, k_w, v_w]), None, self.fp8)  # (B, S, (heads / tp + 2) d)
+
+
+def use_fp8(model: nn.Module, ctx: ParallelContext) -> list[str]:
+    """Switches every column-, row- and grouped-QKV-parallel linear of `model` to FP8 matmuls
+    (train.precision: fp8), with the groups over which each operand is sharded: the weight over TP;
+    the column layers' input over CP (its tokens) and their output gradient over CP x TP; the row
+    layers' input over CP x TP and their output gradient over CP. The LM head, the MoE router and the
+    experts stay in bf16, and so does a grouped QKV layer (fewer KV groups than TP ranks: config
+    validation refuses FP8 there). Returns why layers cannot (dimensions not multiples of 16), empty if
+    all can."""
+
+    def group(kind: str, size: int) -> Any:
+        return ctx.groups[kind] if size > 1 else None
+
+    tp, cp, both = group("tp", ctx.tp), group("cp", ctx.cp), group("cp_tp", ctx.tp * ctx.cp)
+    problems = []
+    for name, module in model.named_modules():
+        if isinstance(module, RowParallelLinear):
+            module.fp8 = Fp8Groups(input=both, weight=tp, grad_output=cp)
+        elif isinstance(module, ColumnParallelLinear):
+            module.fp8 = Fp8Groups(input=cp, weight=tp, grad_output=both)
+        else:
+            continue
+        problem = check_fp8_shape(name, module.weight)
+        if problem:
+            problems.append(problem)
+    return problems

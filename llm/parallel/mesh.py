@@ -40,6 +40,7 @@ GROUP_AXES: dict[str, tuple[str, ...]] = {
     "edp": ("edp",),
     "dp_cp": ("dp", "cp"),
     "edp_cp": ("edp", "cp"),
+    "cp_tp": ("cp", "tp"),
     "mp": ("pp", "tp"),
     "island": ("island",),
     "data": ("island", "dp"),

@@ -26,6 +26,7 @@ from llm.engine.experts import register_experts
 from llm.engine.mpu import MeshMPU
 from llm.errors import LLMError, on_every_rank
 from llm.model.gpt import build_model, count_parameters, parameter_groups
+from llm.parallel.layers import use_fp8
 from llm.parallel.placement import gather_placement
 from llm.parallel.process_groups import ParallelContext, is_collective_timeout
 from llm.parallel.random import RNGTracker
@@ -231,6 +232,15 @@ def _build_engine(
         model: torch.nn.Module = build_pipeline_model(cfg, ctx, rng)
     else:
         model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
+    if cfg.train.precision == "fp8":
+        problems = use_fp8(model, ctx)
+        if problems:
+            raise ConfigError(
+                f"train.precision: fp8 needs the linear layers' dimensions in multiples of 16 (FP8 GEMMs): "
+                f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                + "; choose model.hidden_size, model.ffn_hidden_size and model.num_attention_heads so that each rank's share is"
+                " a multiple of 16, or use train.precision: bf16"
+            )
     num_params = count_parameters(model)
     logger.info("model: %s, %.2fM parameters on this rank; %s", cfg.model.architecture, num_params / 1e6,
                 ctx.describe())  # fmt: skip

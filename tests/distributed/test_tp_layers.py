@@ -133,3 +133,47 @@ def _sequence_mappings(rank: int, world: int) -> None:
 @pytest.mark.parametrize("fn", [_column, _row, _embedding_and_loss, _sequence_mappings])
 def test_layer_matches_dense(fn, world: int) -> None:
     spawn(fn, world)
+
+
+def _fp8_column_then_row(rank: int, world: int, tp: int, cp: int) -> None:
+    """A column-parallel then a row-parallel linear in FP8 at TP x CP (the sequence split into CP
+    chunks) against the same two layers in one process. One TP shard of each weight and one CP chunk
+    of the tokens are 16 x larger than the rest, so each shard's own amax would give another scale
+    than the whole tensor's: only the maximum over the sharing ranks casts as one process does."""
+    from llm.parallel.fp8 import Fp8Groups, fp8_linear
+    from llm.parallel.layers import use_fp8
+
+    ctx = ParallelContext.build(tp=tp, cp=cp)
+    g = torch.Generator().manual_seed(2)
+    hidden, ffn, seq = 32, 32 * tp, 16 * cp
+    w1, w2 = torch.randn(ffn, hidden, generator=g) * 0.1, torch.randn(hidden, ffn, generator=g) * 0.1
+    w1[: ffn // tp] *= 16  # TP shard 0's rows of the column layer, columns of the row layer
+    w2[:, : ffn // tp] *= 16
+    x, upstream = torch.randn(2, seq, hidden, generator=g), torch.randn(2, seq, hidden, generator=g)
+    x[:, : seq // cp] *= 16  # CP chunk 0's tokens
+    upstream[:, seq // cp :] *= 16
+    col = ColumnParallelLinear(hidden, ffn, bias=False, ctx=ctx)
+    row = RowParallelLinear(ffn, hidden, bias=False, ctx=ctx)
+    with torch.no_grad():
+        col.weight.copy_(shard_tensor(w1, dim=0, stride=1, rank=ctx.tp_rank, size=tp))
+        row.weight.copy_(shard_tensor(w2, dim=1, stride=1, rank=ctx.tp_rank, size=tp))
+    assert use_fp8(torch.nn.ModuleList([col, row]), ctx) == []
+    chunk = slice(ctx.cp_rank * (seq // cp), (ctx.cp_rank + 1) * (seq // cp))
+    xp = x[:, chunk].clone().requires_grad_(True)
+    y = row(col(xp))
+    y.backward(upstream[:, chunk])
+    xr, w1r, w2r = (t.clone().requires_grad_(True) for t in (x, w1, w2))
+    yr = fp8_linear(fp8_linear(xr, w1r, Fp8Groups()), w2r, Fp8Groups())
+    yr.backward(upstream)
+    torch.testing.assert_close(y, yr[:, chunk].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xp.grad, xr.grad[:, chunk], rtol=1e-5, atol=1e-5)
+    for layer, full, dim in ((col, w1r, 0), (row, w2r, 1)):
+        grad = layer.weight.grad.clone()  # each CP rank's tokens' part: the sum is the whole batch's
+        torch.distributed.all_reduce(grad, group=ctx.groups["cp"]) if cp > 1 else None
+        expected = shard_tensor(full.grad, dim=dim, stride=1, rank=ctx.tp_rank, size=tp)
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tp, cp", [(2, 1), (2, 2)])
+def test_fp8_layers_cast_every_sharded_operand_with_the_whole_tensors_scale(tp: int, cp: int) -> None:
+    spawn(_fp8_column_then_row, tp * cp, tp, cp)

@@ -10,7 +10,7 @@ from llm.checkpoint.engine import parameter_splits
 from llm.config import DataConfig, ModelConfig
 from llm.model.gpt import build_model
 from llm.model.inputs import model_inputs
-from llm.parallel.layers import merge_by_spec, partition_info
+from llm.parallel.layers import merge_by_spec, partition_info, use_fp8
 from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 from tests.distributed.harness import spawn
@@ -57,7 +57,7 @@ def _expected_spec(name: str, cfg: ModelConfig, tp: int) -> dict | None:
 
 def _parity(
     rank: int, world: int, arch: str, sp: bool, groups: int = 2, docs: bool = False, norms: int = 0,
-    chunk: int | None = None,
+    chunk: int | None = None, fp8: bool = False,
 ) -> None:  # fmt: skip
     torch.manual_seed(0)
     ctx = ParallelContext.build(tp=world)
@@ -68,6 +68,8 @@ def _parity(
     recorded = {n: e["spec"] for n, e in parameter_splits(tp_model, cfg.num_layers).items() if e["spec"]}
     assert recorded == {n: spec for n, spec in expected.items() if spec is not None}
     ref = build_model(dense_cfg, seed=7)  # layout-independent init: same full weights
+    if fp8:  # the linear layers' matmuls in float8 on both (train.precision: fp8)
+        assert use_fp8(tp_model, ctx) == [] and use_fp8(ref, ParallelContext.single()) == []
     tokens = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
     extra: dict = {}
     if docs:  # document-aware: end-of-document tokens in every sample, attention and positions per document
@@ -92,7 +94,7 @@ def _parity(
             if name in ("embed.weight", "lm_head.weight"):
                 full, expected = full[:VOCAB], expected[:VOCAB]
                 assert torch.count_nonzero(_gathered(p, ctx)[VOCAB:]) == 0, "padded rows got gradient"
-            torch.testing.assert_close(full, expected, atol=2e-5, rtol=0, msg=f"step {step}: {name}")
+            torch.testing.assert_close(full, expected, atol=2e-5, rtol=0, msg=lambda m, s=step, n=name: f"step {s}: {n}: {m}")
         opt_tp.step()
         opt_ref.step()
         opt_tp.zero_grad()
@@ -119,6 +121,14 @@ def test_chunked_loss_under_tensor_parallelism_matches_the_whole_logits_of_one_p
     """model.loss_chunk_tokens: the vocabulary-parallel LM head and loss over chunks of tokens (7: the
     last chunk shorter) against one process computing the whole logits."""
     spawn(_parity, world, arch, sp, 2, False, 0, chunk)
+
+
+@pytest.mark.parametrize("world, arch, sp", [(2, "gpt2", True), (4, "llama", False)])
+def test_fp8_linears_under_tensor_parallelism_match_fp8_in_one_process(world: int, arch: str, sp: bool) -> None:
+    """train.precision: fp8's matmuls (fp32 around them here, so that only float8 differs): every
+    operand sharded over TP gets the scale of the whole tensor, so the TP model casts exactly what one
+    process casts: the same logits, loss and gradients to fp32 rounding, over three AdamW steps."""
+    spawn(_parity, world, arch, sp, 4, False, 0, None, True)
 
 
 def test_document_aware_attention_under_tensor_parallelism() -> None:

@@ -98,3 +98,31 @@ def test_the_chunked_loss_tracks_the_whole_logits_in_bf16_on_cuda() -> None:
     b.backward()
     ga, gb = whole.lm_head.weight.grad.float(), chunked.lm_head.weight.grad.float()
     assert torch.isfinite(gb).all() and (ga - gb).norm() / ga.norm() < 5e-2
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
+)
+def test_fp8_linear_through_cublas_matches_the_float8_rounded_operands_on_cuda() -> None:
+    """train.precision: fp8's matmuls through cuBLAS's FP8 GEMMs (bf16 in and out): forward and both
+    backward matmuls against the float8-rounded operands multiplied in fp32, within bf16's rounding of
+    the output; and the CPU reference kernel gives the same."""
+    from llm.parallel.fp8 import E4M3, E5M2, Fp8Groups, fp8_linear
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(4, 256, 512, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(768, 512, device="cuda", generator=g) * 0.02).to(torch.bfloat16).requires_grad_(True)
+    y = fp8_linear(x, w, Fp8Groups())
+    upstream = torch.randn(y.shape, device="cuda", generator=g).to(torch.bfloat16)
+    y.backward(upstream)
+
+    def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        scale = 2.0 ** torch.floor(torch.log2(torch.finfo(dtype).max / t.float().abs().max()))
+        return (t.float() * scale).to(dtype).float() / scale
+
+    xq, wq, gq = rounded(x.detach(), E4M3), rounded(w.detach(), E4M3), rounded(upstream, E5M2)
+    for got, want in ((y, xq @ wq.t()), (x.grad, gq @ wq), (w.grad, torch.einsum("bso,bsi->oi", gq, xq))):
+        err = (got.float() - want).norm() / want.norm()
+        assert err < 4e-3, err  # bf16 output rounding: about 2e-3
+    on_cpu = fp8_linear(x.detach().cpu(), w.detach().cpu(), Fp8Groups())
+    torch.testing.assert_close(y.detach().cpu(), on_cpu, rtol=1.6e-2, atol=1e-2)

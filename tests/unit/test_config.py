@@ -67,7 +67,7 @@ def test_defaults_and_dotted_overrides() -> None:
             "seq_length \\(30\\)",
         ),
         (["train.min_lr=1", "train.lr=0.1"], "train.min_lr"),
-        (["train.precision=fp8"], "train.precision"),
+        (["train.precision=fp4"], "train.precision"),
         (["deepspeed_config=nope.json"], "does not exist"),
         (
             ["train.lr_warmup_iters=5000", "train.train_iters=100"],
