@@ -219,6 +219,14 @@ def deepspeed_setup(cfg: Config, world_size: int, *, cuda: bool) -> tuple[dict[s
             f"(pipeline_model_parallel_size = {cfg.parallel.pipeline_model_parallel_size}): use "
             "configs/deepspeed/zero1.json or zero0.json"
         )
+    if stage == 0 and precision == "bf16" and cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"bf16 (train.precision: {cfg.train.precision}) with pipeline parallelism needs ZeRO stage 1 (this run: "
+            + (f"stage 0 from '{cfg.deepspeed_config}'" if cfg.deepspeed_config else "stage 0, no deepspeed_config")
+            + "): DeepSpeed's pipeline engine runs bf16 at stage 0 with gradients accumulated in bf16, which llm's "
+            "checkpoints do not support; use configs/deepspeed/zero1.json (fp32 accumulation; also at one "
+            "data-parallel rank)"
+        )
     if stage == 3 and cfg.parallel.tensor_model_parallel_size > 1:
         raise ConfigError(
             "ZeRO stage 3 with tensor parallelism is not supported: use configs/deepspeed/zero1.json or "

@@ -153,7 +153,11 @@ def _layouts(cfg: Config, tp: int, pp: int, cp: int, dp: int, gbs: int, precisio
     out = []
     for mb in (b for b in (1, 2, 4, 8, 16, 32) if gbs % (b * dp) == 0):
         for zero in range(4):
-            if (pp > 1 and zero > 1) or (tp > 1 and zero == 3) or (dp * cp == 1 and zero > 0):
+            # bf16 pipelines run at ZeRO 1 (config check), also at one data-parallel rank
+            bf16_pipeline = pp > 1 and precision != "fp32"
+            if (pp > 1 and zero > 1) or (tp > 1 and zero == 3) or (dp * cp == 1 and zero > int(bf16_pipeline)):
+                continue
+            if bf16_pipeline and zero == 0:
                 continue
             if cfg.model.is_moe and (zero == 3 or (zero == 0 and precision != "fp32")):
                 continue  # what a mixture of experts cannot run at (validation refuses it)

@@ -185,6 +185,20 @@ def test_fp16_on_cpu_is_refused_clearly() -> None:
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
 
 
+def test_bf16_pipeline_at_zero0_is_refused_with_the_fix() -> None:
+    """DeepSpeed runs bf16 pipelines at stage 0 through its flat bf16 optimizer with bf16 gradient
+    accumulation; checkpoints written that way failed to save (found with train.precision: fp8)."""
+    for precision in ("bf16", "fp8"):
+        cfg = load_config(None, ["parallel.pipeline_model_parallel_size=2", f"train.precision={precision}",
+                                 "debug.fp8_on_cpu=true", "train.global_batch_size=8", "train.micro_batch_size=1"])  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"^bf16 \(train.precision: {precision}\) with pipeline parallelism needs "
+                                              r"ZeRO stage 1 .*use configs/deepspeed/zero1.json"):  # fmt: skip
+            build_deepspeed_config(cfg, 2, cuda=False)
+    fp32 = load_config(None, ["parallel.pipeline_model_parallel_size=2", "train.precision=fp32",
+                              "train.global_batch_size=8", "train.micro_batch_size=1"])  # fmt: skip
+    assert build_deepspeed_config(fp32, 2, cuda=False)["zero_optimization"]["stage"] == 0
+
+
 def test_zero2_with_pipeline_is_refused_with_the_fix() -> None:
     cfg = load_config(None, ["parallel.pipeline_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero2.json",
                              "train.global_batch_size=8", "train.micro_batch_size=1"])  # fmt: skip
@@ -292,7 +306,11 @@ def test_compressed_communication_settings(tmp_path: Path) -> None:
             False,
             ("fp32", 1, False, "deepspeed", "deepspeed"),
         ),
-        (["parallel.pipeline_model_parallel_size=2"], True, ("bf16", 0, True, "deepspeed", "deepspeed")),
+        (
+            ["parallel.pipeline_model_parallel_size=2", "deepspeed_config=configs/deepspeed/zero1.json"],
+            True,
+            ("bf16", 1, True, "deepspeed", "deepspeed"),
+        ),
     ],
 )
 def test_the_optimizer_plan_decides_who_builds_clips_and_reports(

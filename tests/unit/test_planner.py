@@ -187,3 +187,16 @@ def test_the_planner_divides_activations_by_cp_and_chooses_it_for_a_long_sequenc
         f"deepspeed_config=configs/deepspeed/zero{pick.layout.zero}.json",
     ])  # fmt: skip
     build_deepspeed_config(chosen, 8, cuda=True)  # a layout llm accepts
+
+
+def test_the_planner_runs_bf16_pipelines_at_zero1_also_at_one_data_parallel_rank() -> None:
+    """bf16 with PP at ZeRO 0 is refused (config check): the candidates are ZeRO 1 there, fp32 keeps ZeRO 0."""
+    from llm.planner.search import candidate_layouts
+
+    cfg = load_config("configs/gpt2_1.3b.yaml", [])
+    cluster = Cluster(1, 8)
+    bf16 = [lay for lay in candidate_layouts(cfg, cluster) if lay.pp > 1]
+    assert bf16 and {lay.zero for lay in bf16} == {1}
+    assert any(lay.dp == 1 and lay.cp == 1 for lay in bf16)
+    fp32 = [lay for lay in candidate_layouts(cfg, cluster, precision="fp32") if lay.pp > 1]
+    assert 0 in {lay.zero for lay in fp32}
