@@ -169,6 +169,9 @@ class BackgroundSave:
         self.tag_dir, self.error, self.seconds = tag_dir, None, None
 
         def run() -> None:
+            # Training's threads first: this thread hashes the files and waits for the writer (Linux
+            # keeps a nice value per thread; the writer process runs at 19 too).
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             start = time.perf_counter()
             try:
                 if self.delay:  # debug.checkpoint_write_delay_seconds: a slow disk, for fault tests
