@@ -22,7 +22,7 @@ def test_a_config_read_back_from_a_checkpoint_is_validated(tmp_path: Path) -> No
     with pytest.raises(CheckpointError, match="num_attention_heads"):
         config_from_meta({"config": bad})
     bad = Config().to_dict()
-    bad["train"]["precision"] = "fp8"
+    bad["train"]["precision"] = "fp4"
     with pytest.raises(CheckpointError, match="train.precision"):
         config_from_meta({"config": bad})
 
