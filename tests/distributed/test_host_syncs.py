@@ -40,7 +40,7 @@ def _count_calls(found: list[str]) -> None:
         setattr(torch.Tensor, name, counted)
 
 
-def _run(rank: int, world: int, zero: int) -> None:
+def _run(rank: int, world: int, zero: int, precision: str) -> None:
     from llm.engine.build import initialize_engine
     from llm.engine.deepspeed_config import deepspeed_setup
     from llm.engine.mpu import MeshMPU
@@ -50,12 +50,16 @@ def _run(rank: int, world: int, zero: int) -> None:
 
     cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2",
                              "model.seq_length=16", "model.vocab_size=300", "train.micro_batch_size=2",
-                             "train.global_batch_size=8", "train.precision=fp32", "train.lr_warmup_iters=1",
-                             f"deepspeed_config=configs/deepspeed/zero{zero}.json"])  # fmt: skip
+                             "train.global_batch_size=8", f"train.precision={precision}", "train.lr_warmup_iters=1",
+                             "debug.fp8_on_cpu=true", f"deepspeed_config=configs/deepspeed/zero{zero}.json"])  # fmt: skip
     ctx = ParallelContext.build()
     ds, plan = deepspeed_setup(cfg, world, cuda=False)
     rng = RNGTracker()
     model = build_model(cfg.model, seed=1, ctx=ctx, rng=rng)
+    if precision == "fp8":  # the scales stay on the device: no synchronisation either
+        from llm.parallel.layers import use_fp8
+
+        assert use_fp8(model, ctx) == []
     groups = parameter_groups(model, cfg.train.weight_decay)
     opt = clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None
     engine = initialize_engine(model, optimizer=opt, parameter_groups=groups, ds_config=ds,
@@ -74,6 +78,6 @@ def _run(rank: int, world: int, zero: int) -> None:
     assert float(result.grad_norm) > 0  # type: ignore[arg-type]  (read when logged)
 
 
-@pytest.mark.parametrize("zero", [0, 1])
-def test_a_training_step_synchronises_with_the_device_at_most_once(zero: int) -> None:
-    spawn(_run, 2, zero)
+@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (1, "fp32"), (1, "fp8")])
+def test_a_training_step_synchronises_with_the_device_at_most_once(zero: int, precision: str) -> None:
+    spawn(_run, 2, zero, precision)
