@@ -22,6 +22,7 @@ wait for it. The host copy is one checkpoint's shard per rank, freed once writte
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import queue
@@ -170,8 +171,10 @@ class BackgroundSave:
 
         def run() -> None:
             # Training's threads first: this thread hashes the files and waits for the writer (Linux
-            # keeps a nice value per thread; the writer process runs at 19 too).
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            # keeps a nice value per thread; the writer process runs at 19 too). Elsewhere the call may
+            # fail or apply to the process: it is an optimisation, never a reason to fail the save.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             start = time.perf_counter()
             try:
                 if self.delay:  # debug.checkpoint_write_delay_seconds: a slow disk, for fault tests

@@ -272,7 +272,6 @@ class GroupedQKVParallelLinear(nn.Module):
         weight.full_shape = torch.Size(((heads + 2 * groups) * head_dim, hidden))  # type: ignore[attr-defined]
         self.weight = weight
         self.bias = None
-        self.fp8: Fp8Groups | None = None  # set by use_fp8 (train.precision: fp8)
 
     def forward(self, x: torch.Tensor, *, gathered: bool = False) -> torch.Tensor:
         x = x if gathered else tp_input(x, self.ctx, self.sequence_parallel)
@@ -283,17 +282,17 @@ class GroupedQKVParallelLinear(nn.Module):
         kv = kv.view(self.share, 2, self.kv_slice, -1)  # (r, k|v, d / r, H)
         k_w = kv[:, 0].reshape(self.share * self.kv_slice, -1)  # (d, H)
         v_w = kv[:, 1].reshape(self.share * self.kv_slice, -1)
-        return linear(x, torch.cat([q_w, k_w, v_w]), None, self.fp8)  # (B, S, (heads / tp + 2) d)
+        return F.linear(x, torch.cat([q_w, k_w, v_w]))  # (B, S, (heads / tp + 2) d)
 
 
 def use_fp8(model: nn.Module, ctx: ParallelContext) -> list[str]:
-    """Switches every column-, row- and grouped-QKV-parallel linear of `model` to FP8 matmuls
-    (train.precision: fp8), with the groups over which each operand is sharded: the weight over TP;
-    the column layers' input over CP (its tokens) and their output gradient over CP x TP; the row
-    layers' input over CP x TP and their output gradient over CP. The LM head, the MoE router and the
-    experts stay in bf16, and so does a grouped QKV layer (fewer KV groups than TP ranks: config
-    validation refuses FP8 there). Returns why layers cannot (dimensions not multiples of 16), empty if
-    all can."""
+    """Switches every column- and row-parallel linear of `model` to FP8 matmuls (train.precision: fp8),
+    with the groups over which each operand is sharded: the weight over TP; the column layers' input
+    over CP (its tokens) and their output gradient over CP x TP; the row layers' input over CP x TP and
+    their output gradient over CP. The LM head, the MoE router and the experts stay in bf16. Returns why
+    layers cannot, empty if all can: dimensions not multiples of 16, or a grouped QKV layer (fewer KV
+    groups than TP ranks: each rank's K/V gradient is a partial sum, which float8 would round unlike
+    one process; config validation refuses it first)."""
 
     def group(kind: str, size: int) -> Any:
         return ctx.groups[kind] if size > 1 else None
@@ -305,6 +304,9 @@ def use_fp8(model: nn.Module, ctx: ParallelContext) -> list[str]:
             module.fp8 = Fp8Groups(input=both, weight=tp, grad_output=cp)
         elif isinstance(module, ColumnParallelLinear):
             module.fp8 = Fp8Groups(input=cp, weight=tp, grad_output=both)
+        elif isinstance(module, GroupedQKVParallelLinear):
+            problems.append(f"{name} shares its KV group with other TP ranks (fewer KV groups than TP ranks)")
+            continue
         else:
             continue
         problem = check_fp8_shape(name, module.weight)

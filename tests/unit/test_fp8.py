@@ -110,3 +110,14 @@ def test_fp8_needs_a_multiple_of_16_tokens_per_rank() -> None:
         validate(cfg)
     cfg.train.micro_batch_size, cfg.train.global_batch_size = 4, 4
     validate(cfg)
+
+
+def test_fp8_needs_whole_kv_groups_per_tensor_parallel_rank() -> None:
+    cfg = Config()
+    cfg.train.precision = "fp8"
+    cfg.model.architecture, cfg.model.num_attention_heads, cfg.model.num_query_groups = "llama", 12, 2
+    cfg.parallel.tensor_model_parallel_size = 4
+    with pytest.raises(ConfigError, match=r"whole KV groups .*num_query_groups = 2 divisible by .*size = 4"):
+        validate(cfg)
+    cfg.parallel.tensor_model_parallel_size = 2
+    validate(cfg)
