@@ -98,6 +98,17 @@ def _tensors(obj: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
     return []
 
 
+def run_when_idle(tid: int) -> None:
+    """Lets thread `tid` (0: the caller) run only on CPU time training leaves idle: Linux's SCHED_IDLE
+    policy, and nice 19 where that is missing (Linux keeps both per thread). The background write has
+    until the next save, which waits for it, so it cannot starve for longer. An optimisation, never a
+    reason to fail a save: where neither call works, the thread keeps its priority."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
 class WriterProcess:
     """A process that writes state dicts with torch.save. A thread of the training process would hold
     the interpreter lock for most of a write (torch.save does), stalling the training thread for as
@@ -132,7 +143,7 @@ def _writer_main(requests: Any, replies: Any, parent: int) -> None:
     # exit stops it (multiprocessing terminates daemonic children).
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(19)  # training's threads first: the write has until the next save
+    run_when_idle(0)  # training's threads first: the write has until the next save
     while True:
         try:
             item = requests.get(timeout=1.0)
@@ -170,11 +181,7 @@ class BackgroundSave:
         self.tag_dir, self.error, self.seconds = tag_dir, None, None
 
         def run() -> None:
-            # Training's threads first: this thread hashes the files and waits for the writer (Linux
-            # keeps a nice value per thread; the writer process runs at 19 too). Elsewhere the call may
-            # fail or apply to the process: it is an optimisation, never a reason to fail the save.
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            run_when_idle(threading.get_native_id())  # this thread hashes and waits for the writer
             start = time.perf_counter()
             try:
                 if self.delay:  # debug.checkpoint_write_delay_seconds: a slow disk, for fault tests
