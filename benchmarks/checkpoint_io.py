@@ -158,13 +158,18 @@ def main() -> None:
                         help="with --async-only: the config trained (a GPU: configs/gpt2_125m.yaml)")
     parser.add_argument("--async-override", nargs="*", default=[],
                         help="with --async-only: overrides for it (default: the GPT-2 125M shape on tiny_cpu)")
+    parser.add_argument("--async-iters", type=int, default=32, help="with --async-only: training iterations")
+    parser.add_argument("--async-save-interval", type=int, default=8,
+                        help="with --async-only: iterations between saves (longer than a write on a GPU)")
     args = parser.parse_args()
     if not args.data.with_suffix(".idx").exists():
         raise SystemExit(f"{args.data}.idx missing: run scripts/quickstart.sh (or preprocess_data.py) first")
     if args.async_only:
         with tempfile.TemporaryDirectory() as tmp:
             shape = args.async_override if args.async_config != "configs/tiny_cpu.yaml" else [*BIG, *args.async_override]
-            report("checkpoint_io", {"async_saves": async_saves(32, Path(tmp), args.data, shape, args.async_config)})
+            result = async_saves(args.async_iters, Path(tmp), args.data, shape, args.async_config,
+                                 save_interval=args.async_save_interval)  # fmt: skip
+            report("checkpoint_io", {"async_saves": result})
         return
     gb, iters, extra = (1 / 64, 3, SMOKE) if args.smoke else (args.gb, args.iters, BENCH_SHAPE)
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,8 +11,8 @@
 # 2. llama_1b_32k at C = 1 on the one GPU (activation checkpointing): tokens/s and peak memory at 32k.
 # 3. The LM head and loss over chunks of tokens against the whole logits: peak memory and time in bf16
 #    (benchmarks/loss_memory.py --device cuda).
-# 4. Asynchronous saves on gpt2_125m: the blocking part against a synchronous save, and the step time
-#    during background writes (benchmarks/checkpoint_io.py --async-only).
+#
+# Asynchronous saves on a GPU are benchmarks/gpu_saves.sh's.
 #
 #   bash benchmarks/gpu_profile.sh [OUT_DIR]      (repository root; makes data/builtin if missing)
 set -uo pipefail
@@ -68,9 +68,3 @@ summary "$runs/llama_1b_32k" | tee "$out/llama_1b_32k.txt"
 echo "== the LM head and loss over chunks of tokens (model.loss_chunk_tokens), bf16, 16k tokens x 50k vocabulary"
 timeout 60 python3 benchmarks/loss_memory.py --device cuda --tokens 16384 > "$out/loss_memory_gpu.json" 2>&1
 echo "exit $?"; tail -25 "$out/loss_memory_gpu.json"
-
-echo "== asynchronous saves, gpt2_125m bf16 (a save every 4 steps, 16 steps, sync then async)"
-timeout 150 python3 benchmarks/checkpoint_io.py --async-only --async-config configs/gpt2_125m.yaml \
-  --async-override train.micro_batch_size=16 train.global_batch_size=16 train.precision=bf16 \
-  deepspeed_config=configs/deepspeed/zero1.json > "$out/async_saves_125m.json" 2>&1
-echo "exit $?"; tail -15 "$out/async_saves_125m.json"
