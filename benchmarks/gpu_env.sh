@@ -16,3 +16,22 @@ if [ ! -f data/builtin/builtin_text_document.idx ]; then
     --output-prefix data/builtin/builtin_text_document --workers 8 --no-progress > "$out/builtin_data.log" 2>&1 \
     || { tail -5 "$out/builtin_data.log"; exit 1; }
 fi
+
+steady_steps() {  # run directory, first iteration counted [, iterations left out] -> medians of the steps
+  python3 - "$@" <<'PY'
+import json, statistics, sys
+d, first, left_out = sys.argv[1], int(sys.argv[2]), {int(i) for i in sys.argv[3:]}
+try:
+    rs = [json.loads(l) for l in open(f"{d}/metrics.jsonl") if l.strip()]
+except OSError as e:
+    sys.exit(f"no metrics: {e}")
+steps = [r for r in rs if "tokens_per_sec" in r and r["iteration"] >= first and r["iteration"] not in left_out]
+def med(k):
+    values = [r[k] for r in steps if r.get(k) is not None]
+    return statistics.median(values) if values else None
+if steps:
+    print({"tokens_per_sec": med("tokens_per_sec"), "mfu": med("mfu"), "tflops_per_gpu": med("tflops_per_gpu"),
+           "step_time": med("step_time"), "peak_memory_gb": max((r.get("peak_memory_gb") or 0) for r in steps),
+           "last_loss": steps[-1].get("loss")})
+PY
+}

@@ -56,17 +56,7 @@ for precision in bf16 fp8; do
       train.micro_batch_size=8 train.global_batch_size=8 logging.log_interval=1 logging.dir=$runs/$name \
       > "$out/$name.log" 2>&1
     echo "$name exit $?"
-    python3 - "$runs/$name" <<'PY' | tee "$out/$name.txt"
-import json, statistics, sys
-rs = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl") if l.strip()]
-steps = [r for r in rs if "tokens_per_sec" in r and r["iteration"] >= 5]
-if steps:
-    def med(k):
-        values = [r[k] for r in steps if r.get(k) is not None]
-        return statistics.median(values) if values else None
-    print({"tokens_per_sec": med("tokens_per_sec"), "mfu": med("mfu"), "step_time": med("step_time"),
-           "peak_memory_gb": max((r.get("peak_memory_gb") or 0) for r in steps), "last_loss": steps[-1].get("loss")})
-PY
+    steady_steps "$runs/$name" 5 | tee "$out/$name.txt"
   done
 done
 

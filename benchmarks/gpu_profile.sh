@@ -26,21 +26,9 @@ short=(train.train_iters=8 train.lr_warmup_iters=2 eval.eval_interval=1000 eval.
        logging.profile_step_start=6 logging.profile_step_end=7 train.precision=bf16
        deepspeed_config=configs/deepspeed/zero0.json)
 
-summary() {  # run directory -> the steady steps' throughput and the profile table
-  python3 - "$1" <<'EOF'
-import json, statistics, sys
-d = sys.argv[1]
-rs = [json.loads(l) for l in open(f"{d}/metrics.jsonl") if l.strip()]
-steps = [r for r in rs if "tokens_per_sec" in r and r["iteration"] >= 4 and r["iteration"] not in (6, 7)]
-if steps:
-    med = lambda k: statistics.median(r[k] for r in steps if r.get(k) is not None) if any(r.get(k) is not None for r in steps) else None
-    print({"tokens_per_sec": med("tokens_per_sec"), "mfu": med("mfu"), "tflops_per_gpu": med("tflops_per_gpu"),
-           "step_time": med("step_time"), "peak_memory_gb": max((r.get("peak_memory_gb") or 0) for r in steps)})
-try:
-    print(open(f"{d}/profile/summary_rank00000.txt").read())
-except OSError as e:
-    print("no profile:", e)
-EOF
+summary() {  # run directory -> the steady steps' throughput (profiled iterations 6-7 left out) and the profile table
+  steady_steps "$1" 4 6 7
+  cat "$1/profile/summary_rank00000.txt" 2>/dev/null || echo "no profile in $1/profile"
 }
 
 for preset in "gpt2_125m 16" "gpt2_1.3b 8" "llama_1b 8"; do

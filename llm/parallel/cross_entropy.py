@@ -30,12 +30,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local = logits.shape[-1]
         ids = torch.arange(vocab_start, vocab_start + local, device=logits.device)
         logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
-        row_max = all_reduce_max(logits.max(dim=-1).values.detach().clone(), pctx)
-        shifted = logits - row_max.unsqueeze(-1)  # (N, V / tp)
-        outside = (target < vocab_start) | (target >= vocab_start + local)
-        local_target = (target - vocab_start).masked_fill(outside, 0)
-        target_logit = shifted.gather(1, local_target.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)
-        target_logit = all_reduce_sum(target_logit.contiguous(), pctx)
+        local_target, outside = _local_targets(target, vocab_start, local)
+        shifted, _, target_logit = _shifted(logits, local_target, outside, pctx)  # (N, V / tp), (N,)
         exp = shifted.exp()
         sum_exp = all_reduce_sum(exp.sum(dim=-1), pctx)  # (N,)
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_target, outside)
@@ -44,10 +40,34 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         softmax, local_target, outside = ctx.saved_tensors
-        g = softmax.clone()
-        rows = torch.arange(g.shape[0], device=g.device)
-        g[rows, local_target] -= (~outside).to(g.dtype)
+        g = _minus_one_hot(softmax.clone(), local_target, outside)
         return g * grad.unsqueeze(-1), None, None, None, None
+
+
+def _local_targets(target: torch.Tensor, vocab_start: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target ids as columns of this rank's shard [vocab_start, vocab_start + local) (0 where outside),
+    and which targets lie outside it."""
+    outside = (target < vocab_start) | (target >= vocab_start + local)
+    return (target - vocab_start).masked_fill(outside, 0), outside
+
+
+def _shifted(
+    logits: torch.Tensor, local_target: torch.Tensor, outside: torch.Tensor, pctx: ParallelContext
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local logits minus each row's maximum over the whole vocabulary (all-reduce MAX), that maximum,
+    and each row's target logit after the shift (all-reduce SUM: one rank holds it)."""
+    row_max = all_reduce_max(logits.max(dim=-1).values.detach().clone(), pctx)
+    shifted = logits - row_max.unsqueeze(-1)
+    target_logit = shifted.gather(1, local_target.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)
+    return shifted, row_max, all_reduce_sum(target_logit.contiguous(), pctx)
+
+
+def _minus_one_hot(softmax: torch.Tensor, local_target: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """The softmax minus the one-hot of each row's target where this rank holds it (in place): the
+    cross-entropy's gradient with respect to the logits."""
+    rows = torch.arange(softmax.shape[0], device=softmax.device)
+    softmax[rows, local_target] -= (~outside).to(softmax.dtype)
+    return softmax
 
 
 def vocab_parallel_cross_entropy(
@@ -73,10 +93,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits, local_target, outside = _chunk_logits(hidden[rows], weight, target[rows], vocab_start, vocab_size)
-            row_max = all_reduce_max(logits.max(dim=-1).values, pctx)
-            shifted = logits - row_max.unsqueeze(-1)
-            target_logit = shifted.gather(1, local_target.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)
-            target_logit = all_reduce_sum(target_logit.contiguous(), pctx)
+            shifted, row_max, target_logit = _shifted(logits, local_target, outside, pctx)
             log_sum = all_reduce_sum(shifted.exp_().sum(dim=-1), pctx).log_()
             losses[rows] = log_sum - target_logit
             lse[rows] = log_sum + row_max
@@ -92,9 +109,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             logits, local_target, outside = _chunk_logits(hidden[rows], weight, target[rows], *ctx.vocab)
-            g = logits.sub_(lse[rows].unsqueeze(-1)).exp_()  # softmax over the whole vocabulary
-            n = torch.arange(g.shape[0], device=g.device)
-            g[n, local_target] -= (~outside).to(g.dtype)
+            g = _minus_one_hot(logits.sub_(lse[rows].unsqueeze(-1)).exp_(), local_target, outside)  # softmax - 1
             g.mul_(grad[rows].unsqueeze(-1))
             g_low = g.to(weight.dtype)  # the matmuls in the weights' precision (bf16 on a GPU), as F.linear's
             grad_hidden[rows] = (g_low @ weight).to(hidden.dtype)
@@ -111,8 +126,7 @@ def _chunk_logits(
     logits = (hidden @ weight.t()).float()
     if vocab_start + local > vocab_size:  # padded ids take no probability mass
         logits[:, max(vocab_size - vocab_start, 0):] = float("-inf")
-    outside = (target < vocab_start) | (target >= vocab_start + local)
-    return logits, (target - vocab_start).masked_fill(outside, 0), outside
+    return (logits, *_local_targets(target, vocab_start, local))
 
 
 def chunked_linear_cross_entropy(
