@@ -25,7 +25,10 @@ def main() -> int:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100: 989)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--precision", choices=("bf16", "fp8", "fp32"),
+                   help="default: the config's train.precision (auto and fp16 plan as bf16); fp8 runs the "
+                   "bf16 engine with float8 linear layers (smaller saved activations; the step time is "
+                   "still estimated at the bf16 peak)")  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="rows to show")
     p.add_argument("--json", action="store_true", help="print every candidate as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for pretrain.py")
@@ -35,13 +38,14 @@ def main() -> int:
         if args.nodes < 1 or args.gpus_per_node < 1 or args.gpu_memory <= 0:
             raise ConfigError("--nodes, --gpus-per-node and --gpu-memory must be positive")
         vocab = config_vocab(cfg)
+        precision = args.precision or {"auto": "bf16", "fp16": "bf16"}.get(cfg.train.precision, cfg.train.precision)
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cluster = Cluster(
         args.nodes, args.gpus_per_node, gpu_memory_gb=args.gpu_memory, peak_tflops=args.peak_tflops
     )
-    cands = plan(cfg, cluster, precision=args.precision, vocab=vocab)
+    cands = plan(cfg, cluster, precision=precision, vocab=vocab)
     if not cands:
         print("error: no layout divides this cluster and the global batch size; change "
               "train.global_batch_size or the number of GPUs", file=sys.stderr)  # fmt: skip
@@ -49,7 +53,7 @@ def main() -> int:
     if args.json:
         print(json.dumps([c.to_dict() for c in cands]))
         return 0
-    print(format_table(cfg, cluster, cands, vocab=vocab, top=args.top, precision=args.precision))
+    print(format_table(cfg, cluster, cands, vocab=vocab, top=args.top, precision=precision))
     if not cands[0].fits:
         print(f"\nnothing fits {args.gpu_memory:g} GiB per GPU: the smallest needs "
               f"{min(c.memory.total for c in cands) / GB:.1f} GiB; add GPUs or shorten model.seq_length")  # fmt: skip

@@ -131,7 +131,7 @@ STATE_BYTES: dict[tuple[str, int], dict[str, tuple[float, float]]] = {
 
 
 def _act_bytes(precision: str) -> int:
-    return 4 if precision == "fp32" else 2
+    return 4 if precision == "fp32" else 2  # bf16, and fp8 (bf16 but for the linear layers' saved copies)
 
 
 # ----------------------------------------------------------------------------------- parameters
@@ -161,46 +161,72 @@ def stage_bounds(m: ModelConfig, layout: Layout, vocab: int, method: str) -> lis
 
 
 def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_length: int) -> float:
-    """Bytes autograd keeps for one block and one micro-batch on one TP rank.
+    """Bytes autograd keeps for one block and one micro-batch on one TP rank: exact at TP 1 in fp32,
+    bf16 and fp8 but for a few bytes per token (tests/unit/test_planner.py counts them with
+    saved-tensor hooks).
 
-    Per token, with a = activation bytes, t = TP size, h, F, d, nq, g from the config:
-      norms: LayerNorm keeps its input and output (2 a h each); llm's RMSNorm keeps an fp32 copy of
-        its input, the normalized value and the scaled output (4 h + 2 a h each). Under sequence
-        parallelism these are 1/t (the linear layers after them keep the gathered, full input).
+    Per token, with a = activation bytes (4 in fp32, 2 in bf16 and fp8), t = TP size, h, F, d, nq, g
+    from the config, and lin(n) = what a linear layer keeps of an n-wide input (a n bytes; in fp8 its
+    float8 copy, n bytes):
+      norms: LayerNorm keeps its input, mean and rstd (a h + 2 a); llm's RMSNorm an fp32 copy of its
+        input, the fp32 normalized value and rstd (8 h + 4). Under sequence parallelism these are 1/t.
+        The column-parallel layer after each keeps lin(h) of its input, whole on every TP rank
+        (replicated, or gathered from the sequence shards).
       attention (sharded): the qkv output ((nq + 2 g) d), with rotary the rotated q and k, SDPA's
-        output (which is also the output projection's input) and its float32 log-sum-exp per head.
-      MLP (sharded): GELU keeps fc's output and its own (2 F); SwiGLU fc's [gate | up], silu(gate)
-        and the product (4 F).
+        output and its float32 log-sum-exp per head; in fp8 the output projection keeps a float8
+        copy of SDPA's output besides (nq d).
+      MLP (sharded): GELU keeps fc's output (F) and the projection lin(F); SwiGLU fc's [gate | up]
+        and silu(gate) (3 F) and lin(F).
       dropout masks: one byte per element of the residual stream, twice, when dropout > 0.
+    In fp8 each linear layer also keeps a float8 copy of its weight (this rank's shard) and two
+    float32 scales, once per micro-batch.
     """
     a, t, h, f, d = _act_bytes(precision), layout.tp, m.hidden_size, m.ffn_size, m.head_dim
     nq, g = m.num_attention_heads, m.kv_groups
-    sp = layout.sequence_parallel
+    fp8, residual = precision == "fp8", (t if layout.sequence_parallel else 1)
+
+    def lin(n: float) -> float:
+        return n if fp8 else a * n
+
+    def weights(*shapes: tuple[float, float]) -> float:
+        return sum(rows * cols / t + 8 for rows, cols in shapes) if fp8 else 0.0
+
+    norm = 8 * h + 4 if m.is_llama else a * h + 2 * a
+    attention = a * ((nq + 2 * g) * d + nq * d) + 4 * nq + (nq * d if fp8 else 0)
     if m.is_llama:
-        norms = 2 * (4 * h + 2 * a * h)
-        attention = a * ((nq + 2 * g) * d + nq * d + g * d + nq * d) + 4 * nq
-        mlp: float = a * 4 * f
-    else:
-        norms = 2 * (2 * a * h)
-        attention = a * (3 * nq * d + nq * d) + 4 * nq
-        mlp = a * 2 * f
-    if m.is_moe:  # the larger of a dense block's MLP and an MoE block's (per token, its share over TP)
-        mlp = max(mlp if len(m.moe_layers) < m.num_layers else 0.0, _moe_activation_bytes(m, a))
-    replicated = norms / t if sp else norms
-    masks = 2 * h / (t if sp else 1) if m.dropout > 0 else 0
+        attention += a * (nq * d + g * d)  # the rotated q and k
+    masks = 2 * h if m.dropout > 0 else 0
     tokens = layout.micro_batch_size * seq_length
-    return tokens * (replicated + masks + (attention + mlp) / t)
+    block = tokens * ((2 * norm + masks) / residual + lin(h) + attention / t)
+    block += weights(((nq + 2 * g) * d, h), (h, nq * d))
+    width = 2 * f if m.is_llama else f  # fc's output: [gate | up] for SwiGLU
+    mlp = tokens * (lin(h) + (a * (width + f if m.is_llama else f) + lin(f)) / t) + weights((width, h), (h, f))
+    if m.is_moe:  # the larger of a dense block's MLP and an MoE block's
+        mlp = max(mlp if len(m.moe_layers) < m.num_layers else 0.0, _moe_bytes(m, layout, precision, tokens))
+    return block + mlp
 
 
-def _moe_activation_bytes(m: ModelConfig, a: int) -> float:
-    """Per token, an MoE block's MLP (counted with saved-tensor hooks, tests/unit/test_planner.py): the
-    router's float32 logits and scores (2 x 4 E); the choices, their weights and the sort's indices
-    (40 k + 12); the k copies sent to the experts, the experts' outputs and their weighted sum's input
-    (3 k a h); each copy's expert MLP (SwiGLU 4 F_e, GELU 2 F_e); the shared experts (as a dense MLP).
-    TP ranks route their share of the tokens, so the caller divides it by TP like the sharded terms."""
-    k, f, s = m.moe_router_topk, m.moe_ffn_size, m.moe_shared_expert_intermediate_size or 0
-    per_mlp = 4 if m.is_llama else 2
-    return 8 * int(m.num_experts or 0) + 40 * k + 12 + a * (3 * k * m.hidden_size + k * per_mlp * f + per_mlp * s)
+def _moe_bytes(m: ModelConfig, layout: Layout, precision: str, tokens: int) -> float:
+    """An MoE block's MLP with its input (counted with saved-tensor hooks, as above), per token: the
+    router's float32 copy of its input (4 h; in fp32 the norm's output itself), its float32 logits
+    and scores (2 x 4 E); the choices, their weights and the sort's indices (28 k + a k + 12); the k
+    copies sent to the experts, the experts' outputs and their weighted sum's input (3 k a h); each
+    copy's expert MLP (SwiGLU 4 F_e, GELU 2 F_e, in a bytes: the routed experts stay in bf16 in fp8
+    runs); the shared experts as a dense MLP, whose input lin(h) is the norm's output whole on every
+    TP rank. TP ranks route their share of the tokens, so all but that input is divided by TP."""
+    a, t, h, k = _act_bytes(precision), layout.tp, m.hidden_size, m.moe_router_topk
+    s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (4 if m.is_llama else 2)
+    lin = 1 if precision == "fp8" else a
+    routed = 8 * int(m.num_experts or 0) + 28 * k + a * k + 12 + a * (3 * k * h + k * per_mlp * m.moe_ffn_size)
+    shared = a * (per_mlp - 1) * s + lin * s if s else 0
+    if precision == "fp32":  # the router's "copy" is the norm's output itself, which the shared experts keep too
+        whole = 4 * h
+    else:
+        whole, routed = (lin * h if s else 0), routed + 4 * h
+    weights = (s * (2 if m.is_llama else 1) * h + h * s) / t + 16 if s and precision == "fp8" else 0.0
+    if precision != "fp32":
+        weights += 4 * int(m.num_experts or 0) * h  # the router's float32 copy of its weight
+    return tokens * (whole + (routed + shared) / t) + weights
 
 
 def loss_bytes(m: ModelConfig, layout: Layout, precision: str, vocab: int) -> float:
@@ -253,7 +279,7 @@ def estimate_memory(
     counts = pipeline_layer_params(m, layout.tp, vocab, ep=layout.ep)
     experts = expert_layer_params(m, ep=layout.ep)
     micro_batches = global_batch_size // (layout.micro_batch_size * layout.dp)
-    state = STATE_BYTES[(precision, layout.zero)]
+    state = STATE_BYTES[("bf16" if precision == "fp8" else precision, layout.zero)]  # fp8: the bf16 engine
     best: MemoryEstimate | None = None
     for stage in range(layout.pp):
         lo, hi = bounds[stage], bounds[stage + 1]

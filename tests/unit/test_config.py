@@ -164,7 +164,9 @@ def test_every_shipped_config_loads_and_validates(path: Path) -> None:
     cfg = load_config(path)
     cfg.model.vocab_size = 8192
     tiny = path.name.startswith(("tiny_cpu", "tiny_moe_cpu"))  # CPU configs: one process (MoE: two)
-    world = (2 if "moe" in path.name else 1) if tiny else 8
+    par = cfg.parallel  # GPU configs: the nodes of 8 GPUs their model parallelism and experts need
+    needed = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+    world = (2 if "moe" in path.name else 1) if tiny else 8 * -(-needed * par.expert_model_parallel_size // 8)
     ds = build_deepspeed_config(cfg, world, cuda=not tiny)
     assert ds["train_batch_size"] == cfg.train.global_batch_size
     assert cfg.model.padded_vocab_size() % 128 == 0

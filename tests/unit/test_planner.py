@@ -14,6 +14,7 @@ from llm.config import load_config, validate_world
 from llm.engine.deepspeed_config import build_deepspeed_config
 from llm.model.flops import total_params
 from llm.model.gpt import build_model, count_parameters
+from llm.parallel.layers import use_fp8
 from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 from llm.planner.memory import GB, Layout, layer_activation_bytes
@@ -54,16 +55,24 @@ def test_parameter_count_is_the_models(overrides: list[str]) -> None:
     assert total_params(cfg.model, 1000) == count_parameters(model)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 @pytest.mark.parametrize("overrides", list(MODELS.values()), ids=list(MODELS))
-def test_activation_bytes_are_what_autograd_keeps(overrides: list[str]) -> None:
+def test_activation_bytes_are_what_autograd_keeps(overrides: list[str], precision: str) -> None:
     """Every distinct storage autograd saves in one block's forward (parameters excluded), counted
-    with saved-tensor hooks, against the planner's per-layer formula (fp32, SDPA on CPU). The block is
-    a real one, so a change to llm's layers that keeps more tensors fails here. An MoE block routes
-    dropless, so the token copies (k per token) do not depend on the routing."""
+    with saved-tensor hooks, against the planner's per-layer formula (SDPA on CPU): fp32, bf16 (the
+    model in bf16, as DeepSpeed's bf16 engine holds it) and fp8 (bf16 with the block's linear layers
+    in float8, which keep float8 copies of their inputs and weights). The block is a real one, so a
+    change to llm's layers that keeps more tensors fails here. An MoE block routes dropless, so the
+    token copies (k per token) do not depend on the routing."""
     cfg, model = _model(overrides)
+    if precision != "fp32":
+        model = model.to(torch.bfloat16)
+    if precision == "fp8":
+        assert use_fp8(model, ParallelContext.single()) == []
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     block = model.layers[0]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    x = torch.randn(2, cfg.model.seq_length, cfg.model.hidden_size, requires_grad=True)
+    x = torch.randn(2, cfg.model.seq_length, cfg.model.hidden_size, dtype=dtype, requires_grad=True)
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -74,12 +83,13 @@ def test_activation_bytes_are_what_autograd_keeps(overrides: list[str]) -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x)
-    rotary_tables = 2 * cfg.model.seq_length * cfg.model.head_dim * 4 if cfg.model.is_llama else 0
-    measured = sum(saved.values()) - rotary_tables  # the cos/sin tables are buffers, shared by all layers
+    # the cos/sin tables are buffers, shared by all layers
+    rotary_tables = 2 * cfg.model.seq_length * cfg.model.head_dim * dtype.itemsize if cfg.model.is_llama else 0
+    measured = sum(saved.values()) - rotary_tables
     layout = Layout(tp=1, pp=1, dp=1, zero=0, micro_batch_size=2)
-    estimate = layer_activation_bytes(cfg.model, layout, "fp32", cfg.model.seq_length)
-    # exact but for SDPA's per-head statistics (a few bytes per token and head, backend-specific)
-    assert abs(estimate - measured) <= 0.005 * measured, (estimate, measured)
+    estimate = layer_activation_bytes(cfg.model, layout, precision, cfg.model.seq_length)
+    # exact but for an MoE layer's 32-byte routing statistic
+    assert abs(estimate - measured) <= 32, (estimate, measured)
 
 
 def test_recommendation_for_a_model_too_big_for_one_gpu_fits() -> None:
@@ -162,6 +172,10 @@ def test_plan_script_recommends_and_explains_failures() -> None:
     assert rows and not rows[0]["fits"] and {"memory_gb", "bubble", "step_tflops"} <= set(rows[0])
     p = plan_cli("--config", "configs/llama_7b.yaml", "--nodes", "1", "--gpus-per-node", "1")
     assert p.returncode == 1 and "nothing fits 80 GiB per GPU" in p.stdout
+    p = plan_cli("--config", "configs/tiny_cpu.yaml", "--nodes", "1", "--gpus-per-node", "1")  # the config's fp32
+    assert p.returncode == 0 and p.stdout.splitlines()[0].endswith("; fp32"), p.stdout
+    p = plan_cli("--config", "configs/gpt2_1.3b.yaml", "--nodes", "1", "--gpus-per-node", "8", "--precision", "fp8")
+    assert p.returncode == 0 and p.stdout.splitlines()[0].endswith("; fp8"), p.stdout
     p = plan_cli("--config", "configs/llama_7b.yaml", "model.num_layer=3")
     assert (
         p.returncode == 1 and p.stderr.startswith("error: unknown config key") and "Traceback" not in p.stderr
@@ -200,3 +214,17 @@ def test_the_planner_runs_bf16_pipelines_at_zero1_also_at_one_data_parallel_rank
     assert any(lay.dp == 1 and lay.cp == 1 for lay in bf16)
     fp32 = [lay for lay in candidate_layouts(cfg, cluster, precision="fp32") if lay.pp > 1]
     assert 0 in {lay.zero for lay in fp32}
+
+
+def test_fp8_plans_the_bf16_engine_state_with_smaller_activations() -> None:
+    """fp8 runs DeepSpeed's bf16 engine (the same weights, gradients and optimizer state) and keeps
+    float8 copies of the linear layers' inputs: less activation memory than bf16 at the same layout,
+    by the per-layer formula the saved-tensor test checks."""
+    from llm.planner.memory import estimate_memory
+
+    cfg = load_config("configs/llama_1b.yaml", ["model.vocab_size=32000"])
+    layout = Layout(tp=2, pp=1, dp=4, zero=1, micro_batch_size=2, sequence_parallel=True)
+    bf16, fp8 = (estimate_memory(cfg.model, layout, precision=p, vocab=32000, global_batch_size=64)
+                 for p in ("bf16", "fp8"))  # fmt: skip
+    assert (fp8.weights, fp8.gradients, fp8.optimizer) == (bf16.weights, bf16.gradients, bf16.optimizer)
+    assert 0.7 * bf16.activations < fp8.activations < bf16.activations
