@@ -66,4 +66,4 @@ timeout 240 python3 benchmarks/model_throughput.py --device cuda --dtype bf16 --
 echo "== MoE layer: grouped GEMMs (torch._grouped_mm) vs the per-expert loop, bf16"
 timeout 180 python3 benchmarks/moe.py --device cuda --repeats 5 > "$out/moe_gpu.json" 2>&1; tail -20 "$out/moe_gpu.json"
 echo "== CUDA tests (bf16 model, grouped-GEMM experts against the loop)"
-timeout 180 python3 -m pytest -q -m gpu tests/gpu > "$out/gpu_tests.log" 2>&1; tail -3 "$out/gpu_tests.log"
+timeout 180 python3 -m pytest -q -s -m gpu tests/gpu > "$out/gpu_tests.log" 2>&1; tail -3 "$out/gpu_tests.log"

@@ -126,3 +126,25 @@ def test_fp8_linear_through_cublas_matches_the_float8_rounded_operands_on_cuda()
         assert err < 4e-3, err  # bf16 output rounding: about 2e-3
     on_cpu = fp8_linear(x.detach().cpu(), w.detach().cpu(), Fp8Groups())
     torch.testing.assert_close(y.detach().cpu(), on_cpu, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_the_planner_does_not_underestimate_what_a_block_keeps_on_cuda(architecture: str) -> None:
+    """The planner's per-layer activations (exact on CPU, tests/unit/test_planner.py) against what one
+    bf16 block keeps on a GPU, where SDPA runs flash attention and RMSNorm may run torch's fused kernel
+    (which keeps its input and rstd, not the CPU composite's float32 copies): never more than the
+    estimate, and within 25% of it. The numbers are printed for docs/benchmarks.md."""
+    from llm.config import load_config
+    from llm.model.gpt import build_model
+    from llm.planner.memory import Layout, layer_activation_bytes
+    from tests.unit.test_planner import SMALL, block_saved_bytes
+
+    extra = ["model.num_query_groups=2"] if architecture == "llama" else []
+    cfg = load_config("configs/tiny_cpu.yaml", [*SMALL, f"model.architecture={architecture}", *extra,
+                                                "model.hidden_size=256", "model.seq_length=256"])  # fmt: skip
+    model = build_model(cfg.model, seed=1).cuda().to(torch.bfloat16)
+    measured = block_saved_bytes(model, cfg, batch=2)
+    layout = Layout(tp=1, pp=1, dp=1, zero=0, micro_batch_size=2)
+    estimate = layer_activation_bytes(cfg.model, layout, "bf16", cfg.model.seq_length)
+    print(f"{architecture}: CUDA block keeps {measured} bytes, the planner estimates {estimate:.0f}")
+    assert 0.75 * estimate <= measured <= estimate + 64, (measured, estimate)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -69,10 +70,22 @@ def test_activation_bytes_are_what_autograd_keeps(overrides: list[str], precisio
         model = model.to(torch.bfloat16)
     if precision == "fp8":
         assert use_fp8(model, ParallelContext.single()) == []
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    measured = block_saved_bytes(model, cfg, batch=2)
+    layout = Layout(tp=1, pp=1, dp=1, zero=0, micro_batch_size=2)
+    estimate = layer_activation_bytes(cfg.model, layout, precision, cfg.model.seq_length)
+    # exact but for an MoE layer's 32-byte routing statistic
+    assert abs(estimate - measured) <= 32, (estimate, measured)
+
+
+def block_saved_bytes(model: torch.nn.Module, cfg: Any, *, batch: int) -> int:
+    """The bytes of every distinct storage autograd saves in the forward of `model`'s first block
+    (on the model's device and in its dtype), parameters and the shared rotary tables left out."""
     block = model.layers[0]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    x = torch.randn(2, cfg.model.seq_length, cfg.model.hidden_size, dtype=dtype, requires_grad=True)
+    first = next(model.parameters())
+    dtype, device = first.dtype, first.device
+    x = torch.randn(batch, cfg.model.seq_length, cfg.model.hidden_size, dtype=dtype, device=device,
+                    requires_grad=True)  # fmt: skip
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -85,11 +98,7 @@ def test_activation_bytes_are_what_autograd_keeps(overrides: list[str], precisio
         block(x)
     # the cos/sin tables are buffers, shared by all layers
     rotary_tables = 2 * cfg.model.seq_length * cfg.model.head_dim * dtype.itemsize if cfg.model.is_llama else 0
-    measured = sum(saved.values()) - rotary_tables
-    layout = Layout(tp=1, pp=1, dp=1, zero=0, micro_batch_size=2)
-    estimate = layer_activation_bytes(cfg.model, layout, precision, cfg.model.seq_length)
-    # exact but for an MoE layer's 32-byte routing statistic
-    assert abs(estimate - measured) <= 32, (estimate, measured)
+    return sum(saved.values()) - rotary_tables
 
 
 def test_recommendation_for_a_model_too_big_for_one_gpu_fits() -> None:
