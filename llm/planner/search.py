@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from llm.config import Config, ConfigError, replace_validated
 from llm.model.flops import expert_layer_params, model_flops_per_token, pipeline_layer_params
-from llm.planner.memory import GB, Layout, MemoryEstimate, estimate_memory
+from llm.planner.memory import GB, Layout, MemoryEstimate, ZeroBuffers, estimate_memory
 
 
 @dataclass(frozen=True)
@@ -175,12 +175,19 @@ def _expert_sizes(cfg: Config, dp: int) -> list[int]:
     return [e for e in _divisors(dp) if experts % e == 0]
 
 
+def shipped_zero_buffers(stage: int) -> ZeroBuffers:
+    """The ZeRO buffers of configs/deepspeed/zero{stage}.json, the file a recommendation names: DeepSpeed's
+    bucket sizes, with overlap_comm at ZeRO 2 and 3 (the reduction overlaps backward, in a second
+    bucket at ZeRO 2). tests/unit/test_planner.py checks the files say so."""
+    return ZeroBuffers(overlap_comm=True if stage >= 2 else None)  # None: DeepSpeed's default (off at ZeRO 0 and 1)
+
+
 def evaluate_layout(
     cfg: Config, layout: Layout, cluster: Cluster, *, precision: str, vocab: int
 ) -> Candidate:
     mem = estimate_memory(
         cfg.model, layout, precision=precision, vocab=vocab, global_batch_size=cfg.train.global_batch_size,
-        partition_method=cfg.parallel.pipeline_partition_method,
+        partition_method=cfg.parallel.pipeline_partition_method, zero_buffers=shipped_zero_buffers(layout.zero),
     )  # fmt: skip
     micro = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp)
     bubble = (layout.pp - 1) / (micro + layout.pp - 1)

@@ -237,3 +237,14 @@ def test_fp8_plans_the_bf16_engine_state_with_smaller_activations() -> None:
                  for p in ("bf16", "fp8"))  # fmt: skip
     assert (fp8.weights, fp8.gradients, fp8.optimizer) == (bf16.weights, bf16.gradients, bf16.optimizer)
     assert 0.7 * bf16.activations < fp8.activations < bf16.activations
+
+
+def test_the_planner_assumes_the_zero_buffers_of_the_json_it_recommends() -> None:
+    """A recommendation names configs/deepspeed/zero{N}.json; the planner counts that file's buffers
+    (overlap_comm at ZeRO 2 and 3: a second reduction bucket at ZeRO 2)."""
+    from llm.planner.memory import ZeroBuffers
+    from llm.planner.search import shipped_zero_buffers
+
+    for stage in range(4):
+        zero = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())["zero_optimization"]
+        assert ZeroBuffers.from_json(zero) == shipped_zero_buffers(stage), stage
