@@ -146,7 +146,7 @@ def test_the_planner_counts_experts_per_expert_parallel_rank_and_chooses_ep() ->
             f"parallel.tensor_model_parallel_size={lay.tp}", f"parallel.pipeline_model_parallel_size={lay.pp}",
             f"train.micro_batch_size={lay.micro_batch_size}", f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json",
         ])  # fmt: skip
-        build_deepspeed_config(chosen, 8, cuda=True)
+        validate_world(chosen, 8)  # the config check, fp8's included (the device check needs a GPU)
     assert {c.layout.ep for c in cands} == {1, 2, 4, 8}
 
 
@@ -248,3 +248,24 @@ def test_the_planner_assumes_the_zero_buffers_of_the_json_it_recommends() -> Non
     for stage in range(4):
         zero = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())["zero_optimization"]
         assert ZeroBuffers.from_json(zero) == shipped_zero_buffers(stage), stage
+
+
+def test_fp8_candidates_are_layouts_pretrain_accepts_in_fp8() -> None:
+    """fp8 needs whole KV groups per TP rank, 16-divisible linear shards and 16-divisible tokens per
+    micro-batch on a rank: the planner leaves out what the config check or the layers would refuse."""
+    from llm.planner.search import candidate_layouts
+
+    cfg = load_config("configs/llama_1b.yaml", ["model.num_query_groups=4", "model.seq_length=1032"])
+    cluster = Cluster(1, 8)
+    bf16, fp8 = (candidate_layouts(cfg, cluster, precision=p) for p in ("bf16", "fp8"))
+    assert {lay.tp for lay in bf16} == {1, 2, 4, 8} and {lay.tp for lay in fp8} == {1, 2, 4}
+    assert {lay.micro_batch_size for lay in bf16 if lay.cp == 1} > {lay.micro_batch_size for lay in fp8 if lay.cp == 1}
+    assert all(lay.micro_batch_size * 1032 // lay.cp % 16 == 0 for lay in fp8) and fp8
+    for lay in fp8[:: max(1, len(fp8) // 12)]:  # a spread of them through the config check
+        chosen = load_config("configs/llama_1b.yaml", [
+            "model.num_query_groups=4", "model.seq_length=1032", "train.precision=fp8",
+            f"parallel.tensor_model_parallel_size={lay.tp}", f"parallel.pipeline_model_parallel_size={lay.pp}",
+            f"parallel.context_parallel_size={lay.cp}", f"train.micro_batch_size={lay.micro_batch_size}",
+            f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json",
+        ])  # fmt: skip
+        validate_world(chosen, 8)  # the config check, fp8's included (the device check needs a GPU)
