@@ -200,7 +200,8 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_l
     block = tokens * ((2 * norm + masks) / residual + lin(h) + attention / t)
     block += weights(((nq + 2 * g) * d, h), (h, nq * d))
     width = 2 * f if m.is_llama else f  # fc's output: [gate | up] for SwiGLU
-    mlp = tokens * (lin(h) + (a * (width + f if m.is_llama else f) + lin(f)) / t) + weights((width, h), (h, f))
+    kept = 3 * f if m.is_llama else f  # SwiGLU: [gate | up] and silu(gate); GELU: fc's output
+    mlp = tokens * (lin(h) + (a * kept + lin(f)) / t) + weights((width, h), (h, f))
     if m.is_moe:  # the larger of a dense block's MLP and an MoE block's
         mlp = max(mlp if len(m.moe_layers) < m.num_layers else 0.0, _moe_bytes(m, layout, precision, tokens))
     return block + mlp
