@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.model.activations import swiglu
 from llm.model.moe import MoE, MoEState
 from llm.parallel.cp_attention import ring_attention, ulysses_attention
 from llm.parallel.layers import (
@@ -343,8 +344,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, *, gathered: bool = False, reduce: bool = True) -> torch.Tensor:
         h = self.fc(x, gathered=gathered)  # (B, S, F) or (B, S, 2F)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = swiglu(h)  # keeps only [gate | up] for backward
         else:
             h = F.gelu(h, approximate="tanh")
         return self.proj(h, reduce=reduce)  # (B, S, H)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.model.activations import swiglu
 from llm.parallel.experts import combine, dispatch, sum_over_data, sum_over_sequence
 from llm.parallel.layers import sequence_parallel_param
 from llm.parallel.mappings import gather_sequence_shards, scatter_to_sequence
@@ -188,8 +189,7 @@ class Experts(nn.Module):
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
+            return swiglu(h)
         return F.gelu(h, approximate="tanh")
 
     def forward(

@@ -175,8 +175,8 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_l
       attention (sharded): the qkv output ((nq + 2 g) d), with rotary the rotated q and k, SDPA's
         output and its float32 log-sum-exp per head; in fp8 the output projection keeps a float8
         copy of SDPA's output besides (nq d).
-      MLP (sharded): GELU keeps fc's output (F) and the projection lin(F); SwiGLU fc's [gate | up]
-        and silu(gate) (3 F) and lin(F).
+      MLP (sharded): the activation keeps fc's output (GELU F; SwiGLU [gate | up], 2 F: llm's
+        SwiGLU recomputes silu(gate) in backward) and the projection lin(F).
       dropout masks: one byte per element of the residual stream, twice, when dropout > 0.
     In fp8 each linear layer also keeps a float8 copy of its weight (this rank's shard) and two
     float32 scales, once per micro-batch.
@@ -200,7 +200,7 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_l
     block = tokens * ((2 * norm + masks) / residual + lin(h) + attention / t)
     block += weights(((nq + 2 * g) * d, h), (h, nq * d))
     width = 2 * f if m.is_llama else f  # fc's output: [gate | up] for SwiGLU
-    kept = 3 * f if m.is_llama else f  # SwiGLU: [gate | up] and silu(gate); GELU: fc's output
+    kept = width  # fc's output: SwiGLU (llm.model.activations) keeps only [gate | up], GELU its input
     mlp = tokens * (lin(h) + (a * kept + lin(f)) / t) + weights((width, h), (h, f))
     if m.is_moe:  # the larger of a dense block's MLP and an MoE block's
         mlp = max(mlp if len(m.moe_layers) < m.num_layers else 0.0, _moe_bytes(m, layout, precision, tokens))
@@ -212,14 +212,14 @@ def _moe_bytes(m: ModelConfig, layout: Layout, precision: str, tokens: int) -> f
     router's float32 copy of its input (4 h; in fp32 the norm's output itself), its float32 logits
     and scores (2 x 4 E); the choices, their weights and the sort's indices (28 k + a k + 12); the k
     copies sent to the experts, the experts' outputs and their weighted sum's input (3 k a h); each
-    copy's expert MLP (SwiGLU 4 F_e, GELU 2 F_e, in a bytes: the routed experts stay in bf16 in fp8
+    copy's expert MLP (SwiGLU 3 F_e, GELU 2 F_e, in a bytes: the routed experts stay in bf16 in fp8
     runs); the shared experts as a dense MLP, whose input lin(h) is the norm's output whole on every
     TP rank. TP ranks route their share of the tokens, so all but that input is divided by TP."""
     a, t, h, k = _act_bytes(precision), layout.tp, m.hidden_size, m.moe_router_topk
-    s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (4 if m.is_llama else 2)
+    s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (3 if m.is_llama else 2)
     lin = 1 if precision == "fp8" else a
     routed = 8 * int(m.num_experts or 0) + 28 * k + a * k + 12 + a * (3 * k * h + k * per_mlp * m.moe_ffn_size)
-    shared = a * (per_mlp - 1) * s + lin * s if s else 0
+    shared = a * (2 if m.is_llama else 1) * s + lin * s if s else 0
     if precision == "fp32":  # the router's "copy" is the norm's output itself, which the shared experts keep too
         whole = 4 * h
     else:
