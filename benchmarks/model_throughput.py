@@ -1,7 +1,9 @@
 """A training step (forward, backward, AdamW) of our GPT against a plain single-file PyTorch GPT
 (written below: nn.Linear, nn.LayerNorm / RMSNorm, F.scaled_dot_product_attention,
 F.cross_entropy) and transformers' model of the same shape, side by side in one process with
-interleaved repeats; and our model FLOP/s as a fraction of this machine's measured matmul peak.
+interleaved repeats; and our model FLOP/s as a fraction of this machine's measured matmul peak. Also
+ours with the MLP's plain graph (the projection keeping the activation's output instead of
+recomputing it in backward: `median_round_recompute_over_kept_mlp`, the time ratio).
 
   python benchmarks/model_throughput.py                       # the CPU grid (3 shapes)
   python benchmarks/model_throughput.py --shape gpt2:6:512:8:512:4
@@ -28,6 +30,7 @@ from common import report
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.model import activations
 from llm.model.flops import model_flops_per_token
 from llm.model.gpt import build_model, count_parameters
 from llm.model.hf import hf_config, to_hf_state_dict
@@ -204,8 +207,17 @@ def measure_shape(spec: str, args: argparse.Namespace, peak: float) -> dict:
         for name, (m, f) in {"plain": (plain, plain_loss), "hf": (hf, hf_next_token_loss)}.items():
             got = float(f(m, tokens))
             assert abs(got - ref) < 1e-3 * max(1.0, abs(ref)), f"{spec}: {name} loss {got} != ours {ref}"
+    def ours_plain_mlp_loss(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """Ours with the MLP's plain graph: the projection keeps the activation's output."""
+        activations.RECOMPUTE_ACTIVATION = False
+        try:
+            return m(t[:, :-1], t[:, 1:])
+        finally:
+            activations.RECOMPUTE_ACTIVATION = True
+
     runners = {"ours": Runner(ours, ours_loss, device, dtype), "plain": Runner(plain, plain_loss, device, dtype),
-               "hf": Runner(hf, hf_loss, device, dtype)}  # fmt: skip
+               "hf": Runner(hf, hf_loss, device, dtype),
+               "ours_plain_mlp": Runner(build_model(cfg, seed=0).train().to(device), ours_plain_mlp_loss, device, dtype)}  # fmt: skip
     compile_seconds = None
     if args.compile:  # model.compile: true (each block compiled in place)
         compiled = build_model(dataclasses.replace(cfg, compile=True), seed=0).train().to(device)
@@ -229,6 +241,8 @@ def measure_shape(spec: str, args: argparse.Namespace, peak: float) -> dict:
         "parameters": count_parameters(ours),
         "median_round_ours_over_plain": paired("ours", "plain"),
         "median_round_ours_over_hf": paired("ours", "hf"),
+        # the MLP recomputing its activation in backward (llm.model.activations) against keeping it: time
+        "median_round_recompute_over_kept_mlp": paired("ours_plain_mlp", "ours"),
         "tokens_per_sec": {k: round(v) for k, v in tps.items()},
         "ours_over_plain": round(tps["ours"] / tps["plain"], 3),
         "ours_over_hf": round(tps["ours"] / tps["hf"], 3),

@@ -25,12 +25,58 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (h,) = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        grad_up = grad * F.silu(gate)
-        return torch.cat([grad_gate, grad_up], dim=-1)
+        return _activation_backward(grad, h, "swiglu")
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """[gate | up] (..., 2F) -> silu(gate) * up (..., F), keeping only `h` for backward."""
     return _SwiGLU.apply(h)  # type: ignore[no-any-return]
+
+
+# ---- the activation recomputed under the projection that follows it -------------------------------
+RECOMPUTE_ACTIVATION = True  # False: the plain graph (tests and benchmarks compare the two)
+
+
+def activate(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """`kind`: "swiglu" ([gate | up] -> silu(gate) * up, keeping only h) or "gelu" (tanh approximation)."""
+    return swiglu(h) if kind == "swiglu" else F.gelu(h, approximate="tanh")
+
+
+def _activation_backward(grad: torch.Tensor, h: torch.Tensor, kind: str) -> torch.Tensor:
+    """The gradient at `h` of activate(h, kind), by the operations autograd would run."""
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
+    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """activate(h) W^T keeping h and W only: backward recomputes activate(h) (one elementwise pass)
+    for the weight gradient instead of keeping it from forward. Both matmuls of backward are the ones
+    autograd runs for F.linear (grad W = dy^T a, grad a = dy W, over the tokens flattened)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.kind = kind
+        return F.linear(activate(h, kind), weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        h, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            a = activate(h, ctx.kind)
+            grad_weight = grad2.t().mm(a.reshape(-1, a.shape[-1]))
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_a = grad2.mm(weight).view(*h.shape[:-1], weight.shape[1])
+            grad_h = _activation_backward(grad_a, h, ctx.kind)
+        return grad_h, grad_weight, None
+
+
+def activation_linear(h: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """activate(h, kind) W^T (no bias), keeping only h and W for backward: the MLP's projection, whose
+    own input (the activation's output) is then never kept (F values per token fewer)."""
+    return _ActivationLinear.apply(h, weight, kind)  # type: ignore[no-any-return]

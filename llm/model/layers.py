@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
-from llm.model.activations import swiglu
+from llm.model import activations
+from llm.model.activations import activate, activation_linear
 from llm.model.moe import MoE, MoEState
 from llm.parallel.cp_attention import ring_attention, ulysses_attention
 from llm.parallel.layers import (
@@ -343,11 +344,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, *, gathered: bool = False, reduce: bool = True) -> torch.Tensor:
         h = self.fc(x, gathered=gathered)  # (B, S, F) or (B, S, 2F)
-        if self.swiglu:
-            h = swiglu(h)  # keeps only [gate | up] for backward
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.proj(h, reduce=reduce)  # (B, S, H)
+        kind = "swiglu" if self.swiglu else "gelu"
+        if activations.RECOMPUTE_ACTIVATION and self.proj.fp8 is None:
+            # the projection's input, activate(h), is recomputed in backward rather than kept
+            return self.proj.finish(activation_linear(h, self.proj.weight, kind), reduce=reduce)  # (B, S, H)
+        return self.proj(activate(h, kind), reduce=reduce)  # FP8 keeps a float8 copy of the input instead
 
     def output_bias(self, y: torch.Tensor) -> torch.Tensor:
         """The bias a `reduce=False` call left out (parallel blocks add it after their one reduction)."""

@@ -201,7 +201,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
         """`reduce=False`: this rank's partial sums, without the bias (the caller adds several layers'
         partial sums, calls `tp_output` once and adds their `output_bias`)."""
-        y = linear(x, self.weight, None, self.fp8)  # (B, S, out) partial sums
+        return self.finish(linear(x, self.weight, None, self.fp8), reduce=reduce)  # (B, S, out) partial sums
+
+    def finish(self, y: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
+        """This rank's partial sums `y` (its slice of the input times its weight shard) -> the layer's
+        output, as `forward` (for a caller that multiplied the weight itself)."""
         if not reduce:
             return y
         return self.output_bias(tp_output(y, self.ctx, self.sequence_parallel))

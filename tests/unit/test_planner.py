@@ -225,10 +225,11 @@ def test_the_planner_runs_bf16_pipelines_at_zero1_also_at_one_data_parallel_rank
     assert 0 in {lay.zero for lay in fp32}
 
 
-def test_fp8_plans_the_bf16_engine_state_with_smaller_activations() -> None:
-    """fp8 runs DeepSpeed's bf16 engine (the same weights, gradients and optimizer state) and keeps
-    float8 copies of the linear layers' inputs: less activation memory than bf16 at the same layout,
-    by the per-layer formula the saved-tensor test checks."""
+def test_fp8_plans_the_bf16_engine_state_with_its_own_activations() -> None:
+    """fp8 runs DeepSpeed's bf16 engine (the same weights, gradients and optimizer state); its
+    activations are its own (float8 copies of the linear layers' inputs and weights, and the MLP's
+    projection keeps its input where bf16 recomputes it), by the per-layer formula the saved-tensor
+    test checks."""
     from llm.planner.memory import estimate_memory
 
     cfg = load_config("configs/llama_1b.yaml", ["model.vocab_size=32000"])
@@ -236,7 +237,7 @@ def test_fp8_plans_the_bf16_engine_state_with_smaller_activations() -> None:
     bf16, fp8 = (estimate_memory(cfg.model, layout, precision=p, vocab=32000, global_batch_size=64)
                  for p in ("bf16", "fp8"))  # fmt: skip
     assert (fp8.weights, fp8.gradients, fp8.optimizer) == (bf16.weights, bf16.gradients, bf16.optimizer)
-    assert 0.7 * bf16.activations < fp8.activations < bf16.activations
+    assert fp8.activations != bf16.activations and 0.75 < fp8.activations / bf16.activations < 1.25
 
 
 def test_the_planner_assumes_the_zero_buffers_of_the_json_it_recommends() -> None:
