@@ -1,10 +1,14 @@
-"""The MLP activations, as the dense MLP and the experts share them.
+"""The MLP activations, as the dense MLP and the experts share them, keeping less for backward.
 
-SwiGLU, silu(gate) * up, keeps only its input for backward: autograd's own graph of the two
-operations keeps silu(gate) besides gate and up (3 F per token where 2 F would do), which is a
-third more of the MLP's own activation memory in a llama block. Backward recomputes silu(gate), one
-elementwise kernel, and forms both gradients with the same operations autograd would (the gate's
-through torch's silu_backward), so values and gradients are bitwise those of the plain expression.
+- SwiGLU, silu(gate) * up, keeps only its input: autograd's own graph of the two operations keeps
+  silu(gate) besides gate and up (3 F per token where 2 F would do). Backward recomputes silu(gate).
+- The dense MLP's projection takes the activation inside (`activation_linear`): it keeps fc's
+  output, which the activation keeps anyway, instead of the activation's output (F per token fewer)
+  and recomputes the activation for its weight gradient.
+
+Each recompute is one elementwise pass; both gradients are formed by the operations autograd would
+run (torch's silu_backward / gelu_backward, F.linear's two matmuls), so values and gradients are
+bitwise those of the plain graph (tests/unit/test_activations.py).
 """
 
 from __future__ import annotations

@@ -347,7 +347,7 @@ class MLP(nn.Module):
         kind = "swiglu" if self.swiglu else "gelu"
         if activations.RECOMPUTE_ACTIVATION and self.proj.fp8 is None:
             # the projection's input, activate(h), is recomputed in backward rather than kept
-            return self.proj.finish(activation_linear(h, self.proj.weight, kind), reduce=reduce)  # (B, S, H)
+            return self.proj(h, reduce=reduce, matmul=lambda x, w: activation_linear(x, w, kind))  # (B, S, H)
         return self.proj(activate(h, kind), reduce=reduce)  # FP8 keeps a float8 copy of the input instead
 
     def output_bias(self, y: torch.Tensor) -> torch.Tensor:

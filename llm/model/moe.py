@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
-from llm.model.activations import swiglu
+from llm.model.activations import activate
 from llm.parallel.experts import combine, dispatch, sum_over_data, sum_over_sequence
 from llm.parallel.layers import sequence_parallel_param
 from llm.parallel.mappings import gather_sequence_shards, scatter_to_sequence
@@ -188,9 +188,7 @@ class Experts(nn.Module):
         self.proj = ExpertLinear(n, e, ffn, h, bias=not cfg.is_llama)
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            return swiglu(h)
-        return F.gelu(h, approximate="tanh")
+        return activate(h, "swiglu" if self.swiglu else "gelu")
 
     def forward(
         self, rows: torch.Tensor, counts: torch.Tensor, *, param: Callable[[torch.Tensor], torch.Tensor] = _same

@@ -8,6 +8,7 @@ A stride s > 1 means the full tensor is s blocks stacked along `partition_dim` (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -198,14 +199,14 @@ class RowParallelLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, reduce: bool = True,
+        matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """`reduce=False`: this rank's partial sums, without the bias (the caller adds several layers'
-        partial sums, calls `tp_output` once and adds their `output_bias`)."""
-        return self.finish(linear(x, self.weight, None, self.fp8), reduce=reduce)  # (B, S, out) partial sums
-
-    def finish(self, y: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
-        """This rank's partial sums `y` (its slice of the input times its weight shard) -> the layer's
-        output, as `forward` (for a caller that multiplied the weight itself)."""
+        partial sums, calls `tp_output` once and adds their `output_bias`). `matmul(x, weight)`: how x
+        meets this rank's weight shard, if not x W^T (the MLP applies its activation inside it)."""
+        y = linear(x, self.weight, None, self.fp8) if matmul is None else matmul(x, self.weight)  # partial sums
         if not reduce:
             return y
         return self.output_bias(tp_output(y, self.ctx, self.sequence_parallel))
