@@ -13,6 +13,7 @@ bitwise those of the plain graph (tests/unit/test_activations.py).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -78,6 +79,11 @@ class _ActivationLinear(torch.autograd.Function):
             grad_a = grad2.mm(weight).view(*h.shape[:-1], weight.shape[1])
             grad_h = _activation_backward(grad_a, h, ctx.kind)
         return grad_h, grad_weight, None
+
+
+def pair(kind: str) -> tuple[Any, Any]:
+    """(activate, its backward) for `kind`, as llm.parallel.fp8.fp8_linear takes an activation."""
+    return functools.partial(activate, kind=kind), functools.partial(_activation_backward, kind=kind)
 
 
 def activation_linear(h: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:

@@ -24,6 +24,7 @@ from llm.model import activations
 from llm.model.activations import activate, activation_linear
 from llm.model.moe import MoE, MoEState
 from llm.parallel.cp_attention import ring_attention, ulysses_attention
+from llm.parallel.fp8 import fp8_linear
 from llm.parallel.layers import (
     ColumnParallelLinear,
     GroupedQKVParallelLinear,
@@ -345,10 +346,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, *, gathered: bool = False, reduce: bool = True) -> torch.Tensor:
         h = self.fc(x, gathered=gathered)  # (B, S, F) or (B, S, 2F)
         kind = "swiglu" if self.swiglu else "gelu"
-        if activations.RECOMPUTE_ACTIVATION and self.proj.fp8 is None:
-            # the projection's input, activate(h), is recomputed in backward rather than kept
+        if not activations.RECOMPUTE_ACTIVATION:
+            return self.proj(activate(h, kind), reduce=reduce)
+        # the projection's input, activate(h), is recomputed in backward rather than kept (in FP8: its
+        # float8 copy, cast again at forward's scale)
+        fp8 = self.proj.fp8
+        if fp8 is None:
             return self.proj(h, reduce=reduce, matmul=lambda x, w: activation_linear(x, w, kind))  # (B, S, H)
-        return self.proj(activate(h, kind), reduce=reduce)  # FP8 keeps a float8 copy of the input instead
+        return self.proj(h, reduce=reduce, matmul=lambda x, w: fp8_linear(x, w, fp8, activations.pair(kind)))
 
     def output_bias(self, y: torch.Tensor) -> torch.Tensor:
         """The bias a `reduce=False` call left out (parallel blocks add it after their one reduction)."""

@@ -8,7 +8,8 @@ scaling: before each matmul, each operand's largest magnitude (amax) gives its s
 cast to e4m3 (3 mantissa bits, up to 448), output gradients to e5m2 (2 mantissa bits, up to 57344).
 Forward: y = x W^T with e4m3 x e4m3; backward: dx = dy W with e5m2 x e4m3, dW = dy^T x with
 e5m2 x e4m3, each through torch's _scaled_mm operator (cuBLAS FP8 GEMMs on Hopper; a reference kernel on
-CPU, for tests). Backward keeps the float8 copies of x and W, not the bf16 ones (half the bytes).
+CPU, for tests). Backward keeps the float8 copies of x and W, not the bf16 ones (half the bytes); the
+MLP's projection keeps none of its input, recomputing it from the activation's input (`activation`).
 
 Under tensor, sequence and context parallelism every rank holds a shard of some operands (the weight
 rows or columns, the row-parallel input's features, a column-parallel output's features, the
@@ -26,6 +27,7 @@ separate kernels in eager mode (model.compile fuses them into the blocks' graphs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +69,11 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, group: Any) -> tuple[torch.Tensor
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     ratio = torch.finfo(dtype).max / amax.clamp(min=1e-12)
     scale = torch.exp2(torch.floor(torch.log2(ratio)).clamp(max=40.0))
-    return (t * scale.to(t.dtype)).to(dtype), scale.reciprocal()
+    return _scaled(t, scale, dtype), scale.reciprocal()
+
+
+def _scaled(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (t * scale.to(t.dtype)).to(dtype)
 
 
 def _scaled_mm(
@@ -82,31 +88,49 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+Activation = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+"""f(h), and the gradient at h given the gradient at f(h): an activation applied inside the layer."""
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, groups: Fp8Groups) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, groups: Fp8Groups, activation: Activation | None
+    ) -> torch.Tensor:
+        h = x
+        if activation is not None:  # x = f(h): keep h (which f keeps anyway), recompute x in backward
+            x = activation[0](h)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        x8, x_inv = _cast(x2, E4M3, groups.input)
+        x8, x_inv = _cast(x.reshape(-1, shape[-1]), E4M3, groups.input)
         w8, w_inv = _cast(weight, E4M3, groups.weight)
         y = _scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype=x.dtype)
-        ctx.save_for_backward(x8, x_inv, w8, w_inv)
-        ctx.groups, ctx.shape, ctx.dtypes = groups, shape, (x.dtype, weight.dtype)
+        ctx.save_for_backward(x8 if activation is None else h, x_inv, w8, w_inv)
+        ctx.groups, ctx.shape, ctx.dtypes, ctx.activation = groups, shape, (x.dtype, weight.dtype), activation
         return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        x8, x_inv, w8, w_inv = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        kept, x_inv, w8, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
+        if ctx.activation is None:
+            x8 = kept
+        else:  # the same float8 values as forward's: the same f(h), cast at forward's scale
+            x8 = _scaled(ctx.activation[0](kept).reshape(-1, ctx.shape[-1]), x_inv.reciprocal(), E4M3)
         g8, g_inv = _cast(grad.reshape(-1, grad.shape[-1]), E5M2, ctx.groups.grad_output)
-        grad_x = _scaled_mm(g8, _column_major(w8), g_inv, w_inv, out_dtype=x_dtype)
+        grad_x = _scaled_mm(g8, _column_major(w8), g_inv, w_inv, out_dtype=x_dtype).view(ctx.shape)
         grad_w = _scaled_mm(g8.t().contiguous(), _column_major(x8), g_inv, x_inv, out_dtype=w_dtype)
-        return grad_x.view(ctx.shape), grad_w, None
+        if ctx.activation is not None:
+            grad_x = ctx.activation[1](grad_x, kept)
+        return grad_x, grad_w, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, groups: Fp8Groups) -> torch.Tensor:
-    """x W^T (no bias) with both matmuls of forward and backward in float8 (module docstring)."""
-    return _Fp8Linear.apply(x, weight, groups)
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, groups: Fp8Groups, activation: Activation | None = None
+) -> torch.Tensor:
+    """x W^T (no bias) with both matmuls of forward and backward in float8 (module docstring). With
+    `activation` (f, its backward): f(x) W^T, keeping x instead of f(x)'s float8 copy and recomputing
+    that copy in backward (bitwise the same: the same f(x), cast at forward's saved scale)."""
+    return _Fp8Linear.apply(x, weight, groups, activation)  # type: ignore[no-any-return]
 
 
 def check_fp8_shape(name: str, weight: torch.Tensor) -> str | None:

@@ -176,8 +176,8 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_l
         output and its float32 log-sum-exp per head; in fp8 the output projection keeps a float8
         copy of SDPA's output besides (nq d).
       MLP (sharded): fc's output (GELU F; SwiGLU [gate | up], 2 F), which both the activation and
-        the projection recompute from in backward (llm.model.activations); in fp8 the projection keeps
-        a float8 copy of its input besides (F).
+        the projection recompute from in backward (llm.model.activations; in fp8 the projection casts
+        the recomputed activation again at forward's scale).
       dropout masks: one byte per element of the residual stream, twice, when dropout > 0.
     In fp8 each linear layer also keeps a float8 copy of its weight (this rank's shard) and two
     float32 scales, once per micro-batch.
@@ -202,8 +202,8 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_l
     block += weights(((nq + 2 * g) * d, h), (h, nq * d))
     width = 2 * f if m.is_llama else f  # fc's output: [gate | up] for SwiGLU
     # fc's output, which the activation keeps (SwiGLU [gate | up] only) and the projection recomputes the
-    # activation from (llm.model.activations); in fp8 the projection keeps its float8 input instead
-    mlp = tokens * (lin(h) + (a * width + (f if fp8 else 0)) / t) + weights((width, h), (h, f))
+    # activation from (llm.model.activations; in fp8 its float8 copy, llm.parallel.fp8)
+    mlp = tokens * (lin(h) + a * width / t) + weights((width, h), (h, f))
     if m.is_moe:  # the larger of a dense block's MLP and an MoE block's
         mlp = max(mlp if len(m.moe_layers) < m.num_layers else 0.0, _moe_bytes(m, layout, precision, tokens))
     return block + mlp
@@ -221,7 +221,7 @@ def _moe_bytes(m: ModelConfig, layout: Layout, precision: str, tokens: int) -> f
     s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (3 if m.is_llama else 2)
     lin = 1 if precision == "fp8" else a  # what a linear layer keeps of each input value
     routed = 8 * int(m.num_experts or 0) + 28 * k + a * k + 12 + a * (3 * k * h + k * per_mlp * m.moe_ffn_size)
-    shared = a * (2 if m.is_llama else 1) * s + (s if precision == "fp8" else 0)  # as the dense MLP
+    shared = a * (2 if m.is_llama else 1) * s  # as the dense MLP
     if precision == "fp32":  # the router's "copy" is the norm's output itself, which the shared experts keep too
         whole = 4 * h
     else:

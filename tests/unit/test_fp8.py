@@ -121,3 +121,27 @@ def test_fp8_needs_whole_kv_groups_per_tensor_parallel_rank() -> None:
         validate(cfg)
     cfg.parallel.tensor_model_parallel_size = 2
     validate(cfg)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+def test_fp8_with_the_activation_inside_is_the_same_bits_and_keeps_the_activations_input(kind: str) -> None:
+    """The MLP's projection in FP8 takes fc's output h and applies the activation itself: the output
+    and both gradients are bitwise those of the activation applied first, and what it keeps is h (which
+    the activation keeps anyway), not the activation's float8 copy: backward casts the recomputed
+    activation again at forward's scale."""
+    from llm.model.activations import activate, pair
+
+    g = torch.Generator().manual_seed(3)
+    h = (2 * torch.randn(2, 16, 64 if kind == "swiglu" else 32, generator=g)).to(torch.bfloat16).requires_grad_(True)
+    w = (0.05 * torch.randn(48, 32, generator=g)).to(torch.bfloat16).requires_grad_(True)
+    upstream = torch.randn(2, 16, 48, generator=g).to(torch.bfloat16)
+    want = fp8_linear(activate(h, kind), w, Fp8Groups())
+    want_grads = torch.autograd.grad(want, (h, w), upstream)
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        got = fp8_linear(h, w, Fp8Groups(), pair(kind))
+    got_grads = torch.autograd.grad(got, (h, w), upstream)
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+    assert any(t is h for t in kept) and sorted(str(t.dtype) for t in kept if t is not h) == sorted(
+        map(str, [E4M3, torch.float32, torch.float32])
+    )  # h (and the activation's own h), the weight's float8 copy and the two scales
