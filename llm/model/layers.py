@@ -21,10 +21,9 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.model import activations
-from llm.model.activations import activate, activation_linear
+from llm.model.activations import activate
 from llm.model.moe import MoE, MoEState
 from llm.parallel.cp_attention import ring_attention, ulysses_attention
-from llm.parallel.fp8 import fp8_linear
 from llm.parallel.layers import (
     ColumnParallelLinear,
     GroupedQKVParallelLinear,
@@ -333,6 +332,8 @@ class MLP(nn.Module):
         have their own)."""
         super().__init__()
         self.swiglu = cfg.is_llama
+        self.kind = "swiglu" if self.swiglu else "gelu"
+        self.activation = activations.pair(self.kind)  # applied inside proj, which then keeps its input
         ffn = ffn or cfg.ffn_size
         sp = cfg.sequence_parallel
         self.fc = ColumnParallelLinear(
@@ -345,15 +346,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, *, gathered: bool = False, reduce: bool = True) -> torch.Tensor:
         h = self.fc(x, gathered=gathered)  # (B, S, F) or (B, S, 2F)
-        kind = "swiglu" if self.swiglu else "gelu"
         if not activations.RECOMPUTE_ACTIVATION:
-            return self.proj(activate(h, kind), reduce=reduce)
+            return self.proj(activate(h, self.kind), reduce=reduce)
         # the projection's input, activate(h), is recomputed in backward rather than kept (in FP8: its
         # float8 copy, cast again at forward's scale)
-        fp8 = self.proj.fp8
-        if fp8 is None:
-            return self.proj(h, reduce=reduce, matmul=lambda x, w: activation_linear(x, w, kind))  # (B, S, H)
-        return self.proj(h, reduce=reduce, matmul=lambda x, w: fp8_linear(x, w, fp8, activations.pair(kind)))
+        return self.proj(h, reduce=reduce, activation=self.activation)  # (B, S, H)
 
     def output_bias(self, y: torch.Tensor) -> torch.Tensor:
         """The bias a `reduce=False` call left out (parallel blocks add it after their one reduction)."""

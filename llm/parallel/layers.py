@@ -8,14 +8,13 @@ A stride s > 1 means the full tensor is s blocks stacked along `partition_dim` (
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.parallel.fp8 import Fp8Groups, check_fp8_shape, fp8_linear
+from llm.parallel.fp8 import Activation, Fp8Groups, check_fp8_shape, fp8_linear
 from llm.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -115,12 +114,47 @@ def tp_output(partial: torch.Tensor, ctx: ParallelContext, sequence_parallel: bo
     return reduce_scatter_to_sequence(partial, ctx) if sequence_parallel else reduce_from_tp(partial, ctx)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8: Fp8Groups | None) -> torch.Tensor:
-    """x W^T + b, the matmuls in float8 when the layer was switched to FP8 (llm.parallel.fp8)."""
-    if fp8 is None:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8: Fp8Groups | None,
+    activation: Activation | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """x W^T + b, the matmuls in float8 when the layer was switched to FP8 (llm.parallel.fp8). With
+    `activation` (f, its backward): f(x) W^T + b, keeping x (which f keeps anyway) rather than f(x),
+    which backward recomputes."""
+    if fp8 is None and activation is None:
         return F.linear(x, weight, bias)
-    y = fp8_linear(x, weight, fp8)
+    if fp8 is None:
+        y = _ActivationLinear.apply(x, weight, activation)
+    else:
+        y = fp8_linear(x, weight, fp8, activation)
     return y if bias is None else y + bias
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """f(h) W^T keeping h and W only: backward recomputes f(h) (one elementwise pass) for the weight
+    gradient instead of keeping it from forward. Both matmuls of backward are the ones autograd runs
+    for F.linear (grad W = dy^T a, grad a = dy W, over the tokens flattened), so the values and
+    gradients are bitwise those of F.linear(f(h), W)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, activation: Activation) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.activation = activation
+        return F.linear(activation[0](h), weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        h, weight = ctx.saved_tensors
+        f, f_backward = ctx.activation
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            a = f(h)
+            grad_weight = grad2.t().mm(a.reshape(-1, a.shape[-1]))
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_h = f_backward(grad2.mm(weight).view(*h.shape[:-1], weight.shape[1]), h)
+        return grad_h, grad_weight, None
 
 
 def _divide(n: int, tp: int, what: str) -> int:
@@ -199,14 +233,11 @@ class RowParallelLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def forward(
-        self, x: torch.Tensor, *, reduce: bool = True,
-        matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    def forward(self, x: torch.Tensor, *, reduce: bool = True, activation: Activation | None = None) -> torch.Tensor:
         """`reduce=False`: this rank's partial sums, without the bias (the caller adds several layers'
-        partial sums, calls `tp_output` once and adds their `output_bias`). `matmul(x, weight)`: how x
-        meets this rank's weight shard, if not x W^T (the MLP applies its activation inside it)."""
-        y = linear(x, self.weight, None, self.fp8) if matmul is None else matmul(x, self.weight)  # partial sums
+        partial sums, calls `tp_output` once and adds their `output_bias`). `activation`: applied to x
+        inside the layer, which then keeps x rather than its activation (`linear`)."""
+        y = linear(x, self.weight, None, self.fp8, activation)  # (B, S, out) partial sums
         if not reduce:
             return y
         return self.output_bias(tp_output(y, self.ctx, self.sequence_parallel))

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from llm.model import activations
-from llm.model.activations import activate, activation_linear, swiglu
+from llm.model.activations import activate, pair, swiglu
 from llm.model.gpt import build_model
+from llm.parallel.layers import linear
 from tests.unit.test_planner import _model
 
 
@@ -50,13 +51,13 @@ def test_activation_linear_is_the_plain_graph_bitwise_and_keeps_its_input_and_we
 
     kept: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        got = activation_linear(h, w, kind)
+        got = linear(h, w, None, None, pair(kind))
     got_grads = torch.autograd.grad(got, (h, w), upstream)
     assert torch.equal(got, want) and all(torch.equal(x, y) for x, y in zip(got_grads, want_grads, strict=True))
     assert len(kept) == 2 and kept[0] is h and kept[1] is w  # not the activation's output
     h64 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(5, 4 if kind == "swiglu" else 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, y: activation_linear(x, y, kind), (h64, w64))
+    assert torch.autograd.gradcheck(lambda x, y: linear(x, y, None, None, pair(kind)), (h64, w64))
     assert torch.equal(activate(h.detach(), kind), a.detach())
 
 
