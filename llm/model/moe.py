@@ -4,7 +4,8 @@
       -> the token copies sorted by expert (with a capacity: each expert's lowest-weighted copies
          beyond it dropped)
       -> llm.parallel.experts.dispatch: to the expert-parallel rank that holds each expert
-      -> the local experts (a loop on CPU, grouped GEMMs on GPU) -> combine: back where they came from
+      -> the local experts (grouped GEMMs on GPU and in FP8, a loop on CPU) -> combine: back where
+         they came from
       -> the weighted sum of each token's copies (+ the shared experts, which see every token)
 
 Routing (Megatron's and Mixtral's convention): scores are softmax (or sigmoid) of the router
@@ -34,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
-from llm.model.activations import activate
-from llm.parallel.experts import combine, dispatch, sum_over_data, sum_over_sequence
+from llm.model import activations
+from llm.parallel.experts import ExpertLinear, combine, dispatch, sum_over_data, sum_over_sequence
+from llm.parallel.fp8 import fp8_grouped_linear
 from llm.parallel.layers import sequence_parallel_param
 from llm.parallel.mappings import gather_sequence_shards, scatter_to_sequence
 from llm.parallel.process_groups import ParallelContext
@@ -153,22 +155,6 @@ def expert_capacity(tokens: int, cfg: ModelConfig) -> int | None:
 
 
 # ---- modules ---------------------------------------------------------------------------------------
-class ExpertLinear(nn.Module):
-    """The same linear layer of n experts, stacked: weight (n, out, in), bias (n, out)."""
-
-    def __init__(self, n: int, num_experts: int, in_features: int, out_features: int, *, bias: bool) -> None:
-        super().__init__()
-        self.weight = _expert_param(torch.empty(n, out_features, in_features), num_experts)
-        self.bias = _expert_param(torch.zeros(n, out_features), num_experts) if bias else None
-
-
-def _expert_param(t: torch.Tensor, num_experts: int) -> nn.Parameter:
-    p = nn.Parameter(t)
-    p.expert_parallel = True  # type: ignore[attr-defined]
-    p.full_shape = torch.Size((num_experts, *t.shape[1:]))  # type: ignore[attr-defined]
-    return p
-
-
 USE_GROUPED_MM = True  # False: the per-expert loop on GPU too (tests and benchmarks compare the two)
 
 
@@ -186,9 +172,7 @@ class Experts(nn.Module):
         self.swiglu = cfg.is_llama
         self.fc = ExpertLinear(n, e, h, 2 * ffn if self.swiglu else ffn, bias=not cfg.is_llama)
         self.proj = ExpertLinear(n, e, ffn, h, bias=not cfg.is_llama)
-
-    def _activation(self, h: torch.Tensor) -> torch.Tensor:
-        return activate(h, "swiglu" if self.swiglu else "gelu")
+        self.activation = activations.pair("swiglu" if self.swiglu else "gelu")
 
     def forward(
         self, rows: torch.Tensor, counts: torch.Tensor, *, param: Callable[[torch.Tensor], torch.Tensor] = _same
@@ -198,19 +182,36 @@ class Experts(nn.Module):
         fc_w, proj_w = param(self.fc.weight), param(self.proj.weight)
         fc_b = None if self.fc.bias is None else param(self.fc.bias)
         proj_b = None if self.proj.bias is None else param(self.proj.bias)
-        if USE_GROUPED_MM and rows.is_cuda and hasattr(torch, "_grouped_mm") and rows.dtype == torch.bfloat16:
-            offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # every local expert in one grouped GEMM
-            expert = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)  # (M,)
-            h = _grouped_mm(rows, fc_w.transpose(-2, -1), offsets)  # (M, F or 2F)
+        fp8 = self.fc.fp8  # use_fp8 switches both layers
+        if fp8 or (USE_GROUPED_MM and rows.is_cuda and hasattr(torch, "_grouped_mm") and rows.dtype == torch.bfloat16):
+            # every local expert in one grouped GEMM (in FP8 the projection applies the activation itself)
+            inside = fp8 and activations.RECOMPUTE_ACTIVATION
+            offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # where each expert's rows end
+            expert = None if fc_b is None else _expert_of_rows(counts)  # the biases' rows (GELU experts)
+            h = _grouped(rows, fc_w, offsets, fp8)
             h = h if fc_b is None else h + fc_b[expert]
-            y = _grouped_mm(self._activation(h), proj_w.transpose(-2, -1), offsets)
+            y = _grouped(h if inside else self.activation[0](h), proj_w, offsets, fp8, self.activation if inside else None)
             return y if proj_b is None else y + proj_b[expert]
         outs = []  # CPU (and fp32): a loop over the local experts
         for e, x in enumerate(rows.split(counts.tolist())):
             h = F.linear(x, fc_w[e], None if fc_b is None else fc_b[e])
-            y = F.linear(self._activation(h), proj_w[e])
+            y = F.linear(self.activation[0](h), proj_w[e])
             outs.append(y if proj_b is None else y + proj_b[e])
         return torch.cat(outs)
+
+
+def _expert_of_rows(counts: torch.Tensor) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)  # (M,)
+
+
+def _grouped(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, fp8: bool, activation: Any = None
+) -> torch.Tensor:
+    """(M, K) rows grouped by expert (group e ending at offsets[e]) x (n, N, K) stacked weights -> (M,
+    N): bf16 through torch's grouped GEMM, FP8 through llm.parallel.fp8's (applying `activation` inside)."""
+    if fp8:
+        return fp8_grouped_linear(x, weight, offsets, activation)
+    return _grouped_mm(x, weight.transpose(-2, -1), offsets)
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

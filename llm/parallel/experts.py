@@ -1,4 +1,4 @@
-"""Expert parallelism's token exchange: the copies of this rank's tokens go to the ranks that hold
+"""Expert parallelism: the experts' stacked weights (`ExpertLinear`) and the token exchange: the copies of this rank's tokens go to the ranks that hold
 their experts, and the experts' outputs come back, by all-to-all over the expert-parallel group (the
 EP consecutive data-parallel ranks of the mesh, llm/parallel/mesh.py).
 
@@ -15,8 +15,29 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from llm.parallel.process_groups import ParallelContext
+
+
+class ExpertLinear(nn.Module):
+    """The same linear layer of this rank's n experts (of `num_experts`), stacked: weight (n, out, in),
+    bias (n, out). The parameters carry `expert_parallel = True` and `full_shape` (every expert's).
+    `fp8`: the matmuls in float8 with row-wise scales (train.precision: fp8;
+    llm.parallel.fp8.fp8_grouped_linear; `use_fp8` sets it)."""
+
+    def __init__(self, n: int, num_experts: int, in_features: int, out_features: int, *, bias: bool) -> None:
+        super().__init__()
+        self.weight = _expert_param(torch.empty(n, out_features, in_features), num_experts)
+        self.bias = _expert_param(torch.zeros(n, out_features), num_experts) if bias else None
+        self.fp8 = False
+
+
+def _expert_param(t: torch.Tensor, num_experts: int) -> nn.Parameter:
+    p = nn.Parameter(t)
+    p.expert_parallel = True  # type: ignore[attr-defined]
+    p.full_shape = torch.Size((num_experts, *t.shape[1:]))  # type: ignore[attr-defined]
+    return p
 
 
 class _AllToAll(torch.autograd.Function):

@@ -8,8 +8,10 @@ scaling: before each matmul, each operand's largest magnitude (amax) gives its s
 cast to e4m3 (3 mantissa bits, up to 448), output gradients to e5m2 (2 mantissa bits, up to 57344).
 Forward: y = x W^T with e4m3 x e4m3; backward: dx = dy W with e5m2 x e4m3, dW = dy^T x with
 e5m2 x e4m3, each through torch's _scaled_mm operator (cuBLAS FP8 GEMMs on Hopper; a reference kernel on
-CPU, for tests). Backward keeps the float8 copies of x and W, not the bf16 ones (half the bytes); the
-MLP's projection keeps none of its input, recomputing it from the activation's input (`activation`).
+CPU, for tests). Backward keeps the float8 copy of x, not the bf16 one (half the bytes; the MLP's
+projection keeps none of its input, recomputing it from the activation's input: `activation`), and
+the weight itself with its scale: it casts the weight again at forward's scale (the same bits, one
+elementwise pass, no collective), so no float8 weight stays alive per micro-batch in flight.
 
 Under tensor, sequence and context parallelism every rank holds a shard of some operands (the weight
 rows or columns, the row-parallel input's features, a column-parallel output's features, the
@@ -23,6 +25,17 @@ both replace nn.Linear modules (or bring their own TP layers), while llm's colum
 layers keep their own communication, sharding metadata and checkpoint format; the operation they would
 contribute is this one function, whose primitive is torch's (_scaled_mm). The cost of the choice: the casts are
 separate kernels in eager mode (model.compile fuses them into the blocks' graphs).
+
+The routed experts (`fp8_grouped_linear`) scale differently: each token row of their input and of
+their output gradient gets its own power-of-two scale (e4m3 for both, as torchao's "rowwise" recipe),
+each expert's weight one. An expert's rows come from every expert-parallel rank and their number
+changes every step, so a per-tensor scale would depend on which micro-batches the layout groups
+together; a row's scale depends on the row alone, so every layout casts exactly as one process does,
+with no collective. Forward (y = x W^T) and the input gradient (dx = dy W) run as FP8 GEMMs; the
+weight gradient contracts over the tokens, along which the row scales vary, so it runs in the input
+precision on the float8 input made exact again (torchao's "rowwise with high-precision grad weight"):
+two of an expert's three GEMMs in float8. On Hopper each is one grouped GEMM over every local expert
+(torch._scaled_grouped_mm, torch._grouped_mm for the weight gradient), as bf16 experts run.
 """
 
 from __future__ import annotations
@@ -104,14 +117,15 @@ class _Fp8Linear(torch.autograd.Function):
         x8, x_inv = _cast(x.reshape(-1, shape[-1]), E4M3, groups.input)
         w8, w_inv = _cast(weight, E4M3, groups.weight)
         y = _scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype=x.dtype)
-        ctx.save_for_backward(x8 if activation is None else h, x_inv, w8, w_inv)
+        ctx.save_for_backward(x8 if activation is None else h, x_inv, weight, w_inv)  # the weight: see below
         ctx.groups, ctx.shape, ctx.dtypes, ctx.activation = groups, shape, (x.dtype, weight.dtype), activation
         return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        kept, x_inv, w8, w_inv = ctx.saved_tensors
+        kept, x_inv, weight, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
+        w8 = _scaled(weight, w_inv.reciprocal(), E4M3)  # forward's float8 weight again: same scale, same bits
         if ctx.activation is None:
             x8 = kept
         else:  # the same float8 values as forward's: the same f(h), cast at forward's scale
@@ -131,6 +145,92 @@ def fp8_linear(
     `activation` (f, its backward): f(x) W^T, keeping x instead of f(x)'s float8 copy and recomputing
     that copy in backward (bitwise the same: the same f(x), cast at forward's saved scale)."""
     return _Fp8Linear.apply(x, weight, groups, activation)  # type: ignore[no-any-return]
+
+
+def _rowwise_cast(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` (M, K) in e4m3 with a power-of-two scale per row from the row's amax, and the inverse scales
+    (M, 1) float32. An all-zero row gets scale 2^40 (zeros stay zero)."""
+    amax = t.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(E4M3).max / amax.clamp(min=1e-12))).clamp(max=40.0))
+    return _scaled(t, scale, E4M3), scale.reciprocal()
+
+
+def _cast_each(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked weights (n, N, K) in e4m3, each with its own power-of-two scale, and the inverse scales
+    (n, 1, 1) float32: each expert's weight as `_cast` casts a whole tensor."""
+    amax = w.abs().amax(dim=(1, 2), keepdim=True).float()
+    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(E4M3).max / amax.clamp(min=1e-12))).clamp(max=40.0))
+    return _scaled(w, scale, E4M3), scale.reciprocal()
+
+
+def _grouped_scaled_mm(
+    a: torch.Tensor, b: torch.Tensor, a_inv: torch.Tensor, b_inv: torch.Tensor, offsets: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """Each group of rows of `a` (M, K; float8, row-major; group e ends at offsets[e]) times b[e] (n, K,
+    N; float8, column-major), scaled by a_inv (M, 1) per row and b_inv (n, N) per column. Hopper: one
+    grouped FP8 GEMM (torch._scaled_grouped_mm; also on the meta device, whose shape checks are the
+    CUDA kernel's). Elsewhere (CPU for tests; Ada, which has none) group by group through _scaled_mm,
+    reading the offsets on the host."""
+    if a.device.type == "meta" or (a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0)):
+        return torch._scaled_grouped_mm(  # type: ignore[attr-defined,no-any-return]
+            a, b, a_inv.flatten(), b_inv, offs=offsets, out_dtype=out_dtype
+        )
+    bounds = [0, *offsets.tolist()]
+    return torch.cat([_scaled_mm(a[lo:hi], b[e], a_inv[lo:hi], b_inv[e : e + 1], out_dtype=out_dtype)
+                      for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])  # fmt: skip
+
+
+def _column_major_each(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+class _GroupedFp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, activation: Activation | None
+    ) -> torch.Tensor:
+        h = x
+        if activation is not None:  # as _Fp8Linear: keep h, recompute f(h) in backward
+            x = activation[0](h)
+        x8, x_inv = _rowwise_cast(x)
+        w8, w_inv = _cast_each(weight)
+        n, rows, cols = weight.shape
+        y = _grouped_scaled_mm(x8, w8.transpose(-2, -1), x_inv, w_inv.view(n, 1).expand(n, rows).contiguous(),
+                               offsets, x.dtype)  # fmt: skip
+        ctx.save_for_backward(x8 if activation is None else h, x_inv, weight, w_inv, offsets)
+        ctx.dtypes, ctx.activation = (x.dtype, weight.dtype), activation
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        kept, x_inv, weight, w_inv, offsets = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        n, _, cols = weight.shape
+        w8 = _scaled(weight, w_inv.reciprocal(), E4M3)  # forward's float8 weights again
+        x8 = kept if ctx.activation is None else _scaled(ctx.activation[0](kept), x_inv.reciprocal(), E4M3)
+        g8, g_inv = _rowwise_cast(grad)
+        grad_x = _grouped_scaled_mm(g8, _column_major_each(w8), g_inv, w_inv.view(n, 1).expand(n, cols).contiguous(),
+                                    offsets, x_dtype)  # fmt: skip
+        exact = x8.to(grad.dtype) * x_inv.to(grad.dtype)  # the float8 input, unscaled: exact in bf16 and fp32
+        if grad.shape[0]:
+            grad_w = torch._grouped_mm(grad.t(), exact, offs=offsets).to(w_dtype)  # type: ignore[attr-defined]
+        else:  # no rows reached these experts
+            grad_w = torch.zeros_like(weight)
+        if ctx.activation is not None:
+            grad_x = ctx.activation[1](grad_x, kept)
+        return grad_x, grad_w, None, None
+
+
+def fp8_grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, activation: Activation | None = None
+) -> torch.Tensor:
+    """The routed experts' layer: x (M, K), rows grouped by expert (expert e's end at offsets[e], int32),
+    each group times its expert's weight: weight (n, N, K) -> (M, N), no bias. A scale per row of x and of the output gradient,
+    one per expert's weight; forward and the input gradient in float8, the weight gradient from the
+    float8 input in x's precision (module docstring). `activation`: as `fp8_linear`'s (f(x) W^T keeping
+    x)."""
+    return _GroupedFp8Linear.apply(x, weight, offsets, activation)  # type: ignore[no-any-return]
 
 
 def check_fp8_shape(name: str, weight: torch.Tensor) -> str | None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.parallel.experts import ExpertLinear
 from llm.parallel.fp8 import Activation, Fp8Groups, check_fp8_shape, fp8_linear
 from llm.parallel.mappings import (
     copy_to_tp,
@@ -325,7 +326,8 @@ def use_fp8(model: nn.Module, ctx: ParallelContext) -> list[str]:
     """Switches every column- and row-parallel linear of `model` to FP8 matmuls (train.precision: fp8),
     with the groups over which each operand is sharded: the weight over TP; the column layers' input
     over CP (its tokens) and their output gradient over CP x TP; the row layers' input over CP x TP and
-    their output gradient over CP. The LM head, the MoE router and the experts stay in bf16. Returns why
+    their output gradient over CP. The routed experts' layers too, with row-wise scales (no group:
+    llm.parallel.fp8.fp8_grouped_linear). The LM head and the MoE router stay in bf16. Returns why
     layers cannot, empty if all can: dimensions not multiples of 16, or a grouped QKV layer (fewer KV
     groups than TP ranks: each rank's K/V gradient is a partial sum, which float8 would round unlike
     one process; config validation refuses it first)."""
@@ -343,9 +345,11 @@ def use_fp8(model: nn.Module, ctx: ParallelContext) -> list[str]:
         elif isinstance(module, GroupedQKVParallelLinear):
             problems.append(f"{name} shares its KV group with other TP ranks (fewer KV groups than TP ranks)")
             continue
+        elif isinstance(module, ExpertLinear):
+            module.fp8 = True
         else:
             continue
-        problem = check_fp8_shape(name, module.weight)
+        problem = check_fp8_shape(name, module.weight[0] if isinstance(module, ExpertLinear) else module.weight)
         if problem:
             problems.append(problem)
     return problems

@@ -179,8 +179,8 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_l
         the projection recompute from in backward (llm.model.activations; in fp8 the projection casts
         the recomputed activation again at forward's scale).
       dropout masks: one byte per element of the residual stream, twice, when dropout > 0.
-    In fp8 each linear layer also keeps a float8 copy of its weight (this rank's shard) and two
-    float32 scales, once per micro-batch.
+    In fp8 each linear layer also keeps two float32 scales per micro-batch (its weight is cast again
+    in backward, llm.parallel.fp8).
     """
     a, t, h, f, d = _act_bytes(precision), layout.tp, m.hidden_size, m.ffn_size, m.head_dim
     nq, g = m.num_attention_heads, m.kv_groups
@@ -189,8 +189,8 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, precision: str, seq_l
     def lin(n: float) -> float:
         return n if fp8 else a * n
 
-    def weights(*shapes: tuple[float, float]) -> float:
-        return sum(rows * cols / t + 8 for rows, cols in shapes) if fp8 else 0.0
+    def weights(*shapes: tuple[float, float]) -> float:  # the scales of each linear layer
+        return 8.0 * len(shapes) if fp8 else 0.0
 
     norm = 8 * h + 4 if m.is_llama else a * h + 2 * a
     attention = a * ((nq + 2 * g) * d + nq * d) + 4 * nq + (nq * d if fp8 else 0)
@@ -213,22 +213,30 @@ def _moe_bytes(m: ModelConfig, layout: Layout, precision: str, tokens: int) -> f
     """An MoE block's MLP with its input (counted with saved-tensor hooks, as above), per token: the
     router's float32 copy of its input (4 h; in fp32 the norm's output itself), its float32 logits
     and scores (2 x 4 E); the choices, their weights and the sort's indices (28 k + a k + 12); the k
-    copies sent to the experts, the experts' outputs and their weighted sum's input (3 k a h); each
-    copy's expert MLP (SwiGLU 3 F_e, GELU 2 F_e, in a bytes: the routed experts stay in bf16 in fp8
-    runs); the shared experts as a dense MLP, whose input lin(h) is the norm's output whole on every
-    TP rank. TP ranks route their share of the tokens, so all but that input is divided by TP."""
+    copies sent to the experts (fc's input), the experts' outputs and their weighted sum's input
+    (3 k a h); each copy's expert MLP (fc's output, SwiGLU 2 F_e, GELU F_e, and the activation's output
+    F_e, in a bytes); the shared experts as a dense MLP, whose input lin(h) is the norm's output whole
+    on every TP rank. TP ranks route their share of the tokens, so all but that input is divided by TP.
+    In fp8 (row-wise scales, llm.parallel.fp8.fp8_grouped_linear) fc keeps its input's float8 copy
+    (h bytes) and the projection fc's output instead of the activation's, each with a float32 scale per
+    copy; the weights are cast again in backward, so only their scales are kept."""
     a, t, h, k = _act_bytes(precision), layout.tp, m.hidden_size, m.moe_router_topk
     s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (3 if m.is_llama else 2)
     lin = 1 if precision == "fp8" else a  # what a linear layer keeps of each input value
     routed = 8 * int(m.num_experts or 0) + 28 * k + a * k + 12 + a * (3 * k * h + k * per_mlp * m.moe_ffn_size)
+    if precision == "fp8":  # fc's input in float8, no activation output, a row scale for each; the
+        # biases' expert of each row (GELU experts)
+        routed -= k * ((a - 1) * h + a * m.moe_ffn_size - 8 - (0 if m.is_llama else 8))
     shared = a * (2 if m.is_llama else 1) * s  # as the dense MLP
     if precision == "fp32":  # the router's "copy" is the norm's output itself, which the shared experts keep too
         whole = 4 * h
     else:
         whole, routed = (lin * h if s else 0), routed + 4 * h
-    weights = (s * (2 if m.is_llama else 1) * h + h * s) / t + 16 if s and precision == "fp8" else 0.0
+    weights = 16.0 if s and precision == "fp8" else 0.0  # the shared experts' two layers' scales
     if precision != "fp32":
         weights += 4 * int(m.num_experts or 0) * h  # the router's float32 copy of its weight
+    if precision == "fp8":  # each local expert's two weight scales and where its rows end
+        weights += 12 * int(m.num_experts or 0) // layout.ep
     return tokens * (whole + (routed + shared) / t) + weights
 
 

@@ -156,6 +156,8 @@ def _fp8_runs(cfg: Config, tp: int) -> bool:
     widths = [m.hidden_size, m.num_attention_heads * m.head_dim // tp, m.kv_groups * m.head_dim // tp, m.ffn_size // tp]
     if m.moe_shared_expert_intermediate_size:
         widths.append(m.moe_shared_expert_intermediate_size // tp)
+    if m.is_moe:
+        widths.append(m.moe_ffn_size)  # the routed experts: whole on every TP rank
     return m.kv_groups % tp == 0 and all(w % 16 == 0 for w in widths)
 
 

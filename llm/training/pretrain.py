@@ -217,6 +217,20 @@ def _claim_run(cfg: Config, ctx: ParallelContext) -> RunLock | None:
     return lock
 
 
+def switch_to_fp8(model: torch.nn.Module, ctx: ParallelContext) -> None:
+    """train.precision: fp8: the model's linear layers to FP8 matmuls (llm.parallel.layers.use_fp8), or
+    one ConfigError naming the first layer whose dimensions FP8 GEMMs cannot take."""
+    problems = use_fp8(model, ctx)
+    if problems:
+        raise ConfigError(
+            f"train.precision: fp8 needs the linear layers' dimensions in multiples of 16 (FP8 GEMMs): "
+            f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            + "; choose model.hidden_size, model.ffn_hidden_size and model.num_attention_heads (with experts also "
+            "model.moe_ffn_hidden_size and model.moe_shared_expert_intermediate_size) so that each rank's share is"
+            " a multiple of 16, or use train.precision: bf16"
+        )
+
+
 def _build_engine(
     cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], plan: OptimizerPlan
 ) -> tuple[Steps, int]:
@@ -233,14 +247,7 @@ def _build_engine(
     else:
         model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
     if cfg.train.precision == "fp8":
-        problems = use_fp8(model, ctx)
-        if problems:
-            raise ConfigError(
-                f"train.precision: fp8 needs the linear layers' dimensions in multiples of 16 (FP8 GEMMs): "
-                f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                + "; choose model.hidden_size, model.ffn_hidden_size and model.num_attention_heads so that each rank's share is"
-                " a multiple of 16, or use train.precision: bf16"
-            )
+        switch_to_fp8(model, ctx)
     num_params = count_parameters(model)
     logger.info("model: %s, %.2fM parameters on this rank; %s", cfg.model.architecture, num_params / 1e6,
                 ctx.describe())  # fmt: skip

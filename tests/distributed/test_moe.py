@@ -15,6 +15,7 @@ from llm.config import load_config
 from llm.model.gpt import build_model, parameter_groups
 from llm.model.inputs import model_inputs
 from llm.model.moe import moe_metrics, update_expert_bias
+from llm.parallel.layers import use_fp8
 from llm.parallel.process_groups import ParallelContext
 from llm.parallel.random import RNGTracker
 from tests.distributed.harness import spawn
@@ -36,6 +37,9 @@ CASES = {
     "capacity": ["model.architecture=llama", "model.moe_expert_capacity_factor=1.0", "model.moe_layer_freq=[0, 1]"],
     "llama_sp": ["model.architecture=llama", "model.sequence_parallel=true", "model.moe_router_load_balancing_type=seq_aux_loss",
                  "model.moe_shared_expert_intermediate_size=24"],
+    # train.precision: fp8's matmuls (fp32 around them, so that only float8 differs): the block's linear
+    # layers and the shared experts per tensor, the routed experts per row
+    "llama_fp8": ["model.architecture=llama", "model.moe_shared_expert_intermediate_size=32"],
 }  # fmt: skip
 
 
@@ -71,6 +75,8 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None, tp:
     ds, plan = deepspeed_setup(cfg, world, cuda=False)
     rng = RNGTracker()
     model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
+    if case.endswith("fp8"):
+        assert use_fp8(model, ctx) == []
     groups = register_experts(model, parameter_groups(model, cfg.train.weight_decay), ctx, num_experts=4)
     opt = clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None
     engine = initialize_engine(model, optimizer=opt, parameter_groups=groups, ds_config=ds,
@@ -79,6 +85,8 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None, tp:
 
     ref_cfg = dataclasses.replace(cfg.model, sequence_parallel=False)
     ref = build_model(ref_cfg, seed=cfg.train.seed)  # one process, every expert
+    if case.endswith("fp8"):
+        assert use_fp8(ref, ParallelContext.single()) == []
     ref.moe.aux_grad_scale = 1 / dp  # DP micro-batches of accumulation: the LM loss is divided by DP too
     ref_opt = torch.optim.AdamW(parameter_groups(ref, cfg.train.weight_decay), lr=cfg.train.lr,
                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
@@ -130,7 +138,7 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None, tp:
 
 
 @pytest.mark.parametrize(
-    "zero, case", [(0, "gpt2"), (1, "llama_shared"), (2, "capacity"), (1, "gpt2")]
+    "zero, case", [(0, "gpt2"), (1, "llama_shared"), (2, "capacity"), (1, "gpt2"), (1, "llama_fp8")]
 )
 def test_expert_parallel_training_matches_one_process(zero: int, case: str, tmp_path: Path) -> None:
     spawn(_run, 2, zero, case, tmp_path / "ckpt" if (zero, case) in ((0, "gpt2"), (1, "llama_shared")) else None)
@@ -211,3 +219,38 @@ def _run_pipeline(rank: int, world: int, zero: int, save_dir: Path) -> None:
 @pytest.mark.parametrize("zero", [0, 1])
 def test_expert_parallelism_inside_pipeline_stages_matches_one_process(zero: int, tmp_path: Path) -> None:
     spawn(_run_pipeline, 4, zero, tmp_path / "ckpt")
+
+
+def _fp8_experts_layer(rank: int, world: int) -> None:
+    """One MoE layer with FP8 experts at EP 2 against one process running each rank's micro-batch alone.
+    The two micro-batches differ in size by 2^10, so each expert's rows from both ranks span that range:
+    a scale shared by an expert's rows would follow the layout; a scale per row does not."""
+    cfg = load_config(None, [*OVERRIDES, *CASES["llama_fp8"]]).model
+    ctx = ParallelContext.build(ep=2)
+    layer = build_model(cfg, seed=3, ctx=ctx).layers[0].mlp
+    ref = build_model(cfg, seed=3).layers[0].mlp
+    assert use_fp8(layer, ctx) == [] and use_fp8(ref, ParallelContext.single()) == []
+    gen = torch.Generator().manual_seed(5)
+    micro = [torch.randn(2, 16, 32, generator=gen) * 2.0 ** (10 * r) for r in range(world)]
+    upstream = [torch.randn(2, 16, 32, generator=gen) for _ in range(world)]
+    x = micro[rank].clone().requires_grad_(True)
+    out = layer(x)
+    out.backward(upstream[rank])
+    ref_grads = {}
+    for r in range(world):  # micro-batch by micro-batch, gradients accumulating
+        xr = micro[r].clone().requires_grad_(True)
+        want = ref(xr)
+        want.backward(upstream[r])
+        if r == rank:
+            ref_out, ref_dx = want.detach(), xr.grad
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    torch.testing.assert_close(out.detach(), ref_out, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad, ref_dx, rtol=1e-5, atol=1e-6 * float(ref_dx.abs().max()))
+    for name, p in layer.named_parameters():  # this rank's two experts, from both ranks' rows
+        if getattr(p, "expert_parallel", False):
+            want = ref_grads[name][2 * ctx.ep_rank : 2 * ctx.ep_rank + 2]
+            torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
+
+
+def test_fp8_experts_under_expert_parallelism_cast_as_one_process() -> None:
+    spawn(_fp8_experts_layer, 2)

@@ -128,6 +128,57 @@ def test_fp8_linear_through_cublas_matches_the_float8_rounded_operands_on_cuda()
     torch.testing.assert_close(y.detach().cpu(), on_cpu, rtol=1.6e-2, atol=1e-2)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
+)
+def test_fp8_experts_through_row_wise_fp8_gemms_match_the_rounded_operands_on_cuda() -> None:
+    """The routed experts' FP8 layers (row-wise scales; on Hopper torch._scaled_grouped_mm and, for the
+    weight gradient, torch._grouped_mm, bf16 out) against each row's float8 rounding multiplied in
+    fp32, with rows spanning 2^20 in size; then a whole FP8 expert layer (eight experts in one grouped
+    GEMM, one without rows) forward and backward on CUDA against the same layer on CPU (group by group
+    through _scaled_mm)."""
+    import llm.model.moe as moe
+    from llm.parallel.fp8 import E4M3, fp8_grouped_linear
+    from llm.parallel.layers import use_fp8
+    from llm.parallel.process_groups import ParallelContext
+
+    g = torch.Generator("cuda").manual_seed(0)
+    sizes = 2.0 ** torch.linspace(-10, 10, 384, device="cuda").round().unsqueeze(1)
+    x = (torch.randn(384, 512, device="cuda", generator=g) * sizes).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(768, 512, device="cuda", generator=g) * 0.02).to(torch.bfloat16).requires_grad_(True)
+    y = fp8_grouped_linear(x, w.unsqueeze(0), torch.tensor([384], dtype=torch.int32, device="cuda"))
+    upstream = torch.randn(y.shape, device="cuda", generator=g).to(torch.bfloat16)
+    y.backward(upstream)
+
+    def rounded(t: torch.Tensor, rows: bool) -> torch.Tensor:
+        amax = t.float().abs().amax(dim=1, keepdim=True) if rows else t.float().abs().max()
+        scale = 2.0 ** torch.floor(torch.log2(torch.finfo(E4M3).max / amax))
+        return (t.float() * scale).to(E4M3).float() / scale
+
+    xq, wq, gq = rounded(x.detach(), True), rounded(w.detach(), False), rounded(upstream, True)
+    for got, want in ((y, xq @ wq.t()), (x.grad, gq @ wq), (w.grad, upstream.float().t() @ xq)):
+        rows = (got.float() - want).norm(dim=1) / want.norm(dim=1).clamp(min=1e-30)
+        assert rows.max() < 8e-3, rows.max()  # bf16 output rounding, row by row
+
+    cfg = ModelConfig(architecture="llama", num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=128,
+                      vocab_size=1000, num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=512)  # fmt: skip
+    counts = torch.tensor([64, 0, 16, 128, 32, 48, 80, 16])
+    results = []
+    for device in ("cuda", "cpu"):
+        experts = moe.Experts(cfg, ParallelContext.single())
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+        experts = experts.to(device, torch.bfloat16)
+        assert use_fp8(experts, ParallelContext.single()) == []
+        rows = torch.randn(int(counts.sum()), 256, generator=torch.Generator().manual_seed(2))
+        rows = rows.to(device, torch.bfloat16).requires_grad_(True)
+        out = experts(rows, counts.to(device))
+        grads = torch.autograd.grad(out.float().square().sum(), [rows, *experts.parameters()])
+        results.append([t.float().cpu() for t in (out, *grads)])
+    for a, b in zip(*results, strict=True):
+        assert torch.isfinite(a).all() and (a - b).norm() <= 2e-2 * b.norm()
+
+
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_the_planner_does_not_underestimate_what_a_block_keeps_on_cuda(architecture: str) -> None:
     """The planner's per-layer activations (exact on CPU, tests/unit/test_planner.py) against what one

@@ -270,3 +270,14 @@ def test_fp8_candidates_are_layouts_pretrain_accepts_in_fp8() -> None:
             f"deepspeed_config=configs/deepspeed/zero{lay.zero}.json",
         ])  # fmt: skip
         validate_world(chosen, 8)  # the config check, fp8's included (the device check needs a GPU)
+
+
+def test_fp8_candidates_need_16_divisible_experts() -> None:
+    """The routed experts run in FP8 too, whole on every TP rank: an expert width FP8 GEMMs cannot take
+    leaves no fp8 layout at any TP size (pretrain.py would refuse each), a 16-divisible one leaves some."""
+    from llm.planner.search import candidate_layouts
+
+    for width, any_fp8 in ((1400, False), (1408, True)):
+        cfg = load_config("configs/moe_fine_grained_a2b.yaml", [f"model.moe_ffn_hidden_size={width}"])
+        assert candidate_layouts(cfg, Cluster(1, 8), precision="bf16")
+        assert bool(candidate_layouts(cfg, Cluster(1, 8), precision="fp8")) is any_fp8, width
