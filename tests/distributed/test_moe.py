@@ -76,7 +76,7 @@ def _run(rank: int, world: int, zero: int, case: str, save_dir: Path | None, tp:
     rng = RNGTracker()
     model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx, rng=rng)
     if case.endswith("fp8"):
-        assert use_fp8(model, ctx) == []
+        assert use_fp8(model, ctx) == [] and all(m.fp8 for m in model.modules() if type(m).__name__ == "ExpertLinear")
     groups = register_experts(model, parameter_groups(model, cfg.train.weight_decay), ctx, num_experts=4)
     opt = clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None
     engine = initialize_engine(model, optimizer=opt, parameter_groups=groups, ds_config=ds,
@@ -230,6 +230,7 @@ def _fp8_experts_layer(rank: int, world: int) -> None:
     layer = build_model(cfg, seed=3, ctx=ctx).layers[0].mlp
     ref = build_model(cfg, seed=3).layers[0].mlp
     assert use_fp8(layer, ctx) == [] and use_fp8(ref, ParallelContext.single()) == []
+    assert all(m.experts.fc.fp8 and m.experts.proj.fp8 for m in (layer, ref))  # the routed experts in float8
     gen = torch.Generator().manual_seed(5)
     micro = [torch.randn(2, 16, 32, generator=gen) * 2.0 ** (10 * r) for r in range(world)]
     upstream = [torch.randn(2, 16, 32, generator=gen) for _ in range(world)]
