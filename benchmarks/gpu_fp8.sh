@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# train.precision: fp8 against bf16 on one H100/H200, in about 4 minutes (the third GPU call, after
+# train.precision: fp8 against bf16 on one H100/H200, in about 5 minutes (the third GPU call, after
 # benchmarks/gpu_check.sh and benchmarks/gpu_profile.sh):
 #
 # 1. gpt2_125m, the same 200 steps in bf16 and in fp8 (compiled blocks, ZeRO 1, micro-batch 16):
 #    the losses (fp8 within 1% of bf16 is the target) and tokens/s.
 # 2. llama_1b, 12 steps each in bf16 and fp8, eager and compiled: tokens/s, MFU, peak memory.
-# 3. The FP8 CUDA test (cuBLAS FP8 GEMMs against float8-rounded operands).
+# 3. A 4-block fine-grained MoE, 12 steps each in bf16 and fp8 (the routed experts' grouped GEMMs).
+# 4. The FP8 CUDA tests (cuBLAS FP8 GEMMs against float8-rounded operands, the experts' grouped ones).
 #
 #   bash benchmarks/gpu_fp8.sh [OUT_DIR]      (repository root; makes data/builtin if missing)
 set -uo pipefail
@@ -58,6 +59,18 @@ for precision in bf16 fp8; do
     echo "$name exit $?"
     steady_steps "$runs/$name" 5 | tee "$out/$name.txt"
   done
+done
+
+echo "== a fine-grained MoE (moe_fine_grained_a2b cut to 4 blocks: 64 experts of 1408, top-6), 12 steps, bf16 and fp8"
+# bf16 experts: torch._grouped_mm; fp8: torch._scaled_grouped_mm with row-wise scales (llm.parallel.fp8)
+for precision in bf16 fp8; do
+  name=moe_4l_$precision
+  timeout 150 python3 scripts/pretrain.py --config configs/moe_fine_grained_a2b.yaml "${common[@]}" \
+    model.num_layers=4 "model.moe_layer_freq=[0, 1, 1, 1]" model.seq_length=2048 parallel.expert_model_parallel_size=1 \
+    train.precision=$precision train.train_iters=12 train.lr_warmup_iters=2 train.micro_batch_size=4 \
+    train.global_batch_size=4 logging.log_interval=1 logging.dir=$runs/$name > "$out/$name.log" 2>&1
+  echo "$name exit $?"
+  steady_steps "$runs/$name" 5 | tee "$out/$name.txt"
 done
 
 echo "== FP8 CUDA test"

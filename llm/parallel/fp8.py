@@ -173,9 +173,7 @@ def _grouped_scaled_mm(
     CUDA kernel's). Elsewhere (CPU for tests; Ada, which has none) group by group through _scaled_mm,
     reading the offsets on the host."""
     if a.device.type == "meta" or (a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0)):
-        return torch._scaled_grouped_mm(  # type: ignore[attr-defined,no-any-return]
-            a, b, a_inv.flatten(), b_inv, offs=offsets, out_dtype=out_dtype
-        )
+        return torch.ops.aten._scaled_grouped_mm(a, b, a_inv.flatten(), b_inv, offs=offsets, out_dtype=out_dtype)
     bounds = [0, *offsets.tolist()]
     return torch.cat([_scaled_mm(a[lo:hi], b[e], a_inv[lo:hi], b_inv[e : e + 1], out_dtype=out_dtype)
                       for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])  # fmt: skip
@@ -214,7 +212,7 @@ class _GroupedFp8Linear(torch.autograd.Function):
                                     offsets, x_dtype)  # fmt: skip
         exact = x8.to(grad.dtype) * x_inv.to(grad.dtype)  # the float8 input, unscaled: exact in bf16 and fp32
         if grad.shape[0]:
-            grad_w = torch._grouped_mm(grad.t(), exact, offs=offsets).to(w_dtype)  # type: ignore[attr-defined]
+            grad_w = torch.ops.aten._grouped_mm(grad.t(), exact, offs=offsets).to(w_dtype)
         else:  # no rows reached these experts
             grad_w = torch.zeros_like(weight)
         if ctx.activation is not None:

@@ -167,11 +167,12 @@ def _layouts(cfg: Config, tp: int, pp: int, cp: int, dp: int, gbs: int, precisio
         if precision == "fp8" and (mb * cfg.model.seq_length // cp) % 16:
             continue  # FP8 GEMMs multiply over each rank's tokens (config check)
         for zero in range(4):
-            # bf16 pipelines run at ZeRO 1 (config check), also at one data-parallel rank
-            bf16_pipeline = pp > 1 and precision != "fp32"
-            if (pp > 1 and zero > 1) or (tp > 1 and zero == 3) or (dp * cp == 1 and zero > int(bf16_pipeline)):
+            # bf16 pipelines and bf16 mixtures of experts run at ZeRO 1 or more (config check), also at
+            # one data-parallel rank
+            needs_zero = precision != "fp32" and (pp > 1 or cfg.model.is_moe)
+            if (pp > 1 and zero > 1) or (tp > 1 and zero == 3) or (dp * cp == 1 and zero > int(needs_zero)):
                 continue
-            if bf16_pipeline and zero == 0:
+            if needs_zero and zero == 0:
                 continue
             if cfg.model.is_moe and (zero == 3 or (zero == 0 and precision != "fp32")):
                 continue  # what a mixture of experts cannot run at (validation refuses it)

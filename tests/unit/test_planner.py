@@ -281,3 +281,18 @@ def test_fp8_candidates_need_16_divisible_experts() -> None:
         cfg = load_config("configs/moe_fine_grained_a2b.yaml", [f"model.moe_ffn_hidden_size={width}"])
         assert candidate_layouts(cfg, Cluster(1, 8), precision="bf16")
         assert bool(candidate_layouts(cfg, Cluster(1, 8), precision="fp8")) is any_fp8, width
+
+
+def test_a_mixture_of_experts_in_bf16_plans_on_one_gpu_at_zero_1() -> None:
+    """An MoE in bf16 needs ZeRO 1 or 2 (validation), also at one data-parallel rank: the planner
+    offers ZeRO 1 there (it had no layout at all for one GPU), and llm accepts it."""
+    from llm.planner.search import candidate_layouts
+
+    overrides = ["model.num_layers=4", "model.moe_layer_freq=[0, 1, 1, 1]", "parallel.expert_model_parallel_size=1",
+                 "train.global_batch_size=8", "model.vocab_size=8192"]  # fmt: skip
+    cfg = load_config("configs/moe_fine_grained_a2b.yaml", overrides)
+    for precision in ("bf16", "fp8"):
+        layouts = candidate_layouts(cfg, Cluster(1, 1), precision=precision)
+        assert layouts and {lay.zero for lay in layouts} == {1}, precision
+    chosen = load_config("configs/moe_fine_grained_a2b.yaml", [*overrides, "deepspeed_config=configs/deepspeed/zero1.json"])
+    build_deepspeed_config(chosen, 1, cuda=True)
