@@ -221,37 +221,39 @@ def test_expert_parallelism_inside_pipeline_stages_matches_one_process(zero: int
     spawn(_run_pipeline, 4, zero, tmp_path / "ckpt")
 
 
-def _fp8_experts_layer(rank: int, world: int) -> None:
-    """One MoE layer with FP8 experts at EP 2 against one process running each rank's micro-batch alone.
-    The two micro-batches differ in size by 2^10, so each expert's rows from both ranks span that range:
-    a scale shared by an expert's rows would follow the layout; a scale per row does not."""
+def _fp8_experts_layer(rank: int, world: int, tp: int) -> None:
+    """One MoE layer with FP8 experts at EP 2 (and TP `tp`, each TP rank routing its share of the tokens)
+    against one process running each data-parallel rank's micro-batch alone. The two micro-batches
+    differ in size by 2^10, so each expert's rows from both span that range: a scale shared by an
+    expert's rows would follow the layout; a scale per row does not."""
     cfg = load_config(None, [*OVERRIDES, *CASES["llama_fp8"]]).model
-    ctx = ParallelContext.build(ep=2)
+    ctx = ParallelContext.build(tp=tp, ep=2)
     layer = build_model(cfg, seed=3, ctx=ctx).layers[0].mlp
     ref = build_model(cfg, seed=3).layers[0].mlp
     assert use_fp8(layer, ctx) == [] and use_fp8(ref, ParallelContext.single()) == []
     assert all(m.experts.fc.fp8 and m.experts.proj.fp8 for m in (layer, ref))  # the routed experts in float8
     gen = torch.Generator().manual_seed(5)
-    micro = [torch.randn(2, 16, 32, generator=gen) * 2.0 ** (10 * r) for r in range(world)]
-    upstream = [torch.randn(2, 16, 32, generator=gen) for _ in range(world)]
-    x = micro[rank].clone().requires_grad_(True)
+    micro = [torch.randn(2, 16, 32, generator=gen) * 2.0 ** (10 * r) for r in range(ctx.dp)]
+    upstream = [torch.randn(2, 16, 32, generator=gen) for _ in range(ctx.dp)]
+    x = micro[ctx.dp_rank].clone().requires_grad_(True)  # the same on every TP rank (no sequence parallelism)
     out = layer(x)
-    out.backward(upstream[rank])
-    ref_grads = {}
-    for r in range(world):  # micro-batch by micro-batch, gradients accumulating
+    out.backward(upstream[ctx.dp_rank])
+    for r in range(ctx.dp):  # micro-batch by micro-batch, gradients accumulating
         xr = micro[r].clone().requires_grad_(True)
         want = ref(xr)
         want.backward(upstream[r])
-        if r == rank:
+        if r == ctx.dp_rank:
             ref_out, ref_dx = want.detach(), xr.grad
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    torch.testing.assert_close(out.detach(), ref_out, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.detach(), ref_out, rtol=1e-6, atol=1e-6 * float(ref_out.abs().max()))
     torch.testing.assert_close(x.grad, ref_dx, rtol=1e-5, atol=1e-6 * float(ref_dx.abs().max()))
-    for name, p in layer.named_parameters():  # this rank's two experts, from both ranks' rows
-        if getattr(p, "expert_parallel", False):
-            want = ref_grads[name][2 * ctx.ep_rank : 2 * ctx.ep_rank + 2]
-            torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
+    experts = [(n, p) for n, p in layer.named_parameters() if getattr(p, "expert_parallel", False)]
+    assert len(experts) == 2
+    for name, p in experts:  # this rank's two experts, from every rank's rows (summed over TP)
+        want = ref_grads[name][2 * ctx.ep_rank : 2 * ctx.ep_rank + 2]
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
 
 
-def test_fp8_experts_under_expert_parallelism_cast_as_one_process() -> None:
-    spawn(_fp8_experts_layer, 2)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fp8_experts_under_expert_parallelism_cast_as_one_process(tp: int) -> None:
+    spawn(_fp8_experts_layer, 2 * tp, tp)
