@@ -171,7 +171,9 @@ def _grouped_scaled_mm(
     N; float8, column-major), scaled by a_inv (M, 1) per row and b_inv (n, N) per column. Hopper: one
     grouped FP8 GEMM (torch._scaled_grouped_mm; also on the meta device, whose shape checks are the
     CUDA kernel's). Elsewhere (CPU for tests; Ada, which has none) group by group through _scaled_mm,
-    reading the offsets on the host."""
+    reading the offsets on the host. No rows (none reached this rank's experts): no kernel."""
+    if a.shape[0] == 0:
+        return torch.zeros(0, b.shape[-1], dtype=out_dtype, device=a.device)
     if a.device.type == "meta" or (a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0)):
         return torch.ops.aten._scaled_grouped_mm(a, b, a_inv.flatten(), b_inv, offs=offsets, out_dtype=out_dtype)
     bounds = [0, *offsets.tolist()]
