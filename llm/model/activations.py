@@ -2,13 +2,15 @@
 
 - SwiGLU, silu(gate) * up, keeps only its input: autograd's own graph of the two operations keeps
   silu(gate) besides gate and up (3 F per token where 2 F would do). Backward recomputes silu(gate).
-- The dense MLP's projection takes the activation inside (`pair`, llm.parallel.layers.linear): it
-  keeps fc's output, which the activation keeps anyway, instead of the activation's output (F per
-  token fewer) and recomputes the activation for its weight gradient.
+- The MLP's projection takes the activation inside (`pair`; llm.parallel.layers.linear for the dense
+  MLP, llm.parallel.experts.grouped_linear or llm.parallel.layers.linear per expert for the routed
+  experts): it keeps fc's output, which the activation keeps anyway, instead of the activation's
+  output (F per token, or per routed copy, fewer) and recomputes the activation for its weight
+  gradient.
 
 Each recompute is one elementwise pass; both gradients are formed by the operations autograd would
-run (torch's silu_backward / gelu_backward, F.linear's two matmuls), so values and gradients are
-bitwise those of the plain graph (tests/unit/test_activations.py).
+run (torch's silu_backward / gelu_backward, F.linear's or the grouped GEMM's two matmuls), so values
+and gradients are bitwise those of the plain graph (tests/unit/test_activations.py).
 """
 
 from __future__ import annotations

@@ -36,9 +36,15 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.model import activations
-from llm.parallel.experts import ExpertLinear, combine, dispatch, sum_over_data, sum_over_sequence
-from llm.parallel.fp8 import fp8_grouped_linear
-from llm.parallel.layers import sequence_parallel_param
+from llm.parallel.experts import (
+    ExpertLinear,
+    combine,
+    dispatch,
+    grouped_linear,
+    sum_over_data,
+    sum_over_sequence,
+)
+from llm.parallel.layers import linear, sequence_parallel_param
 from llm.parallel.mappings import gather_sequence_shards, scatter_to_sequence
 from llm.parallel.process_groups import ParallelContext
 
@@ -183,40 +189,26 @@ class Experts(nn.Module):
         fc_b = None if self.fc.bias is None else param(self.fc.bias)
         proj_b = None if self.proj.bias is None else param(self.proj.bias)
         fp8 = self.fc.fp8  # use_fp8 switches both layers
-        if fp8 or (USE_GROUPED_MM and rows.is_cuda and hasattr(torch, "_grouped_mm") and rows.dtype == torch.bfloat16):
-            # every local expert in one grouped GEMM (in FP8 the projection applies the activation itself)
-            inside = fp8 and activations.RECOMPUTE_ACTIVATION
+        f = self.activation[0]
+        inside = self.activation if activations.RECOMPUTE_ACTIVATION else None  # the projection applies it
+        if fp8 or (USE_GROUPED_MM and rows.is_cuda and rows.dtype == torch.bfloat16):
+            # every local expert in one grouped GEMM
             offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # where each expert's rows end
             expert = None if fc_b is None else _expert_of_rows(counts)  # the biases' rows (GELU experts)
-            h = _grouped(rows, fc_w, offsets, fp8)
+            h = grouped_linear(rows, fc_w, offsets, fp8=fp8)
             h = h if fc_b is None else h + fc_b[expert]
-            y = _grouped(h if inside else self.activation[0](h), proj_w, offsets, fp8, self.activation if inside else None)
+            y = grouped_linear(h if inside else f(h), proj_w, offsets, fp8=fp8, activation=inside)
             return y if proj_b is None else y + proj_b[expert]
         outs = []  # CPU (and fp32): a loop over the local experts
         for e, x in enumerate(rows.split(counts.tolist())):
             h = F.linear(x, fc_w[e], None if fc_b is None else fc_b[e])
-            y = F.linear(self.activation[0](h), proj_w[e])
+            y = linear(h, proj_w[e], None, None, inside) if inside else F.linear(f(h), proj_w[e])
             outs.append(y if proj_b is None else y + proj_b[e])
         return torch.cat(outs)
 
 
 def _expert_of_rows(counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)  # (M,)
-
-
-def _grouped(
-    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, fp8: bool, activation: Any = None
-) -> torch.Tensor:
-    """(M, K) rows grouped by expert (group e ending at offsets[e]) x (n, N, K) stacked weights -> (M,
-    N): bf16 through torch's grouped GEMM, FP8 through llm.parallel.fp8's (applying `activation` inside)."""
-    if fp8:
-        return fp8_grouped_linear(x, weight, offsets, activation)
-    return _grouped_mm(x, weight.transpose(-2, -1), offsets)
-
-
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(M, K) rows grouped by expert x (n, K, N) -> (M, N): torch's grouped GEMM (private in torch 2.13)."""
-    return torch._grouped_mm(a, b, offs=offsets)  # type: ignore[attr-defined,no-any-return]
 
 
 class Router(nn.Module):

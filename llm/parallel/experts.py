@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llm.parallel.fp8 import Activation, fp8_grouped_linear
 from llm.parallel.process_groups import ParallelContext
 
 
@@ -38,6 +39,44 @@ def _expert_param(t: torch.Tensor, num_experts: int) -> nn.Parameter:
     p.expert_parallel = True  # type: ignore[attr-defined]
     p.full_shape = torch.Size((num_experts, *t.shape[1:]))  # type: ignore[attr-defined]
     return p
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, fp8: bool, activation: Activation | None = None
+) -> torch.Tensor:
+    """(M, K) rows grouped by expert (expert e's end at offsets[e], int32) through their experts'
+    stacked weights (n, N, K) -> (M, N), no bias: one grouped GEMM (torch's in bf16; in FP8
+    llm.parallel.fp8.fp8_grouped_linear). With `activation` (f, its backward): f(x) W^T, keeping x (which
+    f keeps anyway) rather than f(x), which backward recomputes."""
+    if fp8:
+        return fp8_grouped_linear(x, weight, offsets, activation)
+    if activation is None:
+        return torch.ops.aten._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)  # type: ignore[no-any-return]
+    return _GroupedActivationLinear.apply(x, weight, offsets, activation)  # type: ignore[no-any-return]
+
+
+class _GroupedActivationLinear(torch.autograd.Function):
+    """f(h) W_e^T for each expert's rows keeping h, W and the offsets: backward recomputes f(h) for the
+    weight gradient (as llm.parallel.layers._ActivationLinear does for one weight)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, activation: Activation
+    ) -> torch.Tensor:
+        ctx.save_for_backward(h, weight, offsets)
+        ctx.activation = activation
+        return torch.ops.aten._grouped_mm(activation[0](h), weight.transpose(-2, -1), offs=offsets)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        h, weight, offsets = ctx.saved_tensors
+        f, f_backward = ctx.activation
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten._grouped_mm(grad.t(), f(h), offs=offsets) if grad.shape[0] else torch.zeros_like(weight)
+        if ctx.needs_input_grad[0]:
+            grad_h = f_backward(torch.ops.aten._grouped_mm(grad, weight, offs=offsets), h)
+        return grad_h, grad_w, None, None
 
 
 class _AllToAll(torch.autograd.Function):

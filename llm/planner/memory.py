@@ -214,19 +214,19 @@ def _moe_bytes(m: ModelConfig, layout: Layout, precision: str, tokens: int) -> f
     router's float32 copy of its input (4 h; in fp32 the norm's output itself), its float32 logits
     and scores (2 x 4 E); the choices, their weights and the sort's indices (28 k + a k + 12); the k
     copies sent to the experts (fc's input), the experts' outputs and their weighted sum's input
-    (3 k a h); each copy's expert MLP (fc's output, SwiGLU 2 F_e, GELU F_e, and the activation's output
-    F_e, in a bytes); the shared experts as a dense MLP, whose input lin(h) is the norm's output whole
-    on every TP rank. TP ranks route their share of the tokens, so all but that input is divided by TP.
-    In fp8 (row-wise scales, llm.parallel.fp8.fp8_grouped_linear) fc keeps its input's float8 copy
-    (h bytes) and the projection fc's output instead of the activation's, each with a float32 scale per
-    copy; the weights are cast again in backward, so only their scales are kept."""
+    (3 k a h); each copy's expert MLP: fc's output (SwiGLU 2 F_e, GELU F_e, in a bytes), which the
+    activation keeps and the projection recomputes the activation from, as in the dense MLP; the
+    shared experts as a dense MLP, whose input lin(h) is the norm's output whole on every TP rank. TP
+    ranks route their share of the tokens, so all but that input is divided by TP. In fp8 (row-wise
+    scales, llm.parallel.fp8.fp8_grouped_linear) fc keeps its input's float8 copy (h bytes), each of
+    the two layers a float32 scale per copy (and GELU experts each copy's expert for their biases);
+    the weights are cast again in backward, so only their scales are kept."""
     a, t, h, k = _act_bytes(precision), layout.tp, m.hidden_size, m.moe_router_topk
-    s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (3 if m.is_llama else 2)
+    s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (2 if m.is_llama else 1)
     lin = 1 if precision == "fp8" else a  # what a linear layer keeps of each input value
     routed = 8 * int(m.num_experts or 0) + 28 * k + a * k + 12 + a * (3 * k * h + k * per_mlp * m.moe_ffn_size)
-    if precision == "fp8":  # fc's input in float8, no activation output, a row scale for each; the
-        # biases' expert of each row (GELU experts)
-        routed -= k * ((a - 1) * h + a * m.moe_ffn_size - 8 - (0 if m.is_llama else 8))
+    if precision == "fp8":  # fc's input in float8; two row scales and GELU experts' expert index per copy
+        routed -= k * ((a - 1) * h - 8 - (0 if m.is_llama else 8))
     shared = a * (2 if m.is_llama else 1) * s  # as the dense MLP
     if precision == "fp32":  # the router's "copy" is the norm's output itself, which the shared experts keep too
         whole = 4 * h
