@@ -95,6 +95,28 @@ def attach_aux_loss(out: torch.Tensor, aux: torch.Tensor, scale: float) -> torch
     return _AttachAuxLoss.apply(out, aux, scale)  # type: ignore[no-any-return]
 
 
+class _SumIntoTokens(torch.autograd.Function):
+    """out[token_of[i]] += rows[i] (index_add) with a backward that keeps only the index: autograd's
+    own formula for index_add keeps `rows` too (for its shape), k copies' worth of activations per
+    token that backward never reads. The same values and gradients (grad.index_select)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, token_of: torch.Tensor, tokens: int) -> torch.Tensor:
+        ctx.save_for_backward(token_of)
+        return rows.new_zeros(tokens, rows.shape[1]).index_add_(0, token_of, rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (token_of,) = ctx.saved_tensors
+        return grad.index_select(0, token_of), None, None
+
+
+def sum_into_tokens(rows: torch.Tensor, token_of: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(N, H) weighted token copies -> (tokens, H): each token's copies summed (zero for a token whose
+    copies were all dropped)."""
+    return _SumIntoTokens.apply(rows, token_of, tokens)  # type: ignore[no-any-return]
+
+
 # ---- routing: pure functions of the router logits (the tests check them against the formulas) ----
 def route(
     logits: torch.Tensor, *, topk: int, score: str, bias: torch.Tensor | None = None
@@ -282,7 +304,7 @@ class MoE(nn.Module):
         rows, local_counts, back = dispatch(tokens[token_of], counts, self.ctx)
         out_rows = combine(self.experts(rows, local_counts, param=self._param), back, self.ctx)  # (N, H)
         out_rows = out_rows * weights.flatten()[order].unsqueeze(1).to(out_rows.dtype)
-        out = torch.zeros_like(tokens).index_add(0, token_of, out_rows).view(b, s, h)
+        out = sum_into_tokens(out_rows, token_of, b * s).view(b, s, h)
         return self._auxiliary(out, logits, scores, chosen, sequences=b, kept=order.numel())
 
     def _auxiliary(

@@ -213,8 +213,8 @@ def _moe_bytes(m: ModelConfig, layout: Layout, precision: str, tokens: int) -> f
     """An MoE block's MLP with its input (counted with saved-tensor hooks, as above), per token: the
     router's float32 copy of its input (4 h; in fp32 the norm's output itself), its float32 logits
     and scores (2 x 4 E); the choices, their weights and the sort's indices (28 k + a k + 12); the k
-    copies sent to the experts (fc's input), the experts' outputs and their weighted sum's input
-    (3 k a h); each copy's expert MLP: fc's output (SwiGLU 2 F_e, GELU F_e, in a bytes), which the
+    copies sent to the experts (fc's input) and the experts' outputs, which their weighting keeps
+    (2 k a h; the weighted copies' sum into the tokens keeps only its index); each copy's expert MLP: fc's output (SwiGLU 2 F_e, GELU F_e, in a bytes), which the
     activation keeps and the projection recomputes the activation from, as in the dense MLP; the
     shared experts as a dense MLP, whose input lin(h) is the norm's output whole on every TP rank. TP
     ranks route their share of the tokens, so all but that input is divided by TP. In fp8 (row-wise
@@ -224,7 +224,7 @@ def _moe_bytes(m: ModelConfig, layout: Layout, precision: str, tokens: int) -> f
     a, t, h, k = _act_bytes(precision), layout.tp, m.hidden_size, m.moe_router_topk
     s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (2 if m.is_llama else 1)
     lin = 1 if precision == "fp8" else a  # what a linear layer keeps of each input value
-    routed = 8 * int(m.num_experts or 0) + 28 * k + a * k + 12 + a * (3 * k * h + k * per_mlp * m.moe_ffn_size)
+    routed = 8 * int(m.num_experts or 0) + 28 * k + a * k + 12 + a * (2 * k * h + k * per_mlp * m.moe_ffn_size)
     if precision == "fp8":  # fc's input in float8; two row scales and GELU experts' expert index per copy
         routed -= k * ((a - 1) * h - 8 - (0 if m.is_llama else 8))
     shared = a * (2 if m.is_llama else 1) * s  # as the dense MLP

@@ -18,6 +18,7 @@ from llm.model.moe import (
     moe_metrics,
     route,
     sort_by_expert,
+    sum_into_tokens,
     update_expert_bias,
     z_loss,
 )
@@ -113,6 +114,25 @@ def test_capacity_keeps_each_experts_highest_weighted_copies() -> None:
     assert torch.equal(experts, experts.sort().values)  # grouped by expert, as dispatch expects
     dropless, all_counts = sort_by_expert(chosen, weights, num_experts=4, capacity=None)
     assert sorted(dropless.tolist()) == list(range(40)) and all_counts.sum().item() == 40
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_summing_the_copies_into_their_tokens_is_index_add_keeping_only_the_index(dtype: torch.dtype) -> None:
+    """The weighted copies' sum into their tokens: index_add's values and gradient, bit for bit, but
+    autograd keeps only the index (its own index_add keeps the copies too); a token whose copies were
+    all dropped gets zeros."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(11, 8, generator=g).to(dtype).requires_grad_(True)
+    token_of = torch.tensor([0, 0, 1, 3, 3, 4, 4, 5, 5, 6, 6])  # token 2 kept no copy
+    upstream = torch.randn(7, 8, generator=g).to(dtype)
+    want = torch.zeros(7, 8, dtype=dtype).index_add(0, token_of, rows)
+    (want_grad,) = torch.autograd.grad(want, rows, upstream)
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        got = sum_into_tokens(rows, token_of, 7)
+    (got_grad,) = torch.autograd.grad(got, rows, upstream)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad) and not got[2].any()
+    assert len(kept) == 1 and kept[0] is token_of
 
 
 # ---- the layer -------------------------------------------------------------------------------------
