@@ -1,6 +1,7 @@
-"""Expert parallelism: the experts' stacked weights (`ExpertLinear`) and the token exchange: the copies of this rank's tokens go to the ranks that hold
-their experts, and the experts' outputs come back, by all-to-all over the expert-parallel group (the
-EP consecutive data-parallel ranks of the mesh, llm/parallel/mesh.py).
+"""Expert parallelism: the experts' stacked weights (`ExpertLinear`), one grouped GEMM over them
+(`grouped_linear`), and the token exchange: the copies of this rank's tokens go to the ranks that
+hold their experts, and the experts' outputs come back, by all-to-all over the expert-parallel group
+(the EP consecutive data-parallel ranks of the mesh, llm/parallel/mesh.py).
 
 Global expert e lives on EP rank e // (E / EP) as its local expert e % (E / EP). Routing is dropless
 by default, so how many rows go where changes from step to step: the counts are exchanged first (one

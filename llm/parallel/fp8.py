@@ -225,11 +225,11 @@ class _GroupedFp8Linear(torch.autograd.Function):
 def fp8_grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, activation: Activation | None = None
 ) -> torch.Tensor:
-    """The routed experts' layer: x (M, K), rows grouped by expert (expert e's end at offsets[e], int32),
-    each group times its expert's weight: weight (n, N, K) -> (M, N), no bias. A scale per row of x and of the output gradient,
-    one per expert's weight; forward and the input gradient in float8, the weight gradient from the
-    float8 input in x's precision (module docstring). `activation`: as `fp8_linear`'s (f(x) W^T keeping
-    x)."""
+    """The routed experts' layer: x (M, K), rows grouped by expert (expert e's end at offsets[e],
+    int32), each group times its expert's weight: weight (n, N, K) -> (M, N), no bias. A scale per row
+    of x and of the output gradient, one per expert's weight; forward and the input gradient in
+    float8, the weight gradient from the float8 input in x's precision (module docstring).
+    `activation`: as `fp8_linear`'s (f(x) W^T keeping x)."""
     return _GroupedFp8Linear.apply(x, weight, offsets, activation)  # type: ignore[no-any-return]
 
 

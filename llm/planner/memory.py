@@ -214,13 +214,14 @@ def _moe_bytes(m: ModelConfig, layout: Layout, precision: str, tokens: int) -> f
     router's float32 copy of its input (4 h; in fp32 the norm's output itself), its float32 logits
     and scores (2 x 4 E); the choices, their weights and the sort's indices (28 k + a k + 12); the k
     copies sent to the experts (fc's input) and the experts' outputs, which their weighting keeps
-    (2 k a h; the weighted copies' sum into the tokens keeps only its index); each copy's expert MLP: fc's output (SwiGLU 2 F_e, GELU F_e, in a bytes), which the
-    activation keeps and the projection recomputes the activation from, as in the dense MLP; the
-    shared experts as a dense MLP, whose input lin(h) is the norm's output whole on every TP rank. TP
-    ranks route their share of the tokens, so all but that input is divided by TP. In fp8 (row-wise
-    scales, llm.parallel.fp8.fp8_grouped_linear) fc keeps its input's float8 copy (h bytes), each of
-    the two layers a float32 scale per copy (and GELU experts each copy's expert for their biases);
-    the weights are cast again in backward, so only their scales are kept."""
+    (2 k a h; the weighted copies' sum into the tokens keeps only its index); each copy's expert MLP:
+    fc's output (SwiGLU 2 F_e, GELU F_e, in a bytes), which the activation keeps and the projection
+    recomputes the activation from, as in the dense MLP; the shared experts as a dense MLP, whose input
+    lin(h) is the norm's output whole on every TP rank. TP ranks route their share of the tokens, so
+    all but that input is divided by TP. In fp8 (row-wise scales, llm.parallel.fp8.fp8_grouped_linear)
+    fc keeps its input's float8 copy (h bytes), each of the two layers a float32 scale per copy (and
+    GELU experts each copy's expert for their biases); the weights are cast again in backward, so
+    only their scales are kept."""
     a, t, h, k = _act_bytes(precision), layout.tp, m.hidden_size, m.moe_router_topk
     s, per_mlp = m.moe_shared_expert_intermediate_size or 0, (2 if m.is_llama else 1)
     lin = 1 if precision == "fp8" else a  # what a linear layer keeps of each input value
