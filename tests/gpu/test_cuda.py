@@ -136,7 +136,7 @@ def test_fp8_experts_through_row_wise_fp8_gemms_match_the_rounded_operands_on_cu
     weight gradient, torch._grouped_mm, bf16 out) against each row's float8 rounding multiplied in
     fp32, with rows spanning 2^20 in size; then a whole FP8 expert layer (eight experts in one grouped
     GEMM, one without rows) forward and backward on CUDA against the same layer on CPU (group by group
-    through _scaled_mm)."""
+    through _scaled_mm); and the grouped FP8 GEMM against the same groups one by one on the GPU."""
     import llm.model.moe as moe
     from llm.parallel.fp8 import E4M3, fp8_grouped_linear
     from llm.parallel.layers import use_fp8
@@ -177,6 +177,23 @@ def test_fp8_experts_through_row_wise_fp8_gemms_match_the_rounded_operands_on_cu
         results.append([t.float().cpu() for t in (out, *grads)])
     for a, b in zip(*results, strict=True):
         assert torch.isfinite(a).all() and (a - b).norm() <= 2e-2 * b.norm()
+    # on Hopper: the grouped FP8 GEMM against the same groups one by one through _scaled_mm, on the GPU
+    import llm.parallel.fp8 as fp8
+
+    offsets = torch.tensor([64, 64, 200, 384], dtype=torch.int32, device="cuda")
+    xg = (torch.randn(384, 512, device="cuda", generator=g) * sizes).to(torch.bfloat16).requires_grad_(True)
+    wg = (torch.randn(4, 768, 512, device="cuda", generator=g) * 0.02).to(torch.bfloat16).requires_grad_(True)
+    up = torch.randn(384, 768, device="cuda", generator=g).to(torch.bfloat16)
+    both = []
+    for grouped in (True, False):
+        fp8.GROUPED_FP8_GEMM = grouped
+        try:
+            yg = fp8_grouped_linear(xg, wg, offsets)
+            both.append([yg, *torch.autograd.grad(yg, (xg, wg), up)])
+        finally:
+            fp8.GROUPED_FP8_GEMM = True
+    for a, b in zip(*both, strict=True):
+        assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm() + 1e-6
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
