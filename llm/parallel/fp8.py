@@ -80,8 +80,13 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, group: Any) -> tuple[torch.Tensor
     amax = torch.linalg.vector_norm(t, ord=float("inf"), dtype=torch.float32)
     if group is not None:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    ratio = torch.finfo(dtype).max / amax.clamp(min=1e-12)
-    scale = torch.exp2(torch.floor(torch.log2(ratio)).clamp(max=40.0))
+    return _cast_at(t, amax, dtype)
+
+
+def _cast_at(t: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` in float8 with the largest power-of-two scale that keeps `amax` (float32, broadcast over t:
+    a number, per row or per expert) within range, and the inverse scale. All-zero: scale 2^40."""
+    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(dtype).max / amax.clamp(min=1e-12))).clamp(max=40.0))
     return _scaled(t, scale, dtype), scale.reciprocal()
 
 
@@ -97,8 +102,9 @@ def _scaled_mm(
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
-    """The same matrix laid out column by column (the layout _scaled_mm wants for its second operand)."""
-    return t.t().contiguous().t()
+    """The same matrix (or each of a stack) laid out column by column (the layout the FP8 GEMMs want
+    for their second operand)."""
+    return t.transpose(-2, -1).contiguous().transpose(-2, -1)
 
 
 Activation = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
@@ -150,17 +156,13 @@ def fp8_linear(
 def _rowwise_cast(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`t` (M, K) in e4m3 with a power-of-two scale per row from the row's amax, and the inverse scales
     (M, 1) float32. An all-zero row gets scale 2^40 (zeros stay zero)."""
-    amax = t.abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(E4M3).max / amax.clamp(min=1e-12))).clamp(max=40.0))
-    return _scaled(t, scale, E4M3), scale.reciprocal()
+    return _cast_at(t, t.abs().amax(dim=-1, keepdim=True).float(), E4M3)
 
 
 def _cast_each(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacked weights (n, N, K) in e4m3, each with its own power-of-two scale, and the inverse scales
     (n, 1, 1) float32: each expert's weight as `_cast` casts a whole tensor."""
-    amax = w.abs().amax(dim=(1, 2), keepdim=True).float()
-    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(E4M3).max / amax.clamp(min=1e-12))).clamp(max=40.0))
-    return _scaled(w, scale, E4M3), scale.reciprocal()
+    return _cast_at(w, w.abs().amax(dim=(1, 2), keepdim=True).float(), E4M3)
 
 
 GROUPED_FP8_GEMM = True  # False: group by group through _scaled_mm on Hopper too (the GPU test compares)
@@ -183,10 +185,6 @@ def _grouped_scaled_mm(
     bounds = [0, *offsets.tolist()]
     return torch.cat([_scaled_mm(a[lo:hi], b[e], a_inv[lo:hi], b_inv[e : e + 1], out_dtype=out_dtype)
                       for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])  # fmt: skip
-
-
-def _column_major_each(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(-2, -1).contiguous().transpose(-2, -1)
 
 
 class _GroupedFp8Linear(torch.autograd.Function):
@@ -214,7 +212,7 @@ class _GroupedFp8Linear(torch.autograd.Function):
         w8 = _scaled(weight, w_inv.reciprocal(), E4M3)  # forward's float8 weights again
         x8 = kept if ctx.activation is None else _scaled(ctx.activation[0](kept), x_inv.reciprocal(), E4M3)
         g8, g_inv = _rowwise_cast(grad)
-        grad_x = _grouped_scaled_mm(g8, _column_major_each(w8), g_inv, w_inv.view(n, 1).expand(n, cols).contiguous(),
+        grad_x = _grouped_scaled_mm(g8, _column_major(w8), g_inv, w_inv.view(n, 1).expand(n, cols).contiguous(),
                                     offsets, x_dtype)  # fmt: skip
         exact = x8.to(grad.dtype) * x_inv.to(grad.dtype)  # the float8 input, unscaled: exact in bf16 and fp32
         if grad.shape[0]:
