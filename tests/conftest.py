@@ -37,8 +37,20 @@ TINY_OVERRIDES = [
 ]
 
 
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORTS = iter(20000 + 4000 * _WORKER + (os.getpid() + i) % 4000 for i in range(4000 if _WORKER < 3 else 0))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nobody listens on, for a launcher's rendezvous. Each pytest worker takes its own ports
+    below Linux's ephemeral range (32768-60999), in turn from a point its process id sets (two test
+    sessions at once start far apart): a port the kernel hands out for bind(0) or for a connection
+    (gloo's, the other worker's) can be taken again before the launcher binds it."""
+    for port in _PORTS:
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    with socket.socket() as s:  # a fourth worker, or 4,000 launches in one worker
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -47,6 +47,7 @@ def smoke_runs(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -
         return dict(zip(BENCHMARKS, pool.map(smoke, BENCHMARKS)))
 
 
+@pytest.mark.xdist_group("benchmark_smokes")  # one worker runs the shared smoke_runs fixture
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
     p = smoke_runs[name]
