@@ -27,24 +27,27 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100: 989)")
     p.add_argument("--precision", choices=("bf16", "fp8", "fp32"),
                    help="default: the config's train.precision (auto and fp16 plan as bf16); fp8 runs the "
-                   "bf16 engine with float8 linear layers (smaller saved activations; the step time is "
-                   "still estimated at the bf16 peak)")  # fmt: skip
+                   "bf16 engine with float8 linear layers (smaller saved activations; their GEMMs "
+                   "--fp8-gemm-speedup times faster)")  # fmt: skip
+    p.add_argument("--fp8-gemm-speedup", type=float, default=Cluster.fp8_gemm_speedup,
+                   help="with --precision fp8: the float8 GEMMs' speed over bf16 in a step (default "
+                   f"{Cluster.fp8_gemm_speedup:g}, assumed from torchtitan's published gains; "
+                   "benchmarks/gpu_fp8.sh measures yours)")  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="rows to show")
     p.add_argument("--json", action="store_true", help="print every candidate as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for pretrain.py")
     args = p.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.nodes < 1 or args.gpus_per_node < 1 or args.gpu_memory <= 0:
-            raise ConfigError("--nodes, --gpus-per-node and --gpu-memory must be positive")
+        if args.nodes < 1 or args.gpus_per_node < 1 or args.gpu_memory <= 0 or args.fp8_gemm_speedup <= 0:
+            raise ConfigError("--nodes, --gpus-per-node, --gpu-memory and --fp8-gemm-speedup must be positive")
         vocab = config_vocab(cfg)
         precision = args.precision or {"auto": "bf16", "fp16": "bf16"}.get(cfg.train.precision, cfg.train.precision)
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    cluster = Cluster(
-        args.nodes, args.gpus_per_node, gpu_memory_gb=args.gpu_memory, peak_tflops=args.peak_tflops
-    )
+    cluster = Cluster(args.nodes, args.gpus_per_node, gpu_memory_gb=args.gpu_memory, peak_tflops=args.peak_tflops,
+                      fp8_gemm_speedup=args.fp8_gemm_speedup)  # fmt: skip
     cands = plan(cfg, cluster, precision=precision, vocab=vocab)
     if not cands:
         print("error: no layout divides this cluster and the global batch size; change "

@@ -88,6 +88,28 @@ def model_flops_per_token(m: ModelConfig, num_params: int | None = None) -> floa
     return 6.0 * (sum(layers[1 : 1 + m.num_layers]) + layers[-1]) + attention
 
 
+def fp8_flops_per_token(m: ModelConfig) -> float:
+    """The part of `model_flops_per_token` that train.precision: fp8 multiplies in float8: the blocks'
+    linear layers, all three GEMMs of each (6 per weight), the routed experts two of three (4 per
+    weight: their weight gradient runs in bf16, llm.parallel.fp8). The LM head, the router, attention
+    scores, norms and biases stay in bf16."""
+    h = m.hidden_size
+    attention = (m.num_attention_heads + 2 * m.kv_groups) * m.head_dim * h + h * h  # QKV and the output projection
+
+    def mlp(f: int) -> int:
+        return (3 if m.is_llama else 2) * f * h
+
+    total = 0.0
+    for layer in range(m.num_layers):
+        total += 6.0 * attention
+        if layer in m.moe_layers:
+            shared = m.moe_shared_expert_intermediate_size
+            total += 4.0 * m.moe_router_topk * mlp(m.moe_ffn_size) + (6.0 * mlp(shared) if shared else 0.0)
+        else:
+            total += 6.0 * mlp(m.ffn_size)
+    return total
+
+
 def gpu_peak_tflops() -> float | None:
     """The dense bf16 peak of this process's GPU (None on CPU or an unknown device)."""
     import torch

@@ -24,7 +24,12 @@ import math
 from dataclasses import dataclass
 
 from llm.config import Config, ConfigError, replace_validated
-from llm.model.flops import expert_layer_params, model_flops_per_token, pipeline_layer_params
+from llm.model.flops import (
+    expert_layer_params,
+    fp8_flops_per_token,
+    model_flops_per_token,
+    pipeline_layer_params,
+)
 from llm.planner.memory import GB, Layout, MemoryEstimate, ZeroBuffers, estimate_memory
 
 
@@ -37,6 +42,10 @@ class Cluster:
     intra_node_gbps: float = 300.0  # GB/s per GPU inside a node (NVLink)
     inter_node_gbps: float = 40.0  # GB/s per GPU across nodes (e.g. 400 Gb/s InfiniBand per GPU)
     mfu: float = 0.45  # achievable fraction of peak for the matmuls
+    # train.precision: fp8: how much faster the float8 GEMMs run than bf16 in a training step, casts
+    # and scales included (2x on paper). Assumed from torchtitan's published +25-30% tokens/s at 8B with
+    # every linear in float8 (about 90% of the FLOPs); benchmarks/gpu_fp8.sh measures ours.
+    fp8_gemm_speedup: float = 1.3
     usable_fraction: float = 0.9
 
     @property
@@ -72,11 +81,15 @@ def step_flops(cfg: Config, vocab: int) -> float:
 
 
 def _step_time(
-    cfg: Config, layout: Layout, cluster: Cluster, *, flops: float, bubble: float, act_bytes: int, vocab: int
+    cfg: Config, layout: Layout, cluster: Cluster, *, flops: float, bubble: float, act_bytes: int, vocab: int,
+    fp8: bool = False,
 ) -> float:
     m = cfg.model
     compute = flops * (4 / 3 if layout.activation_checkpointing else 1.0)
     compute /= layout.world_size * cluster.peak_tflops * 1e12 * cluster.mfu
+    if fp8:  # the share of the FLOPs in float8 GEMMs runs fp8_gemm_speedup times faster
+        share = fp8_flops_per_token(m) / model_flops_per_token(dataclasses.replace(m, vocab_size=vocab))
+        compute *= 1.0 - share + share / cluster.fp8_gemm_speedup
     micro = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp)
     tp_bw = (cluster.intra_node_gbps if layout.tp <= cluster.gpus_per_node else cluster.inter_node_gbps) * 1e9
     tp_bytes = 4 * m.num_layers / layout.pp * micro * layout.micro_batch_size * m.seq_length * m.hidden_size
@@ -209,7 +222,8 @@ def evaluate_layout(
     flops = step_flops(cfg, vocab)
     act = 4 if precision == "fp32" else 2
     fits = mem.total <= cluster.usable_fraction * cluster.gpu_memory_gb * GB
-    time = _step_time(cfg, layout, cluster, flops=flops, bubble=bubble, act_bytes=act, vocab=vocab)
+    time = _step_time(cfg, layout, cluster, flops=flops, bubble=bubble, act_bytes=act, vocab=vocab,
+                      fp8=precision == "fp8")  # fmt: skip
     return Candidate(layout, mem, fits, bubble, flops, time)
 
 

@@ -296,3 +296,38 @@ def test_a_mixture_of_experts_in_bf16_plans_on_one_gpu_at_zero_1() -> None:
         assert layouts and {lay.zero for lay in layouts} == {1}, precision
     chosen = load_config("configs/moe_fine_grained_a2b.yaml", [*overrides, "deepspeed_config=configs/deepspeed/zero1.json"])
     build_deepspeed_config(chosen, 1, cuda=True)
+
+
+@pytest.mark.parametrize("overrides", list(MODELS.values()), ids=list(MODELS))
+def test_fp8_flops_are_those_of_the_layers_use_fp8_switches(overrides: list[str]) -> None:
+    """The FLOPs fp8 runs in float8, counted from the real model: 6 per weight of every layer use_fp8
+    switches, 4 per routed expert weight a token uses (top-k of the experts; bf16 weight gradient)."""
+    from llm.model.flops import fp8_flops_per_token
+    from llm.parallel.experts import ExpertLinear
+
+    cfg, model = _model(overrides)
+    assert use_fp8(model, ParallelContext.single()) == []
+    expected = 0.0
+    for module in model.modules():
+        if isinstance(module, ExpertLinear):
+            expected += 4.0 * module.weight.numel() * cfg.model.moe_router_topk / cfg.model.num_experts
+        elif getattr(module, "fp8", None) is not None:
+            expected += 6.0 * module.weight.numel()
+    assert expected > 0 and fp8_flops_per_token(cfg.model) == expected
+
+
+def test_fp8_step_time_speeds_up_the_float8_share_of_the_flops() -> None:
+    """On one GPU (no communication) an fp8 step is the bf16 step with the float8 GEMMs' share of the
+    FLOPs divided by the cluster's fp8_gemm_speedup; a speed-up of 1 changes nothing."""
+    import dataclasses
+
+    from llm.model.flops import fp8_flops_per_token, model_flops_per_token
+
+    cfg = load_config("configs/llama_1b.yaml", ["model.vocab_size=32000"])
+    layout = Layout(tp=1, pp=1, dp=1, zero=1, micro_batch_size=1)
+    share = fp8_flops_per_token(cfg.model) / model_flops_per_token(dataclasses.replace(cfg.model, vocab_size=32000))
+    assert 0.5 < share < 0.95  # the LM head and attention scores stay in bf16
+    bf16 = evaluate_layout(cfg, layout, Cluster(1, 1), precision="bf16", vocab=32000).step_time
+    for speedup in (1.0, 1.3, 2.0):
+        fp8 = evaluate_layout(cfg, layout, Cluster(1, 1, fp8_gemm_speedup=speedup), precision="fp8", vocab=32000)
+        assert fp8.step_time == pytest.approx(bf16 * (1 - share + share / speedup), rel=1e-12), speedup
