@@ -31,7 +31,7 @@ def test_every_benchmark_script_is_smoke_tested() -> None:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker may run another module's test in between
 def smoke_runs(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every benchmark's --smoke run, two at a time (mostly interpreter and import time, which two
     processes overlap well on two cores)."""

@@ -38,7 +38,7 @@ def _close(got: dict[str, float], ref: dict[str, float]) -> None:
     assert worst < 1e-5, (worst, got, ref)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest worker, whichever tests run in between
 def one_process(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     run_dir = tmp_path_factory.mktemp("cp1")
     check(run(launch_cmd(1, *SMALL, f"data.train_data_path={builtin_prefix}", f"logging.dir={run_dir}")))
