@@ -10,11 +10,11 @@ export PATH="$PWD/.venv/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 ruff check llm scripts tests benchmarks
 mypy
-# Two pytest workers: most of a test's time is one process importing torch or waiting on another
-# (measured: the serial suite kept 0.96 of the 2 cores busy). Tests go to whichever worker is free;
-# those sharing an expensive module fixture are one xdist_group. LLM_TEST_WORKERS=0 runs serially.
+# Two pytest workers (pytest-xdist), each test to whichever is free: run one at a time, the tests
+# kept 0.96 of the 2 cores busy (a test is mostly one process importing torch, or waiting on
+# another). No test may depend on another having run in the same process. LLM_TEST_WORKERS=0: serial.
 set +e
-python -m pytest -n "${LLM_TEST_WORKERS:-2}" --dist loadgroup "$@"
+python -m pytest -n "${LLM_TEST_WORKERS:-2}" "$@"
 rc=$?
 set -e
 # pytest exits 5 when a filter selects no test: that is a failure of the filter, say so.

@@ -6,9 +6,7 @@ docs/benchmarks.md); a smoke run must finish and report sensible, positive measu
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,26 +29,16 @@ def test_every_benchmark_script_is_smoke_tested() -> None:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")  # not module: a worker may run another module's test in between
-def smoke_runs(builtin_prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Every benchmark's --smoke run, two at a time (mostly interpreter and import time, which two
-    processes overlap well on two cores)."""
-    out = tmp_path_factory.mktemp("bench")
-    data = {"framework_overhead.py": ["--data", str(builtin_prefix)], "checkpoint_io.py": ["--data", str(builtin_prefix)],
-            "diloco.py": ["--data", str(builtin_prefix)], "recipes.py": ["--data", str(builtin_prefix)],
-            "plan_memory.py": ["--data", str(builtin_prefix), "--out", str(out)]}  # fmt: skip
-
-    def smoke(name: str) -> Any:
-        return run(["python", str(REPO / "benchmarks" / name), "--smoke", *data.get(name, [])], timeout=300)
-
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(BENCHMARKS, pool.map(smoke, BENCHMARKS)))
+SMOKE_DATA = {"framework_overhead.py", "checkpoint_io.py", "diloco.py", "recipes.py"}  # need --data
 
 
-@pytest.mark.xdist_group("benchmark_smokes")  # one worker runs the shared smoke_runs fixture
 @pytest.mark.parametrize("name", BENCHMARKS)
-def test_benchmark_smoke(name: str, smoke_runs: dict[str, Any]) -> None:
-    p = smoke_runs[name]
+def test_benchmark_smoke(name: str, builtin_prefix: Path, tmp_path: Path) -> None:
+    """The benchmark's --smoke run (each on its own: pytest's workers run two tests at a time)."""
+    extra = ["--data", str(builtin_prefix)] if name in SMOKE_DATA else []
+    if name == "plan_memory.py":
+        extra = ["--data", str(builtin_prefix), "--out", str(tmp_path)]
+    p = run(["python", str(REPO / "benchmarks" / name), "--smoke", *extra], timeout=300)
     check(p)
     if name == "plan_memory.py":
         row = next(line for line in p.stdout.splitlines() if line.startswith("z0_dp1"))

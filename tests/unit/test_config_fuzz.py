@@ -21,7 +21,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -192,11 +191,10 @@ def _argv(kind: str, payload: Any, tmp: Path) -> list[str]:
     return ["--config", str(path), *overrides]
 
 
-@pytest.mark.xdist_group("config_fuzz")  # the coverage check below reads what this test counted
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
 @given(cases())
-def test_malformed_configs_and_overrides_end_in_one_error_line(case: tuple[str, Any, str]) -> None:
+def _one_malformed_config_ends_in_one_error_line(case: tuple[str, Any, str]) -> None:
     kind, payload, names = case
     tmp = Path(tempfile.mkdtemp(prefix="cfgfuzz-"))
     try:
@@ -216,8 +214,10 @@ def test_malformed_configs_and_overrides_end_in_one_error_line(case: tuple[str, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.xdist_group("config_fuzz")
-def test_fuzzer_covered_every_kind() -> None:
-    """Runs after the property (file order, the same pytest worker): every kind of case was tried, and how many are printed."""
+def test_malformed_configs_and_overrides_end_in_one_error_line() -> None:
+    """The property over every generated case, then that every kind of case was tried (one test, so
+    that the count is this run's wherever pytest runs it); how many are printed."""
+    CASES.clear()
+    _one_malformed_config_ends_in_one_error_line()
     print(f"config fuzz cases: {sum(CASES.values())} {dict(sorted(CASES.items()))}")
     assert len(CASES) == 9 and sum(CASES.values()) >= MAX_EXAMPLES // 2, CASES
