@@ -24,11 +24,11 @@ from llm.config.schema import (
     TrainConfig,
     resolve_precision,
 )
-from llm.config.validation import parse_split, validate, validate_world
+from llm.config.validation import fp8_layout_problem, parse_split, validate, validate_world
 
 __all__ = [
     "ALIASES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DebugConfig", "DilocoConfig", "EvalConfig",
-    "LoggingConfig", "ModelConfig", "ParallelConfig", "SpikeDetectionConfig", "TrainConfig", "config_from_dict",
+    "LoggingConfig", "ModelConfig", "ParallelConfig", "SpikeDetectionConfig", "TrainConfig", "config_from_dict", "fp8_layout_problem",
     "load_config", "parse_overrides", "parse_split", "replace_validated", "resolve_precision", "validate",
     "validate_world",
 ]  # fmt: skip

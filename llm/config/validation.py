@@ -366,11 +366,11 @@ def validate(cfg: Config) -> None:
     _check_faults(cfg)
     _check_profile(cfg)
     _check_loss_chunks(cfg)
-    _check_fp8(cfg)
     _check_lm_eval(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg)
     _check_moe(cfg)
+    _check_fp8(cfg)  # after the TP and MoE checks: it divides the layers' shapes by the TP size
     p = cfg.parallel
     check_context_parallel(cfg.model, cp=p.context_parallel_size, tp=p.tensor_model_parallel_size, comm=p.cp_comm_type)
     _check_diloco(cfg)
@@ -399,26 +399,61 @@ def validate(cfg: Config) -> None:
 
 
 def _check_fp8(cfg: Config) -> None:
-    """FP8 GEMMs multiply over the tokens in the weight gradient: a rank's tokens per micro-batch must
-    be a multiple of 16 (the layers' own dimensions are checked where they are built)."""
     if cfg.train.precision != "fp8":
         return
-    tp, groups = cfg.parallel.tensor_model_parallel_size, cfg.model.kv_groups
-    if groups % tp:
-        raise ConfigError(
-            f"train.precision: fp8 needs whole KV groups on each tensor-parallel rank (model.num_query_groups = {groups} "
-            f"divisible by parallel.tensor_model_parallel_size = {tp}): where ranks share a group, each holds a partial "
-            "sum of its K/V gradient, which float8 would round unlike one process; use a TP size that divides the "
-            "query groups, or train.precision: bf16"
+    p = cfg.parallel
+    problem = fp8_layout_problem(cfg.model, tp=p.tensor_model_parallel_size, cp=p.context_parallel_size,
+                                 micro_batch_size=cfg.train.micro_batch_size)  # fmt: skip
+    if problem:
+        raise ConfigError(problem)
+
+
+def _fp8_layers(m: ModelConfig, tp: int) -> list[tuple[str, int, int]]:
+    """The linear layers train.precision: fp8 runs in float8 (llm.parallel.layers.use_fp8), with the
+    rows and columns of each one's weight on a tensor-parallel rank of `tp`."""
+    h, d, k = m.hidden_size, m.head_dim, 2 if m.is_llama else 1  # k: SwiGLU's fc holds gate and up
+    layers = [("the attention's QKV projection", (m.num_attention_heads + 2 * m.kv_groups) * d // tp, h),
+              ("the attention's output projection", h, m.num_attention_heads * d // tp)]  # fmt: skip
+    mlps = [("the MLP's", m.ffn_size, tp)] if len(m.moe_layers) < m.num_layers else []
+    if m.is_moe:
+        mlps.append(("the routed experts'", m.moe_ffn_size, 1))  # whole on every TP rank
+        if m.moe_shared_expert_intermediate_size:
+            mlps.append(("the shared experts'", m.moe_shared_expert_intermediate_size, tp))
+    for whose, f, split in mlps:
+        layers += [(f"{whose} first layer", k * f // split, h), (f"{whose} projection", h, f // split)]
+    return layers
+
+
+def fp8_layout_problem(m: ModelConfig, *, tp: int, cp: int, micro_batch_size: int) -> str | None:
+    """Why train.precision: fp8 cannot run this model at this layout, or None. FP8 GEMMs need every
+    dimension they multiply over in multiples of 16: each float8 layer's weight on a rank, and the
+    tokens a rank holds per micro-batch (the weight gradient multiplies over them); and whole KV groups
+    on each TP rank. One rule for the config check and the planner (llm.planner.search); the layers
+    check their own weights again when switched (llm.parallel.layers.use_fp8)."""
+    if m.kv_groups % tp:
+        return (
+            f"train.precision: fp8 needs whole KV groups on each tensor-parallel rank (model.num_query_groups = "
+            f"{m.kv_groups} divisible by parallel.tensor_model_parallel_size = {tp}): where ranks share a group, each "
+            "holds a partial sum of its K/V gradient, which float8 would round unlike one process; use a TP size that "
+            "divides the query groups, or train.precision: bf16"
         )
-    cp = cfg.parallel.context_parallel_size
-    tokens = cfg.train.micro_batch_size * cfg.model.seq_length // cp
+    tokens = micro_batch_size * m.seq_length // cp
     if tokens % 16:
-        raise ConfigError(
+        return (
             "train.precision: fp8 needs each rank's tokens per micro-batch (train.micro_batch_size x model.seq_length"
             + (" / parallel.context_parallel_size" if cp > 1 else "")
             + f" = {tokens}) to be a multiple of 16 (FP8 GEMMs): change model.seq_length or train.micro_batch_size"
         )
+    for name, rows, cols in _fp8_layers(m, tp):
+        if rows % 16 or cols % 16:
+            return (
+                f"train.precision: fp8 needs the linear layers' dimensions in multiples of 16 (FP8 GEMMs): {name}"
+                f" is {rows} x {cols} on each tensor-parallel rank; choose model.hidden_size, model.ffn_hidden_size "
+                "and model.num_attention_heads (with experts also model.moe_ffn_hidden_size and "
+                "model.moe_shared_expert_intermediate_size) so that each rank's share is a multiple of 16, or use "
+                "train.precision: bf16"
+            )
+    return None
 
 
 def _check_schedule(cfg: Config) -> None:

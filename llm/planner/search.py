@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from llm.config import Config, ConfigError, replace_validated
+from llm.config import Config, ConfigError, fp8_layout_problem, replace_validated
 from llm.model.flops import (
     expert_layer_params,
     fp8_flops_per_token,
@@ -157,28 +157,16 @@ def candidate_layouts(cfg: Config, cluster: Cluster, *, precision: str = "bf16")
     for tp in (t for t in _divisors(cluster.gpus_per_node) if world % t == 0):
         for pp in (p for p in _divisors(world // tp) if p <= cfg.model.num_layers):
             for cp in (c for c in _divisors(world // (tp * pp)) if c == 1 or cfg.model.seq_length % (2 * c) == 0):
-                if _valid_tp(cfg, tp, pp, cp) and (precision != "fp8" or _fp8_runs(cfg, tp)):
+                if _valid_tp(cfg, tp, pp, cp):
                     out += _layouts(cfg, tp, pp, cp, world // (tp * pp * cp), gbs, precision)
     return out
-
-
-def _fp8_runs(cfg: Config, tp: int) -> bool:
-    """train.precision: fp8 at this TP size: whole KV groups on each rank and every linear layer's
-    dimensions on a rank multiples of 16 (what pretrain.py checks; llm.parallel.fp8)."""
-    m = cfg.model
-    widths = [m.hidden_size, m.num_attention_heads * m.head_dim // tp, m.kv_groups * m.head_dim // tp, m.ffn_size // tp]
-    if m.moe_shared_expert_intermediate_size:
-        widths.append(m.moe_shared_expert_intermediate_size // tp)
-    if m.is_moe:
-        widths.append(m.moe_ffn_size)  # the routed experts: whole on every TP rank
-    return m.kv_groups % tp == 0 and all(w % 16 == 0 for w in widths)
 
 
 def _layouts(cfg: Config, tp: int, pp: int, cp: int, dp: int, gbs: int, precision: str) -> list[Layout]:
     out = []
     for mb in (b for b in (1, 2, 4, 8, 16, 32) if gbs % (b * dp) == 0):
-        if precision == "fp8" and (mb * cfg.model.seq_length // cp) % 16:
-            continue  # FP8 GEMMs multiply over each rank's tokens (config check)
+        if precision == "fp8" and fp8_layout_problem(cfg.model, tp=tp, cp=cp, micro_batch_size=mb):
+            continue  # what the config check refuses in fp8
         for zero in range(4):
             # bf16 pipelines and bf16 mixtures of experts run at ZeRO 1 or more (config check), also at
             # one data-parallel rank

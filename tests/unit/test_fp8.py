@@ -310,3 +310,34 @@ def test_use_fp8_names_experts_whose_dimensions_are_not_multiples_of_16() -> Non
     with pytest.raises(ConfigError, match=r"^train.precision: fp8 needs .*: layers.0.mlp.experts.proj is 64 x 40 .*"
                                           r"\(and 1 more\); .*model.moe_ffn_hidden_size.* or use train.precision: bf16$"):  # fmt: skip
         switch_to_fp8(build_model(_tiny_moe(ffn=40), seed=0), ParallelContext.single())
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"ffn_hidden_size": 200}, {"ffn_hidden_size": 232}, {"architecture": "gpt2", "num_query_groups": None, "ffn_hidden_size": 200},
+    {"hidden_size": 72, "num_attention_heads": 4}, {"num_attention_heads": 8, "num_query_groups": 1},
+    {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 40},
+    {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32, "moe_shared_expert_intermediate_size": 24},
+    {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32, "moe_layer_freq": [0, 1],
+     "ffn_hidden_size": 200},
+    {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32, "moe_layer_freq": [1, 1],
+     "ffn_hidden_size": 200},
+])  # fmt: skip
+def test_the_config_check_refuses_fp8_where_the_layers_would(changes: dict[str, Any]) -> None:
+    """The config check's shape rule (llm.config.fp8_layout_problem, which the planner uses too) says
+    no exactly where the built model's layers cannot switch to float8, naming the layer's kind and size."""
+    from llm.config import fp8_layout_problem
+
+    model_cfg = _tiny()
+    for key, value in changes.items():
+        setattr(model_cfg, key, value)
+    layer_problems = use_fp8(build_model(model_cfg, seed=0), ParallelContext.single())
+    problem = fp8_layout_problem(model_cfg, tp=1, cp=1, micro_batch_size=1)
+    assert (problem is None) == (layer_problems == []), (problem, layer_problems)
+    if problem:
+        size = layer_problems[0].split(" is ")[1].split(" on ")[0]  # "64 x 200"
+        assert f" is {size} on each tensor-parallel rank" in problem and problem.endswith("train.precision: bf16")
+        cfg = Config()
+        cfg.model, cfg.train.precision = model_cfg, "fp8"
+        cfg.train.micro_batch_size = cfg.train.global_batch_size = 1
+        with pytest.raises(ConfigError, match=r"^train.precision: fp8 needs the linear layers' dimensions"):
+            validate(cfg)
