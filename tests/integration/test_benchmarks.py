@@ -29,7 +29,7 @@ def test_every_benchmark_script_is_smoke_tested() -> None:
     ]  # fmt: skip
 
 
-SMOKE_DATA = {"framework_overhead.py", "checkpoint_io.py", "diloco.py", "recipes.py"}  # need --data
+SMOKE_DATA = {"framework_overhead.py", "checkpoint_io.py", "diloco.py", "recipes.py", "plan_memory.py"}  # need --data
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -37,7 +37,7 @@ def test_benchmark_smoke(name: str, builtin_prefix: Path, tmp_path: Path) -> Non
     """The benchmark's --smoke run (each on its own: pytest's workers run two tests at a time)."""
     extra = ["--data", str(builtin_prefix)] if name in SMOKE_DATA else []
     if name == "plan_memory.py":
-        extra = ["--data", str(builtin_prefix), "--out", str(tmp_path)]
+        extra += ["--out", str(tmp_path)]
     p = run(["python", str(REPO / "benchmarks" / name), "--smoke", *extra], timeout=300)
     check(p)
     if name == "plan_memory.py":
