@@ -1,6 +1,7 @@
 """A full pretrain.py iteration against a bare PyTorch loop over the same model and batch.
 
   python benchmarks/framework_overhead.py [--iters 40] [--data PREFIX] [--smoke]
+  python benchmarks/framework_overhead.py --device cuda --config configs/gpt2_125m.yaml [OVERRIDE ...]
 
 Two shapes: the CPU benchmark shape (5.3M parameters: compute dominates, the throughput ratio), and a
 model so small that compute is negligible (`HOST`: 1 layer of width 16, 8 tokens per step), where
@@ -10,6 +11,12 @@ pretrain.py runs as one plain `python` process on configs/tiny_cpu.yaml (DeepSpe
 data loading, LR schedule, clipping, metrics); the median step_time of its iterations after the
 first 5 is compared with the median time of the same work in a bare loop: the same model, AdamW,
 gradient accumulation, clipping, batches of the same shape, no DeepSpeed.
+
+`--device cuda` (issue 27's GPU target: pretrain.py at least 0.9x the bare loop): the config's model
+(default gpt2_125m, with the overrides given, e.g. `train.micro_batch_size=16
+train.global_batch_size=16`) in pretrain.py as configured (bf16: DeepSpeed's bf16 engine), against
+the bare loop a PyTorch user writes for it: fp32 weights under bf16 autocast, torch's fused AdamW,
+clipping, the same micro-batches; each step ends with a device synchronisation. No host-cost part.
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ HOST = ["model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads
         "train.micro_batch_size=1", "train.global_batch_size=1"]  # fmt: skip
 
 
-def framework_step_times(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> list[float]:
-    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "configs/tiny_cpu.yaml", *extra,
+def framework_step_times(
+    iters: int, run_dir: Path, prefix: Path, extra: list[str], config: str = "configs/tiny_cpu.yaml"
+) -> list[float]:
+    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", config, *extra,
            f"train.train_iters={iters}", "train.lr_warmup_iters=5", "logging.log_interval=1",
            f"eval.eval_interval={10 * iters}", "eval.eval_iters=1", "checkpoint.save_interval=null",
            "logging.wandb_mode=disabled", f"logging.dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt",
@@ -49,30 +58,51 @@ def framework_step_times(iters: int, run_dir: Path, prefix: Path, extra: list[st
     return [r["step_time"] for r in records if "loss" in r][5:]
 
 
-def bare_step_times(iters: int, extra: list[str]) -> list[float]:
+def bare_step_times(
+    iters: int, extra: list[str], config: str = "configs/tiny_cpu.yaml", device: str = "cpu"
+) -> list[float]:
     vocab = load_tokenizer(REPO / "tokenizer" / "llm_sp8k.model").vocab_size
-    cfg = load_config(
-        REPO / "configs" / "tiny_cpu.yaml",
-        [f"deepspeed_config={REPO}/configs/deepspeed/zero0.json", f"model.vocab_size={vocab}", *extra],
-    )
+    cfg = load_config(REPO / config, [f"deepspeed_config={REPO}/configs/deepspeed/zero0.json", f"model.vocab_size={vocab}",
+                                      *extra])  # fmt: skip
     torch.manual_seed(0)
-    model = build_model(cfg.model, seed=0).train()
-    opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    model = build_model(cfg.model, seed=0).train().to(device)
+    cuda = device == "cuda"
+    opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), fused=cuda or None)
+    # on a GPU, the usual mixed precision of a PyTorch loop: fp32 weights, bf16 autocast
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.precision != "fp32")
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
     times = []
     for _ in range(iters):
         batches = [
-            torch.randint(0, 8192, (cfg.train.micro_batch_size, cfg.model.seq_length + 1))
+            torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_length + 1), device=device)
             for _ in range(accum)
         ]
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for tokens in batches:
-            (model(tokens[:, :-1], tokens[:, 1:]) / accum).backward()
+            with autocast:
+                loss = model(tokens[:, :-1], tokens[:, 1:]) / accum
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times[5:]
+
+
+def one_config(args: argparse.Namespace) -> None:
+    """pretrain.py against the bare loop for one config, on one GPU (the module docstring) or the CPU."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fw = statistics.median(framework_step_times(args.iters, Path(tmp), args.data, args.overrides, args.config))
+    bare = statistics.median(bare_step_times(args.iters, args.overrides, args.config, args.device))
+    report(f"framework_overhead_{args.device}", {
+        "config": args.config, "overrides": args.overrides, "iters": args.iters,
+        "pretrain_py_step_seconds": round(fw, 5), "bare_loop_step_seconds": round(bare, 5),
+        "throughput_ratio_framework_over_bare": round(bare / fw, 3),
+    })  # fmt: skip
 
 
 def main() -> None:
@@ -80,11 +110,22 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--data", type=Path, default=PREFIX, help="token prefix (default: the built-in corpus)")
     parser.add_argument("--smoke", action="store_true", help="seconds: a tiny model, 7 iterations")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", help="one config's model and run only (--device cuda: gpt2_125m's by default)")
+    parser.add_argument("overrides", nargs="*", help="with --config: its overrides (key=value)")
     args = parser.parse_args()
     if not args.data.with_suffix(".idx").exists():
         raise SystemExit(
             f"{args.data}.idx missing: run scripts/quickstart.sh (or preprocess_data.py --builtin-corpus) first"
         )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if args.device == "cuda" or args.config:
+        args.config = args.config or "configs/gpt2_125m.yaml"
+        if args.smoke:
+            args.iters, args.overrides = 7, [*args.overrides, *SMOKE]
+        one_config(args)
+        return
     iters, extra = (7, SMOKE) if args.smoke else (args.iters, BENCH_SHAPE)
     with tempfile.TemporaryDirectory() as tmp:
         fw = statistics.median(framework_step_times(iters, Path(tmp), args.data, extra))

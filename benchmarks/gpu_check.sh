@@ -1,69 +1,284 @@
 #!/usr/bin/env bash
-# What only a GPU shows, in one pass (a few minutes on one H100/H200): the NCCL + bf16 + FusedAdam
-# training path of scripts/pretrain.py, tokens/s and MFU of the GPT-2 125M preset, an exact bf16
-# resume, the model step of ours against transformers' GPT-2 under bf16 autocast, an MoE layer's grouped
-# GEMMs against the per-expert loop, and the CUDA tests (tests/gpu).
+# Everything only a GPU shows, in one call on one H100/H200: the parts below, most wanted first, within
+# a time budget. A device lease is about 15 minutes in all (the machine's start included), so one call
+# cannot run every part: it runs what fits in BUDGET_S (default 480 s), skips the rest, and ends its
+# summary with the PARTS= line that runs what was left (the next lease's call).
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      (from the repository root; makes data/builtin if missing)
+#   bash benchmarks/gpu_wheels.sh                 (here, with network: DeepSpeed and its needs into .whl/)
+#   WHEELS=.whl bash benchmarks/gpu_check.sh OUT_DIR
+#   WHEELS=.whl PARTS=llama_1b_compiled,async_saves_125m bash benchmarks/gpu_check.sh OUT_DIR
 #
-# Where the step's time goes (profiles, MFU of the 1B presets, 32k tokens, async saves) is the second
-# call: benchmarks/gpu_profile.sh.
+# Through the device tool: run(command="WHEELS=.whl bash benchmarks/gpu_check.sh $OUT", carry=[".whl"],
+# timeout_s=600). What comes back is two files: OUT_DIR/summary.txt (each part: exit, seconds, result
+# lines) and OUT_DIR/logs.tgz (every log, table and metrics file). data/builtin is made there if missing.
+# EXTRA="key=value ..." adds overrides to every pretrain.py run (a 1-layer model: the flow on a CPU).
 #
-# Environment: WHEELS=dir installs the wheels/sdists found there first (a machine without network).
+# The parts (estimated seconds on one H200; the summary records the real ones):
+#   cuda_tests          tests/gpu: bf16 model, FP8 GEMMs against float8-rounded fp32, grouped-GEMM experts
+#   llama_1b            llama_1b, bf16, eager, ZeRO 0, micro-batch 8 (the planner's for one GPU): tokens/s,
+#   gpt2_1.3b           MFU (model FLOPs with attention, llm/model/flops.py, of 989 TFLOP/s) and the step's
+#                       split from the step profiler (iterations 6-7; llm/training/profile.py)
+#   overhead_125m       gpt2_125m: scripts/pretrain.py's step against the bare loop (fused AdamW, bf16
+#                       autocast; benchmarks/framework_overhead.py --device cuda; target at least 0.9x)
+#   fp8_125m            gpt2_125m, the same 200 steps in bf16 and fp8: the largest relative loss difference
+#                       (target within 1%) and tokens/s
+#   llama_1b_fp8        as llama_1b in fp8 (tokens/s against llama_1b's)
+#   llama_1b_compiled, llama_1b_fp8_compiled, gpt2_1.3b_compiled: the same with model.compile
+#   async_saves_125m    checkpoint.async_save against synchronous saves (benchmarks/checkpoint_io.py): the
+#                       blocking part (target at most 10% of a save) and steps during a write (within 15%)
+#   moe_fp8             a fine-grained MoE (moe_fine_grained_a2b cut to 4 blocks), 12 steps in bf16 and fp8:
+#                       the experts' grouped GEMMs, torch._grouped_mm against torch._scaled_grouped_mm
+#   gpt2_125m_profile   gpt2_125m eager and compiled, profiled (why compiled is slower under DeepSpeed)
+#   resume_125m         gpt2_125m 40 steps, a resume at 20 into another directory, a second fresh run:
+#                       the resume's loss difference against two fresh runs' (GPU non-determinism)
+#   model_step_125m     the model's forward+backward: ours, a plain PyTorch GPT and transformers', compiled too
+#   moe_layer           benchmarks/moe.py: the grouped GEMMs against the per-expert loop
+#   llama_1b_32k        32k tokens at context parallelism 1 on one GPU (activation checkpointing)
+#   loss_memory         the LM head and loss over chunks of tokens against whole logits, bf16
+#   document_attention  variable-length flash attention against one causal call and a block mask
+#   pretrain_options    gpt2_125m with document-aware training, parallel blocks and compiled blocks
+#   async_saves_1.3b    as async_saves_125m for gpt2_1.3b (about 21 GB per save in /dev/shm)
 set -uo pipefail
-out="${1:-${OUT:-runs/gpu_check}}"
+final="${1:-${OUT:-runs/gpu_check}}"
+BUDGET_S="${BUDGET_S:-480}"
+ALL=(cuda_tests llama_1b gpt2_1.3b overhead_125m fp8_125m llama_1b_fp8 llama_1b_compiled llama_1b_fp8_compiled
+     gpt2_1.3b_compiled async_saves_125m moe_fp8 gpt2_125m_profile resume_125m model_step_125m moe_layer
+     llama_1b_32k loss_memory document_attention pretrain_options async_saves_1.3b)
+declare -A EST=([cuda_tests]=120 [llama_1b]=70 [gpt2_1.3b]=70 [overhead_125m]=80 [fp8_125m]=100
+  [llama_1b_fp8]=70 [llama_1b_compiled]=110 [llama_1b_fp8_compiled]=110 [gpt2_1.3b_compiled]=110
+  [async_saves_125m]=150 [moe_fp8]=140 [gpt2_125m_profile]=120 [resume_125m]=150 [model_step_125m]=120
+  [moe_layer]=60 [llama_1b_32k]=100 [loss_memory]=50 [document_attention]=40 [pretrain_options]=120
+  [async_saves_1.3b]=330)
+read -r -a extra <<< "${EXTRA:-}"  # overrides for every pretrain.py run (e.g. a 1-layer model: the flow on a CPU)
+IFS=, read -r -a chosen <<< "${PARTS:-$(IFS=,; echo "${ALL[*]}")}"
+for part in "${chosen[@]}"; do
+  [ -n "${EST[$part]:-}" ] || { echo "unknown part '$part'; the parts: ${ALL[*]}" >&2; exit 2; }
+done
+
+out=/tmp/gpu_check_out  # every log and table, packed into $final/logs.tgz at the end
+runs=/tmp/gpu_check_runs
+rm -rf "$out" "$runs"
+mkdir -p "$final"
 source "$(dirname "$0")/gpu_env.sh"
-python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
+python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" | tee "$out/versions.txt"
+begin=$SECONDS
 
-run_dir=/tmp/gpu_check_runs
-rm -rf "$run_dir"
-common=(--config configs/gpt2_125m.yaml data.train_data_path=data/builtin/builtin_text_document
-        data.split=95,5,0 train.micro_batch_size=16 train.global_batch_size=16 train.lr_warmup_iters=5
-        train.train_iters=40 eval.eval_interval=1000 eval.eval_iters=1 logging.log_interval=5
-        logging.wandb_mode=disabled checkpoint.keep_last=null)
+run_for() {  # seconds command... : the command, stopped at its own limit or 60 s past the budget
+  local limit=$1 left=$((BUDGET_S + 60 - (SECONDS - begin)))
+  shift
+  ((left < limit)) && limit=$((left > 10 ? left : 10))
+  timeout "$limit" "$@"
+}
 
-echo "== pretrain gpt2_125m, bf16, NCCL, 40 iterations, checkpoint at 20"
-timeout 420 python3 scripts/pretrain.py "${common[@]}" logging.dir=$run_dir/a checkpoint.save_interval=20 \
-  > "$out/pretrain_a.log" 2>&1; echo "exit $?"; tail -4 "$out/pretrain_a.log"
-echo "== resume from iteration 20 into another run directory"
-timeout 300 python3 scripts/pretrain.py "${common[@]}" logging.dir=$run_dir/b checkpoint.save_interval=null \
-  checkpoint.resume=$run_dir/a/checkpoints/iter_0000020 > "$out/pretrain_b.log" 2>&1; echo "exit $?"
-tail -2 "$out/pretrain_b.log"
-echo "== the first run again from scratch: how far two fresh runs differ on this GPU"
-timeout 300 python3 scripts/pretrain.py "${common[@]}" logging.dir=$run_dir/c checkpoint.save_interval=null \
-  > "$out/pretrain_c.log" 2>&1; echo "exit $?"
-cp $run_dir/c/metrics.jsonl "$out/metrics_c.jsonl" 2>/dev/null
-cp $run_dir/a/metrics.jsonl "$out/metrics_a.jsonl" 2>/dev/null
-cp $run_dir/b/metrics.jsonl "$out/metrics_b.jsonl" 2>/dev/null
-python3 - "$out" <<'EOF'
-import json, sys
-out = sys.argv[1]
+data=(data.train_data_path=data/builtin/builtin_text_document data.split=98,2,0 eval.eval_interval=100000
+      eval.eval_iters=1 logging.wandb_mode=disabled checkpoint.save_interval=null)
+# 8 iterations of one micro-batch, 6-7 profiled: the throughput of the steady steps and where a step's time goes
+profiled=(train.train_iters=8 train.lr_warmup_iters=2 logging.log_interval=1 logging.profile_step_start=6
+          logging.profile_step_end=7 deepspeed_config=configs/deepspeed/zero0.json)
+
+pretrain() {  # name limit args... : scripts/pretrain.py into $runs/name, its log $out/name.log
+  local name=$1 limit=$2
+  shift 2
+  run_for "$limit" python3 scripts/pretrain.py "$@" "${extra[@]}" logging.dir="$runs/$name" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc"
+  ((rc == 0)) || grep -E "Error|error|Traceback" "$out/$name.log" | tail -4
+  cp "$runs/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null
+  return 0
+}
+
+profiled_run() {  # name config micro-batch [overrides...]: tokens/s, MFU and the profile table of 8 steps
+  local name=$1 config=$2 micro=$3
+  shift 3
+  pretrain "$name" 240 --config "configs/$config.yaml" "${data[@]}" "${profiled[@]}" train.micro_batch_size="$micro" \
+    train.global_batch_size="$micro" "$@"
+  steady_steps "$runs/$name" 4 6 7
+  cat "$runs/$name/profile/summary_rank00000.txt" 2>/dev/null || echo "no profile table for $name"
+}
+
+part_cuda_tests() {
+  run_for 300 python3 -m pytest -q -m gpu tests/gpu > "$out/gpu_tests.log" 2>&1
+  echo "exit $?"
+  tail -5 "$out/gpu_tests.log"
+}
+
+part_llama_1b() { profiled_run llama_1b llama_1b 8 train.precision=bf16; }
+part_gpt2_1.3b() { profiled_run gpt2_1.3b gpt2_1.3b 8 train.precision=bf16; }
+part_llama_1b_fp8() { profiled_run llama_1b_fp8 llama_1b 8 train.precision=fp8; }
+part_llama_1b_compiled() { profiled_run llama_1b_compiled llama_1b 8 train.precision=bf16 model.compile=true; }
+part_llama_1b_fp8_compiled() { profiled_run llama_1b_fp8_compiled llama_1b 8 train.precision=fp8 model.compile=true; }
+part_gpt2_1.3b_compiled() { profiled_run gpt2_1.3b_compiled gpt2_1.3b 8 train.precision=bf16 model.compile=true; }
+part_gpt2_125m_profile() {
+  profiled_run gpt2_125m_eager gpt2_125m 16 train.precision=bf16
+  profiled_run gpt2_125m_compiled gpt2_125m 16 train.precision=bf16 model.compile=true
+}
+
+part_overhead_125m() {
+  run_for 240 python3 benchmarks/framework_overhead.py --device cuda --iters 30 --config configs/gpt2_125m.yaml \
+    data.split=98,2,0 train.micro_batch_size=16 train.global_batch_size=16 > "$out/overhead_125m.json" 2>&1
+  echo "exit $?"
+  grep -E "seconds|ratio" "$out/overhead_125m.json" || tail -3 "$out/overhead_125m.json"
+}
+
+part_fp8_125m() {
+  for precision in bf16 fp8; do
+    pretrain "fp8_125m_$precision" 200 --config configs/gpt2_125m.yaml "${data[@]}" train.precision=$precision \
+      train.train_iters=200 train.lr_warmup_iters=20 train.micro_batch_size=16 train.global_batch_size=16 \
+      logging.log_interval=10 deepspeed_config=configs/deepspeed/zero1.json
+  done
+  python3 - "$runs" <<'PY'
+import json, statistics, sys
+runs = sys.argv[1]
 def read(name):
     try:
-        return [json.loads(l) for l in open(f"{out}/{name}") if l.strip()]
+        return [json.loads(l) for l in open(f"{runs}/{name}/metrics.jsonl") if l.strip()]
     except OSError:
         return []
-a, b, c = read("metrics_a.jsonl"), read("metrics_b.jsonl"), read("metrics_c.jsonl")
-steps = [r for r in a if "tokens_per_sec" in r and r["iteration"] > 10]
-if steps:
-    keys = ("iteration", "loss", "tokens_per_sec", "mfu", "tflops_per_gpu", "memory_allocated_gb", "step_time")
-    for r in steps:
-        print({k: r.get(k) for k in keys})
-def losses(rs):
-    return {r["iteration"]: r["loss"] for r in rs if "loss" in r}
-for name, x, y in (("resume at 20 vs uninterrupted", a, b), ("two fresh runs", a, c)):
-    lx, ly = losses(x), losses(y)
-    common = sorted(set(lx) & set(ly))
+b, f = read("fp8_125m_bf16"), read("fp8_125m_fp8")
+lb = {r["iteration"]: r["loss"] for r in b if "loss" in r}
+lf = {r["iteration"]: r["loss"] for r in f if "loss" in r}
+common = sorted(set(lb) & set(lf))
+if common:
+    rel = [abs(lf[i] - lb[i]) / lb[i] for i in common]
+    print(f"iterations {common[0]}-{common[-1]}: largest |fp8 - bf16| / bf16 = {max(rel):.4f}; last five logged "
+          f"losses' mean: bf16 {statistics.mean(lb[i] for i in common[-5:]):.4f}, fp8 {statistics.mean(lf[i] for i in common[-5:]):.4f}")
+for name, rs in (("bf16", b), ("fp8", f)):
+    steady = [r["tokens_per_sec"] for r in rs if "tokens_per_sec" in r and r["iteration"] > 50]
+    if steady:
+        print(name, "median tokens/s after step 50:", statistics.median(steady))
+PY
+}
+
+async_saves() {  # name config iterations interval micro-batch limit
+  run_for "$6" python3 benchmarks/checkpoint_io.py --async-only --async-config "configs/$2.yaml" --async-iters "$3" \
+    --async-save-interval "$4" --async-override train.micro_batch_size="$5" train.global_batch_size="$5" \
+    train.precision=bf16 deepspeed_config=configs/deepspeed/zero1.json > "$out/$1.json" 2>&1
+  echo "exit $?"
+  tail -18 "$out/$1.json"
+}
+part_async_saves_125m() { df -h /dev/shm /tmp; async_saves async_saves_125m gpt2_125m 200 50 16 300; }
+part_async_saves_1.3b() { df -h /dev/shm /tmp; async_saves async_saves_1.3b gpt2_1.3b 90 30 8 400; }
+
+part_moe_fp8() {  # bf16 experts: torch._grouped_mm; fp8: torch._scaled_grouped_mm with row-wise scales (llm.parallel.fp8)
+  for precision in bf16 fp8; do
+    pretrain "moe_4l_$precision" 150 --config configs/moe_fine_grained_a2b.yaml "${data[@]}" model.num_layers=4 \
+      "model.moe_layer_freq=[0, 1, 1, 1]" model.seq_length=2048 parallel.expert_model_parallel_size=1 \
+      train.precision=$precision train.train_iters=12 train.lr_warmup_iters=2 train.micro_batch_size=4 \
+      train.global_batch_size=4 logging.log_interval=1 deepspeed_config=configs/deepspeed/zero1.json
+    steady_steps "$runs/moe_4l_$precision" 5
+  done
+}
+
+part_resume_125m() {
+  local common=(--config configs/gpt2_125m.yaml "${data[@]}" train.micro_batch_size=16 train.global_batch_size=16
+                train.lr_warmup_iters=5 train.train_iters=40 logging.log_interval=5)
+  pretrain resume_a 240 "${common[@]}" checkpoint.save_interval=20 checkpoint.keep_last=null
+  pretrain resume_b 200 "${common[@]}" checkpoint.resume="$runs/resume_a/checkpoints/iter_0000020"
+  pretrain resume_c 200 "${common[@]}"
+  python3 - "$runs" <<'PY'
+import json, sys
+runs = sys.argv[1]
+def losses(name):
+    try:
+        return {r["iteration"]: r["loss"] for r in map(json.loads, open(f"{runs}/{name}/metrics.jsonl")) if "loss" in r}
+    except OSError:
+        return {}
+a = losses("resume_a")
+for what, other in (("resume at 20 vs uninterrupted", losses("resume_b")), ("two fresh runs", losses("resume_c"))):
+    common = sorted(set(a) & set(other))
     if common:
-        print(f"{name}: iterations {common[0]}-{common[-1]}, max |loss difference| =",
-              max(abs(lx[i] - ly[i]) for i in common), "identical:", all(lx[i] == ly[i] for i in common))
-EOF
+        print(f"{what}: iterations {common[0]}-{common[-1]}, max |loss difference| =",
+              max(abs(a[i] - other[i]) for i in common), "identical:", all(a[i] == other[i] for i in common))
+PY
+  steady_steps "$runs/resume_a" 10
+}
 
-echo "== model step, bf16 autocast, ours vs transformers GPT-2"
-timeout 240 python3 benchmarks/model_throughput.py --device cuda --dtype bf16 --shape gpt2:12:768:12:1024:16 \
-  --repeats 10 > "$out/model_throughput_125m.json" 2>&1; cat "$out/model_throughput_125m.json" | tail -20
+part_model_step_125m() {
+  run_for 300 python3 benchmarks/model_throughput.py --device cuda --dtype bf16 --shape gpt2:12:768:12:1024:16 \
+    --repeats 10 --compile > "$out/model_step_125m.json" 2>&1
+  echo "exit $?"
+  grep -v "^\[" "$out/model_step_125m.json" | tail -24
+}
 
-echo "== MoE layer: grouped GEMMs (torch._grouped_mm) vs the per-expert loop, bf16"
-timeout 180 python3 benchmarks/moe.py --device cuda --repeats 5 > "$out/moe_gpu.json" 2>&1; tail -20 "$out/moe_gpu.json"
-echo "== CUDA tests (bf16 model, grouped-GEMM experts against the loop)"
-timeout 180 python3 -m pytest -q -s -m gpu tests/gpu > "$out/gpu_tests.log" 2>&1; tail -3 "$out/gpu_tests.log"
+part_moe_layer() {
+  run_for 180 python3 benchmarks/moe.py --device cuda --repeats 5 > "$out/moe_layer.json" 2>&1
+  echo "exit $?"
+  tail -20 "$out/moe_layer.json"
+}
+
+part_llama_1b_32k() {
+  pretrain llama_1b_32k 200 --config configs/llama_1b_32k.yaml "${data[@]}" "${profiled[@]}" train.precision=bf16 \
+    parallel.context_parallel_size=1 train.micro_batch_size=1 train.global_batch_size=1 model.activation_checkpointing=true
+  steady_steps "$runs/llama_1b_32k" 4 6 7
+}
+
+part_loss_memory() {
+  run_for 120 python3 benchmarks/loss_memory.py --device cuda --tokens 16384 > "$out/loss_memory.json" 2>&1
+  echo "exit $?"
+  tail -25 "$out/loss_memory.json"
+}
+
+part_document_attention() {
+  run_for 120 python3 - <<'PY'
+import time, torch
+import torch.nn.functional as F
+from llm.model import layers
+torch.manual_seed(0)
+B, H, S, D = 8, 12, 2048, 64
+q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+ids = torch.randint(3, 1000, (B, S), device="cuda")
+for b in range(B):  # 1 to 4 documents per sample
+    for cut in torch.randint(1, S - 1, (b % 4,)).tolist():
+        ids[b, cut] = 2
+doc = layers.document_ids(ids, 2)
+def timed(fn, n=20):
+    for _ in range(3): fn()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(n): fn()
+    torch.cuda.synchronize(); return (time.perf_counter() - t) / n * 1e3
+def causal():
+    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+def per_doc():
+    layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False).sum().backward()
+def dense():
+    layers.USE_VARLEN = False
+    try: layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False).sum().backward()
+    finally: layers.USE_VARLEN = True
+print("varlen:", layers.varlen(), "documents per sample:", [len(s) for s in layers.document_spans(doc)])
+fast = layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False)
+layers.USE_VARLEN = False
+masked = layers._document_attention(q, k, v, doc, dropout=0.0, gqa=False); layers.USE_VARLEN = True
+print("varlen vs block mask, max |difference|:", (fast.float() - masked.float()).abs().max().item())
+print(f"fwd+bwd ms: causal one call {timed(causal):.2f}, varlen per document {timed(per_doc):.2f}, "
+      f"block-diagonal mask {timed(dense):.2f}")
+PY
+}
+
+part_pretrain_options() {
+  pretrain pretrain_options 240 --config configs/gpt2_125m.yaml "${data[@]}" train.micro_batch_size=16 \
+    train.global_batch_size=16 train.lr_warmup_iters=5 train.train_iters=30 logging.log_interval=5 \
+    data.reset_attention_mask=true data.reset_position_ids=true data.eod_mask_loss=true model.parallel_block=true \
+    model.compile=true
+  steady_steps "$runs/pretrain_options" 10
+}
+
+summary="$out/summary.txt"
+skipped=()
+for part in "${chosen[@]}"; do
+  left=$((BUDGET_S - (SECONDS - begin)))
+  if ((EST[$part] > left)); then
+    skipped+=("$part")
+    continue
+  fi
+  echo "== $part (estimated ${EST[$part]} s, $left s of the budget left)" | tee -a "$summary"
+  t0=$SECONDS
+  "part_$part" 2>&1 | tee "$out/part_$part.txt" | tee -a "$summary"
+  echo "-- $part: $((SECONDS - t0)) s" | tee -a "$summary"
+done
+if ((${#skipped[@]})); then
+  echo "not run (over the ${BUDGET_S} s budget): PARTS=$(IFS=,; echo "${skipped[*]}")" | tee -a "$summary"
+else
+  echo "every chosen part ran" | tee -a "$summary"
+fi
+cp "$summary" "$final/summary.txt"
+tar czf "$final/logs.tgz" -C "$out" . && ls -la "$final"

@@ -32,7 +32,7 @@ def main() -> int:
     p.add_argument("--fp8-gemm-speedup", type=float, default=Cluster.fp8_gemm_speedup,
                    help="with --precision fp8: the float8 GEMMs' speed over bf16 in a step (default "
                    f"{Cluster.fp8_gemm_speedup:g}, assumed from torchtitan's published gains; "
-                   "benchmarks/gpu_fp8.sh measures yours)")  # fmt: skip
+                   "benchmarks/gpu_check.sh measures yours)")  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="rows to show")
     p.add_argument("--json", action="store_true", help="print every candidate as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for pretrain.py")

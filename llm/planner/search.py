@@ -44,7 +44,7 @@ class Cluster:
     mfu: float = 0.45  # achievable fraction of peak for the matmuls
     # train.precision: fp8: how much faster the float8 GEMMs run than bf16 in a training step, casts
     # and scales included (2x on paper). Assumed from torchtitan's published +25-30% tokens/s at 8B with
-    # every linear in float8 (about 90% of the FLOPs); benchmarks/gpu_fp8.sh measures ours.
+    # every linear in float8 (about 90% of the FLOPs); benchmarks/gpu_check.sh measures ours.
     fp8_gemm_speedup: float = 1.3
     usable_fraction: float = 0.9
 

@@ -121,3 +121,30 @@ def test_the_planner_memory_estimate_is_within_15_percent_of_measured(
     for row in rows:
         measured, estimate, ratio = (float(x) for x in row[-3:])
         assert measured > 0.1 and abs(ratio - 1) <= 0.15, row
+
+
+def test_framework_overhead_for_one_config(builtin_prefix: Path) -> None:
+    """The comparison `--device cuda` runs on a GPU (pretrain.py as configured against the bare loop),
+    here on the CPU for the quickstart config at the smoke shape."""
+    p = run(["python", str(REPO / "benchmarks" / "framework_overhead.py"), "--smoke", "--data", str(builtin_prefix),
+             "--config", "configs/tiny_cpu.yaml"], timeout=300)  # fmt: skip
+    check(p)
+    report = _report(p.stdout)
+    assert report["benchmark"] == "framework_overhead_cpu" and report["config"] == "configs/tiny_cpu.yaml"
+    assert report["pretrain_py_step_seconds"] > 0 and report["bare_loop_step_seconds"] > 0
+
+
+def test_the_gpu_check_parts_are_complete_and_an_unknown_part_is_refused() -> None:
+    """benchmarks/gpu_check.sh (one device call, parts within a budget): every part in its order has an
+    estimate and a function, and PARTS naming no part stops before anything runs."""
+    text = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    order = text[text.index("ALL=(") + 5 : text.index(")", text.index("ALL=("))].split()
+    estimates = dict(
+        (k, int(v)) for k, v in (x.strip("[").split("]=") for x in text[text.index("EST=(") + 5 :].split(")")[0].split())
+    )
+    assert len(order) == len(set(order)) == 20 and set(order) == set(estimates)
+    assert all(f"part_{name}()" in text for name in order)
+    p = run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "/nonexistent/out"], timeout=30,
+            env={"PARTS": "llama_1b,no_such_part"})  # fmt: skip
+    assert p.returncode == 2 and "unknown part 'no_such_part'" in p.stderr and "cuda_tests" in p.stderr, p.stderr
+    assert not Path("/nonexistent/out").exists()
