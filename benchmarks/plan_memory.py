@@ -3,9 +3,10 @@
 python benchmarks/plan_memory.py --data data/builtin/builtin_text_document [--only z0_dp1,pp2] [--out DIR] [--smoke]
 
 Each case runs benchmarks/pretrain_measured.py (scripts/pretrain.py whose peak leaves out the
-interpreter's own memory on CPU) through the deepspeed launcher (fp32 on CPU, 3 iterations of a
+interpreter's own memory on CPU) through the deepspeed launcher (fp32 on CPU, 2 iterations of a
 4-layer, 512-wide GPT with 16.5M parameters, micro-batches of 4 x 256 tokens, global batch 16)
-and reads `peak_memory_gb` (the largest of any rank) from its metrics; the estimate is llm.planner's for the same config and layout. Runs set
+and reads `peak_memory_gb` (the largest of any rank) from its metrics (the peak is the second
+iteration's: the optimizer state exists from the end of the first); the estimate is llm.planner's for the same config and layout. Runs set
 MALLOC_MMAP_THRESHOLD_=65536 so CPU resident memory follows live tensor memory: glibc returns a
 freed block to the system only when it was mmap-backed, and its adaptive threshold otherwise keeps
 many freed multi-MB tensors in the heap (RSS 20-30% above live tensor memory in training). On a GPU the same script compares against torch.cuda.max_memory_allocated.
@@ -28,7 +29,7 @@ from llm.planner.memory import GB
 from llm.planner.report import config_layout, estimate_for_run
 
 BASE = ["model.num_layers=4", "model.hidden_size=512", "model.num_attention_heads=8", "model.seq_length=256",
-        "train.micro_batch_size=4", "train.global_batch_size=16", "train.train_iters=3", "train.lr_warmup_iters=1",
+        "train.micro_batch_size=4", "train.global_batch_size=16", "train.train_iters=2", "train.lr_warmup_iters=1",
         "logging.log_interval=1", "eval.eval_iters=1", "eval.eval_interval=1000", "logging.wandb_mode=disabled",
         "checkpoint.save_interval=null", "checkpoint.resume=none"]  # fmt: skip
 SMOKE = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.seq_length=64",
