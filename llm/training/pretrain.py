@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import random
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,34 @@ def _timeout_message(cfg: Config, ctx: ParallelContext, iteration: int, error: B
         f"rank {ctx.rank}: a collective gave up after parallel.timeout_minutes = {cfg.parallel.timeout_minutes} "
         f"during iteration {iteration + 1} ({cause}): another rank is hung, stopped or dead. This rank stops so "
         "that the launcher's restarts (torchrun --max-restarts) or the scheduler's requeue can resume the run"
+    )
+
+
+class CompileFailedError(LLMError, RuntimeError):
+    """torch.compile could not build the transformer blocks (model.compile): a failure of torch's compiler
+    for this model, device and precision, not of the config; the eager model is the same model."""
+
+
+def _compile_failure(cfg: Config, ctx: ParallelContext, error: BaseException) -> CompileFailedError | None:
+    """A CompileFailedError for `error` when it comes from torch's compiler (dynamo or inductor) under
+    model.compile; the compiler's whole output (often thousands of lines) goes to a file of the run."""
+    if not cfg.model.compile or not type(error).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    path = Path(cfg.logging.dir) / f"compile_error_rank{ctx.rank:05d}.txt"
+    try:
+        path.write_text("".join(traceback.format_exception(error)))
+        where = f"The compiler's output: {path}"
+    except OSError:
+        where = "Its output could not be written to the run directory"
+    cause = (str(error).strip().splitlines() or [""])[0][:200]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank = f"rank {ctx.rank}: " if ctx.world_size > 1 else ""
+    hint = "; on a CPU, fp32 is also the faster precision" if device == "cpu" and cfg.train.precision != "fp32" else ""
+    return CompileFailedError(
+        f"{rank}model.compile: torch.compile failed to build the transformer blocks ({type(error).__name__}: "
+        f"{cause}) on {device}, train.precision={cfg.train.precision}, torch {torch.__version__}: a failure in "
+        "torch's compiler or the toolchain it uses (a C++ compiler on a CPU, Triton on a GPU), not in the config. "
+        f"Set model.compile=false: the same model, eager{hint}. {where}"
     )
 
 
@@ -309,6 +338,9 @@ def _train(
     try:
         return trainer.train()
     except RuntimeError as e:
+        failed = _compile_failure(cfg, ctx, e)
+        if failed is not None:
+            raise failed from None
         if not is_collective_timeout(e):
             raise
         raise CollectiveTimeoutError(_timeout_message(cfg, ctx, trainer.state.iteration, e)) from None

@@ -571,3 +571,30 @@ def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(builtin_prefix: Pat
                                                      str(int(latest.name[5:]) + 1))])  # fmt: skip
     _check(p)
     assert f"resumed from {latest}" in p.stdout + p.stderr
+
+
+def test_a_compiler_failure_under_model_compile_is_one_clear_error(builtin_prefix: Path, tmp_path: Path) -> None:
+    """model.compile on a machine whose C++ compiler does not work (inductor's CPU code is C++; `CXX`
+    names the compiler it uses): one line naming the failure and model.compile=false, exit 1, and the
+    compiler's long output in a file of the run instead of the console."""
+    p = run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path, "train.train_iters=2",
+                                                      "model.compile=true")], env={"CXX": "/bin/false"})  # fmt: skip
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "torch.compile failed" in errors[0] and "InvalidCxxCompiler" in errors[0]
+    assert "Set model.compile=false" in errors[0]
+    output = tmp_path / "compile_error_rank00000.txt"
+    assert f"The compiler's output: {output}" in errors[0]
+    assert "Traceback" in output.read_text() and "InvalidCxxCompiler" in output.read_text()
+
+
+def test_a_run_with_compiled_blocks_is_evaluated_and_sampled_eagerly(builtin_prefix: Path, tmp_path: Path) -> None:
+    """model.compile speeds up training; the checkpoint's model for evaluation and generation is the
+    eager one (compiling each new shape of decoding made generation 8x slower on CPU)."""
+    from llm.checkpoint.merge import load_trained_model
+
+    _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path, "train.train_iters=2",
+                                                         "model.compile=true")]))  # fmt: skip
+    cfg, model = load_trained_model(tmp_path / "checkpoints")
+    assert not cfg.model.compile
+    assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in model.layers)
