@@ -15,9 +15,12 @@
 #
 # The parts (estimated seconds on one H200; the summary records the real ones):
 #   cuda_tests          tests/gpu: bf16 model, FP8 GEMMs against float8-rounded fp32, grouped-GEMM experts
-#   llama_1b            llama_1b, bf16, eager, ZeRO 0, micro-batch 8 (the planner's for one GPU): tokens/s,
-#   gpt2_1.3b           MFU (model FLOPs with attention, llm/model/flops.py, of 989 TFLOP/s) and the step's
-#                       split from the step profiler (iterations 6-7; llm/training/profile.py)
+#   llama_1b            llama_1b, bf16, eager, its ZeRO 2 JSON, micro-batch 8 (the planner's for one GPU):
+#   gpt2_1.3b           tokens/s, MFU (model FLOPs with attention, llm/model/flops.py, of 989 TFLOP/s) and the
+#                       step's split from the step profiler (iterations 6-7; llm/training/profile.py)
+#   bf16_engines        llama_1b as above through DeepSpeed's other bf16 optimizers: ZeRO 0 (its unfused
+#                       mixed-precision wrapper: a host sync per parameter tensor), ZeRO 1 (bf16 gradients),
+#                       ZeRO 1 with fp32 gradient accumulation (its BF16_Optimizer); docs/benchmarks.md
 #   overhead_125m       gpt2_125m: scripts/pretrain.py's step against the bare loop (fused AdamW, bf16
 #                       autocast; benchmarks/framework_overhead.py --device cuda; target at least 0.9x)
 #   fp8_125m            gpt2_125m, the same 200 steps in bf16 and fp8: the largest relative loss difference
@@ -41,10 +44,10 @@
 set -uo pipefail
 final="${1:-${OUT:-runs/gpu_check}}"
 BUDGET_S="${BUDGET_S:-480}"
-ALL=(cuda_tests llama_1b gpt2_1.3b overhead_125m fp8_125m llama_1b_fp8 llama_1b_compiled llama_1b_fp8_compiled
+ALL=(cuda_tests llama_1b gpt2_1.3b bf16_engines overhead_125m fp8_125m llama_1b_fp8 llama_1b_compiled llama_1b_fp8_compiled
      gpt2_1.3b_compiled async_saves_125m moe_fp8 gpt2_125m_profile resume_125m model_step_125m moe_layer
      llama_1b_32k loss_memory document_attention pretrain_options async_saves_1.3b)
-declare -A EST=([cuda_tests]=120 [llama_1b]=70 [gpt2_1.3b]=70 [overhead_125m]=80 [fp8_125m]=100
+declare -A EST=([cuda_tests]=120 [llama_1b]=70 [gpt2_1.3b]=70 [bf16_engines]=210 [overhead_125m]=80 [fp8_125m]=100
   [llama_1b_fp8]=70 [llama_1b_compiled]=110 [llama_1b_fp8_compiled]=110 [gpt2_1.3b_compiled]=110
   [async_saves_125m]=150 [moe_fp8]=140 [gpt2_125m_profile]=120 [resume_125m]=150 [model_step_125m]=120
   [moe_layer]=60 [llama_1b_32k]=100 [loss_memory]=50 [document_attention]=40 [pretrain_options]=120
@@ -72,9 +75,10 @@ run_for() {  # seconds command... : the command, stopped at its own limit or 60 
 
 data=(data.train_data_path=data/builtin/builtin_text_document data.split=98,2,0 eval.eval_interval=100000
       eval.eval_iters=1 logging.wandb_mode=disabled checkpoint.save_interval=null)
-# 8 iterations of one micro-batch, 6-7 profiled: the throughput of the steady steps and where a step's time goes
+# 8 iterations of one micro-batch, 6-7 profiled: the throughput of the steady steps and where a step's time
+# goes (each preset's own DeepSpeed JSON: ZeRO 1 for gpt2_125m, 2 for the 1B presets)
 profiled=(train.train_iters=8 train.lr_warmup_iters=2 logging.log_interval=1 logging.profile_step_start=6
-          logging.profile_step_end=7 deepspeed_config=configs/deepspeed/zero0.json)
+          logging.profile_step_end=7)
 
 pretrain() {  # name limit args... : scripts/pretrain.py into $runs/name, its log $out/name.log
   local name=$1 limit=$2
@@ -108,6 +112,13 @@ part_llama_1b_fp8() { profiled_run llama_1b_fp8 llama_1b 8 train.precision=fp8; 
 part_llama_1b_compiled() { profiled_run llama_1b_compiled llama_1b 8 train.precision=bf16 model.compile=true; }
 part_llama_1b_fp8_compiled() { profiled_run llama_1b_fp8_compiled llama_1b 8 train.precision=fp8 model.compile=true; }
 part_gpt2_1.3b_compiled() { profiled_run gpt2_1.3b_compiled gpt2_1.3b 8 train.precision=bf16 model.compile=true; }
+part_bf16_engines() {  # the JSON with fp32 gradient accumulation is the benchmark's own (untested in llm's checkpoints)
+  mkdir -p "$runs"
+  echo '{"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}' > "$runs/zero1_fp32_grads.json"
+  profiled_run llama_1b_zero0 llama_1b 8 train.precision=bf16 deepspeed_config=configs/deepspeed/zero0.json
+  profiled_run llama_1b_zero1 llama_1b 8 train.precision=bf16 deepspeed_config=configs/deepspeed/zero1.json
+  profiled_run llama_1b_zero1_fp32_grads llama_1b 8 train.precision=bf16 deepspeed_config="$runs/zero1_fp32_grads.json"
+}
 part_gpt2_125m_profile() {
   profiled_run gpt2_125m_eager gpt2_125m 16 train.precision=bf16
   profiled_run gpt2_125m_compiled gpt2_125m 16 train.precision=bf16 model.compile=true

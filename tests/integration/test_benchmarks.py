@@ -24,7 +24,7 @@ def _report(stdout: str) -> dict:
 
 def test_every_benchmark_script_is_smoke_tested() -> None:
     assert BENCHMARKS == [
-        "checkpoint_io.py", "context_parallel.py", "data_startup.py", "diloco.py", "framework_overhead.py", "loss_memory.py", "model_throughput.py", "moe.py", "plan_memory.py", "preprocess_throughput.py",
+        "checkpoint_io.py", "context_parallel.py", "data_startup.py", "diloco.py", "engine_syncs.py", "framework_overhead.py", "loss_memory.py", "model_throughput.py", "moe.py", "plan_memory.py", "preprocess_throughput.py",
         "recipes.py", "sample_read.py", "tp_comm.py",
     ]  # fmt: skip
 
@@ -65,6 +65,10 @@ def test_benchmark_smoke(name: str, builtin_prefix: Path, tmp_path: Path) -> Non
         one, two = report["c1"], report["c2_p2p"]
         assert two["forward_sent_per_layer"] == two["forward_formula_per_layer"] > 0
         assert 0 < two["activation_bytes"] < one["activation_bytes"] and report["c2_a2a"]["backward_sent_per_layer"] > 0
+        return
+    if name == "engine_syncs.py":  # counted calls: the loss read (llm's) and DeepSpeed's BF16_Optimizer's checks
+        smoke = report["bf16_zero1_fp32_grads"]
+        assert smoke["optimizer_wrapper"] == "BF16_Optimizer" and smoke["syncs_per_step"] >= 1
         return
     if name == "loss_memory.py":  # measured peaks; the chunked loss equals the whole-logits loss
         whole, chunked = report["whole_logits"], report["chunks_1024"]
@@ -142,7 +146,7 @@ def test_the_gpu_check_parts_are_complete_and_an_unknown_part_is_refused() -> No
     estimates = dict(
         (k, int(v)) for k, v in (x.strip("[").split("]=") for x in text[text.index("EST=(") + 5 :].split(")")[0].split())
     )
-    assert len(order) == len(set(order)) == 20 and set(order) == set(estimates)
+    assert len(order) == len(set(order)) == 21 and set(order) == set(estimates)
     assert all(f"part_{name}()" in text for name in order)
     p = run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "/nonexistent/out"], timeout=30,
             env={"PARTS": "llama_1b,no_such_part"})  # fmt: skip
