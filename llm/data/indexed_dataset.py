@@ -189,6 +189,14 @@ def _corrupt(path: Path, what: str) -> IndexedDatasetError:
     )
 
 
+def missing_token_file(prefix: str | Path) -> str | None:
+    """What IndexedDataset(prefix) says of a missing .idx or .bin (None: both are there)."""
+    for p in (idx_path(prefix), bin_path(prefix)):
+        if not p.is_file():
+            return f"token file '{p}' not found; create it with scripts/preprocess_data.py --output-prefix {prefix}"
+    return None
+
+
 class IndexedDataset:
     """Zero-copy reader: `ds[i]` is document i as a read-only numpy view into the .bin mapping.
 
@@ -199,11 +207,9 @@ class IndexedDataset:
     def __init__(self, prefix: str | Path, *, random_access: bool = False) -> None:
         self.prefix = str(prefix)
         ipath, bpath = idx_path(prefix), bin_path(prefix)
-        for p in (ipath, bpath):
-            if not p.is_file():
-                raise IndexedDatasetError(
-                    f"token file '{p}' not found; create it with scripts/preprocess_data.py --output-prefix {prefix}"
-                )
+        missing = missing_token_file(prefix)
+        if missing is not None:
+            raise IndexedDatasetError(missing)
         size = ipath.stat().st_size
         with open(ipath, "rb") as f:
             head = f.read(HEADER.size)

@@ -21,7 +21,7 @@ import torch
 from llm.config import DataConfig
 from llm.data.blended import BlendedDataset, samples_per_dataset
 from llm.data.gpt_dataset import DatasetTooSmallError, GPTDataset, split_ranges
-from llm.data.indexed_dataset import IndexedDataset
+from llm.data.indexed_dataset import IndexedDataset, IndexedDatasetError, missing_token_file
 from llm.errors import LLMError
 
 
@@ -86,6 +86,17 @@ def _mixture(
     ]
     cache_dir = cfg.index_cache_dir or Path(pairs[0][1]).parent / "index-cache"
     return BlendedDataset(parts, weights, n, names=[p for _, p in pairs], cache_dir=cache_dir)
+
+
+def check_token_files(cfg: DataConfig) -> None:
+    """IndexedDatasetError for the first missing token file of data.train/valid/test_data_path: a
+    check of seconds that runs before the model is built (a wrong path found at once, not after a
+    large model's construction)."""
+    for key in ("train_data_path", "valid_data_path", "test_data_path"):
+        for _, prefix in parse_data_path(getattr(cfg, key), f"data.{key}"):
+            missing = missing_token_file(prefix)
+            if missing is not None:
+                raise IndexedDatasetError(missing)
 
 
 def build_datasets(

@@ -18,7 +18,8 @@ import yaml
 from llm.config import Config, ConfigError, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
 from llm.data.identity import data_identity
-from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets
+from llm.data.indexed_dataset import IndexedDatasetError
+from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets, check_token_files
 from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from llm.engine.build import initialize_engine
 from llm.engine.comm import init_distributed
@@ -118,6 +119,22 @@ def _timeout_message(cfg: Config, ctx: ParallelContext, iteration: int, error: B
     )
 
 
+def _check_data_files(cfg: Config, ctx: ParallelContext) -> None:
+    """Every rank looks for its token files (node-local data may be missing on one node only); all
+    raise the first failing rank's error (named by rank unless every rank failed alike), printed once."""
+    message = None
+    try:
+        check_token_files(cfg.data)
+    except LLMError as e:
+        message = str(e)
+    messages = ctx.all_gather_object(message)
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, text = failed[0]
+        everywhere = len(failed) == ctx.world_size and len(set(messages)) == 1
+        raise on_every_rank(IndexedDatasetError(text if everywhere else f"rank {rank}: {text}"))
+
+
 class CompileFailedError(LLMError, RuntimeError):
     """torch.compile could not build the transformer blocks (model.compile): a failure of torch's compiler
     for this model, device and precision, not of the config; the eager model is the same model."""
@@ -191,6 +208,7 @@ def run_pretraining(
     try:
         placement = gather_placement(ctx, launch)
         cfg = resolve_vocab(cfg)
+        _check_data_files(cfg, ctx)  # before the model is built
         ds_config, plan = deepspeed_setup(cfg, launch.world_size, cuda=torch.cuda.is_available())
         if ctx.rank == 0:
             logger.info("%s", placement.describe())

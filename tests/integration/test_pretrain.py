@@ -286,6 +286,19 @@ def test_user_errors_are_one_clear_line(
     assert message in p.stderr and "Traceback" not in p.stderr
 
 
+def test_a_missing_token_file_is_found_before_the_model_is_built(builtin_prefix: Path, tmp_path: Path) -> None:
+    """The second prefix of a blend is missing: one line naming it, before the model is built (a
+    wrong path found in seconds, not after a large model's construction), on both ranks' behalf."""
+    blend = f"data.train_data_path=0.5 {builtin_prefix} 0.5 {tmp_path / 'missing'}"
+    p = run(launch_cmd(2, *_args(builtin_prefix, tmp_path / "run"), blend))
+    assert p.returncode != 0  # (torchrun adds its own report of the failed ranks)
+    assert "Traceback" not in p.stderr.split("torch/distributed/elastic")[0], p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: token file '{tmp_path / 'missing'}.idx' not found; create it with "
+                      f"scripts/preprocess_data.py --output-prefix {tmp_path / 'missing'}"], errors  # fmt: skip
+    assert "parameters on this rank" not in p.stdout + p.stderr  # the model line comes after the build
+
+
 def test_llama_preset_is_deterministic_for_a_seed_and_profiling_changes_nothing(
     builtin_prefix: Path, tmp_path: Path
 ) -> None:
