@@ -3,7 +3,7 @@
   python benchmarks/engine_syncs.py [--smoke]
 
 Each variant runs in its own process: a 2-layer GPT (width 32, 16 tokens, micro-batch 2, 2 micro-batches
-per step) through llm's real engine set-up (`deepspeed_setup`, `initialize_engine`, `make_steps`), one
+per step) through pretrain.py's own engine set-up (`llm.training.pretrain.build_engine`), one
 step to build the optimizer state, then 3 steps during which every call of a tensor method that would
 make the host wait for a GPU (tests/distributed/test_host_syncs.py's list) is counted, in any code:
 llm's, DeepSpeed's, torch's. Which wrapper DeepSpeed picks follows the precision, the ZeRO stage and
@@ -41,16 +41,10 @@ def one_variant(precision: str, ds_json: str, port: int) -> dict:
     import torch
 
     from llm.config import load_config
-    from llm.engine.build import initialize_engine
     from llm.engine.comm import init_distributed
     from llm.engine.deepspeed_config import deepspeed_setup
-    from llm.engine.mpu import MeshMPU
-    from llm.model.gpt import build_model, parameter_groups
     from llm.parallel.process_groups import ParallelContext
-    from llm.parallel.random import RNGTracker
-    from llm.training.lr_schedule import make_scheduler
-    from llm.training.optim import clipped_optimizer
-    from llm.training.steps import make_steps
+    from llm.training.pretrain import build_engine
 
     cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2",
                              "model.seq_length=16", "model.vocab_size=300", "train.micro_batch_size=2",
@@ -59,13 +53,7 @@ def one_variant(precision: str, ds_json: str, port: int) -> dict:
     init_distributed()
     ctx = ParallelContext.build()
     ds, plan = deepspeed_setup(cfg, 1, cuda=False)
-    rng = RNGTracker()
-    model = build_model(cfg.model, seed=1, ctx=ctx, rng=rng)
-    groups = parameter_groups(model, cfg.train.weight_decay)
-    opt = clipped_optimizer(groups, cfg.train, ctx) if plan.optimizer_from == "llm" else None
-    engine = initialize_engine(model, optimizer=opt, parameter_groups=groups, ds_config=ds,
-                               lr_scheduler=make_scheduler(cfg.train), mpu=MeshMPU(ctx))  # fmt: skip
-    steps = make_steps(engine, cfg, ctx, plan, rng)
+    steps, _ = build_engine(cfg, ctx, ds, plan)  # pretrain.py's own set-up
     gen = torch.Generator().manual_seed(0)
     batches = iter([torch.randint(0, 300, (2, 17), generator=gen) for _ in range(20)])
     steps.train(batches, None, 4)  # the first step builds the optimizer state
@@ -85,7 +73,7 @@ def one_variant(precision: str, ds_json: str, port: int) -> dict:
         steps.train(batches, None, 4)
     torch_optim = sum(n for k, n in found.items() if k.startswith("torch/optim/"))
     return {
-        "optimizer_wrapper": type(engine.optimizer).__name__,
+        "optimizer_wrapper": type(steps.engine.optimizer).__name__,
         "syncs_per_step": round((sum(found.values()) - torch_optim) / 3, 2),
         "single_tensor_adamw_step_reads_per_step": round(torch_optim / 3, 2),
         "where": dict(found.most_common(6)),

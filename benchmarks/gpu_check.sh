@@ -137,27 +137,9 @@ part_fp8_125m() {
       train.train_iters=200 train.lr_warmup_iters=20 train.micro_batch_size=16 train.global_batch_size=16 \
       logging.log_interval=10 deepspeed_config=configs/deepspeed/zero1.json
   done
-  python3 - "$runs" <<'PY'
-import json, statistics, sys
-runs = sys.argv[1]
-def read(name):
-    try:
-        return [json.loads(l) for l in open(f"{runs}/{name}/metrics.jsonl") if l.strip()]
-    except OSError:
-        return []
-b, f = read("fp8_125m_bf16"), read("fp8_125m_fp8")
-lb = {r["iteration"]: r["loss"] for r in b if "loss" in r}
-lf = {r["iteration"]: r["loss"] for r in f if "loss" in r}
-common = sorted(set(lb) & set(lf))
-if common:
-    rel = [abs(lf[i] - lb[i]) / lb[i] for i in common]
-    print(f"iterations {common[0]}-{common[-1]}: largest |fp8 - bf16| / bf16 = {max(rel):.4f}; last five logged "
-          f"losses' mean: bf16 {statistics.mean(lb[i] for i in common[-5:]):.4f}, fp8 {statistics.mean(lf[i] for i in common[-5:]):.4f}")
-for name, rs in (("bf16", b), ("fp8", f)):
-    steady = [r["tokens_per_sec"] for r in rs if "tokens_per_sec" in r and r["iteration"] > 50]
-    if steady:
-        print(name, "median tokens/s after step 50:", statistics.median(steady))
-PY
+  compare_losses "fp8 against bf16" "$runs/fp8_125m_bf16" "$runs/fp8_125m_fp8"
+  steady_steps "$runs/fp8_125m_bf16" 51
+  steady_steps "$runs/fp8_125m_fp8" 51
 }
 
 async_saves() {  # name config iterations interval micro-batch limit
@@ -186,21 +168,8 @@ part_resume_125m() {
   pretrain resume_a 240 "${common[@]}" checkpoint.save_interval=20 checkpoint.keep_last=null
   pretrain resume_b 200 "${common[@]}" checkpoint.resume="$runs/resume_a/checkpoints/iter_0000020"
   pretrain resume_c 200 "${common[@]}"
-  python3 - "$runs" <<'PY'
-import json, sys
-runs = sys.argv[1]
-def losses(name):
-    try:
-        return {r["iteration"]: r["loss"] for r in map(json.loads, open(f"{runs}/{name}/metrics.jsonl")) if "loss" in r}
-    except OSError:
-        return {}
-a = losses("resume_a")
-for what, other in (("resume at 20 vs uninterrupted", losses("resume_b")), ("two fresh runs", losses("resume_c"))):
-    common = sorted(set(a) & set(other))
-    if common:
-        print(f"{what}: iterations {common[0]}-{common[-1]}, max |loss difference| =",
-              max(abs(a[i] - other[i]) for i in common), "identical:", all(a[i] == other[i] for i in common))
-PY
+  compare_losses "resume at 20 against the uninterrupted run" "$runs/resume_a" "$runs/resume_b"
+  compare_losses "two fresh runs" "$runs/resume_a" "$runs/resume_c"
   steady_steps "$runs/resume_a" 10
 }
 

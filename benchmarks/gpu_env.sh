@@ -35,3 +35,20 @@ if steps:
            "last_loss": steps[-1].get("loss")})
 PY
 }
+
+compare_losses() {  # label run_a run_b -> the largest absolute and relative loss difference where both logged
+  python3 - "$@" <<'PY'
+import json, sys
+label, a, b = sys.argv[1:4]
+def losses(d):
+    try:
+        return {r["iteration"]: r["loss"] for r in map(json.loads, open(f"{d}/metrics.jsonl")) if "loss" in r}
+    except OSError as e:
+        sys.exit(f"{label}: no metrics: {e}")
+la, lb = losses(a), losses(b)
+common = sorted(set(la) & set(lb))
+if common:
+    print(f"{label}: iterations {common[0]}-{common[-1]}, max |loss difference| {max(abs(la[i] - lb[i]) for i in common):.6g}, "
+          f"max relative {max(abs(la[i] - lb[i]) / abs(la[i]) for i in common):.6g}, identical: {all(la[i] == lb[i] for i in common)}")
+PY
+}

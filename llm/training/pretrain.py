@@ -218,7 +218,7 @@ def run_pretraining(
                 write_effective_config(cfg, ds_config)
                 (Path(cfg.logging.dir) / "layout.json").write_text(json.dumps(placement.to_dict(), indent=2))
 
-        steps, num_params = _build_engine(cfg, ctx, ds_config, plan)
+        steps, num_params = build_engine(cfg, ctx, ds_config, plan)
         state = _train(cfg, ctx, steps, num_params, stop or StopRequest(), peak_memory or PeakMemory(),
                        periodic_eval, write_run_files)  # fmt: skip
     except LLMError as e:
@@ -278,7 +278,7 @@ def switch_to_fp8(model: torch.nn.Module, ctx: ParallelContext) -> None:
         )
 
 
-def _build_engine(
+def build_engine(
     cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any], plan: OptimizerPlan
 ) -> tuple[Steps, int]:
     """The model (plain, or a PipelineModule when pipeline > 1) inside DeepSpeed's engine, behind the
