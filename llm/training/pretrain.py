@@ -18,7 +18,6 @@ import yaml
 from llm.config import Config, ConfigError, replace_validated, validate_world
 from llm.data.gpt_dataset import GPTDataset
 from llm.data.identity import data_identity
-from llm.data.indexed_dataset import IndexedDatasetError
 from llm.data.loader import ContinuedDataset, SplitSizes, build_datasets, check_token_files
 from llm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from llm.engine.build import initialize_engine
@@ -119,20 +118,22 @@ def _timeout_message(cfg: Config, ctx: ParallelContext, iteration: int, error: B
     )
 
 
-def _check_data_files(cfg: Config, ctx: ParallelContext) -> None:
-    """Every rank looks for its token files (node-local data may be missing on one node only); all
+def _check_inputs(cfg: Config, ctx: ParallelContext) -> None:
+    """Before the model is built (minutes for a large one): every rank looks for its token files and
+    the checkpoint named by checkpoint.resume (node-local data may be missing on one node only); all
     raise the first failing rank's error (named by rank unless every rank failed alike), printed once."""
-    message = None
+    failure: tuple[type[LLMError], str] | None = None
     try:
         check_token_files(cfg.data)
+        resume_source(cfg)
     except LLMError as e:
-        message = str(e)
-    messages = ctx.all_gather_object(message)
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        failure = (type(e), str(e))
+    failures = ctx.all_gather_object(failure)
+    failed = [(r, f) for r, f in enumerate(failures) if f is not None]
     if failed:
-        rank, text = failed[0]
-        everywhere = len(failed) == ctx.world_size and len(set(messages)) == 1
-        raise on_every_rank(IndexedDatasetError(text if everywhere else f"rank {rank}: {text}"))
+        rank, (kind, text) = failed[0]
+        everywhere = len(failed) == ctx.world_size and len({f[1] for _, f in failed}) == 1
+        raise on_every_rank(kind(text if everywhere else f"rank {rank}: {text}"))
 
 
 class CompileFailedError(LLMError, RuntimeError):
@@ -208,7 +209,7 @@ def run_pretraining(
     try:
         placement = gather_placement(ctx, launch)
         cfg = resolve_vocab(cfg)
-        _check_data_files(cfg, ctx)  # before the model is built
+        _check_inputs(cfg, ctx)  # before the model is built
         ds_config, plan = deepspeed_setup(cfg, launch.world_size, cuda=torch.cuda.is_available())
         if ctx.rank == 0:
             logger.info("%s", placement.describe())

@@ -276,14 +276,17 @@ def test_zero3_checkpoint_loads_for_evaluation(builtin_prefix: Path, tmp_path: P
         (["data.train_data_path=/nonexistent/prefix"], "token file '/nonexistent/prefix.idx' not found"),
         (["train.global_batch_size=7"], "must be a multiple of train.micro_batch_size"),
         (["data.tokenizer=/nonexistent.model"], "does not exist"),
+        (["checkpoint.resume=/nonexistent/iter_0000010"], "checkpoint.resume = '/nonexistent/iter_0000010' does not exist"),
     ],
 )
 def test_user_errors_are_one_clear_line(
     builtin_prefix: Path, tmp_path: Path, extra: list[str], message: str
 ) -> None:
+    """Each is found before the model is built (seconds, not a large model's construction)."""
     p = run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path), *extra])
     assert p.returncode == 1
     assert message in p.stderr and "Traceback" not in p.stderr
+    assert "parameters on this rank" not in p.stdout + p.stderr  # the model line comes after the build
 
 
 def test_a_missing_token_file_is_found_before_the_model_is_built(builtin_prefix: Path, tmp_path: Path) -> None:
