@@ -198,7 +198,12 @@ def preprocess(
         check.finish()
         if stats.documents == 0:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items())) or "the input is empty"
-            raise NotTextError(f"the input gave no document ({reasons}); nothing was written")
+            hint = (
+                f"; no record has a field '{json_key}': name the text field with --json-key"
+                if set(stats.skipped) == {"missing_field"}
+                else ""
+            )
+            raise NotTextError(f"the input gave no document ({reasons}); nothing was written{hint}")
         builder.finalize()
     except BaseException:
         builder.abort()

@@ -203,6 +203,8 @@ def test_binary_or_empty_input_is_refused_naming_the_file(tmp_path: Path) -> Non
                                for i in range(200)))  # fmt: skip
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": "   "}) + "\n")
+    other_field = tmp_path / "content.jsonl"
+    other_field.write_text(json.dumps({"content": "a document"}) + "\n")
     gz = tmp_path / "broken.jsonl.gz"
     gz.write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
     for inputs, says in [
@@ -210,6 +212,8 @@ def test_binary_or_empty_input_is_refused_naming_the_file(tmp_path: Path) -> Non
         ((nul,), f"'{nul}' does not look like text: 5 of its 5 records hold NUL bytes"),
         ((mixed,), f"'{mixed}' does not look like text: 30 of its 200 records"),
         ((empty,), "the input gave no document (empty_text: 1); nothing was written"),
+        ((other_field,), "(missing_field: 1); nothing was written; no record has a field 'text': name the text "
+                         "field with --json-key"),
         ((gz,), f"'{gz}' is not a complete gzip file"),
     ]:
         status, _, err = preprocess(*inputs)
