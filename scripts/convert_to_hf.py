@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-verify", action="store_true", help="export: skip the checkpoint's checksum verification"
     )
+    parser.add_argument("--overwrite", action="store_true", help="export: replace what --output holds")
     parser.add_argument("--trust-pickles", action="store_true",
                         help="export: unpickle the checkpoint without restriction (it could run code): only one you trust")  # fmt: skip
     args = parser.parse_args(argv)
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokenizer=args.tokenizer,
                 verify=not args.no_verify,
                 trust_pickles=args.trust_pickles,
+                overwrite=args.overwrite,
             )
             print(f"exported {args.checkpoint} -> {out}")
         else:

@@ -9,7 +9,6 @@ Nothing in the directory runs code (no `trust_remote_code`).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import yaml
 from llm.checkpoint.format import (
     UNIVERSAL_FORM,
     CheckpointError,
+    latest_tag,
     set_latest,
     tag_for,
     write_manifest,
@@ -86,7 +86,12 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     config (validated), MANIFEST, and `latest` moved last, atomically."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    src = Path(source)
+    src, directory = Path(source), Path(output)
+    if latest_tag(directory) or any(directory.glob("iter_*")):
+        raise CheckpointError(
+            f"--output '{directory}' already holds checkpoints (an import there would become the one a resume takes): "
+            "import into a new directory"
+        )
     if not (src / "config.json").is_file():
         raise CheckpointError(f"'{src}' is not a transformers model directory (no config.json)")
     model_cfg = model_config_from_hf(AutoConfig.from_pretrained(src), seq_length=seq_length)
@@ -94,7 +99,6 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     state = from_hf_state_dict(hf.state_dict(), model_cfg)
     has_tokenizer = (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file()
     data = dataclasses.replace(base.data, tokenizer=str(src.resolve())) if has_tokenizer else base.data
-    directory = Path(output)
     # The config trains into the import's own run directory (its checkpoints are the import's), never
     # into the base config's: `pretrain.py --config <output>/config.yaml` continues from iteration 0.
     run_dir = directory.parent if directory.name == "checkpoints" else directory
@@ -102,7 +106,6 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     checkpoint_cfg = dataclasses.replace(base.checkpoint, dir=str(directory), resume="auto")
     cfg = replace_validated(base, model=model_cfg, data=data, logging=logging_cfg, checkpoint=checkpoint_cfg)
     tag_dir = directory / tag_for(0)
-    shutil.rmtree(tag_dir, ignore_errors=True)
     tag_dir.mkdir(parents=True)
     write_universal(
         tag_dir, ((name, {"fp32": value}) for name, value in state.items()), {"step": 0.0}, total=len(state)

@@ -6,6 +6,8 @@ LlamaForCausalLM; the tokenizer encodes exactly as ours, see llm/export/tokenize
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,19 @@ def export_checkpoint(
     tokenizer: str | None = None,
     verify: bool = True,
     trust_pickles: bool = False,
+    overwrite: bool = False,
 ) -> Path:
+    """Writes the transformers directory `output`: into a temporary sibling first, renamed into place
+    when complete (an interrupted export never looks like a model). An `output` that holds anything is
+    refused unless `overwrite` (then replaced only once the new export is complete)."""
     from transformers import AutoModelForCausalLM
+
+    out = Path(output)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(
+            f"--output '{out}' exists and is not empty: export into a new directory, or pass --overwrite to "
+            "replace what it holds"
+        )
 
     # a model no transformers class computes is refused before any weights are read
     check_exportable(config_from_meta(read_meta(resolve_checkpoint(checkpoint))).model)
@@ -52,18 +65,37 @@ def export_checkpoint(
             f"checkpoint '{checkpoint}' does not map onto {type(model).__name__}: {missing or unexpected}"
         )
     progress.update()  # mapped onto the transformers model
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    progress.update()
-    progress.close()
-    _export_tokenizer(tok, out)
-    (out / "llm_export.json").write_text(
-        json.dumps(
-            {"checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "model": cfg.model.__dict__}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model.save_pretrained(partial, safe_serialization=True)
+        progress.update()
+        progress.close()
+        _export_tokenizer(tok, partial)
+        (partial / "llm_export.json").write_text(
+            json.dumps(
+                {"checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "model": cfg.model.__dict__}
+            )
         )
-    )
+        _replace_dir(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """`new` becomes `target`; what `target` held is removed only after the rename."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(old)
+    new.rename(target)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 def _export_tokenizer(tok: Any, out: Path) -> None:

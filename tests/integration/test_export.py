@@ -215,3 +215,40 @@ def test_lm_eval_runs_the_shipped_local_task_and_a_hub_task_offline_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("error: lm-eval task hub_task needs its dataset 'llm-tests/no-such-dataset' from the "
                           "Hugging Face hub, the hub is not reachable from here") and err.count("\n") == 1, err  # fmt: skip
+
+
+def test_export_and_import_never_replace_what_a_directory_holds(
+    reference_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An export into a directory that holds anything (an earlier export, other files) is refused in
+    one line naming --overwrite, and the directory is left as it was; --overwrite replaces it, and an
+    export is written beside its target and renamed into place (no partial directory is left). An
+    import into a directory that holds checkpoints is refused (it would move `latest` to the import)."""
+    from tests.conftest import script_main
+
+    convert = script_main("convert_to_hf.py")
+    checkpoints = reference_run / "checkpoints"
+    hf = tmp_path / "hf"
+    assert convert(["--checkpoint", str(checkpoints), "--output", str(hf)]) == 0
+    exported = {p.name: p.read_bytes() for p in hf.iterdir()}
+    assert "model.safetensors" in exported and "llm_export.json" in exported
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for target, held in ((hf, exported), (other, {"notes.txt": b"mine"})):
+        capsys.readouterr()
+        assert convert(["--checkpoint", str(checkpoints), "--output", str(target)]) == 1
+        assert capsys.readouterr().err == (
+            f"error: --output '{target}' exists and is not empty: export into a new directory, or pass "
+            "--overwrite to replace what it holds\n"
+        )
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == held
+    assert convert(["--checkpoint", str(checkpoints), "--output", str(other), "--overwrite"]) == 0
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == exported  # the export, and only it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes"]  # nothing partial or old left
+
+    before = {p.relative_to(checkpoints): p.stat().st_mtime_ns for p in checkpoints.rglob("*")}
+    capsys.readouterr()
+    assert convert(["--import", str(hf), "--output", str(checkpoints)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --output '{checkpoints}' already holds checkpoints")
+    assert {p.relative_to(checkpoints): p.stat().st_mtime_ns for p in checkpoints.rglob("*")} == before
