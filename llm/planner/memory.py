@@ -115,9 +115,12 @@ class MemoryEstimate:
 # Bytes per local parameter held by DeepSpeed, as (replicated, sharded over D) for weights,
 # gradients and optimizer state. fp32 (measured on CPU, benchmarks/plan_memory.py): ZeRO 0 keeps
 # weights, gradients and AdamW's two moments; ZeRO 1-3 also an fp32 master copy of the partition.
-# bf16 (from DeepSpeed's code; not measured here, no GPU): ZeRO 0 runs BF16_Optimizer (bf16
-# gradients plus an fp32 accumulator, fp32 master and moments); ZeRO 1-3 keep bf16 working copies
-# and an fp32 gradient partition next to the fp32 master and moments.
+# bf16 (from DeepSpeed's code; not measured here, no GPU): ZeRO 0 runs FP16_UnfusedOptimizer (bf16
+# gradients, and fp32 copies of them made in its step: 6 bytes at the step's peak; fp32 master and
+# moments); ZeRO 1-3 keep bf16 working copies and an fp32 gradient partition next to the fp32 master
+# and moments (DeepSpeedZeroOptimizer). With data_types.grad_accum_dtype fp32 at ZeRO 1 (and in bf16
+# pipelines) DeepSpeed runs BF16_Optimizer instead, whose fp32 gradient buffer is whole on every rank:
+# (6, 0) for gradients there, 4 - 4/D bytes per parameter more than this table's ZeRO 1 row.
 STATE_BYTES: dict[tuple[str, int], dict[str, tuple[float, float]]] = {
     ("fp32", 0): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (8, 0)},
     ("fp32", 1): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (0, 12)},
