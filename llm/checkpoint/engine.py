@@ -141,7 +141,8 @@ def save_checkpoint(
         mine: dict[str, Any] = {}
 
         def hash_share() -> None:  # everyone has written: the same list of files on every rank
-            mine.update(describe_files(tag_dir, share(checkpoint_files(tag_dir), rank, ctx.world_size)))
+            names = share(checkpoint_files(tag_dir), rank, ctx.world_size)
+            mine.update(describe_files(tag_dir, names, durable=cfg.checkpoint.fsync))
 
         if captured:
             zipfile = zipfile_serialization(engine)
@@ -151,8 +152,9 @@ def save_checkpoint(
         shares = ctx.all_gather_object(mine)
 
         def finish() -> None:
-            write_manifest(tag_dir, {name: entry for part in shares for name, entry in part.items()})
-            set_latest(directory, tag_dir.name)
+            files = {name: entry for part in shares for name, entry in part.items()}
+            write_manifest(tag_dir, files, durable=cfg.checkpoint.fsync)
+            set_latest(directory, tag_dir.name, durable=cfg.checkpoint.fsync)
             if cfg.checkpoint.keep_last:
                 prune(directory, cfg.checkpoint.keep_last, keep=tag_dir.name)
             _warn_if_next_save_cannot_fit(tag_dir)

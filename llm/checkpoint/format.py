@@ -46,15 +46,38 @@ def latest_tag(directory: str | Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a part (rename within one directory)."""
+def atomic_write(path: Path, text: str, *, durable: bool = False) -> None:
+    """Readers see the old content or the new one, never a part (rename within one directory).
+    `durable`: the new content is on disk before the rename, and the rename before this returns (a
+    machine that loses power afterwards comes back with the new file, never an empty one)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with tmp.open("w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        sync_directory(path.parent)
 
 
-def set_latest(directory: Path, tag: str) -> None:
-    atomic_write(directory / LATEST, tag)
+def sync_directory(directory: Path) -> None:
+    """fsync of a directory: the names created, renamed or removed in it are on disk."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """sync_directory for `root` and every directory below it."""
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        sync_directory(directory)
+
+
+def set_latest(directory: Path, tag: str, *, durable: bool = False) -> None:
+    atomic_write(directory / LATEST, tag, durable=durable)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -137,24 +160,29 @@ def layout_of(meta: dict[str, Any]) -> dict[str, int] | None:
 # -------------------------------------------------------------------------------- manifest
 
 
-def file_checksum(path: Path) -> str:
-    """xxh3-64 of a file's bytes (hex), hashed straight from a memory map: no copies."""
+def file_checksum(path: Path, *, durable: bool = False) -> str:
+    """xxh3-64 of a file's bytes (hex), hashed straight from a memory map: no copies. `durable`: the
+    file's bytes are also flushed to disk (fsync: whichever process wrote them, the page cache's
+    dirty pages of the file are written out), so a checksum never describes bytes a crash can lose."""
     h = xxhash.xxh3_64()
     with path.open("rb") as f:
         if os.fstat(f.fileno()).st_size:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
                 for start in range(0, len(view), _CHUNK):
                     h.update(view[start : start + _CHUNK])
+        if durable:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
-def checkpoint_files(tag_dir: Path) -> list[str]:
-    """The files MANIFEST lists, sorted (universal/ is derived data and not listed)."""
+def checkpoint_files(tag_dir: Path, *, universal: bool = False) -> list[str]:
+    """The files MANIFEST lists, sorted. universal/ is derived data of a saved checkpoint (written by a
+    resume at another layout) and not listed; in an import it is the checkpoint (`universal`: listed)."""
     return sorted(
         str(f.relative_to(tag_dir))
         for f in tag_dir.rglob("*")
-        if f.is_file() and f.name != MANIFEST and not f.relative_to(tag_dir).parts[0].startswith(UNIVERSAL_DIR)
-        and not f.name.startswith(".")
+        if f.is_file() and f.name != MANIFEST and not f.name.startswith(".")
+        and (universal or not f.relative_to(tag_dir).parts[0].startswith(UNIVERSAL_DIR))
     )  # fmt: skip
 
 
@@ -163,17 +191,27 @@ def share(names: list[T], rank: int, world: int) -> list[T]:
     return names[rank::world]
 
 
-def describe_files(tag_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """name -> {"size", "xxh3_64"} for the given files."""
-    return {n: {"size": (tag_dir / n).stat().st_size, CHECKSUM: file_checksum(tag_dir / n)} for n in names}
+def describe_files(tag_dir: Path, names: list[str], *, durable: bool = False) -> dict[str, dict[str, Any]]:
+    """name -> {"size", "xxh3_64"} for the given files (`durable`: each also flushed to disk)."""
+    return {
+        n: {"size": (tag_dir / n).stat().st_size, CHECKSUM: file_checksum(tag_dir / n, durable=durable)}
+        for n in names
+    }
 
 
-def write_manifest(tag_dir: Path, files: dict[str, dict[str, Any]] | None = None) -> None:
-    """MANIFEST.json from the files' sizes and checksums (computed here when not given)."""
+def write_manifest(
+    tag_dir: Path, files: dict[str, dict[str, Any]] | None = None, *, durable: bool = False
+) -> None:
+    """MANIFEST.json from the files' sizes and checksums (computed here when not given). `durable`:
+    the directories' entries are flushed first, then MANIFEST itself (the files were, by
+    describe_files); a checkpoint whose MANIFEST survives a power loss has every byte it lists."""
     if files is None:
-        files = describe_files(tag_dir, checkpoint_files(tag_dir))
+        files = describe_files(tag_dir, checkpoint_files(tag_dir), durable=durable)
+    if durable:
+        sync_tree(tag_dir)
+        sync_directory(tag_dir.parent)  # the checkpoint's own name
     body = {"version": MANIFEST_VERSION, "checksum": CHECKSUM, "files": dict(sorted(files.items()))}
-    atomic_write(tag_dir / MANIFEST, json.dumps(body, indent=0))
+    atomic_write(tag_dir / MANIFEST, json.dumps(body, indent=0), durable=durable)
 
 
 def read_manifest(tag_dir: Path) -> dict[str, dict[str, Any]]:

@@ -318,6 +318,11 @@ class CheckpointConfig:
     # save in the background: the step only copies the state to host memory; writing, hashing,
     # MANIFEST and `latest` follow in a thread (llm/checkpoint/background.py; Megatron's --async-save)
     async_save: bool = False
+    # flush every file of a checkpoint to disk (fsync; each rank its share, while hashing it), then its
+    # directories, MANIFEST and `latest`, in that order: a checkpoint that `latest` names survives a
+    # power loss or kernel crash. Off: the page cache writes it out later (faster; a crash within
+    # about 30 s of a save can damage it, and resume: auto then falls back to an earlier one).
+    fsync: bool = True
 
 
 @dataclass

@@ -18,6 +18,8 @@ import yaml
 from llm.checkpoint.format import (
     UNIVERSAL_FORM,
     CheckpointError,
+    checkpoint_files,
+    describe_files,
     latest_tag,
     set_latest,
     tag_for,
@@ -113,7 +115,8 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     meta = {"iteration": 0, "consumed_samples": 0, "wandb_run_id": None, "config": cfg.to_dict(),
             "form": UNIVERSAL_FORM, "imported_from": str(src)}  # fmt: skip
     write_meta(tag_dir, meta)
-    write_manifest(tag_dir)
+    files = describe_files(tag_dir, checkpoint_files(tag_dir, universal=True), durable=True)
+    write_manifest(tag_dir, files, durable=True)  # the weights are checksummed and on disk
     (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    set_latest(directory, tag_dir.name)
+    set_latest(directory, tag_dir.name, durable=True)
     return tag_dir

@@ -252,3 +252,27 @@ def test_export_and_import_never_replace_what_a_directory_holds(
     assert convert(["--import", str(hf), "--output", str(checkpoints)]) == 1
     assert capsys.readouterr().err.startswith(f"error: --output '{checkpoints}' already holds checkpoints")
     assert {p.relative_to(checkpoints): p.stat().st_mtime_ns for p in checkpoints.rglob("*")} == before
+
+
+def test_an_imported_checkpoint_is_checksummed_weights_included(reference_run: Path, tmp_path: Path) -> None:
+    """An import holds only the layout-independent form (universal/): its MANIFEST lists those files
+    too, so a damaged weight file is found before any resume loads it (it used to list llm_meta.json
+    alone, and a flipped byte in the weights resumed silently)."""
+    from llm.checkpoint.format import CheckpointError, verify_checkpoint
+    from tests.conftest import script_main
+
+    convert = script_main("convert_to_hf.py")
+    hf, imported = tmp_path / "hf", tmp_path / "imported"
+    assert convert(["--checkpoint", str(reference_run / "checkpoints"), "--output", str(hf)]) == 0
+    assert convert(["--import", str(hf), "--output", str(imported)]) == 0
+    tag_dir = imported / "iter_0000000"
+    listed = json.loads((tag_dir / "MANIFEST.json").read_text())["files"]
+    weights = sorted(str(p.relative_to(tag_dir)) for p in (tag_dir / "universal").rglob("*") if p.is_file())
+    assert len(weights) > 10 and set(weights) <= set(listed)
+    verify_checkpoint(tag_dir)
+    damaged = tag_dir / weights[len(weights) // 2]
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"checkpoint file '{damaged}' is damaged"):
+        verify_checkpoint(tag_dir)
