@@ -25,6 +25,8 @@ from llm.export.tokenizer import sentencepiece_to_hf
 from llm.model.hf import check_exportable, hf_config, to_hf_state_dict
 from llm.progress import Progress
 
+EXPORT_RECORD = "llm_export.json"  # what an export writes besides transformers' files
+
 
 def export_checkpoint(
     checkpoint: str | Path,
@@ -37,15 +39,22 @@ def export_checkpoint(
 ) -> Path:
     """Writes the transformers directory `output`: into a temporary sibling first, renamed into place
     when complete (an interrupted export never looks like a model). An `output` that holds anything is
-    refused unless `overwrite` (then replaced only once the new export is complete)."""
+    refused; `overwrite` replaces an earlier export (a directory with llm_export.json) once the new one
+    is complete, and nothing else (it never deletes a directory of other files)."""
     from transformers import AutoModelForCausalLM
 
-    out = Path(output)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(
-            f"--output '{out}' exists and is not empty: export into a new directory, or pass --overwrite to "
-            "replace what it holds"
-        )
+    out = Path(output).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise CheckpointError(
+                f"--output '{output}' exists and is not empty: export into a new directory, or pass --overwrite to "
+                "replace an earlier export there"
+            )
+        if not (out / EXPORT_RECORD).is_file():
+            raise CheckpointError(
+                f"--output '{output}' holds files that are not an earlier export (no {EXPORT_RECORD}); --overwrite "
+                "replaces only an export: choose another directory"
+            )
 
     # a model no transformers class computes is refused before any weights are read
     check_exportable(config_from_meta(read_meta(resolve_checkpoint(checkpoint))).model)
@@ -73,7 +82,7 @@ def export_checkpoint(
         progress.update()
         progress.close()
         _export_tokenizer(tok, partial)
-        (partial / "llm_export.json").write_text(
+        (partial / EXPORT_RECORD).write_text(
             json.dumps(
                 {"checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "model": cfg.model.__dict__}
             )

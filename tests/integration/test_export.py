@@ -221,9 +221,10 @@ def test_export_and_import_never_replace_what_a_directory_holds(
     reference_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """An export into a directory that holds anything (an earlier export, other files) is refused in
-    one line naming --overwrite, and the directory is left as it was; --overwrite replaces it, and an
-    export is written beside its target and renamed into place (no partial directory is left). An
-    import into a directory that holds checkpoints is refused (it would move `latest` to the import)."""
+    one line naming --overwrite, and the directory is left as it was; --overwrite replaces an earlier
+    export and nothing else; an export is written beside its target and renamed into place (no partial
+    directory is left). An import into a directory that holds checkpoints is refused (it would move
+    `latest` to the import)."""
     from tests.conftest import script_main
 
     convert = script_main("convert_to_hf.py")
@@ -240,11 +241,18 @@ def test_export_and_import_never_replace_what_a_directory_holds(
         assert convert(["--checkpoint", str(checkpoints), "--output", str(target)]) == 1
         assert capsys.readouterr().err == (
             f"error: --output '{target}' exists and is not empty: export into a new directory, or pass "
-            "--overwrite to replace what it holds\n"
+            "--overwrite to replace an earlier export there\n"
         )
         assert {p.name: p.read_bytes() for p in target.iterdir()} == held
-    assert convert(["--checkpoint", str(checkpoints), "--output", str(other), "--overwrite"]) == 0
-    assert {p.name: p.read_bytes() for p in other.iterdir()} == exported  # the export, and only it
+    assert convert(["--checkpoint", str(checkpoints), "--output", str(other), "--overwrite"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --output '{other}' holds files that are not an earlier export (no llm_export.json); "
+        "--overwrite replaces only an export: choose another directory\n"
+    )
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == {"notes.txt": b"mine"}
+    (hf / "stale.bin").write_bytes(b"from an earlier export")
+    assert convert(["--checkpoint", str(checkpoints), "--output", str(hf), "--overwrite"]) == 0
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == exported  # the new export, and only it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes"]  # nothing partial or old left
 
     before = {p.relative_to(checkpoints): p.stat().st_mtime_ns for p in checkpoints.rglob("*")}
