@@ -7,6 +7,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from llm.engine.internals import undo_unfused_optimizer_init_step
+
 
 def filter_known_warnings() -> None:
     """Warnings a user cannot act on, which the pinned torch and DeepSpeed print on every rank:
@@ -42,6 +44,7 @@ def initialize_engine(
         model=model, optimizer=optimizer, model_parameters=parameter_groups,  # type: ignore[arg-type]
         config=ds_config, lr_scheduler=lr_scheduler, mpu=mpu,
     )  # fmt: skip
+    undo_unfused_optimizer_init_step(engine)
     if mpu is not None and mpu.get_sequence_data_parallel_world_size() == 1 and engine.zero_optimization_stage() == 0:
         # one data-parallel rank (and no context-parallel ones, whose gradients it sums): DeepSpeed's
         # ZeRO-0 gradient all-reduce would flatten, reduce over a group of one and copy back every

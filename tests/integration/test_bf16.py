@@ -54,16 +54,17 @@ def test_bf16_resumes_exactly_and_at_another_layout(
     first: tuple[int, list[str]], other: tuple[int, list[str]], builtin_prefix: Path, tmp_path: Path
 ) -> None:
     """Six iterations straight, saving at three, really in bf16 (the engine's parameter and gradient
-    communication dtypes, the saved weights) and within 1% of the same steps in fp32; from that
+    communication dtypes, the saved weights) and within 0.1% of the same steps in fp32 (at ZeRO 0 it was
+    0.65% off while DeepSpeed's unfused bf16 optimizer began with a step on zero gradients); from that
     checkpoint the same layout trains four to six bit for bit, another layout within 5e-5 (bf16 sums in another order: measured 4e-6 to 6e-6;
     continuing from the bf16-rounded weights instead of the fp32 masters is 2e-4 off)."""
     (n1, a1), (n2, a2) = first, other
     straight = tmp_path / "straight"
     _train(n1, builtin_prefix, straight, *a1, "checkpoint.save_interval=3")
     _assert_bf16(straight / "checkpoints" / "iter_0000006", n1)
-    fp32 = tmp_path / "fp32"  # the same steps in fp32: bf16 follows the curve within 1%
+    fp32 = tmp_path / "fp32"  # the same steps in fp32: bf16 follows the curve within 0.1%
     check(run(launch_cmd(n1, *tiny_args(builtin_prefix, fp32, "train.train_iters=6", *a1))))
-    assert_same_curve(train_losses(straight), train_losses(fp32), 1e-2)
+    assert_same_curve(train_losses(straight), train_losses(fp32), 1e-3)
     assert train_losses(straight) != train_losses(fp32)  # and it is not fp32
     ckpt = f"checkpoint.resume={straight / 'checkpoints' / 'iter_0000003'}"
     _train(n1, builtin_prefix, tmp_path / "same", *a1, ckpt)  # the same layout: bit for bit
