@@ -66,7 +66,7 @@ def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
     precision = [e for e in extra if e.startswith("train.precision")]
     check(run(launch_cmd(1, *tiny_args(builtin_prefix, other, "train.train_iters=6", *precision,
                                        f"checkpoint.resume={ckpt}"))))  # fmt: skip
-    assert_same_curve(train_losses(other), straight[4:], 1e-2 if precision else 1e-4)
+    assert_same_curve(train_losses(other), straight[4:], 1e-3 if precision else 1e-4)
 
 
 def test_a_process_killed_during_a_background_write_resumes_from_the_previous_checkpoint(
