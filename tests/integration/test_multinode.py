@@ -180,3 +180,16 @@ def test_launch_scripts_parse_and_match_the_readme() -> None:
         assert usage in readme, f"README does not show {name}'s usage: {usage}"
     p = subprocess.run(["bash", str(launch / "torchrun_multinode.sh")], capture_output=True, text=True)
     assert p.returncode == 2 and "usage:" in p.stderr
+
+
+@pytest.mark.parametrize("script", ["torchrun_multinode.sh", "deepspeed_multinode.sh"])
+def test_a_launch_script_names_a_missing_config_before_starting_anything(script: str, tmp_path: Path) -> None:
+    """One line and exit 2 (it used to start a worker per GPU, each failing, then torchrun's own
+    traceback); a config path is taken from where the script was started, or from the repository root."""
+    hostfile = ["scripts/launch/hostfile.example"] if script.startswith("deepspeed") else []
+    missing = tmp_path / "missing.yaml"
+    p = subprocess.run(["bash", str(REPO / "scripts" / "launch" / script), *hostfile, str(missing)], cwd=REPO,
+                       env=_env(NPROC_PER_NODE="1"), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (p.returncode, p.stdout, p.stderr) == (
+        2, "", f"error: config file '{missing}' not found; pass a YAML file such as configs/gpt2_125m.yaml\n"
+    )  # fmt: skip
