@@ -90,21 +90,19 @@ def export_checkpoint(
         _replace_dir(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return out
+    return Path(output)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """`new` becomes `target`; what `target` held is removed only after the rename."""
+    """The directory `new` becomes `target`; the directory `target` was (empty, or an earlier export)
+    is removed only after the rename."""
     if not target.exists():
         new.rename(target)
         return
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     target.rename(old)
     new.rename(target)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    shutil.rmtree(old)
 
 
 def _export_tokenizer(tok: Any, out: Path) -> None:
