@@ -62,7 +62,7 @@ def fp32_masters(engine: Any) -> dict[int, torch.Tensor]:
     return {id(p): m for g, mg in zip(held, masters) for p, m in zip(g, mg)}
 
 
-def undo_unfused_optimizer_init_step(engine: Any) -> bool:
+def undo_unfused_optimizer_init_step(engine: Any) -> None:
     """DeepSpeed's unfused mixed-precision wrapper (`FP16_UnfusedOptimizer`: bf16, or fp16, at ZeRO 0
     outside pipelines) creates its inner optimizer's state by taking one step on zero gradients when it
     is built (`initialize_optimizer_states`). For AdamW that step is not harmless: its step count starts
@@ -70,16 +70,15 @@ def undo_unfused_optimizer_init_step(engine: Any) -> bool:
     every later bias correction lags a step; and its decoupled weight decay shrinks the fp32 masters
     once. Undone here, before training or a resume: the state goes (torch optimizers create it at
     their first step) and each master is its module weight again (the value DeepSpeed copied it
-    from). True when there was such a wrapper."""
+    from). Nothing to do under any other wrapper."""
     opt = engine.optimizer
     if type(opt).__name__ != "FP16_UnfusedOptimizer":
-        return False
+        return
     opt.optimizer.state.clear()
     with torch.no_grad():
         for held, masters in zip(opt.fp16_groups, opt.fp32_groups):
             for p, master in zip(held, masters):
                 master.copy_(p)
-    return True
 
 
 def create_flat_optimizer_state(engine: Any, step: float, keys: tuple[str, ...]) -> None:

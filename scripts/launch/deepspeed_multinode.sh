@@ -22,12 +22,11 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 HOSTFILE="$1"; CONFIG="$2"; shift 2
-# paths from where the script was started, or else from the repository root (configs/...)
-[ -f "$HOSTFILE" ] && HOSTFILE="$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")"
-[ -f "$CONFIG" ] && CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
+LLM_CALLER_DIR="$PWD"
 cd "$(dirname "$0")/../.."
 source scripts/launch/env.sh
-[ -f "$CONFIG" ] || { echo "error: config file '$CONFIG' not found; pass a YAML file such as configs/gpt2_125m.yaml" >&2; exit 2; }
+HOSTFILE="$(launch_path "$HOSTFILE")"; CONFIG="$(launch_path "$CONFIG")"
+require_config "$CONFIG"
 [ -f "$HOSTFILE" ] || { echo "error: hostfile '$HOSTFILE' not found (see scripts/launch/hostfile.example)" >&2; exit 2; }
 ARGS=(--hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
 if [ -n "${NODE_RANK:-}" ]; then

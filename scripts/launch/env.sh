@@ -34,6 +34,21 @@ export MASTER_PORT TORCH_NCCL_ASYNC_ERROR_HANDLING CUDA_DEVICE_MAX_CONNECTIONS O
 # not asked to handle them): left to torchrun, it would forward them but then exit with an error,
 # and srun --kill-on-bad-exit would kill the other nodes while they are still saving. SLURM
 # signals every process of a step, so the workers may get the signal twice; that is harmless.
+# A path given on a launch script's command line: from the directory the script was started in
+# (LLM_CALLER_DIR, set by the script before it changes to the repository root), or else from the
+# repository root (configs/...).
+launch_path() {
+  case "$1" in
+    /*) echo "$1" ;;
+    *) if [ -e "${LLM_CALLER_DIR:-.}/$1" ]; then echo "$LLM_CALLER_DIR/$1"; else echo "$1"; fi ;;
+  esac
+}
+
+# The CONFIG argument exists, or one line and exit 2 before any worker starts.
+require_config() {
+  [ -f "$1" ] || { echo "error: config file '$1' not found; pass a YAML file such as configs/gpt2_125m.yaml" >&2; exit 2; }
+}
+
 run_forwarding_stop_signals() {
   trap '' TERM USR1
   "$@" &

@@ -21,11 +21,11 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 CONFIG="$1"; shift
-# a path from where the script was started, or else from the repository root (configs/...)
-[ -f "$CONFIG" ] && CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
+LLM_CALLER_DIR="$PWD"
 cd "$(dirname "$0")/../.."
 source scripts/launch/env.sh
-[ -f "$CONFIG" ] || { echo "error: config file '$CONFIG' not found; pass a YAML file such as configs/gpt2_125m.yaml" >&2; exit 2; }
+CONFIG="$(launch_path "$CONFIG")"
+require_config "$CONFIG"
 : "${NNODES:=1}" "${NODE_RANK:=0}" "${NPROC_PER_NODE:=8}"
 if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   echo "error: NNODES=$NNODES: set MASTER_ADDR to the host of NODE_RANK 0" >&2
