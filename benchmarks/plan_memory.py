@@ -4,7 +4,9 @@ python benchmarks/plan_memory.py --data data/builtin/builtin_text_document [--on
 
 Each case runs benchmarks/pretrain_measured.py (scripts/pretrain.py whose peak leaves out the
 interpreter's own memory on CPU) through the deepspeed launcher (fp32 on CPU, 2 iterations of a
-4-layer, 512-wide GPT with 16.5M parameters, micro-batches of 4 x 256 tokens, global batch 16)
+4-layer, 512-wide GPT with 16.5M parameters, micro-batches of 4 x 256 tokens, two per rank and
+step: global batch 8 at DP 1, 16 at DP 2; more leave the peak where it is: a second micro-batch's
+backward with the first one's gradients held, the pipeline's two micro-batches in flight)
 and reads `peak_memory_gb` (the largest of any rank) from its metrics (the peak is the second
 iteration's: the optimizer state exists from the end of the first); the estimate is llm.planner's for the same config and layout. Runs set
 MALLOC_MMAP_THRESHOLD_=65536 so CPU resident memory follows live tensor memory: glibc returns a
@@ -29,18 +31,19 @@ from llm.planner.memory import GB
 from llm.planner.report import config_layout, estimate_for_run
 
 BASE = ["model.num_layers=4", "model.hidden_size=512", "model.num_attention_heads=8", "model.seq_length=256",
-        "train.micro_batch_size=4", "train.global_batch_size=16", "train.train_iters=2", "train.lr_warmup_iters=1",
+        "train.micro_batch_size=4", "train.global_batch_size=8", "train.train_iters=2", "train.lr_warmup_iters=1",
         "logging.log_interval=1", "eval.eval_iters=1", "eval.eval_interval=1000", "logging.wandb_mode=disabled",
         "checkpoint.save_interval=null", "checkpoint.resume=none"]  # fmt: skip
 SMOKE = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.seq_length=64",
          "train.micro_batch_size=2", "train.global_batch_size=2", "train.train_iters=2"]  # fmt: skip
 Z = "deepspeed_config=configs/deepspeed/zero{}.json".format
+DP2 = "train.global_batch_size=16"  # two micro-batches per rank and step, as at DP 1
 CASES: dict[str, tuple[int, list[str]]] = {
     "z0_dp1": (1, []),
-    "z0_dp2": (2, [Z(0)]),
-    "z1_dp2": (2, [Z(1)]),
-    "z2_dp2": (2, [Z(2)]),
-    "z3_dp2": (2, [Z(3)]),
+    "z0_dp2": (2, [Z(0), DP2]),
+    "z1_dp2": (2, [Z(1), DP2]),
+    "z2_dp2": (2, [Z(2), DP2]),
+    "z3_dp2": (2, [Z(3), DP2]),
     "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
     "tp2_sp_z1": (2, ["parallel.tensor_model_parallel_size=2", "model.sequence_parallel=true", Z(1)]),
     "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),

@@ -10,11 +10,14 @@ export PATH="$PWD/.venv/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 ruff check llm scripts tests benchmarks
 mypy
-# Two pytest workers (pytest-xdist), each test to whichever is free: run one at a time, the tests
-# kept 0.96 of the 2 cores busy (a test is mostly one process importing torch, or waiting on
-# another). No test may depend on another having run in the same process. LLM_TEST_WORKERS=0: serial.
+# Two pytest workers (pytest-xdist): run one at a time, the tests kept 0.96 of the 2 cores busy (a
+# test is mostly one process importing torch, or waiting on another). Work stealing: each worker
+# starts on half of the tests and an idle one takes half of the other's queue, so neither waits at
+# the end (xdist's default hands out fixed chunks: one worker ran its last chunk of long integration
+# tests ~2.5 minutes after the other had finished, 2026-12-03). No test may depend on another having
+# run in the same process. LLM_TEST_WORKERS=0: serial.
 set +e
-python -m pytest -n "${LLM_TEST_WORKERS:-2}" "$@"
+python -m pytest -n "${LLM_TEST_WORKERS:-2}" --dist worksteal "$@"
 rc=$?
 set -e
 # pytest exits 5 when a filter selects no test: that is a failure of the filter, say so.

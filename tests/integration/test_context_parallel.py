@@ -1,5 +1,5 @@
 """Context parallelism through the real launchers: C = 2 with ring attention (deepspeed, ZeRO 0, compiled
-blocks) and with Ulysses (torchrun, ZeRO 2), TP 2 x C 2, PP 2 x C 2 and DP 2 x C 2 at ZeRO 3 train the
+blocks; its checkpoint's model for evaluation is the eager one) and with Ulysses (torchrun, ZeRO 2), TP 2 x C 2, PP 2 x C 2 and DP 2 x C 2 at ZeRO 3 train the
 curve of one process (training and validation losses to 1e-5 relative); C = 2 runs at ZeRO 2 and 3
 resume exactly, and at C = 1 on the same curve. C = 2 composes with document-aware training, a mixture of experts (with EP 2 and with PP 2)
 and DiLoCo islands, each on the curve of its C = 1 run."""
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from llm.checkpoint.merge import load_trained_model
 from tests.conftest import check, deepspeed_cmd, launch_cmd, read_metrics, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed]
@@ -62,6 +63,12 @@ def test_context_parallel_runs_train_the_curve_of_one_process(
     command = deepspeed_cmd if "p2p" in extra[0] and world == 2 else launch_cmd
     check(run(command(world, *args)))
     _close(_curve(tmp_path), one_process)
+    if "model.compile=true" in extra:
+        # the checkpoint's model for evaluation and generation is the eager one (compiling each new
+        # shape of decoding made generation 8x slower on CPU)
+        cfg, model = load_trained_model(tmp_path / "checkpoints")
+        assert not cfg.model.compile
+        assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in model.layers)
     if "a2a" not in extra[0] and "zero3" not in extra[-1]:  # the resumes: at ZeRO 2 and 3
         return
     first = _curve(tmp_path)

@@ -602,15 +602,3 @@ def test_a_compiler_failure_under_model_compile_is_one_clear_error(builtin_prefi
     output = tmp_path / "compile_error_rank00000.txt"
     assert f"The compiler's output: {output}" in errors[0]
     assert "Traceback" in output.read_text() and "InvalidCxxCompiler" in output.read_text()
-
-
-def test_a_run_with_compiled_blocks_is_evaluated_and_sampled_eagerly(builtin_prefix: Path, tmp_path: Path) -> None:
-    """model.compile speeds up training; the checkpoint's model for evaluation and generation is the
-    eager one (compiling each new shape of decoding made generation 8x slower on CPU)."""
-    from llm.checkpoint.merge import load_trained_model
-
-    _check(run(["python", script("pretrain.py"), *_args(builtin_prefix, tmp_path, "train.train_iters=2",
-                                                         "model.compile=true")]))  # fmt: skip
-    cfg, model = load_trained_model(tmp_path / "checkpoints")
-    assert not cfg.model.compile
-    assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in model.layers)
