@@ -14,7 +14,7 @@ mypy
 # test is mostly one process importing torch, or waiting on another). Work stealing: each worker
 # starts on half of the tests and an idle one takes half of the other's queue, so neither waits at
 # the end (xdist's default hands out fixed chunks: one worker ran its last chunk of long integration
-# tests ~2.5 minutes after the other had finished, 2026-12-03). No test may depend on another having
+# tests minutes after the other had finished; README, Tests). No test may depend on another having
 # run in the same process. LLM_TEST_WORKERS=0: serial.
 set +e
 python -m pytest -n "${LLM_TEST_WORKERS:-2}" --dist worksteal "$@"
