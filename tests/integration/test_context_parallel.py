@@ -1,8 +1,9 @@
-"""Context parallelism through the real launchers: C = 2 with ring attention (deepspeed, ZeRO 0, compiled
-blocks; its checkpoint's model for evaluation is the eager one) and with Ulysses (torchrun, ZeRO 2), TP 2 x C 2, PP 2 x C 2 and DP 2 x C 2 at ZeRO 3 train the
-curve of one process (training and validation losses to 1e-5 relative); C = 2 runs at ZeRO 2 and 3
-resume exactly, and at C = 1 on the same curve. C = 2 composes with document-aware training, a mixture of experts (with EP 2 and with PP 2)
-and DiLoCo islands, each on the curve of its C = 1 run."""
+"""Context parallelism through the real launchers: C = 2 with ring attention (deepspeed, ZeRO 0, compiled blocks;
+its checkpoint's model for evaluation is the eager one) and with Ulysses (torchrun, ZeRO 2), TP 2 x C 2, PP 2
+x C 2 and DP 2 x C 2 at ZeRO 3 train the curve of one process (training and validation losses to 1e-5
+relative); C = 2 runs at ZeRO 2 and 3 resume exactly, and at C = 1 on the same curve. C = 2 composes with
+document-aware training, a mixture of experts (with EP 2 and with PP 2) and DiLoCo islands, each on the curve
+of its C = 1 run."""
 
 from __future__ import annotations
 
