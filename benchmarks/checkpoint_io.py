@@ -10,12 +10,14 @@
    checksums, MANIFEST, `latest`), the time the checksums of one such checkpoint take, and so the
    share of the save spent on checksums, and the save against a training step.
 3. Asynchronous saves (checkpoint.async_save) on a model whose synchronous save takes seconds
-   (GPT-2 125M shape, fp32 weights and AdamW state: about 1.4 GB per save): the same run saving every
-   4 steps synchronously and asynchronously. `--async-only --async-config configs/gpt2_125m.yaml
-   --async-override ...` runs only this part, on another config (benchmarks/gpu_check.sh on a GPU). Reported: the synchronous save, the blocking part of an
-   asynchronous one (`checkpoint_block_seconds`: the host copy) and its background part
-   (`checkpoint_write_seconds`), and the step time of the steps that ran while a background write was
-   in flight against the other steps (the first 2 steps left out).
+   (GPT-2 125M shape, fp32 weights and AdamW state: about 1.4 GB per save): the same run of 32 steps
+   saving every 8 (`--async-iters`, `--async-save-interval`), synchronously and asynchronously.
+   `--async-only --async-config configs/gpt2_125m.yaml --async-override ...` runs only this part, on
+   another config (benchmarks/gpu_check.sh on a GPU). Reported: the synchronous save, the blocking
+   part of an asynchronous one (`checkpoint_block_seconds`: the host copy) and its background part
+   (`checkpoint_write_seconds`), and the median step of the steps that ran while a background write
+   was in flight against the synchronous run's median step and against the asynchronous run's steps
+   without a write (the first 2 steps of each run left out).
 """
 
 from __future__ import annotations
