@@ -4,7 +4,8 @@
 
 1. xxh3-64 (what MANIFEST.json records) over a --gb file of random bytes, read from the page cache
    (the second of two passes), next to zlib's CRC32 and SHA-256 for scale; and the first (cold-ish)
-   pass, which includes reading the file.
+   pass, which includes reading the file. torch.save of --gb of tensors into memory with and without
+   its zip format's CRC-32 of each record (llm's saves leave it out: pickles.without_zip_crc32).
 2. scripts/pretrain.py on configs/tiny_cpu.yaml saving a checkpoint every iteration: the median
    save time (`checkpoint_save_seconds` in metrics.jsonl, the whole save: DeepSpeed's files, ours,
    checksums, MANIFEST, `latest`), the time the checksums of one such checkpoint take, and so the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import statistics
@@ -34,7 +36,9 @@ import time
 import zlib
 from pathlib import Path
 
+import torch
 from common import BENCH_SHAPE, REPO, report
+from torch.utils.serialization import config as serialization_config
 
 from llm.checkpoint.format import checkpoint_files, describe_files, file_checksum
 
@@ -66,7 +70,23 @@ def hashing(gb: float, directory: Path) -> dict[str, float]:
     }
     out["xxh3_seconds_per_gb"] = round(1 / out["xxh3_page_cache_gb_per_s"], 3)
     path.unlink()
-    return out
+    return {**out, **zip_crc(gb)}
+
+
+def zip_crc(gb: float, rounds: int = 3) -> dict[str, float]:
+    """torch.save of a --gb state dict (60 fp32 tensors) into memory, with torch's zip CRC-32 of each
+    record (torch's default) and without (what llm's saves write, pickles.without_zip_crc32), in
+    turn `rounds` times each (this machine's first touch of fresh memory costs more than the copy, so
+    neither side gets all of it): medians."""
+    state = {f"w{i}": torch.randn(int(gb * 2**30) // 4 // 60) for i in range(60)}
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for crc in (True, False):
+            with serialization_config.patch({"save.compute_crc32": crc}):  # type: ignore[attr-defined]
+                timings[crc].append(_timed(lambda: torch.save(state, io.BytesIO())))
+    with_crc, without = statistics.median(timings[True]), statistics.median(timings[False])
+    return {"torch_save_gb_per_s_with_zip_crc32": round(gb / with_crc, 2),
+            "torch_save_gb_per_s_without_zip_crc32": round(gb / without, 2)}  # fmt: skip
 
 
 BIG = ["model.num_layers=12", "model.hidden_size=768", "model.num_attention_heads=12", "model.seq_length=128",

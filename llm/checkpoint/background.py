@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from llm.checkpoint.pickles import without_zip_crc32
 from llm.parallel.process_groups import ParallelContext
 
 
@@ -153,7 +154,8 @@ def _writer_main(requests: Any, replies: Any, parent: int) -> None:
             continue
         path, state, zipfile = item
         try:
-            torch.save(state, path, _use_new_zipfile_serialization=zipfile)
+            with without_zip_crc32():  # as the training process's saves (the same bytes)
+                torch.save(state, path, _use_new_zipfile_serialization=zipfile)
             replies.put(("ok",))
         except (OSError, RuntimeError) as e:
             replies.put(("error", getattr(e, "errno", None), getattr(e, "strerror", None) or str(e)))

@@ -43,7 +43,13 @@ from llm.checkpoint.format import (
     write_manifest,
     write_meta,
 )
-from llm.checkpoint.pickles import UnsafeCheckpointError, check_files, load_file, pickled_files
+from llm.checkpoint.pickles import (
+    UnsafeCheckpointError,
+    check_files,
+    load_file,
+    pickled_files,
+    without_zip_crc32,
+)
 from llm.checkpoint.rng import rng_state
 from llm.config import Config
 from llm.engine.internals import (
@@ -161,9 +167,10 @@ def save_checkpoint(
 
         _agreed(ctx, tag_dir, previous, finish if rank == 0 else None)
 
-    _agreed(ctx, tag_dir, previous, start if rank == 0 else None)
-    _agreed(ctx, tag_dir, previous, write_rank_files)
-    _agreed(ctx, tag_dir, previous, write_deepspeed_files)
+    with without_zip_crc32():  # every torch file of the checkpoint, DeepSpeed's too (pickles.py)
+        _agreed(ctx, tag_dir, previous, start if rank == 0 else None)
+        _agreed(ctx, tag_dir, previous, write_rank_files)
+        _agreed(ctx, tag_dir, previous, write_deepspeed_files)
     if background is None:
         complete(ctx)
     else:

@@ -46,6 +46,7 @@ from llm.checkpoint.format import (
     read_shard_maps,
 )
 from llm.checkpoint.merge import fit_vocab_rows, load_model_state, load_tensor_file
+from llm.checkpoint.pickles import without_zip_crc32
 from llm.config import Config
 from llm.engine.internals import create_flat_optimizer_state, fp32_masters, set_step_counters, torch_optimizer
 from llm.engine.zero import gathered_for_write, set_full_fp32_param, set_full_optimizer_state
@@ -77,15 +78,15 @@ def write_universal(
     tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with Progress(total, f"writing {out}", unit="tensors") as progress:
+    with Progress(total, f"writing {out}", unit="tensors") as progress, without_zip_crc32():
         for name, entry in entries:
             if "fp32" not in entry:
                 raise ReshardError(f"no weight for parameter '{name}' while writing '{out}'")
             torch.save({k: v.float().contiguous() for k, v in entry.items()}, tmp / f"{name}.pt")
             progress.update()
-    torch.save(
-        {"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0, **state}, tmp / STATE_FILE
-    )
+        torch.save(
+            {"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0, **state}, tmp / STATE_FILE
+        )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
