@@ -16,9 +16,9 @@ so DeepSpeed's types are imported only when a file needs them (evaluation need n
 
 Writing (`without_zip_crc32`): llm's saves have torch.save leave out the CRC-32 of each record of its
 zip format. torch.load never checks it (a flipped byte loads silently), MANIFEST's xxh3-64 of every
-file is what verification and resume check, and computing it was most of a save's time (miniz's
-CRC-32 at under 1 GB/s: a 1.44 GB torch.save took 2.1-4.2 s with it, 0.34-0.40 s without, on this
-project's CPU machine; docs/benchmarks.md).
+file is what verification and resume check, and computing it was most of torch.save's time (1 GB
+of tensors saved at 0.7 GB/s with it, 1.9 GB/s without, on this project's CPU machine;
+benchmarks/checkpoint_io.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
