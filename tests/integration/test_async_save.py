@@ -35,7 +35,11 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def _zip_crcs(directory: Path) -> set[int]:
     """The CRC-32 recorded for each zip record of every torch file under `directory`."""
-    return {info.CRC for f in directory.rglob("*.pt") for info in zipfile.ZipFile(f).infolist()}
+    crcs: set[int] = set()
+    for f in directory.rglob("*.pt"):
+        with zipfile.ZipFile(f) as archive:
+            crcs.update(info.CRC for info in archive.infolist())
+    return crcs
 
 
 @pytest.mark.parametrize(
