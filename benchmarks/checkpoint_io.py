@@ -5,11 +5,14 @@
 1. xxh3-64 (what MANIFEST.json records) over a --gb file of random bytes, read from the page cache
    (the second of two passes), next to zlib's CRC32 and SHA-256 for scale; and the first (cold-ish)
    pass, which includes reading the file. torch.save of --gb of tensors into memory with and without
-   its zip format's CRC-32 of each record (llm's saves leave it out: pickles.without_zip_crc32).
+   its zip format's CRC-32 of each record (llm's saves leave it out: pickles.without_zip_crc32). A
+   durable save of --gb of tensors to disk: torch.save, read back to hash, fsync, against llm's
+   checkpoint writer (hashed while written, flushed behind: llm/checkpoint/writer.py).
 2. scripts/pretrain.py on configs/tiny_cpu.yaml saving a checkpoint every iteration: the median
    save time (`checkpoint_save_seconds` in metrics.jsonl, the whole save: DeepSpeed's files, ours,
-   checksums, MANIFEST, `latest`), the time the checksums of one such checkpoint take, and so the
-   share of the save spent on checksums, and the save against a training step.
+   checksums, MANIFEST, `latest`), the time the checksums of one such checkpoint take read back from
+   the page cache (what verifying it costs; a save hashes its torch files while writing them), and
+   that against the save, and the save against a training step.
 3. Asynchronous saves (checkpoint.async_save) on a model whose synchronous save takes seconds
    (GPT-2 125M shape, fp32 weights and AdamW state: about 1.4 GB per save): the same run of 32 steps
    saving every 8 (`--async-iters`, `--async-save-interval`), synchronously and asynchronously.
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 from common import BENCH_SHAPE, REPO, report
 
+from llm.checkpoint import writer
 from llm.checkpoint.format import checkpoint_files, describe_files, file_checksum
 from llm.checkpoint.pickles import without_zip_crc32
 
@@ -71,7 +75,30 @@ def hashing(gb: float, directory: Path) -> dict[str, float]:
     }
     out["xxh3_seconds_per_gb"] = round(1 / out["xxh3_page_cache_gb_per_s"], 3)
     path.unlink()
-    return {**out, **zip_crc(gb)}
+    return {**out, **zip_crc(gb), **durable_writes(gb, directory)}
+
+
+def durable_writes(gb: float, directory: Path, rounds: int = 3) -> dict[str, float]:
+    """A --gb state dict (24 fp32 tensors) saved to disk, hashed and flushed (a durable save of one
+    file): torch.save to the path, then the file read back to hash it and fsynced (llm's saves until
+    the thirteenth session), against llm.checkpoint.writer (hashed while written, flushed behind the
+    writer through the same 64 MB of page cache), in turn `rounds` times each, every save to a new
+    file kept to the end (as checkpoints are: a file's page cache is not freed for the next): medians,
+    seconds."""
+    state = {f"w{i}": torch.randn(int(gb * 2**30) // 4 // 24) for i in range(24)}
+    timings: dict[str, list[float]] = {"path_then_hash": [], "writer": []}
+
+    def path_then_hash(path: Path) -> None:
+        with without_zip_crc32():
+            torch.save(state, path)
+        file_checksum(path, durable=True)
+
+    for i in range(rounds):
+        timings["path_then_hash"].append(_timed(lambda i=i: path_then_hash(directory / f"path_{i}.pt")))
+        timings["writer"].append(_timed(lambda i=i: writer.write(state, directory / f"writer_{i}.pt", durable=True)))
+    for f in directory.glob("*_[0-9]*.pt"):
+        f.unlink()
+    return {f"durable_save_seconds_{k}": round(statistics.median(v), 3) for k, v in timings.items()}
 
 
 def zip_crc(gb: float, rounds: int = 3) -> dict[str, float]:

@@ -2,12 +2,13 @@
 
 The step that saves writes the small files (meta, RNG streams, shard maps) and lets DeepSpeed run
 its save as usual, except that its writer does not write. It takes a host copy of each state dict
-DeepSpeed hands it instead (llm.engine.internals.write_failures_kept(capture=...)), into
+DeepSpeed hands it instead (llm.engine.internals.write_failures_kept(write=...)), into
 shared-memory buffers reused from save to save. Training then goes on. A thread hands the copies to
-a writer process, which writes them with torch.save and DeepSpeed's serialization setting: the same
-bytes as a synchronous save's. The thread then hashes this rank's share, agrees with every rank's
-thread, and on rank 0 writes MANIFEST, moves `latest` and prunes: the same steps, in the same order,
-as a synchronous save. The thread's collectives run on a gloo group of their own (`ParallelContext.for_background`),
+a writer process, which writes them as a synchronous save does (writer.write, with DeepSpeed's
+serialization setting: the same bytes, hashed while written). The thread then hashes this rank's
+share of the files nobody hashed while writing, agrees with every rank's thread, and on rank 0
+writes MANIFEST, moves `latest` and prunes: the same steps, in the same order, as a synchronous
+save. The thread's collectives run on a gloo group of their own (`ParallelContext.for_background`),
 so they never interleave with training's.
 
 Safety is a synchronous save's:
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from llm.checkpoint.pickles import without_zip_crc32
+from llm.checkpoint import writer
 from llm.parallel.process_groups import ParallelContext
 
 
@@ -111,7 +112,7 @@ def run_when_idle(tid: int) -> None:
 
 
 class WriterProcess:
-    """A process that writes state dicts with torch.save. A thread of the training process would hold
+    """A process that writes state dicts (writer.write: torch.save). A thread of the training process would hold
     the interpreter lock for most of a write (torch.save does), stalling the training thread for as
     long (measured: a 4 s write made the step it overlapped 5x slower); the process shares only the
     host copies' memory. It does not receive the launcher's stop signals (a planned stop's last save
@@ -124,8 +125,9 @@ class WriterProcess:
                                   name="llm-checkpoint-writer", daemon=True)  # fmt: skip
         self.process.start()
 
-    def save(self, state: Any, path: str, *, zipfile: bool) -> None:
-        self.requests.put((path, state, zipfile))
+    def save(self, state: Any, path: str, *, zipfile: bool, durable: bool) -> dict[str, Any]:
+        """Writes `state` to `path` as writer.write does; the file's description."""
+        self.requests.put((path, state, zipfile, durable))
         while True:
             try:
                 reply = self.replies.get(timeout=5.0)
@@ -136,6 +138,7 @@ class WriterProcess:
         if reply[0] == "error":
             _, errno, text = reply
             raise OSError(errno, text) if errno else RuntimeError(text)
+        return dict(reply[1])
 
 
 def _writer_main(requests: Any, replies: Any, parent: int) -> None:
@@ -152,11 +155,9 @@ def _writer_main(requests: Any, replies: Any, parent: int) -> None:
             if os.getppid() != parent:  # the training process is gone
                 return
             continue
-        path, state, zipfile = item
-        try:
-            with without_zip_crc32():  # as the training process's saves (the same bytes)
-                torch.save(state, path, _use_new_zipfile_serialization=zipfile)
-            replies.put(("ok",))
+        path, state, zipfile, durable = item
+        try:  # as the training process's saves write (the same bytes), hashed while written
+            replies.put(("ok", writer.write(state, path, durable=durable, zipfile=zipfile)))
         except (OSError, RuntimeError) as e:
             replies.put(("error", getattr(e, "errno", None), getattr(e, "strerror", None) or str(e)))
         del state, item
@@ -200,12 +201,13 @@ class BackgroundSave:
         """The host copy of one state dict of the save being captured (into the reused buffers)."""
         return host_copy(state, self.buffers)
 
-    def write(self, captured: list[tuple[str, Any]], *, zipfile: bool) -> None:
-        """Writes the captured state dicts through the writer process (started on first use)."""
+    def write(self, captured: list[tuple[str, Any]], *, zipfile: bool, durable: bool) -> None:
+        """Writes the captured state dicts through the writer process (started on first use) and
+        records each file's description for the MANIFEST step (writer.record)."""
         if self._writer is None:
             self._writer = WriterProcess()
         for path, state in captured:
-            self._writer.save(state, path, zipfile=zipfile)
+            writer.record(path, self._writer.save(state, path, zipfile=zipfile, durable=durable))
 
     @property
     def failed(self) -> bool:

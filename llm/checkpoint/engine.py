@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from llm.checkpoint import reshard
+from llm.checkpoint import reshard, writer
 from llm.checkpoint.background import BackgroundSave
 from llm.checkpoint.experts import load_expert_shard, write_expert_shard
 from llm.checkpoint.format import (
+    CHECKSUM,
     DILOCO_DIR,
     MANIFEST,
     RNG_DIR,
@@ -38,6 +39,7 @@ from llm.checkpoint.format import (
     read_meta,
     set_latest,
     share,
+    sync_file,
     tag_for,
     verify_checkpoint,
     write_manifest,
@@ -48,7 +50,6 @@ from llm.checkpoint.pickles import (
     check_files,
     load_file,
     pickled_files,
-    without_zip_crc32,
 )
 from llm.checkpoint.rng import rng_state
 from llm.config import Config
@@ -110,6 +111,9 @@ def save_checkpoint(
     if ctx.islands > 1:
         meta["diloco_islands"] = ctx.islands
     previous = latest_tag(directory)
+    durable = cfg.checkpoint.fsync
+    # the files written before an asynchronous save returns are flushed later, in the background
+    flush_now = durable and background is None
 
     def start() -> None:
         _clear_tag(tag_dir)
@@ -118,27 +122,31 @@ def save_checkpoint(
 
     def write_rank_files() -> None:
         (tag_dir / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(rng), tag_dir / RNG_DIR / f"rank_{rank:05d}.pt")
+        writer.save(rng_state(rng), tag_dir / RNG_DIR / f"rank_{rank:05d}.pt", durable=flush_now)
         if rank_state is not None:
             (tag_dir / DILOCO_DIR).mkdir(parents=True, exist_ok=True)
-            torch.save(rank_state, tag_dir / DILOCO_DIR / f"rank_{rank:05d}.pt")
+            writer.save(rank_state, tag_dir / DILOCO_DIR / f"rank_{rank:05d}.pt", durable=flush_now)
         if ctx.island == 0:
             write_shard_map(engine, ctx, tag_dir, num_layers=cfg.model.num_layers)
             # MoE: every expert-parallel rank's experts (DeepSpeed's model file holds rank 0's only);
             # written here also by an asynchronous save
-            write_expert_shard(engine.module, ctx, tag_dir, num_layers=cfg.model.num_layers)
+            write_expert_shard(engine.module, ctx, tag_dir, num_layers=cfg.model.num_layers, durable=flush_now)
         root = island_root(directory, tag_dir, ctx)
         (root / tag_dir.name).mkdir(parents=True, exist_ok=True)
 
-    captured: list[tuple[str, Any]] | None = [] if background is not None else None
+    captured: list[tuple[str, Any]] = []
+    zipfile = zipfile_serialization(engine)
+
+    def write_file(state: Any, path: str) -> None:  # each of DeepSpeed's files
+        if background is None:
+            writer.save(state, path, durable=durable, zipfile=zipfile)
+        else:  # a host copy now, written in the background
+            captured.append((path, background.copy(state)))
 
     def write_deepspeed_files() -> None:
         root = island_root(directory, tag_dir, ctx)
         # through DeepSpeed's barriers; the ranks agree afterwards
-        capture = None
-        if background is not None and captured is not None:
-            capture = lambda state, path: captured.append((path, background.copy(state)))  # noqa: E731
-        with write_failures_kept(engine, capture=capture) as kept:
+        with write_failures_kept(engine, write=write_file) as kept:
             engine.save_checkpoint(str(root), tag=tag_dir.name, client_state={"llm": meta}, save_latest=False)
         if kept.error is not None:
             raise kept.error
@@ -146,31 +154,39 @@ def save_checkpoint(
     def complete(ctx: ParallelContext) -> None:  # now, or in the writer thread with its own context
         mine: dict[str, Any] = {}
 
-        def hash_share() -> None:  # everyone has written: the same list of files on every rank
-            names = share(checkpoint_files(tag_dir), rank, ctx.world_size)
-            mine.update(describe_files(tag_dir, names, durable=cfg.checkpoint.fsync))
-
         if captured:
-            zipfile = zipfile_serialization(engine)
-            _agreed(ctx, tag_dir, previous, lambda: background.write(captured, zipfile=zipfile))  # type: ignore[union-attr]
+            _agreed(ctx, tag_dir, previous, lambda: background.write(captured, zipfile=zipfile, durable=durable))  # type: ignore[union-attr]
             captured.clear()  # the host copies go as soon as they are written
+        # the files every rank hashed while writing them (writer.py); the rest, each rank its share
+        recorded = writer.take_recorded(tag_dir)
+        written = {name: {"size": entry["size"], CHECKSUM: entry[CHECKSUM]}
+                   for part in ctx.all_gather_object(recorded) for name, entry in part.items()}  # fmt: skip
+
+        def hash_share() -> None:  # everyone has written: the same list of files on every rank
+            if durable:  # this rank's files written in an asynchronous save's blocking part
+                for name in [n for n, entry in recorded.items() if not entry["flushed"]]:
+                    sync_file(tag_dir / name)
+            names = share([n for n in checkpoint_files(tag_dir) if n not in written], rank, ctx.world_size)
+            mine.update(describe_files(tag_dir, names, durable=durable))
+
         _agreed(ctx, tag_dir, previous, hash_share)
         shares = ctx.all_gather_object(mine)
 
         def finish() -> None:
-            files = {name: entry for part in shares for name, entry in part.items()}
-            write_manifest(tag_dir, files, durable=cfg.checkpoint.fsync)
-            set_latest(directory, tag_dir.name, durable=cfg.checkpoint.fsync)
+            names = set(checkpoint_files(tag_dir))
+            files = {name: entry for part in [written, *shares] for name, entry in part.items() if name in names}
+            write_manifest(tag_dir, files, durable=durable)
+            set_latest(directory, tag_dir.name, durable=durable)
             if cfg.checkpoint.keep_last:
                 prune(directory, cfg.checkpoint.keep_last, keep=tag_dir.name)
             _warn_if_next_save_cannot_fit(tag_dir)
 
         _agreed(ctx, tag_dir, previous, finish if rank == 0 else None)
 
-    with without_zip_crc32():  # every torch file of the checkpoint, DeepSpeed's too (pickles.py)
-        _agreed(ctx, tag_dir, previous, start if rank == 0 else None)
-        _agreed(ctx, tag_dir, previous, write_rank_files)
-        _agreed(ctx, tag_dir, previous, write_deepspeed_files)
+    # every torch file of the checkpoint, DeepSpeed's too, through writer.py
+    _agreed(ctx, tag_dir, previous, start if rank == 0 else None)
+    _agreed(ctx, tag_dir, previous, write_rank_files)
+    _agreed(ctx, tag_dir, previous, write_deepspeed_files)
     if background is None:
         complete(ctx)
     else:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llm.checkpoint import writer
 from llm.checkpoint.format import CheckpointError
 from llm.checkpoint.pickles import load_file
 from llm.model.names import canonical_name
@@ -34,15 +35,17 @@ def _experts(module: torch.nn.Module, num_layers: int) -> dict[str, torch.nn.Par
             if getattr(p, "expert_parallel", False)}  # fmt: skip
 
 
-def write_expert_shard(module: torch.nn.Module, ctx: ParallelContext, tag_dir: Path, *, num_layers: int) -> None:
+def write_expert_shard(
+    module: torch.nn.Module, ctx: ParallelContext, tag_dir: Path, *, num_layers: int, durable: bool
+) -> None:
     """This rank's experts, if it is the first replica of its expert-parallel rank (a dense model:
-    nothing)."""
+    nothing), through the checkpoint writer (`durable`: flushed to disk)."""
     experts = _experts(module, num_layers)
     if not experts or ctx.ep == 1 or ctx.dp_rank >= ctx.ep or ctx.tp_rank > 0 or ctx.cp_rank > 0:
         return  # without expert parallelism DeepSpeed's own files hold every expert
     path = expert_file(tag_dir, ep=ctx.ep_rank, pp=ctx.pp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({n: p.detach().cpu().clone() for n, p in experts.items()}, path)
+    writer.save({n: p.detach().cpu().clone() for n, p in experts.items()}, path, durable=durable)
 
 
 @torch.no_grad()

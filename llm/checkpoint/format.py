@@ -61,6 +61,12 @@ def atomic_write(path: Path, text: str, *, durable: bool = False) -> None:
         sync_directory(path.parent)
 
 
+def sync_file(path: Path) -> None:
+    """fsync of a file written without it: its bytes are on disk."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
 def sync_directory(directory: Path) -> None:
     """fsync of a directory: the names created, renamed or removed in it are on disk."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

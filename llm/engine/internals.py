@@ -124,10 +124,10 @@ class KeptFailure:
     full on one node). Kept, the failure lets the rank go through DeepSpeed's barriers like the
     others (writing nothing more); the caller then learns of it from `error` and stops every rank."""
 
-    def __init__(self, inner: Any, capture: Callable[[Any, str], None] | None = None) -> None:
+    def __init__(self, inner: Any, write: Callable[[Any, str], None] | None = None) -> None:
         self.inner = inner
         self.error: BaseException | None = None
-        self.capture = capture
+        self.write = write
 
     def kept(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self.error is not None:
@@ -139,8 +139,8 @@ class KeptFailure:
             return None
 
     def save(self, state_dict: Any, path: str) -> Any:
-        if self.capture is not None:  # not written now: capture(state dict, path) keeps it for later
-            return self.kept(self.capture, state_dict, path)
+        if self.write is not None:  # llm's writer instead of DeepSpeed's torch.save
+            return self.kept(self.write, state_dict, path)
         return self.kept(self.inner.save, state_dict, path)
 
     def makedirs(self, path: str, exist_ok: bool = False) -> Any:
@@ -151,12 +151,12 @@ class KeptFailure:
 
 
 @contextlib.contextmanager
-def write_failures_kept(engine: Any, *, capture: Callable[[Any, str], None] | None = None) -> Iterator[KeptFailure]:
+def write_failures_kept(engine: Any, *, write: Callable[[Any, str], None] | None = None) -> Iterator[KeptFailure]:
     """The engine's checkpoint writer (every file DeepSpeed writes: model, ZeRO and pipeline layer
     states) and its copy of the zero_to_fp32 scripts wrapped by one KeptFailure for the block.
-    `capture`: the files are not written; capture(state dict, path) is called for each instead (an
-    asynchronous save keeps a host copy to write later)."""
-    kept = KeptFailure(engine.checkpoint_engine, capture)
+    `write`: each file goes to write(state dict, path) instead of the writer's torch.save (llm's
+    checkpoint writer, or an asynchronous save's host copy, written later)."""
+    kept = KeptFailure(engine.checkpoint_engine, write)
     copy_scripts = engine._copy_recovery_script
     engine.checkpoint_engine = kept
     engine._copy_recovery_script = lambda path: kept.kept(copy_scripts, path)
