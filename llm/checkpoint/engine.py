@@ -20,7 +20,6 @@ from llm.checkpoint import reshard, writer
 from llm.checkpoint.background import BackgroundSave
 from llm.checkpoint.experts import load_expert_shard, write_expert_shard
 from llm.checkpoint.format import (
-    CHECKSUM,
     DILOCO_DIR,
     MANIFEST,
     RNG_DIR,
@@ -159,8 +158,8 @@ def save_checkpoint(
             captured.clear()  # the host copies go as soon as they are written
         # the files every rank hashed while writing them (writer.py); the rest, each rank its share
         recorded = writer.take_recorded(tag_dir)
-        written = {name: {"size": entry["size"], CHECKSUM: entry[CHECKSUM]}
-                   for part in ctx.all_gather_object(recorded) for name, entry in part.items()}  # fmt: skip
+        written = {name: entry for part in ctx.all_gather_object(writer.for_manifest(recorded))
+                   for name, entry in part.items()}  # fmt: skip
 
         def hash_share() -> None:  # everyone has written: the same list of files on every rank
             if durable:  # this rank's files written in an asynchronous save's blocking part

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from llm.checkpoint import writer
 from llm.checkpoint.format import (
     UNIVERSAL_DIR,
     CheckpointError,
@@ -46,7 +47,6 @@ from llm.checkpoint.format import (
     read_shard_maps,
 )
 from llm.checkpoint.merge import fit_vocab_rows, load_model_state, load_tensor_file
-from llm.checkpoint.pickles import without_zip_crc32
 from llm.config import Config
 from llm.engine.internals import create_flat_optimizer_state, fp32_masters, set_step_counters, torch_optimizer
 from llm.engine.zero import gathered_for_write, set_full_fp32_param, set_full_optimizer_state
@@ -68,27 +68,37 @@ class ReshardError(CheckpointError):
 
 
 def write_universal(
-    tag_dir: Path, entries: Iterable[tuple[str, Tensors]], state: dict[str, Any], *, total: int | None = None
+    tag_dir: Path, entries: Iterable[tuple[str, Tensors]], state: dict[str, Any], *, total: int | None = None,
+    durable: bool = False,
 ) -> Path:
     """Writes `tag_dir/universal/`: one file per plain-model parameter ({"fp32": full weight, and the
     AdamW moments when known}) and `state.pt`: `state` ({"step", "lr_scheduler", "global_steps",
     "global_samples"}), read after the last entry (a conversion learns the step while reading).
-    Written under a temporary name and renamed, so a killed writer leaves nothing that looks complete."""
+    Written under a temporary name and renamed, so a killed writer leaves nothing that looks complete.
+    `durable` (an import, whose MANIFEST lists these files): each file flushed to disk as it is
+    written, and its description recorded for the MANIFEST (writer.take_recorded)."""
     out = tag_dir / UNIVERSAL_DIR
     tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with Progress(total, f"writing {out}", unit="tensors") as progress, without_zip_crc32():
+    written: dict[str, dict[str, Any]] = {}
+    with Progress(total, f"writing {out}", unit="tensors") as progress:
         for name, entry in entries:
             if "fp32" not in entry:
                 raise ReshardError(f"no weight for parameter '{name}' while writing '{out}'")
-            torch.save({k: v.float().contiguous() for k, v in entry.items()}, tmp / f"{name}.pt")
+            file = f"{name}.pt"
+            written[file] = writer.write({k: v.float().contiguous() for k, v in entry.items()}, tmp / file,
+                                         durable=durable)  # fmt: skip
             progress.update()
-        torch.save(
-            {"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0, **state}, tmp / STATE_FILE
+        written[STATE_FILE] = writer.write(
+            {"step": 0.0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0, **state}, tmp / STATE_FILE,
+            durable=durable,
         )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    if durable:  # renaming the directory keeps each file's identity (writer.record)
+        for file, description in written.items():
+            writer.record(out / file, description)
     return out
 
 

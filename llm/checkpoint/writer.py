@@ -179,3 +179,8 @@ def take_recorded(tag_dir: Path) -> dict[str, dict[str, Any]]:
         if same:
             found[p[len(root):]] = {k: entry[k] for k in ("size", CHECKSUM, "flushed")}
     return found
+
+
+def for_manifest(recorded: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """take_recorded's descriptions as MANIFEST lists them ({"size", "xxh3_64"})."""
+    return {name: {"size": entry["size"], CHECKSUM: entry[CHECKSUM]} for name, entry in recorded.items()}

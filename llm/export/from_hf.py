@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import yaml
 
+from llm.checkpoint import writer
 from llm.checkpoint.format import (
     UNIVERSAL_FORM,
     CheckpointError,
@@ -110,13 +111,17 @@ def import_hf(source: str | Path, output: str | Path, *, base: Config, seq_lengt
     tag_dir = directory / tag_for(0)
     tag_dir.mkdir(parents=True)
     write_universal(
-        tag_dir, ((name, {"fp32": value}) for name, value in state.items()), {"step": 0.0}, total=len(state)
+        tag_dir, ((name, {"fp32": value}) for name, value in state.items()), {"step": 0.0}, total=len(state),
+        durable=True,
     )
     meta = {"iteration": 0, "consumed_samples": 0, "wandb_run_id": None, "config": cfg.to_dict(),
             "form": UNIVERSAL_FORM, "imported_from": str(src)}  # fmt: skip
     write_meta(tag_dir, meta)
-    files = describe_files(tag_dir, checkpoint_files(tag_dir, universal=True), durable=True)
-    write_manifest(tag_dir, files, durable=True)  # the weights are checksummed and on disk
+    # the weights were checksummed and flushed to disk as they were written; the rest now
+    files = writer.for_manifest(writer.take_recorded(tag_dir))
+    rest = [n for n in checkpoint_files(tag_dir, universal=True) if n not in files]
+    files.update(describe_files(tag_dir, rest, durable=True))
+    write_manifest(tag_dir, files, durable=True)
     (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     set_latest(directory, tag_dir.name, durable=True)
     return tag_dir
