@@ -61,16 +61,23 @@ def host_copy(obj: Any, buffers: HostBuffers) -> Any:
         elif t.requires_grad:
             copied.requires_grad_(True)
         memo[id(t)] = copied
+    if any(device.startswith("cuda") for device, _ in storages):
+        torch.cuda.synchronize()  # the device-to-host copies were asynchronous: done before the write reads them
     return copy.deepcopy(obj, memo)
 
 
 class HostBuffers:
     """Shared-memory storages that one save's host copies go into, in the order the save meets its
-    tensors' storages; the next save reuses each where the size agrees (the same model: all of them)."""
+    tensors' storages; the next save reuses each where the size agrees (the same model: all of them).
+    A buffer that receives a GPU tensor is page-locked for the device (cudaHostRegister, as
+    torch.distributed.checkpoint's stager pins its shared memory), so the copy is a DMA transfer at
+    the link's speed instead of one staged through the driver's pageable bounce buffer; where the
+    driver refuses, the copy goes to pageable memory as before."""
 
     def __init__(self) -> None:
         self.storages: list[Any] = []
         self.used = 0
+        self.pinned: set[int] = set()  # data pointers of the page-locked buffers
 
     def rewind(self) -> None:
         self.used = 0
@@ -79,9 +86,27 @@ class HostBuffers:
         i, self.used = self.used, self.used + 1
         if i >= len(self.storages) or self.storages[i].nbytes() != storage.nbytes():
             fresh = torch.empty(storage.nbytes(), dtype=torch.uint8).share_memory_().untyped_storage()
-            self.storages[i:i + 1] = [fresh]
-        self.storages[i].copy_(storage)
+            if i < len(self.storages):
+                self._unpin(self.storages[i])
+            self.storages[i : i + 1] = [fresh]
+        on_gpu = storage.device.type == "cuda"
+        if on_gpu:
+            self._pin(self.storages[i])
+        self.storages[i].copy_(storage, non_blocking=on_gpu)  # host_copy synchronizes once at its end
         return self.storages[i]
+
+    def _pin(self, buffer: Any) -> None:
+        ptr = buffer.data_ptr()
+        if ptr in self.pinned or not buffer.nbytes():
+            return
+        if int(torch.cuda.cudart().cudaHostRegister(ptr, buffer.nbytes(), 1)) == 0:  # 1: portable
+            self.pinned.add(ptr)
+
+    def _unpin(self, buffer: Any) -> None:
+        ptr = buffer.data_ptr()
+        if ptr in self.pinned:
+            self.pinned.discard(ptr)
+            torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def _tensors(obj: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
@@ -125,9 +150,13 @@ class WriterProcess:
                                   name="llm-checkpoint-writer", daemon=True)  # fmt: skip
         self.process.start()
 
-    def save(self, state: Any, path: str, *, zipfile: bool, durable: bool) -> dict[str, Any]:
-        """Writes `state` to `path` as writer.write does; the file's description."""
-        self.requests.put((path, state, zipfile, durable))
+    def save(
+        self, state: Any, path: str, *, zipfile: bool, durable: bool, devices: dict[int, str] | None = None
+    ) -> dict[str, Any]:
+        """Writes `state` to `path` as writer.write does; the file's description. `devices`: {index
+        of a tensor in the state (in _tensors' order): the device it was copied from}, where not the
+        CPU (BackgroundSave.copy)."""
+        self.requests.put((path, state, zipfile, durable, devices or {}))
         while True:
             try:
                 reply = self.replies.get(timeout=5.0)
@@ -155,9 +184,11 @@ def _writer_main(requests: Any, replies: Any, parent: int) -> None:
             if os.getppid() != parent:  # the training process is gone
                 return
             continue
-        path, state, zipfile, durable = item
+        path, state, zipfile, durable, devices = item
         try:  # as the training process's saves write (the same bytes), hashed while written
-            replies.put(("ok", writer.write(state, path, durable=durable, zipfile=zipfile)))
+            tensors = _tensors(state)
+            locations = {tensors[i].untyped_storage().data_ptr(): device for i, device in devices.items()}
+            replies.put(("ok", writer.write(state, path, durable=durable, zipfile=zipfile, locations=locations)))
         except (OSError, RuntimeError) as e:
             replies.put(("error", getattr(e, "errno", None), getattr(e, "strerror", None) or str(e)))
         del state, item
@@ -197,17 +228,21 @@ class BackgroundSave:
         self._thread = threading.Thread(target=run, name="llm-checkpoint-writer", daemon=True)
         self._thread.start()
 
-    def copy(self, state: Any) -> Any:
-        """The host copy of one state dict of the save being captured (into the reused buffers)."""
-        return host_copy(state, self.buffers)
+    def copy(self, state: Any) -> tuple[Any, dict[int, str]]:
+        """The host copy of one state dict of the save being captured (into the reused buffers), and
+        the devices its tensors were copied from where not the CPU ({index in _tensors' order:
+        torch's location tag}): the writer records those, as torch.save of the original would."""
+        devices = {i: torch.serialization.location_tag(t.untyped_storage()) for i, t in enumerate(_tensors(state))
+                   if t.device.type != "cpu"}  # fmt: skip
+        return host_copy(state, self.buffers), devices
 
-    def write(self, captured: list[tuple[str, Any]], *, zipfile: bool, durable: bool) -> None:
+    def write(self, captured: list[tuple[str, Any, dict[int, str]]], *, zipfile: bool, durable: bool) -> None:
         """Writes the captured state dicts through the writer process (started on first use) and
         records each file's description for the MANIFEST step (writer.record)."""
         if self._writer is None:
             self._writer = WriterProcess()
-        for path, state in captured:
-            writer.record(path, self._writer.save(state, path, zipfile=zipfile, durable=durable))
+        for path, state, devices in captured:
+            writer.record(path, self._writer.save(state, path, zipfile=zipfile, durable=durable, devices=devices))
 
     @property
     def failed(self) -> bool:

@@ -133,14 +133,14 @@ def save_checkpoint(
         root = island_root(directory, tag_dir, ctx)
         (root / tag_dir.name).mkdir(parents=True, exist_ok=True)
 
-    captured: list[tuple[str, Any]] = []
+    captured: list[tuple[str, Any, dict[int, str]]] = []
     zipfile = zipfile_serialization(engine)
 
     def write_file(state: Any, path: str) -> None:  # each of DeepSpeed's files
         if background is None:
             writer.save(state, path, durable=durable, zipfile=zipfile)
         else:  # a host copy now, written in the background
-            captured.append((path, background.copy(state)))
+            captured.append((path, *background.copy(state)))
 
     def write_deepspeed_files() -> None:
         root = island_root(directory, tag_dir, ctx)

@@ -135,17 +135,47 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def write(obj: Any, path: str | Path, *, durable: bool, zipfile: bool = True) -> dict[str, Any]:
+def write(
+    obj: Any, path: str | Path, *, durable: bool, zipfile: bool = True, locations: dict[int, str] | None = None
+) -> dict[str, Any]:
     """torch.save(obj, path) as a checkpoint writes it: without the zip format's CRC-32, hashed while
-    written, flushed behind when `durable`. Returns the file's description (see `record`)."""
+    written, flushed behind when `durable`. Returns the file's description (see `record`).
+    `locations`: storages (by data pointer) to record as saved from another device than their own:
+    an asynchronous save's host copy of a GPU tensor is written as that GPU tensor (torch.save
+    records each storage's device), so the file is the synchronous save's, byte for byte."""
     f = StreamedFile(path, durable=durable)
     try:
-        with without_zip_crc32():
+        with without_zip_crc32(), _saved_as_from(locations or {}):
             torch.save(obj, f, _use_new_zipfile_serialization=zipfile)  # type: ignore[arg-type]
     except BaseException:
         f.abandon()
         raise
     return f.close()
+
+
+_saved_from: dict[int, str] = {}  # while writing: data pointer of a host copy -> the device it was copied from
+_tagger_registered = False
+
+
+def _location_of_copy(storage: Any) -> str | None:
+    """torch.save's location tagger for the storages in _saved_from (None: torch's own taggers decide)."""
+    return _saved_from.get(storage.data_ptr()) if _saved_from else None
+
+
+@contextlib.contextmanager
+def _saved_as_from(locations: dict[int, str]) -> Any:
+    global _tagger_registered
+    if not locations:
+        yield
+        return
+    if not _tagger_registered:  # ahead of torch's CPU tagger (priority 10); loading is not affected
+        torch.serialization.register_package(5, _location_of_copy, lambda storage, location: None)
+        _tagger_registered = True
+    _saved_from.update(locations)
+    try:
+        yield
+    finally:
+        _saved_from.clear()
 
 
 def save(obj: Any, path: str | Path, *, durable: bool, zipfile: bool = True) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -220,3 +222,28 @@ def test_the_planner_does_not_underestimate_what_a_block_keeps_on_cuda(architect
     tokens, h = 2 * cfg.model.seq_length, cfg.model.hidden_size
     fused_norms = 2 * 6 * h * tokens if architecture == "llama" else 0
     assert estimate - fused_norms - 1024 <= measured <= estimate + 16 * tokens + 1024, (measured, estimate)
+
+
+def test_an_async_save_of_cuda_tensors_is_pinned_and_writes_the_sync_saves_bytes(tmp_path: Path) -> None:
+    """checkpoint.async_save on a GPU: the host copies go into page-locked shared memory, hold the
+    values at the save while training goes on, and the writer process writes the bytes torch.save of
+    the CUDA state dict writes (each storage's device recorded as the synchronous save records it)."""
+    from llm.checkpoint import writer
+    from llm.checkpoint.background import BackgroundSave, WriterProcess
+    from llm.parallel.process_groups import ParallelContext
+
+    w = torch.randn(256, 64, device="cuda")
+    state = {"w": w, "view": w[2:5], "exp_avg": torch.randn(1000, device="cuda"), "ids": torch.arange(4), "step": 7}
+    background, process = BackgroundSave(ParallelContext.single()), WriterProcess()
+    try:
+        for zipfile in (True, False):
+            writer.write(state, tmp_path / "sync.pt", durable=True, zipfile=zipfile)
+            background.buffers.rewind()
+            copied, devices = background.copy(state)
+            assert copied["w"].is_pinned() and copied["exp_avg"].is_pinned() and not copied["w"].is_cuda
+            w.add_(1.0)  # training goes on
+            process.save(copied, str(tmp_path / "async.pt"), zipfile=zipfile, durable=True, devices=devices)
+            w.sub_(1.0)
+            assert (tmp_path / "async.pt").read_bytes() == (tmp_path / "sync.pt").read_bytes()
+    finally:
+        process.process.kill()

@@ -135,3 +135,24 @@ def test_while_a_durable_file_is_written_at_most_two_parts_of_it_are_cached(tmp_
                 assert 0 < most <= bound
             else:
                 assert most == entry["size"]
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_a_host_copy_is_written_as_the_device_tensor_it_copies(tmp_path: Path, zipfile: bool) -> None:
+    """`locations`: an asynchronous save's host copy of a GPU tensor is recorded in the file as on
+    that GPU (what torch.save of the original records), the other storages as they are, and only
+    within that write."""
+    state = _state()
+    locations = {state["w"].untyped_storage().data_ptr(): "cuda:0"}
+    writer.write(state, tmp_path / "copy.pt", durable=False, zipfile=zipfile, locations=locations)
+    writer.write(state, tmp_path / "after.pt", durable=False, zipfile=zipfile)
+    for name, expected in (("copy.pt", ["cpu", "cuda:0"]), ("after.pt", ["cpu", "cpu"])):
+        seen: list[str] = []
+
+        def on_cpu(storage: torch.UntypedStorage, location: str, seen: list[str] = seen) -> torch.UntypedStorage:
+            seen.append(location)
+            return storage
+
+        loaded = torch.load(tmp_path / name, map_location=on_cpu, weights_only=True)
+        assert sorted(seen) == expected  # w's storage (with its view) and the ids' storage
+        assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["view"], state["view"])
