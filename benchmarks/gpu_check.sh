@@ -14,7 +14,8 @@
 # EXTRA="key=value ..." adds overrides to every pretrain.py run (a 1-layer model: the flow on a CPU).
 #
 # The parts (estimated seconds on one H200; the summary records the real ones):
-#   cuda_tests          tests/gpu: bf16 model, FP8 GEMMs against float8-rounded fp32, grouped-GEMM experts
+#   cuda_tests          tests/gpu: bf16 model, FP8 GEMMs against float8-rounded fp32, grouped-GEMM experts,
+#                       async-save host copies of CUDA tensors (pinned, the synchronous save's bytes)
 #   llama_1b            llama_1b, bf16, eager, its ZeRO 2 JSON, micro-batch 8 (the planner's for one GPU):
 #   gpt2_1.3b           tokens/s, MFU (model FLOPs with attention, llm/model/flops.py, of 989 TFLOP/s) and the
 #                       step's split from the step profiler (iterations 6-7; llm/training/profile.py)
