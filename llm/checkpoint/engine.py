@@ -83,8 +83,9 @@ def save_checkpoint(
 ) -> Path:
     """Saves through DeepSpeed (every rank); the checkpoint becomes visible only when all ranks are done.
 
-    Order: llm_meta.json, per-rank RNG and layout files, DeepSpeed's files; every rank then hashes
-    its share of the files; rank 0 writes MANIFEST (every file, its size and checksum) and finally
+    Order: llm_meta.json, per-rank RNG and layout files, DeepSpeed's files, every torch file through
+    writer.py (hashed while written, flushed behind with checkpoint.fsync); every rank then hashes
+    its share of the other files; rank 0 writes MANIFEST (every file, its size and checksum) and finally
     moves `latest` (atomic rename). A process killed anywhere before that leaves `latest` on the
     previous checkpoint. A failure on any rank (no space, permission, I/O) is agreed on by all ranks
     at the next step of this sequence: the partial directory is removed and every rank raises

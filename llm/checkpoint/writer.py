@@ -14,12 +14,17 @@ the page cache as it goes.
   starts on them at once instead of at the final fsync, a checkpoint of 100 GB does not push the
   node's useful page cache (the dataset's) out, and the memory the writes pass through is the same
   64 MB over and over. On a virtual machine whose memory is backed on first touch (this project's
-  CPU machine) that last point is most of a save's time: 1.4 GB written and fsynced in 4.5 s
-  through fresh page cache, 0.7 s through the same 64 MB (docs/benchmarks.md, "Checkpoint writes").
+  CPU machine) that last point is most of a save's time: 1 GB of tensors saved, hashed and fsynced
+  in 1.7-2.9 s through fresh page cache, 0.89 s written behind; a training run's synchronous save of
+  1.4 GB in 0.8-0.86 s instead of 2.7-3.0 s (benchmarks/checkpoint_io.py; docs/benchmarks.md,
+  "Checkpoint writes").
   Without `checkpoint.fsync` the file is written through the page cache as before (the save returns
   before the disk has the bytes; flushing behind would make it wait for them).
 
-The bytes are exactly torch.save's to a path (a test compares them, both serialization formats).
+The bytes are torch.save's to a file object (a test compares them, both serialization formats): in
+the legacy format (DeepSpeed's default) the same as to a path; in the zip format the archive's inner
+folder is named `archive/` instead of after the file. An asynchronous save's writer process writes
+its host copies of GPU tensors as saved from the GPU (`locations`): the synchronous save's bytes.
 """
 
 from __future__ import annotations
