@@ -137,10 +137,10 @@ def run_when_idle(tid: int) -> None:
 
 
 class WriterProcess:
-    """A process that writes state dicts (writer.write: torch.save). A thread of the training process would hold
-    the interpreter lock for most of a write (torch.save does), stalling the training thread for as
-    long (measured: a 4 s write made the step it overlapped 5x slower); the process shares only the
-    host copies' memory. It does not receive the launcher's stop signals (a planned stop's last save
+    """A process that writes state dicts (writer.write: torch.save). A thread of the training process
+    would hold the interpreter lock for most of a write (torch.save does), stalling the training
+    thread for as long (measured: a 4 s write made the step it overlapped 5x slower); the process
+    shares only the host copies' memory. It does not receive the launcher's stop signals (a planned stop's last save
     must complete) and leaves when the training process is gone."""
 
     def __init__(self) -> None:

@@ -155,7 +155,8 @@ def save_checkpoint(
         mine: dict[str, Any] = {}
 
         if captured:
-            _agreed(ctx, tag_dir, previous, lambda: background.write(captured, zipfile=zipfile, durable=durable))  # type: ignore[union-attr]
+            assert background is not None
+            _agreed(ctx, tag_dir, previous, lambda: background.write(captured, zipfile=zipfile, durable=durable))
             captured.clear()  # the host copies go as soon as they are written
         # the files every rank hashed while writing them (writer.py); the rest, each rank its share
         recorded = writer.take_recorded(tag_dir)

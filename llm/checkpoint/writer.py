@@ -46,6 +46,7 @@ from llm.checkpoint.pickles import without_zip_crc32
 
 PART = 32 << 20  # bytes between two flushes behind the writer
 _SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
+_WAIT_FOR_WRITE = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
 
 
 def _sync_file_range() -> Any:
@@ -101,8 +102,7 @@ class StreamedFile:
         try:
             self._sync(begin, self.size - begin, _SYNC_FILE_RANGE_WRITE)
             if begin > self.dropped:
-                self._sync(self.dropped, begin - self.dropped,
-                           _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER)  # fmt: skip
+                self._sync(self.dropped, begin - self.dropped, _WAIT_FOR_WRITE)
                 # from the page the last drop had to leave (it held bytes of this part, not yet written)
                 first = self.dropped - self.dropped % mmap.PAGESIZE
                 os.posix_fadvise(self.fd, first, begin - first, os.POSIX_FADV_DONTNEED)
