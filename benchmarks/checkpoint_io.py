@@ -5,7 +5,7 @@
 1. xxh3-64 (what MANIFEST.json records) over a --gb file of random bytes, read from the page cache
    (the second of two passes), next to zlib's CRC32 and SHA-256 for scale; and the first (cold-ish)
    pass, which includes reading the file. torch.save of --gb of tensors into memory with and without
-   its zip format's CRC-32 of each record (llm's saves leave it out: pickles.without_zip_crc32). A
+   its zip format's CRC-32 of each record (llm's saves leave it out: writer.without_zip_crc32). A
    durable save of --gb of tensors to disk: torch.save, read back to hash, fsync, against llm's
    checkpoint writer (hashed while written, flushed behind: llm/checkpoint/writer.py).
 2. scripts/pretrain.py on configs/tiny_cpu.yaml saving a checkpoint every iteration: the median
@@ -45,7 +45,6 @@ from common import BENCH_SHAPE, REPO, report
 
 from llm.checkpoint import writer
 from llm.checkpoint.format import checkpoint_files, describe_files, file_checksum
-from llm.checkpoint.pickles import without_zip_crc32
 
 PREFIX = REPO / "data" / "builtin" / "builtin_text_document"
 SMOKE = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.seq_length=64",
@@ -89,7 +88,7 @@ def durable_writes(gb: float, directory: Path, rounds: int = 3) -> dict[str, flo
     timings: dict[str, list[float]] = {"path_then_hash": [], "writer": []}
 
     def path_then_hash(path: Path) -> None:
-        with without_zip_crc32():
+        with writer.without_zip_crc32():
             torch.save(state, path)
         file_checksum(path, durable=True)
 
@@ -103,14 +102,14 @@ def durable_writes(gb: float, directory: Path, rounds: int = 3) -> dict[str, flo
 
 def zip_crc(gb: float, rounds: int = 3) -> dict[str, float]:
     """torch.save of a --gb state dict (60 fp32 tensors) into memory, with torch's zip CRC-32 of each
-    record (torch's default) and without (what llm's saves write, pickles.without_zip_crc32), in
+    record (torch's default) and without (what llm's saves write, writer.without_zip_crc32), in
     turn `rounds` times each (this machine's first touch of fresh memory costs more than the copy, so
     neither side gets all of it): medians."""
     state = {f"w{i}": torch.randn(int(gb * 2**30) // 4 // 60) for i in range(60)}
     timings: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(rounds):
         for crc in (True, False):
-            with contextlib.nullcontext() if crc else without_zip_crc32():
+            with contextlib.nullcontext() if crc else writer.without_zip_crc32():
                 timings[crc].append(_timed(lambda: torch.save(state, io.BytesIO())))
     with_crc, without = statistics.median(timings[True]), statistics.median(timings[False])
     return {"torch_save_gb_per_s_with_zip_crc32": round(gb / with_crc, 2),

@@ -39,31 +39,34 @@ from llm.checkpoint import writer
 from llm.parallel.process_groups import ParallelContext
 
 
-def host_copy(obj: Any, buffers: HostBuffers) -> Any:
+def host_copy(obj: Any, buffers: HostBuffers) -> tuple[Any, dict[int, str]]:
     """A deep copy of a state dict with every tensor's storage copied to the host, once per storage
     (views keep sharing it, as in the original, so torch.save writes the same bytes): the copy is
     independent of the training that goes on. `buffers`: shared-memory storages to copy into,
     reused from the last save where the sizes agree (allocating and first touching shared memory
     costs far more than the copy), extended where they do not; the copy can then go to the writer
-    process without another copy."""
+    process without another copy. Also returns the devices the tensors were copied from where not
+    the CPU ({index in _tensors' order: torch's location tag}): the writer records those, as
+    torch.save of the original would."""
     storages: dict[tuple[str, int], Any] = {}
     memo: dict[int, Any] = {}
-    for t in _tensors(obj):
-        if id(t) in memo:
-            continue
+    devices: dict[int, str] = {}
+    for i, t in enumerate(_tensors(obj)):  # each tensor once
         storage = t.untyped_storage()
         key = (str(storage.device), storage.data_ptr())
         if key not in storages:
             storages[key] = buffers.copy(storage)
+        if storage.device.type != "cpu":
+            devices[i] = torch.serialization.location_tag(storage)
         copied = torch.empty((), dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
         if isinstance(t, torch.nn.Parameter):
             copied = torch.nn.Parameter(copied, requires_grad=t.requires_grad)
         elif t.requires_grad:
             copied.requires_grad_(True)
         memo[id(t)] = copied
-    if any(device.startswith("cuda") for device, _ in storages):
+    if any(device.startswith("cuda") for device in devices.values()):
         torch.cuda.synchronize()  # the device-to-host copies were asynchronous: done before the write reads them
-    return copy.deepcopy(obj, memo)
+    return copy.deepcopy(obj, memo), devices
 
 
 class HostBuffers:
@@ -155,7 +158,7 @@ class WriterProcess:
     ) -> dict[str, Any]:
         """Writes `state` to `path` as writer.write does; the file's description. `devices`: {index
         of a tensor in the state (in _tensors' order): the device it was copied from}, where not the
-        CPU (BackgroundSave.copy)."""
+        CPU (host_copy)."""
         self.requests.put((path, state, zipfile, durable, devices or {}))
         while True:
             try:
@@ -229,12 +232,8 @@ class BackgroundSave:
         self._thread.start()
 
     def copy(self, state: Any) -> tuple[Any, dict[int, str]]:
-        """The host copy of one state dict of the save being captured (into the reused buffers), and
-        the devices its tensors were copied from where not the CPU ({index in _tensors' order:
-        torch's location tag}): the writer records those, as torch.save of the original would."""
-        devices = {i: torch.serialization.location_tag(t.untyped_storage()) for i, t in enumerate(_tensors(state))
-                   if t.device.type != "cpu"}  # fmt: skip
-        return host_copy(state, self.buffers), devices
+        """host_copy of one state dict of the save being captured, into the reused buffers."""
+        return host_copy(state, self.buffers)
 
     def write(self, captured: list[tuple[str, Any, dict[int, str]]], *, zipfile: bool, durable: bool) -> None:
         """Writes the captured state dicts through the writer process (started on first use) and

@@ -163,18 +163,21 @@ def save_checkpoint(
         written = {name: entry for part in ctx.all_gather_object(writer.for_manifest(recorded))
                    for name, entry in part.items()}  # fmt: skip
 
+        listed: list[str] = []  # every file of the checkpoint, listed once
+
         def hash_share() -> None:  # everyone has written: the same list of files on every rank
             if durable:  # this rank's files written in an asynchronous save's blocking part
                 for name in [n for n, entry in recorded.items() if not entry["flushed"]]:
                     sync_file(tag_dir / name)
-            names = share([n for n in checkpoint_files(tag_dir) if n not in written], rank, ctx.world_size)
+            listed[:] = checkpoint_files(tag_dir)
+            names = share([n for n in listed if n not in written], rank, ctx.world_size)
             mine.update(describe_files(tag_dir, names, durable=durable))
 
         _agreed(ctx, tag_dir, previous, hash_share)
         shares = ctx.all_gather_object(mine)
 
         def finish() -> None:
-            names = set(checkpoint_files(tag_dir))
+            names = set(listed)
             files = {name: entry for part in [written, *shares] for name, entry in part.items() if name in names}
             write_manifest(tag_dir, files, durable=durable)
             set_latest(directory, tag_dir.name, durable=durable)

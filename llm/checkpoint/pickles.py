@@ -13,17 +13,10 @@ DeepSpeed's own loader unpickles without restriction, so every file of a checkpo
 before DeepSpeed sees it (`check_files`: memory-mapped, so the tensor bytes are not read, only the
 pickled structure is built). The globals a file references are listed from its pickle opcodes first,
 so DeepSpeed's types are imported only when a file needs them (evaluation need not import DeepSpeed).
-
-Writing (`without_zip_crc32`): llm's saves have torch.save leave out the CRC-32 of each record of its
-zip format. torch.load never checks it (a flipped byte loads silently), MANIFEST's xxh3-64 of every
-file is what verification and resume check, and computing it was most of torch.save's time (1 GB
-of tensors saved at 0.7 GB/s with it, 1.9 GB/s without, on this project's CPU machine;
-benchmarks/checkpoint_io.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import pickle
 import re
@@ -33,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.serialization import config as serialization_config
 
 from llm.errors import LLMError
 
@@ -133,11 +125,3 @@ def check_files(files: Iterable[Path]) -> None:
             if "mmap" not in str(e):
                 raise
             load_file(file)
-
-
-def without_zip_crc32() -> contextlib.AbstractContextManager[Any]:
-    """Within: torch.save writes each zip record's CRC-32 as 0 instead of computing it (torch's
-    process-wide setting, restored on exit; above: MANIFEST's checksums cover every byte instead).
-    Every torch file of a checkpoint is written within, by any writer (the background writer process
-    too), so a synchronous and an asynchronous save write the same bytes."""
-    return serialization_config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]  # added at import by torch

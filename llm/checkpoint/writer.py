@@ -21,6 +21,12 @@ the page cache as it goes.
   Without `checkpoint.fsync` the file is written through the page cache as before (the save returns
   before the disk has the bytes; flushing behind would make it wait for them).
 
+- **Without the zip format's CRC-32** (`without_zip_crc32`): torch.save leaves out the CRC-32 of each
+  record. torch.load never checks it (a flipped byte loads silently), MANIFEST's xxh3-64 of every
+  file is what verification and resume check, and computing it was most of torch.save's time (1 GB
+  of tensors saved at 0.7 GB/s with it, 1.9 GB/s without, on this project's CPU machine;
+  benchmarks/checkpoint_io.py, docs/benchmarks.md).
+
 The bytes are torch.save's to a file object (a test compares them, both serialization formats): in
 the legacy format (DeepSpeed's default) the same as to a path; in the zip format the archive's inner
 folder is named `archive/` instead of after the file. An asynchronous save's writer process writes
@@ -40,13 +46,21 @@ from typing import Any
 
 import torch
 import xxhash
+from torch.utils.serialization import config as serialization_config
 
 from llm.checkpoint.format import CHECKSUM
-from llm.checkpoint.pickles import without_zip_crc32
 
 PART = 32 << 20  # bytes between two flushes behind the writer
 _SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 _WAIT_FOR_WRITE = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
+
+
+def without_zip_crc32() -> contextlib.AbstractContextManager[Any]:
+    """Within: torch.save writes each zip record's CRC-32 as 0 instead of computing it (torch's
+    process-wide setting, restored on exit; MANIFEST's checksums cover every byte instead). Every
+    torch file of a checkpoint is written within (`write`, in any process), so a synchronous and an
+    asynchronous save write the same bytes."""
+    return serialization_config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]  # added at import by torch
 
 
 def _sync_file_range() -> Any:

@@ -117,14 +117,15 @@ def partitioned_fp32_masters(
 
 
 class KeptFailure:
-    """DeepSpeed's checkpoint writer during one save, with a failed write kept instead of raised.
+    """DeepSpeed's checkpoint writer during one save, its files handed to `write` and a failed write
+    kept instead of raised.
 
     A rank whose write raises inside `engine.save_checkpoint` leaves it before DeepSpeed's closing
     barrier, where the other ranks would then wait until the collective timeout (a node-local disk
     full on one node). Kept, the failure lets the rank go through DeepSpeed's barriers like the
     others (writing nothing more); the caller then learns of it from `error` and stops every rank."""
 
-    def __init__(self, inner: Any, write: Callable[[Any, str], None] | None = None) -> None:
+    def __init__(self, inner: Any, write: Callable[[Any, str], None]) -> None:
         self.inner = inner
         self.error: BaseException | None = None
         self.write = write
@@ -139,9 +140,7 @@ class KeptFailure:
             return None
 
     def save(self, state_dict: Any, path: str) -> Any:
-        if self.write is not None:  # llm's writer instead of DeepSpeed's torch.save
-            return self.kept(self.write, state_dict, path)
-        return self.kept(self.inner.save, state_dict, path)
+        return self.kept(self.write, state_dict, path)  # llm's writer instead of DeepSpeed's torch.save
 
     def makedirs(self, path: str, exist_ok: bool = False) -> Any:
         return self.kept(self.inner.makedirs, path, exist_ok=exist_ok)
@@ -151,7 +150,7 @@ class KeptFailure:
 
 
 @contextlib.contextmanager
-def write_failures_kept(engine: Any, *, write: Callable[[Any, str], None] | None = None) -> Iterator[KeptFailure]:
+def write_failures_kept(engine: Any, *, write: Callable[[Any, str], None]) -> Iterator[KeptFailure]:
     """The engine's checkpoint writer (every file DeepSpeed writes: model, ZeRO and pipeline layer
     states) and its copy of the zero_to_fp32 scripts wrapped by one KeptFailure for the block.
     `write`: each file goes to write(state dict, path) instead of the writer's torch.save (llm's

@@ -55,7 +55,7 @@ def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
     every file of every checkpoint, MANIFEST included, byte for byte. The asynchronous run's metrics
     hold the blocking and the background part of each save. Resumed from its checkpoint at iteration
     4: bitwise the same steps at the same layout, the same curve at another (one process, ZeRO 0).
-    No torch file of the checkpoints records a zip CRC-32 (pickles.without_zip_crc32)."""
+    No torch file of the checkpoints records a zip CRC-32 (writer.without_zip_crc32)."""
     run_dir = tmp_path / "run"
     args = ["train.train_iters=6", "checkpoint.save_interval=2", *extra]  # no dropout: its streams restart at another layout
     check(run(launch_cmd(nproc, *tiny_args(builtin_prefix, run_dir, *args))))

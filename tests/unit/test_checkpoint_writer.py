@@ -17,7 +17,7 @@ import torch
 
 from llm.checkpoint import writer
 from llm.checkpoint.format import file_checksum
-from llm.checkpoint.pickles import load_file, without_zip_crc32
+from llm.checkpoint.pickles import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,11 +34,11 @@ def test_the_writer_writes_torch_saves_bytes_and_describes_them(tmp_path: Path, 
     state, path = _state(), tmp_path / "mp_rank_00_model_states.pt"
     entry = writer.write(state, path, durable=durable, zipfile=zipfile)
     expected = io.BytesIO()  # torch.save to a file object: what the writer hands torch.save
-    with without_zip_crc32():
+    with writer.without_zip_crc32():
         torch.save(state, expected, _use_new_zipfile_serialization=zipfile)
     assert path.read_bytes() == expected.getvalue()
     if not zipfile:  # the legacy format (DeepSpeed's default) does not name the archive after the file
-        with without_zip_crc32():
+        with writer.without_zip_crc32():
             torch.save(state, tmp_path / "by_path.pt", _use_new_zipfile_serialization=False)
         assert path.read_bytes() == (tmp_path / "by_path.pt").read_bytes()
     assert entry["size"] == path.stat().st_size and entry["xxh3_64"] == file_checksum(path)
