@@ -18,9 +18,10 @@
    saving every 8 (`--async-iters`, `--async-save-interval`), synchronously and asynchronously.
    `--async-only --async-config configs/gpt2_125m.yaml --async-override ...` runs only this part, on
    another config (benchmarks/gpu_check.sh on a GPU). Reported: the synchronous save, the blocking
-   part of an asynchronous one (`checkpoint_block_seconds`: the host copy) and its background part
-   (`checkpoint_write_seconds`), and the median step of the steps that ran while a background write
-   was in flight against the synchronous run's median step and against the asynchronous run's steps
+   part of an asynchronous one (`checkpoint_block_seconds`: the save call and the next optimizer
+   step's wait for the host copy) and its background part (`checkpoint_write_seconds`: the copy
+   too), and the median step of the steps that ran while a background write was in flight (the
+   first of them made the copy) against the synchronous run's median step and against the asynchronous run's steps
    without a write (the first 2 steps of each run left out).
 """
 

@@ -97,9 +97,10 @@ def save_checkpoint(
     island k > 0 keeps its own DeepSpeed files under `island_k/` for an exact resume.
 
     `background` (checkpoint.async_save): after waiting for the save in flight, DeepSpeed's files are
-    captured as host copies and the rest of the sequence (writing them, hashing, MANIFEST, `latest`)
-    runs in its writer thread, on its own process group (background.py); the call returns once the
-    copies are taken.
+    captured as host copies and the rest of the sequence (filling the copies, writing them, hashing,
+    MANIFEST, `latest`) runs in its writer thread, on its own process group (background.py); the
+    call returns once the copies are laid out, and the next optimizer step waits until they are filled
+    (BackgroundSave.before_update).
     """
     if background is not None:
         background.wait()  # at most one save in flight; raises its failure on every rank

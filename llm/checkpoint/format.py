@@ -110,10 +110,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def build_meta(state: dict[str, Any], cfg: Config, *, zero_stage: int, world_size: int) -> dict[str, Any]:
     """What `llm_meta.json` holds for a checkpoint saved by training. The config is the run's, less how
-    the checkpoint was written (checkpoint.async_save): an asynchronous save writes the same bytes
-    as a synchronous one."""
+    the checkpoint was written (checkpoint.async_save, and the debug settings that slow its parts):
+    an asynchronous save writes the same bytes as a synchronous one."""
     config = cfg.to_dict()
     config["checkpoint"].pop("async_save", None)
+    for name in ("checkpoint_write_delay_seconds", "checkpoint_copy_delay_seconds"):
+        config["debug"].pop(name, None)
     return dict(
         state,
         config=config,

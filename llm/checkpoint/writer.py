@@ -49,6 +49,7 @@ import xxhash
 from torch.utils.serialization import config as serialization_config
 
 from llm.checkpoint.format import CHECKSUM
+from llm.engine.internals import storage_key
 
 PART = 32 << 20  # bytes between two flushes behind the writer
 _SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
@@ -159,7 +160,7 @@ def write(
 ) -> dict[str, Any]:
     """torch.save(obj, path) as a checkpoint writes it: without the zip format's CRC-32, hashed while
     written, flushed behind when `durable`. Returns the file's description (see `record`).
-    `locations`: storages (by data pointer) to record as saved from another device than their own:
+    `locations`: storages (by internals.storage_key) to record as saved from another device than their own:
     an asynchronous save's host copy of a GPU tensor is written as that GPU tensor (torch.save
     records each storage's device), so the file is the synchronous save's, byte for byte."""
     f = StreamedFile(path, durable=durable)
@@ -172,13 +173,13 @@ def write(
     return f.close()
 
 
-_saved_from: dict[int, str] = {}  # while writing: data pointer of a host copy -> the device it was copied from
+_saved_from: dict[int, str] = {}  # while writing: storage_key of a host copy -> the device it was copied from
 _tagger_registered = False
 
 
 def _location_of_copy(storage: Any) -> str | None:
     """torch.save's location tagger for the storages in _saved_from (None: torch's own taggers decide)."""
-    return _saved_from.get(storage.data_ptr()) if _saved_from else None
+    return _saved_from.get(storage_key(storage)) if _saved_from else None
 
 
 @contextlib.contextmanager

@@ -337,6 +337,10 @@ class DebugConfig:
     # A slow disk: the background checkpoint writer (checkpoint.async_save) waits this long before
     # writing, so that a test can kill a process while a write is in flight.
     checkpoint_write_delay_seconds: float = 0.0
+    # The host copy of an asynchronous save waits this long before it copies, so that the next step's
+    # forward and backward run first: a test that they change nothing saved and that the optimizer
+    # step waits for the copy.
+    checkpoint_copy_delay_seconds: float = 0.0
     # train.precision: fp8 on CPU, through torch's reference FP8 matmul: slow, and for tests of the FP8
     # path on a machine without an FP8 GPU only (a real run on CPU is refused).
     fp8_on_cpu: bool = False

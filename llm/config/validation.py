@@ -108,6 +108,7 @@ _RANGES: dict[str, str] = {
     "checkpoint.save_interval": "positive",
     "checkpoint.keep_last": "positive",
     "debug.checkpoint_write_delay_seconds": "non-negative",
+    "debug.checkpoint_copy_delay_seconds": "non-negative",
 }
 
 

@@ -3,7 +3,8 @@
 DeepSpeed's public engine API has no call for: the names of the files a save writes, the order in
 which an optimizer holds its parameters, the fp32 master copies beside the module's parameters,
 ZeRO's fp32 partitions and their per-parameter fragments, creating AdamW's state before the first
-step, the step counters, or the writer a save goes through. Checkpoints (`llm.checkpoint.engine`,
+step, the step counters, or the writer a save goes through (nor has torch for a storage's identity
+as torch.save sees it). Checkpoints (`llm.checkpoint.engine`,
 `llm.checkpoint.reshard`) and DiLoCo's outer step (`llm.training.diloco`) need each of them; they ask
 here. These attributes change between DeepSpeed releases without notice: importing this module with
 an untested version fails at once (`compat.py`), and nothing outside `llm/engine/` reads them
@@ -171,6 +172,13 @@ def zipfile_serialization(engine: Any) -> bool:
     `checkpoint.serialization` setting; its default is the legacy format): a writer elsewhere
     (checkpoint.background) writes the same bytes with it."""
     return bool(getattr(engine.checkpoint_engine, "zipfile_serialization", False))
+
+
+def storage_key(storage: Any) -> int:
+    """A storage's identity as torch.save tells storages apart (torch's own private `_cdata`, the
+    address of the storage it wraps): tensors that share it are written as one record. Data pointers
+    are not that: every empty storage has the same one."""
+    return int(storage._cdata)
 
 
 def register_expert_groups(name: str, *, ep: tuple[Any, list[int]], edp: tuple[Any, list[int]]) -> None:

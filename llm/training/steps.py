@@ -55,7 +55,8 @@ class Steps:
         self.profiling = False  # a profiler runs: the step's parts are named ranges (llm.training.profile)
         # checkpoint.async_save: the save in flight (None: every save completes before it returns)
         self.background = (
-            BackgroundSave(ctx, delay_seconds=cfg.debug.checkpoint_write_delay_seconds)
+            BackgroundSave(ctx, delay_seconds=cfg.debug.checkpoint_write_delay_seconds,
+                           copy_delay_seconds=cfg.debug.checkpoint_copy_delay_seconds)  # fmt: skip
             if cfg.checkpoint.async_save
             else None
         )
@@ -71,6 +72,13 @@ class Steps:
         multiplies the loss before backward, so its gradients (NaN, or huge before clipping) reach the
         weights as a real spike's would."""
         raise NotImplementedError
+
+    def _before_update(self) -> None:
+        """Before the optimizer step changes the weights and optimizer state: an asynchronous save's
+        host copy, made while this step's forward and backward ran, is complete."""
+        if self.background is not None:
+            with step_part("llm/checkpoint_copy_wait", self.profiling):
+                self.background.before_update()
 
     def _inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return rank_inputs(tokens, self.cfg.data, self.ctx)
@@ -142,6 +150,8 @@ class PlainSteps(Steps):
                 loss = loss * scale
             with step_part("llm/backward", on):
                 self.engine.backward(scale_grad(loss, self.plan.cp_grad_factor))
+            if micro == accum - 1:  # DeepSpeed's step changes nothing saved before the boundary
+                self._before_update()
             with step_part("llm/optimizer_step", on):  # the gradient reduction too, where DeepSpeed does it here
                 self.engine.step()
             total = loss.detach() if total is None else total + loss.detach()
@@ -169,6 +179,7 @@ class PipelineSteps(Steps):
         lr = float(self.engine.get_lr()[0])
         loss_fn = self.engine.module.loss_fn
         loss_fn.factor, loss_fn.grad_factor = scale, self.plan.cp_grad_factor
+        self._before_update()  # one call runs the whole step, its optimizer step too
         try:
             with step_part("llm/pipeline_schedule", self.profiling):  # data, stages, reduction and step
                 loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data, self.ctx))

@@ -300,13 +300,22 @@ class Trainer:
         path = self.steps.save(state, rank_state)
         seconds = time.perf_counter() - start
         if self.steps.background is not None:  # checkpoint.async_save: the rest happens in the writer thread
-            self.metrics.log({"iteration": self.state.iteration, "checkpoint_block_seconds": seconds})
-            logger.info("checkpoint %s: state copied in %.2f s, writing in the background", path, seconds)
+            self.steps.background.blocked(self.state.iteration, seconds)
+            logger.info("checkpoint %s: copying and writing in the background", path)
             return
         size = checkpoint_bytes(path)
         self.metrics.log({"iteration": self.state.iteration, "checkpoint_save_seconds": seconds,
                           "checkpoint_bytes": size})  # fmt: skip
         logger.info("saved checkpoint %s (%.1f MB in %.2f s)", path, size / 2**20, seconds)
+
+    def _background_copied(self) -> None:
+        """Logs how long training waited for the save in flight, once its host copy is taken: the save
+        call, and the optimizer step's wait for the copy (also in that step's time)."""
+        bg = self.steps.background
+        block = bg.take_block() if bg is not None else None
+        if block is not None:
+            self.metrics.log({"iteration": block[0], "checkpoint_block_seconds": block[1]})
+            logger.info("checkpoint at iteration %d: state copied, training waited %.2f s", *block)
 
     def _background_saved(self) -> None:
         """Logs the background save that just finished (its time and size)."""
@@ -321,7 +330,11 @@ class Trainer:
     def _await_background(self) -> None:
         """Until the save in flight is complete (raises its failure, agreed by every rank)."""
         bg = self.steps.background
-        if bg is not None and bg.wait():
+        if bg is None:
+            return
+        finished = bg.wait()
+        self._background_copied()
+        if finished:
             self._background_saved()
 
     def _poll_background(self) -> None:
@@ -332,6 +345,7 @@ class Trainer:
             return
         if self.ctx.any_rank(bg.failed):
             bg.wait()  # raises the CheckpointSaveError every rank's writer agreed on
+        self._background_copied()
         if bg.finished():
             self._background_saved()
 

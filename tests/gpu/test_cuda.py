@@ -225,9 +225,12 @@ def test_the_planner_does_not_underestimate_what_a_block_keeps_on_cuda(architect
 
 
 def test_an_async_save_of_cuda_tensors_is_pinned_and_writes_the_sync_saves_bytes(tmp_path: Path) -> None:
-    """checkpoint.async_save on a GPU: the host copies go into page-locked shared memory, hold the
-    values at the save while training goes on, and the writer process writes the bytes torch.save of
-    the CUDA state dict writes (each storage's device recorded as the synchronous save records it)."""
+    """checkpoint.async_save on a GPU: the host copies go into page-locked shared memory, made on a
+    stream of their own after every kernel the training stream had queued before the save (here a
+    change of the weights queued behind long matmuls), hold the values at the save while training goes
+    on after before_update, and the writer process writes the bytes torch.save of the CUDA state dict
+    writes (each storage's device recorded as the synchronous save records it; the zip format, as
+    DeepSpeed writes: the legacy one names storages by their address)."""
     from llm.checkpoint import writer
     from llm.checkpoint.background import BackgroundSave, WriterProcess
     from llm.parallel.process_groups import ParallelContext
@@ -235,15 +238,21 @@ def test_an_async_save_of_cuda_tensors_is_pinned_and_writes_the_sync_saves_bytes
     w = torch.randn(256, 64, device="cuda")
     state = {"w": w, "view": w[2:5], "exp_avg": torch.randn(1000, device="cuda"), "ids": torch.arange(4), "step": 7}
     background, process = BackgroundSave(ParallelContext.single()), WriterProcess()
+    written: list[dict] = []
     try:
-        for zipfile in (True, False):
-            writer.write(state, tmp_path / "sync.pt", durable=True, zipfile=zipfile)
-            background.buffers.rewind()
-            copied, devices = background.copy(state)
-            assert copied["w"].is_pinned() and copied["exp_avg"].is_pinned() and not copied["w"].is_cuda
-            w.add_(1.0)  # training goes on
-            process.save(copied, str(tmp_path / "async.pt"), zipfile=zipfile, durable=True, devices=devices)
-            w.sub_(1.0)
-            assert (tmp_path / "async.pt").read_bytes() == (tmp_path / "sync.pt").read_bytes()
+        busy = torch.randn(4096, 4096, device="cuda")
+        for _ in range(50):  # the training stream busy for a while
+            busy = busy @ busy.T / 4096
+        w.mul_(2.0)  # queued behind the matmuls: the copy must see it
+        copied, devices = background.copy(state)
+        assert copied["w"].is_pinned() and copied["exp_avg"].is_pinned() and not copied["w"].is_cuda
+        background.start(lambda ctx: written.append(process.save(copied, str(tmp_path / "async.pt"), zipfile=True,
+                                                                 durable=True, devices=devices)), tmp_path)  # fmt: skip
+        background.before_update()
+        w.add_(1.0)  # the optimizer step: after the copy
+        assert background.wait() and written
+        w.sub_(1.0)
+        writer.write(state, tmp_path / "sync.pt", durable=True, zipfile=True)
+        assert (tmp_path / "async.pt").read_bytes() == (tmp_path / "sync.pt").read_bytes()
     finally:
         process.process.kill()

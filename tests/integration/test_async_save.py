@@ -52,8 +52,10 @@ def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
     nproc: int, extra: list[str], builtin_prefix: Path, tmp_path: Path
 ) -> None:
     """The same run saved synchronously and asynchronously (same run directory, one after the other):
-    every file of every checkpoint, MANIFEST included, byte for byte. The asynchronous run's metrics
-    hold the blocking and the background part of each save. Resumed from its checkpoint at iteration
+    every file of every checkpoint, MANIFEST included, byte for byte, though each host copy was made
+    after the next step's forward and backward (debug.checkpoint_copy_delay_seconds). The
+    asynchronous run's metrics hold the blocking part of each save (which includes the optimizer
+    step's wait for the copy) and the background part. Resumed from its checkpoint at iteration
     4: bitwise the same steps at the same layout, the same curve at another (one process, ZeRO 0).
     No torch file of the checkpoints records a zip CRC-32 (writer.without_zip_crc32)."""
     run_dir = tmp_path / "run"
@@ -61,12 +63,16 @@ def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
     check(run(launch_cmd(nproc, *tiny_args(builtin_prefix, run_dir, *args))))
     sync = _files(run_dir / "checkpoints")
     shutil.rmtree(run_dir)
-    check(run(launch_cmd(nproc, *tiny_args(builtin_prefix, run_dir, *args, "checkpoint.async_save=true"))))
+    # each host copy starts 1 s late: the next step's forward and backward run first
+    check(run(launch_cmd(nproc, *tiny_args(builtin_prefix, run_dir, *args, "checkpoint.async_save=true",
+                                           "debug.checkpoint_copy_delay_seconds=1"))))  # fmt: skip
     asynchronous = _files(run_dir / "checkpoints")
     assert sorted(asynchronous) == sorted(sync) and any(n.endswith("MANIFEST.json") for n in sync)
     assert [n for n in sync if sync[n] != asynchronous[n]] == []
     records = read_metrics(run_dir)
-    assert [r["iteration"] for r in records if "checkpoint_block_seconds" in r] == [2, 4, 6]
+    blocks = {r["iteration"]: r["checkpoint_block_seconds"] for r in records if "checkpoint_block_seconds" in r}
+    assert sorted(blocks) == [2, 4, 6]
+    assert blocks[2] >= 0.9 and blocks[4] >= 0.9  # the next optimizer step waited for the copy
     assert [r["iteration"] for r in records if "checkpoint_write_seconds" in r] == [2, 4, 6]
     assert not [r for r in records if "checkpoint_save_seconds" in r]
 
@@ -81,6 +87,23 @@ def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
     # torch.save computed no zip CRC-32 (torch.load never reads it; MANIFEST's checksums are what is
     # checked): not in the saves, nor in the universal form the resume at another layout wrote
     assert (ckpt / "universal").is_dir() and _zip_crcs(run_dir / "checkpoints") == {0}
+
+
+def test_zero3_async_saves_write_the_bytes_of_sync_saves(builtin_prefix: Path, tmp_path: Path) -> None:
+    """ZeRO 3's files hold what the ZeRO 1 test's do not: an empty placeholder per partitioned
+    parameter and flat fp32 groups carrying a Python attribute (DeepSpeed's `ds_id`). The same run
+    saved synchronously and asynchronously (the copy of the save at 2 made after step 3's forward and
+    backward): every file byte for byte."""
+    run_dir = tmp_path / "run"
+    args = ["train.train_iters=3", "checkpoint.save_interval=2", "deepspeed_config=configs/deepspeed/zero3.json"]
+    check(run(launch_cmd(2, *tiny_args(builtin_prefix, run_dir, *args))))
+    sync = _files(run_dir / "checkpoints")
+    shutil.rmtree(run_dir)
+    check(run(launch_cmd(2, *tiny_args(builtin_prefix, run_dir, *args, "checkpoint.async_save=true",
+                                       "debug.checkpoint_copy_delay_seconds=1"))))  # fmt: skip
+    asynchronous = _files(run_dir / "checkpoints")
+    assert sorted(asynchronous) == sorted(sync) and any("zero_pp_rank_1" in n for n in sync)
+    assert [n for n in sync if sync[n] != asynchronous[n]] == []
 
 
 def test_a_process_killed_during_a_background_write_resumes_from_the_previous_checkpoint(
@@ -102,7 +125,7 @@ def test_a_process_killed_during_a_background_write_resumes_from_the_previous_ch
     assert proc.stdout is not None
     for line in proc.stdout:
         seen.append(line)
-        if "iter_0000004: state copied" in line or time.time() > deadline:
+        if "iter_0000004: copying and writing" in line or time.time() > deadline:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)

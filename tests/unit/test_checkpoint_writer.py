@@ -18,6 +18,7 @@ import torch
 from llm.checkpoint import writer
 from llm.checkpoint.format import file_checksum
 from llm.checkpoint.pickles import load_file
+from llm.engine.internals import storage_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,7 +144,7 @@ def test_a_host_copy_is_written_as_the_device_tensor_it_copies(tmp_path: Path, z
     that GPU (what torch.save of the original records), the other storages as they are, and only
     within that write."""
     state = _state()
-    locations = {state["w"].untyped_storage().data_ptr(): "cuda:0"}
+    locations = {storage_key(state["w"].untyped_storage()): "cuda:0"}
     writer.write(state, tmp_path / "copy.pt", durable=False, zipfile=zipfile, locations=locations)
     writer.write(state, tmp_path / "after.pt", durable=False, zipfile=zipfile)
     for name, expected in (("copy.pt", ["cpu", "cuda:0"]), ("after.pt", ["cpu", "cpu"])):
