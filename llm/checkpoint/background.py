@@ -367,6 +367,7 @@ class BackgroundSave:
     def wait(self) -> bool:
         """Until the save in flight is done; raises its error. True when there was one."""
         self.buffers.rewind()  # no save in flight after this: the next one may reuse every buffer
+        self._pairs = []  # nor copies laid out by a save that failed before it started
         if self._thread is None:
             return False
         self._thread.join()
