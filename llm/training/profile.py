@@ -8,8 +8,8 @@ write to `<logging.dir>/profile/`:
     summary_rank00000.txt    the table below, also logged
 
 The table splits one step (the mean over the profiled steps) into what llm's steps annotate
-(`STEP_PARTS`: data, forward, backward, optimizer step; under pipeline parallelism the whole
-schedule is one part), the collectives inside them (NCCL kernels on a GPU, gloo calls on CPU), and
+(`STEP_PARTS`: data, forward, backward, the wait for an asynchronous save's host copy, optimizer
+step; under pipeline parallelism the whole schedule is one part), the collectives inside them (NCCL kernels on a GPU, gloo calls on CPU), and
 the rest of the wall time. On a GPU each part shows its host time (what the Python thread spent)
 and its device time (the kernels it launched), and the device's idle time: the wall time no kernel
 ran, which is what host overhead and synchronisations cost a GPU.
@@ -28,7 +28,9 @@ import torch
 logger = logging.getLogger("llm")
 
 # The ranges Steps opens while a profiler runs (llm.training.steps), in the table's order.
-STEP_PARTS = ("llm/data", "llm/forward", "llm/backward", "llm/optimizer_step", "llm/pipeline_schedule")
+# checkpoint_copy_wait: the optimizer step waiting for an asynchronous save's host copy (present only then).
+STEP_PARTS = ("llm/data", "llm/forward", "llm/backward", "llm/checkpoint_copy_wait", "llm/optimizer_step",
+              "llm/pipeline_schedule")  # fmt: skip
 
 
 _NOTHING = contextlib.nullcontext()
