@@ -72,7 +72,7 @@ def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
     records = read_metrics(run_dir)
     blocks = {r["iteration"]: r["checkpoint_block_seconds"] for r in records if "checkpoint_block_seconds" in r}
     assert sorted(blocks) == [2, 4, 6]
-    assert blocks[2] >= 0.9 and blocks[4] >= 0.9  # the next optimizer step waited for the copy
+    assert blocks[2] > 0.5 and blocks[4] > 0.5  # the next optimizer step waited for the copy (1 s late)
     assert [r["iteration"] for r in records if "checkpoint_write_seconds" in r] == [2, 4, 6]
     assert not [r for r in records if "checkpoint_save_seconds" in r]
 
