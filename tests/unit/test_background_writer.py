@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from llm.checkpoint import writer
-from llm.checkpoint.background import BackgroundSave, WriterProcess
+from llm.checkpoint.background import BackgroundSave, HostBuffers, WriterProcess, copy_storages
 from llm.checkpoint.format import file_checksum
 from llm.parallel.process_groups import ParallelContext
 
@@ -79,3 +80,26 @@ def test_the_writer_process_writes_a_host_copy_as_torch_save_writes_the_original
         process.process.kill()
     writer.write(state, tmp_path / "sync.pt", durable=False, zipfile=True)
     assert (tmp_path / "async.pt").read_bytes() == (tmp_path / "sync.pt").read_bytes()
+
+
+def test_the_host_copy_leaves_the_interpreter_to_the_training_thread() -> None:
+    """copy_storages runs beside training: while it copies 256 MB, the training thread runs Python
+    (here: wakes from 1 ms waits; a storage's copy_ would hold the interpreter lock for the whole
+    copy, and the training thread would first run once the copy is done)."""
+    source = torch.ones(256 << 20, dtype=torch.uint8).untyped_storage()
+    buffer = HostBuffers().take(source)
+    started, done = threading.Event(), threading.Event()
+
+    def copy() -> None:
+        started.set()
+        copy_storages([(source, buffer)])
+        done.set()
+
+    thread = threading.Thread(target=copy)
+    thread.start()
+    started.wait()
+    woke = 0
+    while not done.wait(0.001):
+        woke += 1
+    thread.join()
+    assert woke > 0 and bytes(buffer[-8:]) == b"\x01" * 8
