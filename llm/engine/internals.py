@@ -3,7 +3,8 @@
 DeepSpeed's public engine API has no call for: the names of the files a save writes, the order in
 which an optimizer holds its parameters, the fp32 master copies beside the module's parameters,
 ZeRO's fp32 partitions and their per-parameter fragments, creating AdamW's state before the first
-step, the step counters, or the writer a save goes through (nor has torch for a storage's identity
+step, the step counters, the writer a save goes through, or a call before the pipeline engine's
+optimizer step (nor has torch for a storage's identity
 as torch.save sees it). Checkpoints (`llm.checkpoint.engine`,
 `llm.checkpoint.reshard`) and DiLoCo's outer step (`llm.training.diloco`) need each of them; they ask
 here. These attributes change between DeepSpeed releases without notice: importing this module with
@@ -172,6 +173,24 @@ def zipfile_serialization(engine: Any) -> bool:
     `checkpoint.serialization` setting; its default is the legacy format): a writer elsewhere
     (checkpoint.background) writes the same bytes with it."""
     return bool(getattr(engine.checkpoint_engine, "zipfile_serialization", False))
+
+
+def before_pipeline_optimizer_step(engine: Any, hook: Callable[[], None]) -> None:
+    """Calls `hook()` each time DeepSpeed's pipeline engine is about to take its optimizer step,
+    inside the schedule `train_batch` runs: after the batch's forward and backward passes and
+    gradient reductions. The engine runs the schedule's instructions through its class's table of
+    them; this engine gets a table of its own with the optimizer step wrapped."""
+    from deepspeed.runtime.pipe.schedule import OptimizerStep
+
+    table = dict(type(engine)._INSTRUCTION_MAP)
+    step = table[OptimizerStep]
+
+    def hooked(self: Any, **kwargs: Any) -> Any:
+        hook()
+        return step(self, **kwargs)
+
+    table[OptimizerStep] = hooked
+    engine._INSTRUCTION_MAP = table
 
 
 def storage_key(storage: Any) -> int:

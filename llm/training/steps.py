@@ -26,6 +26,7 @@ from llm.checkpoint.engine import load_checkpoint, save_checkpoint
 from llm.checkpoint.rng import restore_rng_state
 from llm.config import Config, DataConfig
 from llm.engine.deepspeed_config import OptimizerPlan
+from llm.engine.internals import before_pipeline_optimizer_step
 from llm.model.inputs import model_inputs
 from llm.model.moe import moe_metrics, update_expert_bias
 from llm.parallel.cp_attention import cp_shard, scale_grad
@@ -174,12 +175,19 @@ class PipelineSteps(Steps):
     stage. A spike's scale is applied inside the last stage's loss function, before backward (the loss
     function runs inside DeepSpeed's schedule)."""
 
+    def __init__(
+        self, engine: Any, cfg: Config, ctx: ParallelContext, plan: OptimizerPlan, rng: RNGTracker
+    ) -> None:
+        super().__init__(engine, cfg, ctx, plan, rng)
+        background = self.background
+        if background is not None:  # inside the schedule, after the batch's forward and backward passes
+            before_pipeline_optimizer_step(engine, background.before_update)
+
     def train(self, batches: Iterator[torch.Tensor], scale: float | None, global_batch: int) -> StepResult:
         self._scale_auxiliary_losses(self._accumulation(global_batch))
         lr = float(self.engine.get_lr()[0])
         loss_fn = self.engine.module.loss_fn
         loss_fn.factor, loss_fn.grad_factor = scale, self.plan.cp_grad_factor
-        self._before_update()  # one call runs the whole step, its optimizer step too
         try:
             with step_part("llm/pipeline_schedule", self.profiling):  # data, stages, reduction and step
                 loss = self.engine.train_batch(data_iter=pipeline_pairs(batches, self.cfg.data, self.ctx))

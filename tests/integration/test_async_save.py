@@ -89,21 +89,31 @@ def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
     assert (ckpt / "universal").is_dir() and _zip_crcs(run_dir / "checkpoints") == {0}
 
 
-def test_zero3_async_saves_write_the_bytes_of_sync_saves(builtin_prefix: Path, tmp_path: Path) -> None:
-    """ZeRO 3's files hold what the ZeRO 1 test's do not: an empty placeholder per partitioned
-    parameter and flat fp32 groups carrying a Python attribute (DeepSpeed's `ds_id`). The same run
-    saved synchronously and asynchronously (the copy of the save at 2 made after step 3's forward and
-    backward): every file byte for byte."""
+@pytest.mark.parametrize(
+    "layout",
+    [["deepspeed_config=configs/deepspeed/zero3.json"], ["parallel.pipeline_model_parallel_size=2"]],
+    ids=["dp2_zero3", "pp2"],
+)
+def test_async_saves_of_zero3_and_pipeline_runs_write_the_bytes_of_sync_saves(
+    layout: list[str], builtin_prefix: Path, tmp_path: Path
+) -> None:
+    """What the ZeRO 1 test does not cover. ZeRO 3's files hold an empty placeholder per partitioned
+    parameter and flat fp32 groups carrying a Python attribute (DeepSpeed's `ds_id`). Under pipeline
+    parallelism DeepSpeed runs a whole step in one call, and the optimizer step waits for the copy
+    inside its schedule. The same run saved synchronously and asynchronously (the copy of the save
+    at 2 made after step 3's forward and backward): every file byte for byte, and step 3 waited."""
     run_dir = tmp_path / "run"
-    args = ["train.train_iters=3", "checkpoint.save_interval=2", "deepspeed_config=configs/deepspeed/zero3.json"]
+    args = ["train.train_iters=3", "checkpoint.save_interval=2", *layout]
     check(run(launch_cmd(2, *tiny_args(builtin_prefix, run_dir, *args))))
     sync = _files(run_dir / "checkpoints")
     shutil.rmtree(run_dir)
     check(run(launch_cmd(2, *tiny_args(builtin_prefix, run_dir, *args, "checkpoint.async_save=true",
                                        "debug.checkpoint_copy_delay_seconds=1"))))  # fmt: skip
     asynchronous = _files(run_dir / "checkpoints")
-    assert sorted(asynchronous) == sorted(sync) and any("zero_pp_rank_1" in n for n in sync)
+    assert sorted(asynchronous) == sorted(sync) and any("rank_01" in n or "zero_pp_rank_1" in n for n in sync)
     assert [n for n in sync if sync[n] != asynchronous[n]] == []
+    blocks = {r["iteration"]: r["checkpoint_block_seconds"] for r in read_metrics(run_dir) if "checkpoint_block_seconds" in r}
+    assert sorted(blocks) == [2, 3] and blocks[2] > 0.5
 
 
 def test_a_process_killed_during_a_background_write_resumes_from_the_previous_checkpoint(
