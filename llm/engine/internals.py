@@ -4,9 +4,9 @@ DeepSpeed's public engine API has no call for: the names of the files a save wri
 which an optimizer holds its parameters, the fp32 master copies beside the module's parameters,
 ZeRO's fp32 partitions and their per-parameter fragments, creating AdamW's state before the first
 step, the step counters, the writer a save goes through, or a call before the pipeline engine's
-optimizer step (nor has torch for a storage's identity
-as torch.save sees it). Checkpoints (`llm.checkpoint.engine`,
-`llm.checkpoint.reshard`) and DiLoCo's outer step (`llm.training.diloco`) need each of them; they ask
+optimizer step (nor has torch a public name for a storage's identity as torch.save sees it).
+Checkpoints (`llm.checkpoint.engine`, `llm.checkpoint.reshard`), DiLoCo's outer step
+(`llm.training.diloco`) and the training steps (`llm.training.steps`) need each of them; they ask
 here. These attributes change between DeepSpeed releases without notice: importing this module with
 an untested version fails at once (`compat.py`), and nothing outside `llm/engine/` reads them
 (tests/unit/test_layering.py).

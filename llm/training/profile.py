@@ -9,8 +9,8 @@ write to `<logging.dir>/profile/`:
 
 The table splits one step (the mean over the profiled steps) into what llm's steps annotate
 (`STEP_PARTS`: data, forward, backward, the wait for an asynchronous save's host copy, optimizer
-step; under pipeline parallelism the whole schedule is one part), the collectives inside them (NCCL kernels on a GPU, gloo calls on CPU), and
-the rest of the wall time. On a GPU each part shows its host time (what the Python thread spent)
+step; under pipeline parallelism the whole schedule is one part), the collectives inside them (NCCL
+kernels on a GPU, gloo calls on CPU), and the rest of the wall time. On a GPU each part shows its host time (what the Python thread spent)
 and its device time (the kernels it launched), and the device's idle time: the wall time no kernel
 ran, which is what host overhead and synchronisations cost a GPU.
 """

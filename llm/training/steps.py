@@ -181,6 +181,7 @@ class PipelineSteps(Steps):
         super().__init__(engine, cfg, ctx, plan, rng)
         background = self.background
         if background is not None:  # inside the schedule, after the batch's forward and backward passes
+            # (not a profiler range of its own: the whole schedule is one)
             before_pipeline_optimizer_step(engine, background.before_update)
 
     def train(self, batches: Iterator[torch.Tensor], scale: float | None, global_batch: int) -> StepResult:
