@@ -21,8 +21,8 @@
    part of an asynchronous one (`checkpoint_block_seconds`: the save call and the next optimizer
    step's wait for the host copy) and its background part (`checkpoint_write_seconds`: the copy
    too), and the median step of the steps that ran while a background write was in flight (the
-   first of them made the copy) against the synchronous run's median step and against the asynchronous run's steps
-   without a write (the first 2 steps of each run left out).
+   first of them made the copy) against the synchronous run's median step and against the
+   asynchronous run's steps without a write (the first 2 steps of each run left out).
 """
 
 from __future__ import annotations

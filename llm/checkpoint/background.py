@@ -248,10 +248,13 @@ def _writer_main(requests: Any, replies: Any, parent: int) -> None:
             continue
         path, state, attributes, zipfile, durable, devices = item
         try:  # as the training process's saves write (the same bytes), hashed while written
-            for i, t in enumerate(_tensors(state, attributes=False)):
-                vars(t).update(attributes.get(i, {}))
-            tensors = _tensors(state)
-            locations = {storage_key(tensors[i].untyped_storage()): device for i, device in devices.items()}
+            if attributes:
+                for i, t in enumerate(_tensors(state, attributes=False)):
+                    vars(t).update(attributes.get(i, {}))
+            locations = {}
+            if devices:  # copies of GPU tensors
+                tensors = _tensors(state)
+                locations = {storage_key(tensors[i].untyped_storage()): device for i, device in devices.items()}
             replies.put(("ok", writer.write(state, path, durable=durable, zipfile=zipfile, locations=locations)))
         except (OSError, RuntimeError) as e:
             replies.put(("error", getattr(e, "errno", None), getattr(e, "strerror", None) or str(e)))
