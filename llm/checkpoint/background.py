@@ -334,7 +334,8 @@ class BackgroundSave:
             self._block = (self._block[0], self._block[1] + time.perf_counter() - start)
 
     def blocked(self, iteration: int, seconds: float) -> None:
-        """The save at `iteration` kept training waiting `seconds` (the save call)."""
+        """The save at `iteration` kept training waiting `seconds` (the save call, and the wait for the
+        save before it)."""
         self._block = (iteration, seconds)
 
     def take_block(self) -> tuple[int, float] | None:

@@ -291,7 +291,9 @@ class Trainer:
         return False
 
     def _save(self) -> None:
+        waited = time.perf_counter()
         self._await_background()  # at most one save in flight
+        waited = time.perf_counter() - waited  # a write longer than the save interval stalls training here
         self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
         self.state.spike_history = list(self.spikes.history)
         state = dict(asdict(self.state), tokenizer_fingerprint=self.tokenizer_fingerprint)
@@ -300,7 +302,7 @@ class Trainer:
         path = self.steps.save(state, rank_state)
         seconds = time.perf_counter() - start
         if self.steps.background is not None:  # checkpoint.async_save: the rest happens in the writer thread
-            self.steps.background.blocked(self.state.iteration, seconds)
+            self.steps.background.blocked(self.state.iteration, waited + seconds)
             logger.info("checkpoint %s: copying and writing in the background", path)
             return
         size = checkpoint_bytes(path)
@@ -309,8 +311,9 @@ class Trainer:
         logger.info("saved checkpoint %s (%.1f MB in %.2f s)", path, size / 2**20, seconds)
 
     def _background_copied(self) -> None:
-        """Logs how long training waited for the save in flight, once its host copy is taken: the save
-        call, and the optimizer step's wait for the copy (also in that step's time)."""
+        """Logs how long training waited for the save in flight, once its host copy is taken: the wait
+        for the save before it, the save call, and the optimizer step's wait for the copy (also in
+        that step's time)."""
         bg = self.steps.background
         block = bg.take_block() if bg is not None else None
         if block is not None:

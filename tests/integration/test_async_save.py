@@ -156,7 +156,8 @@ def test_keep_last_with_async_saves_never_leaves_the_run_without_a_complete_chec
     """checkpoint.keep_last=1 with a save every step, each background write slowed by 1 s: watched
     from outside while the run goes, `latest` always names a complete checkpoint (a MANIFEST), and the
     previous checkpoint stays until the next one is complete (pruning runs after `latest` moved). At
-    the end only the last checkpoint is left."""
+    the end only the last checkpoint is left. Each save waited for the previous write, and its
+    blocking time says so."""
     run_dir = tmp_path / "run"
     args = ["train.train_iters=5", "checkpoint.save_interval=1", "checkpoint.keep_last=1", "checkpoint.async_save=true",
             "debug.checkpoint_write_delay_seconds=1"]  # fmt: skip
@@ -184,3 +185,6 @@ def test_keep_last_with_async_saves_never_leaves_the_run_without_a_complete_chec
     assert writing_seen and len(observed) >= 3, (observed, writing_seen)  # the watch saw saves in flight
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000005"]
     assert (ckpt / "latest").read_text().strip() == "iter_0000005"
+    blocks = {r["iteration"]: r["checkpoint_block_seconds"] for r in read_metrics(run_dir) if "checkpoint_block_seconds" in r}
+    assert sorted(blocks) == [1, 2, 3, 4, 5]
+    assert min(blocks[i] for i in (2, 3, 4, 5)) > 0.5, blocks  # the previous write (1 s late) was not done
