@@ -14,15 +14,21 @@
    the page cache (what verifying it costs; a save hashes its torch files while writing them), and
    that against the save, and the save against a training step.
 3. Asynchronous saves (checkpoint.async_save) on a model whose synchronous save takes seconds
-   (GPT-2 125M shape, fp32 weights and AdamW state: about 1.4 GB per save): the same run of 32 steps
-   saving every 8 (`--async-iters`, `--async-save-interval`), synchronously and asynchronously.
+   (GPT-2 125M shape, fp32 weights and AdamW state: about 1.4 GB per save): the same run of 96 steps
+   saving every 32 (`--async-iters`, `--async-save-interval`: on this 2-core machine a background
+   write takes 8-11 s beside training, so saves must be further apart than 16 steps, 9 s, or each
+   waits for the write before it), synchronously and asynchronously.
    `--async-only --async-config configs/gpt2_125m.yaml --async-override ...` runs only this part, on
    another config (benchmarks/gpu_check.sh on a GPU). Reported: the synchronous save, the blocking
-   part of an asynchronous one (`checkpoint_block_seconds`: the save call and the next optimizer
-   step's wait for the host copy) and its background part (`checkpoint_write_seconds`: the copy
+   part of an asynchronous one (`checkpoint_block_seconds`: the wait for the write before it, the
+   save call and the next optimizer step's wait for the host copy) and its background part (`checkpoint_write_seconds`: the copy
    too), and the median step of the steps that ran while a background write was in flight (the
-   first of them made the copy) against the synchronous run's median step and against the
-   asynchronous run's steps without a write (the first 2 steps of each run left out).
+   first of them made the copy) against the synchronous run's median step, against the asynchronous
+   run's steps without a write (the first 2 steps of each run left out) and, step by step, against
+   the same iterations of the synchronous run (`..._same_iterations`: the median of the ratios);
+   the same for the writes after the first save (which allocates the host buffers and starts the
+   writer process), and the training time such a write adds in all (`extra_step_seconds_per_later_
+   write`: the overlapped steps' time beyond the same steps of the synchronous run).
 """
 
 from __future__ import annotations
@@ -150,8 +156,29 @@ def save_overhead(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> 
     }
 
 
+def _steps_during_writes(records: list[dict]) -> dict[int, set[int]]:
+    """{iteration of a save: the iterations of the steps that ran while its write was in flight}: after its save,
+    up to the step at whose boundary the write was found finished. A write found finished at a step
+    boundary is logged just before that step's record; one that the next save (or the end of the
+    run) waited for is logged after the last step's record, followed by that save's blocking time."""
+    overlapped: dict[int, set[int]] = {}
+    for n, r in enumerate(records):
+        if "checkpoint_write_seconds" not in r:
+            continue
+        saved, before = r["iteration"], [x["iteration"] for x in records[:n] if "step_time" in x]
+        end = before[-1] if before else saved
+        for later in records[n + 1 :]:
+            if "checkpoint_block_seconds" in later:  # the next save waited for it, after step `end`
+                break
+            if "step_time" in later:  # found finished at this step's boundary
+                end = later["iteration"]
+                break
+        overlapped[saved] = set(range(saved + 1, end + 1))
+    return overlapped
+
+
 def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str],
-                config: str = "configs/tiny_cpu.yaml", save_interval: int = 8) -> dict[str, float]:  # fmt: skip
+                config: str = "configs/tiny_cpu.yaml", save_interval: int = 32) -> dict[str, float]:  # fmt: skip
     """The same run with synchronous and with asynchronous saves. Normal steps: the synchronous run's
     (no write ever in flight during a step) and the asynchronous run's that no write overlapped;
     medians, as a step on this shared 2-core machine now and then takes twice as long."""
@@ -161,19 +188,8 @@ def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str],
     saves = [r["checkpoint_save_seconds"] for r in sync if "checkpoint_save_seconds" in r]
     blocks = [r["checkpoint_block_seconds"] for r in background if "checkpoint_block_seconds" in r]
     writes = [r["checkpoint_write_seconds"] for r in background if "checkpoint_write_seconds" in r]
-    # A step ran during a write if it came after a save's copy, up to the step in which the write was
-    # found finished: that step's boundary logs the write's record just before the step's own.
-    overlapped: set[int] = set()
-    writing = finishing = False
-    for r in background:
-        if "checkpoint_block_seconds" in r:
-            writing = True
-        elif "checkpoint_write_seconds" in r:
-            finishing = True
-        elif "step_time" in r and writing:
-            overlapped.add(r["iteration"])
-            writing = not finishing
-            finishing = False
+    by_save = _steps_during_writes(background)
+    overlapped = set().union(*by_save.values())
     steps = {r["iteration"]: r["step_time"] for r in background if "step_time" in r and r["iteration"] > 2}
     during = [t for i, t in steps.items() if i in overlapped]
     normal = [t for i, t in steps.items() if i not in overlapped]
@@ -183,6 +199,7 @@ def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str],
         "sync_save_seconds": round(sync_save, 3),
         "async_block_seconds": round(median(blocks), 3),
         "async_block_over_sync_save": round(median(blocks) / sync_save, 3),
+        "async_first_block_seconds": round(blocks[0], 3),
         "async_write_seconds": round(median(writes), 3),
         "steps_during_writes": len(during),
         "step_seconds_sync_run": round(median(sync_steps), 3),
@@ -194,6 +211,19 @@ def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str],
         out["step_slowdown_during_writes"] = round(median(during) / median(sync_steps) - 1, 3)
         if normal:
             out["step_slowdown_vs_async_run_no_write"] = round(median(during) / median(normal) - 1, 3)
+        # The same iteration of the synchronous run did the same arithmetic on the same numbers: on a CPU
+        # a step's time depends on them (denormal floats make later steps slower, docs/benchmarks.md).
+        same = {r["iteration"]: r["step_time"] for r in sync if "step_time" in r}
+        paired = [steps[i] / same[i] for i in steps if i in overlapped and i in same]
+        out["step_slowdown_during_writes_same_iterations"] = round(median(paired) - 1, 3)
+        # After the first save (which allocates the host buffers and starts the writer process): what
+        # runs for the length of a training run. Extra: the steps' time beyond the synchronous run's.
+        later = [sorted(by_save[k] & steps.keys() & same.keys()) for k in sorted(by_save)[1:]]
+        later_paired = [steps[i] / same[i] for its in later for i in its]
+        if later_paired:
+            out["step_slowdown_during_later_writes_same_iterations"] = round(median(later_paired) - 1, 3)
+            extra = [sum(steps[i] - same[i] for i in its) for its in later if its]
+            out["extra_step_seconds_per_later_write"] = round(statistics.mean(extra), 3)
     return out
 
 
@@ -208,8 +238,8 @@ def main() -> None:
                         help="with --async-only: the config trained (a GPU: configs/gpt2_125m.yaml)")
     parser.add_argument("--async-override", nargs="*", default=[],
                         help="with --async-only: overrides for it (default: the GPT-2 125M shape on tiny_cpu)")
-    parser.add_argument("--async-iters", type=int, default=32, help="with --async-only: training iterations")
-    parser.add_argument("--async-save-interval", type=int, default=8,
+    parser.add_argument("--async-iters", type=int, default=96, help="with --async-only: training iterations")
+    parser.add_argument("--async-save-interval", type=int, default=32,
                         help="with --async-only: iterations between saves (longer than a write on a GPU)")
     args = parser.parse_args()
     if not args.data.with_suffix(".idx").exists():
@@ -225,8 +255,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {"hashing": hashing(gb, Path(tmp)), "tiny_cpu_saves": save_overhead(iters, Path(tmp) / "run",
                                                                                       args.data, extra)}  # fmt: skip
-        results["async_saves"] = async_saves(8 if args.smoke else 32, Path(tmp), args.data, SMOKE if args.smoke else BIG,
-                                             save_interval=4 if args.smoke else 8)  # fmt: skip
+        results["async_saves"] = async_saves(8 if args.smoke else 96, Path(tmp), args.data, SMOKE if args.smoke else BIG,
+                                             save_interval=4 if args.smoke else 32)  # fmt: skip
     report("checkpoint_io", results)
 
 

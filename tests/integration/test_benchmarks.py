@@ -152,3 +152,35 @@ def test_the_gpu_check_parts_are_complete_and_an_unknown_part_is_refused() -> No
             env={"PARTS": "llama_1b,no_such_part"})  # fmt: skip
     assert p.returncode == 2 and "unknown part 'no_such_part'" in p.stderr and "cuda_tests" in p.stderr, p.stderr
     assert not Path("/nonexistent/out").exists()
+
+
+def test_checkpoint_io_counts_every_step_a_background_write_overlapped() -> None:
+    """Which steps ran during a background write, from the metrics log's order alone: a write found
+    finished at a step boundary is logged before that step's record; one the next save waited for,
+    after the last step's record and before that save's blocking time (the count once stopped one
+    step into such a write, leaving out most of its steps)."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_checkpoint_io", REPO / "benchmarks" / "checkpoint_io.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    def step(i: int) -> dict:
+        return {"iteration": i, "step_time": 0.5}
+
+    def block(i: int) -> dict:
+        return {"iteration": i, "checkpoint_block_seconds": 0.01}
+
+    def written(i: int) -> dict:
+        return {"iteration": i, "checkpoint_write_seconds": 3.0}
+
+    records = [step(1), step(2), block(2), step(3), written(2), step(4), step(5), step(6),  # found at 4's boundary
+               block(6), step(7), step(8), step(9), step(10), written(6), block(10),  # the save at 10 waited
+               step(11), step(12), {"iteration": 12, "val_loss": 7.0}, written(10), block(12), written(12)]  # fmt: skip
+    assert module._steps_during_writes(records) == {2: {3, 4}, 6: {7, 8, 9, 10}, 10: {11, 12}, 12: set()}
