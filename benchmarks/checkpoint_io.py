@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -183,6 +184,7 @@ def async_saves(iters: int, directory: Path, prefix: Path, shape: list[str],
     (no write ever in flight during a step) and the asynchronous run's that no write overlapped;
     medians, as a step on this shared 2-core machine now and then takes twice as long."""
     sync = _pretrain(directory / "sync", prefix, iters, shape, config=config, save_interval=save_interval)
+    shutil.rmtree(directory / "sync" / "checkpoints")  # a disk that holds one run's checkpoints is enough
     background = _pretrain(directory / "async", prefix, iters, [*shape, "checkpoint.async_save=true"], config=config,
                            save_interval=save_interval)  # fmt: skip
     saves = [r["checkpoint_save_seconds"] for r in sync if "checkpoint_save_seconds" in r]
