@@ -16,19 +16,20 @@
 3. Asynchronous saves (checkpoint.async_save) on a model whose synchronous save takes seconds
    (GPT-2 125M shape, fp32 weights and AdamW state: about 1.4 GB per save): the same run of 96 steps
    saving every 32 (`--async-iters`, `--async-save-interval`: on this 2-core machine a background
-   write takes 8-11 s beside training, so saves must be further apart than 16 steps, 9 s, or each
+   write takes 6-11 s beside training, so saves must be further apart than 16 steps, 9 s, or each
    waits for the write before it), synchronously and asynchronously.
    `--async-only --async-config configs/gpt2_125m.yaml --async-override ...` runs only this part, on
    another config (benchmarks/gpu_check.sh on a GPU). Reported: the synchronous save, the blocking
    part of an asynchronous one (`checkpoint_block_seconds`: the wait for the write before it, the
-   save call and the next optimizer step's wait for the host copy) and its background part (`checkpoint_write_seconds`: the copy
-   too), and the median step of the steps that ran while a background write was in flight (the
-   first of them made the copy) against the synchronous run's median step, against the asynchronous
-   run's steps without a write (the first 2 steps of each run left out) and, step by step, against
-   the same iterations of the synchronous run (`..._same_iterations`: the median of the ratios);
-   the same for the writes after the first save (which allocates the host buffers and starts the
-   writer process), and the training time such a write adds in all (`extra_step_seconds_per_later_
-   write`: the overlapped steps' time beyond the same steps of the synchronous run).
+   save call and the next optimizer step's wait for the host copy) and its background part
+   (`checkpoint_write_seconds`: the copy too), and the median step of the steps that ran while a
+   background write was in flight (the first of them made the copy) against the synchronous run's
+   median step, against the asynchronous run's steps without a write (the first 2 steps of each run
+   left out) and, step by step, against the same iterations of the synchronous run
+   (`..._same_iterations`: the median of the ratios); the same for the writes after the first save
+   (which allocates the host buffers and starts the writer process), and the training time such a
+   write adds in all (`extra_step_seconds_per_later_write`: the overlapped steps' time beyond the
+   same steps of the synchronous run).
 """
 
 from __future__ import annotations
@@ -158,10 +159,11 @@ def save_overhead(iters: int, run_dir: Path, prefix: Path, extra: list[str]) -> 
 
 
 def _steps_during_writes(records: list[dict]) -> dict[int, set[int]]:
-    """{iteration of a save: the iterations of the steps that ran while its write was in flight}: after its save,
-    up to the step at whose boundary the write was found finished. A write found finished at a step
-    boundary is logged just before that step's record; one that the next save (or the end of the
-    run) waited for is logged after the last step's record, followed by that save's blocking time."""
+    """{iteration of a save: the iterations of the steps that ran while its write was in flight}:
+    after the save, up to the step at whose boundary the write was found finished. A write found
+    finished at a step boundary is logged just before that step's record; one that the next save (or
+    the end of the run) waited for is logged after the last step's record, then that save's
+    blocking time."""
     overlapped: dict[int, set[int]] = {}
     for n, r in enumerate(records):
         if "checkpoint_write_seconds" not in r:
