@@ -165,11 +165,14 @@ def _steps_during_writes(records: list[dict]) -> dict[int, set[int]]:
     the end of the run) waited for is logged after the last step's record, then that save's
     blocking time."""
     overlapped: dict[int, set[int]] = {}
+    last_step = 0
     for n, r in enumerate(records):
+        if "step_time" in r:
+            last_step = r["iteration"]
         if "checkpoint_write_seconds" not in r:
             continue
-        saved, before = r["iteration"], [x["iteration"] for x in records[:n] if "step_time" in x]
-        end = before[-1] if before else saved
+        saved = r["iteration"]
+        end = max(last_step, saved)
         for later in records[n + 1 :]:
             if "checkpoint_block_seconds" in later:  # the next save waited for it, after step `end`
                 break

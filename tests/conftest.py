@@ -97,6 +97,19 @@ def script_main(name: str) -> Any:
     return module.main
 
 
+def benchmark_module(name: str) -> Any:
+    """benchmarks/<name> as a module (the benchmarks import their shared `common` module)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name.removesuffix('.py')}", REPO / "benchmarks" / name)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
 def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
     return [
         str(BIN / "deepspeed"),

@@ -291,18 +291,16 @@ class Trainer:
         return False
 
     def _save(self) -> None:
-        waited = time.perf_counter()
+        start = time.perf_counter()  # from before the wait: a write longer than the interval stalls here
         self._await_background()  # at most one save in flight
-        waited = time.perf_counter() - waited  # a write longer than the save interval stalls training here
         self.state.wandb_run_id = self.metrics.wandb_run_id or self.state.wandb_run_id
         self.state.spike_history = list(self.spikes.history)
         state = dict(asdict(self.state), tokenizer_fingerprint=self.tokenizer_fingerprint)
-        start = time.perf_counter()
         rank_state = self.diloco.state_dict() if self.diloco is not None else None
         path = self.steps.save(state, rank_state)
         seconds = time.perf_counter() - start
         if self.steps.background is not None:  # checkpoint.async_save: the rest happens in the writer thread
-            self.steps.background.blocked(self.state.iteration, waited + seconds)
+            self.steps.background.blocked(self.state.iteration, seconds)
             logger.info("checkpoint %s: copying and writing in the background", path)
             return
         size = checkpoint_bytes(path)

@@ -33,6 +33,11 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def _blocks(records: list[dict]) -> dict[int, float]:
+    """{iteration of a save: checkpoint_block_seconds} of an asynchronous run's metrics."""
+    return {r["iteration"]: r["checkpoint_block_seconds"] for r in records if "checkpoint_block_seconds" in r}
+
+
 def _zip_crcs(directory: Path) -> set[int]:
     """The CRC-32 recorded for each zip record of every torch file under `directory`."""
     crcs: set[int] = set()
@@ -71,7 +76,7 @@ def test_async_saves_write_the_bytes_of_sync_saves_and_resume_exactly(
     assert sorted(asynchronous) == sorted(sync) and any(n.endswith("MANIFEST.json") for n in sync)
     assert [n for n in sync if sync[n] != asynchronous[n]] == []
     records = read_metrics(run_dir)
-    blocks = {r["iteration"]: r["checkpoint_block_seconds"] for r in records if "checkpoint_block_seconds" in r}
+    blocks = _blocks(records)
     assert sorted(blocks) == [2, 4, 6]
     assert blocks[2] > 1 and blocks[4] > 1  # the next optimizer step waited for the copy (3 s late)
     assert [r["iteration"] for r in records if "checkpoint_write_seconds" in r] == [2, 4, 6]
@@ -113,7 +118,7 @@ def test_async_saves_of_zero3_and_pipeline_runs_write_the_bytes_of_sync_saves(
     asynchronous = _files(run_dir / "checkpoints")
     assert sorted(asynchronous) == sorted(sync) and any("rank_01" in n or "zero_pp_rank_1" in n for n in sync)
     assert [n for n in sync if sync[n] != asynchronous[n]] == []
-    blocks = {r["iteration"]: r["checkpoint_block_seconds"] for r in read_metrics(run_dir) if "checkpoint_block_seconds" in r}
+    blocks = _blocks(read_metrics(run_dir))
     assert sorted(blocks) == [2, 3] and blocks[2] > 1  # the copy 3 s late
 
 
@@ -186,6 +191,6 @@ def test_keep_last_with_async_saves_never_leaves_the_run_without_a_complete_chec
     assert writing_seen and len(observed) >= 3, (observed, writing_seen)  # the watch saw saves in flight
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000005"]
     assert (ckpt / "latest").read_text().strip() == "iter_0000005"
-    blocks = {r["iteration"]: r["checkpoint_block_seconds"] for r in read_metrics(run_dir) if "checkpoint_block_seconds" in r}
+    blocks = _blocks(read_metrics(run_dir))
     assert sorted(blocks) == [1, 2, 3, 4, 5]
     assert min(blocks[i] for i in (2, 3, 4, 5)) > 0.5, blocks  # the previous write (2 s late) was not done

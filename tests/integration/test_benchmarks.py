@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, check, run
+from tests.conftest import REPO, benchmark_module, check, run
 
 pytestmark = [pytest.mark.integration]
 
@@ -159,17 +159,7 @@ def test_checkpoint_io_counts_every_step_a_background_write_overlapped() -> None
     finished at a step boundary is logged before that step's record; one the next save waited for,
     after the last step's record and before that save's blocking time (the count once stopped one
     step into such a write, leaving out most of its steps)."""
-    import importlib.util
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_checkpoint_io", REPO / "benchmarks" / "checkpoint_io.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    module = benchmark_module("checkpoint_io.py")
 
     def step(i: int) -> dict:
         return {"iteration": i, "step_time": 0.5}

@@ -47,28 +47,14 @@ def _commands() -> list[str]:
 
 def _script_options(path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """The options a script's argparse accepts, from its --help run in this process."""
-    from tests.conftest import script_main
+    from tests.conftest import benchmark_module, script_main
 
-    main = script_main(path.name) if path.parent.name == "scripts" else _benchmark_main(path)
+    main = script_main(path.name) if path.parent.name == "scripts" else benchmark_module(path.name).main
     monkeypatch.setattr(sys, "argv", [str(path), "--help"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         main(["--help"]) if "argv" in main.__code__.co_varnames[: main.__code__.co_argcount] else main()
     return set(re.findall(r"(--[a-z][a-z0-9_-]*)", out.getvalue()))
-
-
-def _benchmark_main(path: Path):  # type: ignore[no-untyped-def]
-    import importlib.util
-
-    sys.path.insert(0, str(path.parent))  # the benchmarks import their shared `common` module
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module.main
 
 
 def test_every_config_file_the_readme_names_exists() -> None:
